@@ -1,0 +1,859 @@
+"""Tests for gsemail.  Run: python3 -W error -m unittest -v test_gsemail
+
+Everything talks SMTP over real sockets on 127.0.0.1: a small scriptable
+SMTP server defined here (for faults a real MTA will not produce on demand)
+and a private Postfix instance started from Debian's ``postfix`` package
+(for XVERP, recipient limits, STARTTLS and AUTH).  Postfix needs root.  The
+zope.sendmail compatibility tests need a Python with zope.sendmail installed,
+named by $GSEMAIL_ZOPE_PYTHON.  Without them those tests skip, unless
+$GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
+"""
+
+import base64
+import contextlib
+import email
+import email.message
+import email.policy
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+
+import gsemail
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_PEERS = os.environ.get("GSEMAIL_REQUIRE_PEERS") == "1"
+DROP, HANG = "<drop>", "<hang>"
+
+
+def need(condition, why):
+    """Skip when a peer is missing, but fail in CI ($GSEMAIL_REQUIRE_PEERS=1)."""
+    if condition:
+        return
+    if REQUIRE_PEERS:
+        raise AssertionError("required test peer missing: " + why)
+    raise unittest.SkipTest(why)
+
+
+def find_bin(name):
+    for d in os.environ.get("PATH", "").split(os.pathsep) + [
+            "/usr/sbin", "/usr/lib/postfix", "/usr/libexec/postfix"]:
+        path = os.path.join(d, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def message(subject="test", body="Hello.\n", headers=""):
+    return "From: a@example.org\nTo: b@example.org\nSubject: %s\n%s\n%s" % (
+        subject, headers, body)
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for " + what)
+
+
+# ---------------------------------------------------------------------------
+# A scriptable SMTP server
+# ---------------------------------------------------------------------------
+
+class SMTPServer:
+    """A threaded SMTP server on 127.0.0.1 with scripted replies.
+
+    ``rules`` maps a verb (CONNECT, EHLO, MAIL, RCPT, DATA, DOT, RSET, ...)
+    to a list of replies used in turn (then the default) or to a function
+    of the argument returning a reply or None for the default.  A reply of
+    DROP closes the connection; HANG never answers.
+    """
+
+    def __init__(self, ehlo=("PIPELINING", "8BITMIME", "SIZE 10240000",
+                             "ENHANCEDSTATUSCODES"), rules=None, auth=None):
+        self.ehlo = list(ehlo)
+        self.rules = dict(rules or {})
+        self.auth = auth
+        self.transactions = []
+        self.commands = []
+        self.connections = 0
+        self._closing = threading.Event()
+        self._clients = []
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(50)
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._closing.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for c in list(self._clients):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self._thread.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def rcpts(self):
+        return [r for t in self.transactions for r in t["rcpts"]]
+
+    def _accept(self):
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._clients.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _rule(self, verb, arg, default):
+        rule = self.rules.get(verb)
+        if callable(rule):
+            return rule(arg) or default
+        if rule:
+            return rule.pop(0)
+        return default
+
+    def _serve(self, conn):
+        try:
+            self._session(conn, conn.makefile("rb"))
+        except (OSError, ValueError, _Dropped):
+            pass
+        finally:
+            conn.close()
+
+    def _say(self, conn, text):
+        if text == DROP:
+            raise _Dropped()
+        if text == HANG:
+            self._closing.wait()
+            raise _Dropped()
+        conn.sendall(text.replace("\n", "\r\n").encode() + b"\r\n")
+
+    def _session(self, conn, f):
+        self._say(conn, self._rule("CONNECT", "", "220 test.example ESMTP"))
+        txn = None
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            self.commands.append(text)
+            verb, _, arg = text.partition(" ")
+            verb = verb.upper()
+            if verb == "MAIL":
+                verb_arg = arg[5:] if arg.upper().startswith("FROM:") else arg
+                answer = self._rule("MAIL", verb_arg, "250 2.1.0 Ok")
+                if answer.startswith("2"):
+                    txn = {"mail": verb_arg, "rcpts": [], "data": None}
+                self._say(conn, answer)
+            elif verb == "RCPT":
+                addr = arg[3:] if arg.upper().startswith("TO:") else arg
+                if txn is None:
+                    self._say(conn, "503 5.5.1 need MAIL")
+                    continue
+                answer = self._rule("RCPT", addr, "250 2.1.5 Ok")
+                if answer.startswith("2"):
+                    txn["rcpts"].append(addr.strip("<>"))
+                self._say(conn, answer)
+            elif verb == "DATA":
+                if txn is None or not txn["rcpts"]:
+                    self._say(conn, self._rule("DATA", "", "554 5.5.1 no valid recipients"))
+                    continue
+                answer = self._rule("DATA", "", "354 End data with <CR><LF>.<CR><LF>")
+                self._say(conn, answer)
+                if not answer.startswith("3"):
+                    continue
+                lines = []
+                while True:
+                    line = f.readline()
+                    if not line:
+                        return
+                    if line == b".\r\n":
+                        break
+                    if self.rules.get("DATA-LINE") == DROP:
+                        return
+                    lines.append(line[1:] if line.startswith(b".") else line)
+                txn["data"] = b"".join(lines)
+                answer = self._rule("DOT", "", "250 2.0.0 Ok: queued")
+                if answer.startswith("2"):
+                    self.transactions.append(txn)
+                txn = None
+                self._say(conn, answer)
+            elif verb in ("EHLO", "HELO"):
+                txn = None
+                default = "250 test.example"
+                if verb == "EHLO":
+                    default = "\n".join(["250-test.example"] + ["250-" + e for e in self.ehlo[:-1]]
+                                        + ["250 " + self.ehlo[-1]] if self.ehlo else [])
+                    default = default or "250 test.example"
+                self._say(conn, self._rule(verb, arg, default))
+            elif verb == "AUTH" and self.auth:
+                mech, _, blob = arg.partition(" ")
+                want = base64.b64encode(("\0%s\0%s" % self.auth).encode()).decode()
+                self._say(conn, "235 2.7.0 Authentication successful" if blob == want
+                          else "535 5.7.8 Error: authentication failed")
+            elif verb == "RSET":
+                txn = None
+                self._say(conn, self._rule("RSET", "", "250 2.0.0 Ok"))
+            elif verb == "NOOP":
+                self._say(conn, "250 2.0.0 Ok")
+            elif verb == "QUIT":
+                self._say(conn, self._rule("QUIT", "", "221 2.0.0 Bye"))
+                return
+            else:
+                self._say(conn, "502 5.5.2 Error: command not recognized")
+
+
+class _Dropped(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# A private Postfix on 127.0.0.1
+# ---------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Postfix:
+    """A real Postfix instance whose config, queue, log and delivered mail
+    live in one temporary directory.  Every recipient @gsemail.test is
+    delivered into one Maildir, mail/all/.  Listeners (all 127.0.0.1):
+
+    port         STARTTLS offered, XVERP authorised, relaying for 127/8
+    noverp_port  the same, but XVERP not authorised (not offered)
+    limit_port   smtpd_recipient_limit = 100
+    submit_port  STARTTLS required, then AUTH (USER / PASSWORD)
+    smtps_port   implicit TLS (SMTPS), relaying for 127/8
+    Recipients reject5xx* get 550 5.1.1 and defer4xx* get 450 4.2.1.
+    """
+
+    DOMAIN = "gsemail.test"
+    USER, PASSWORD = "gsuser", "s3cret-pass"
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="gsemail-postfix-")
+        os.chmod(self.dir, 0o755)   # postfix and nobody must reach it
+        self.etc = os.path.join(self.dir, "etc")
+        self.maildir = os.path.join(self.dir, "mail", "all")
+        self.port, self.noverp_port, self.limit_port, self.submit_port, \
+            self.smtps_port = (free_port() for _ in range(5))
+        self.pid = None
+
+    def start(self):
+        postfix = find_bin("postfix")
+        self._write_config()
+        run = subprocess.run([postfix, "-c", self.etc, "start"], capture_output=True,
+                             text=True)
+        if run.returncode:
+            raise RuntimeError("postfix start failed: %s %s" % (run.stderr, self.log()))
+        for port in (self.port, self.submit_port, self.smtps_port):
+            wait_for(lambda p=port: self._listening(p), 30, "postfix on port %d" % port)
+        pidfile = os.path.join(self.dir, "queue", "pid", "master.pid")
+        self.pid = int(wait_for(lambda: os.path.exists(pidfile) and
+                                open(pidfile).read().strip(), 10, "master.pid"))
+
+    @staticmethod
+    def _listening(port):
+        with open("/proc/net/tcp") as f:
+            want = "0100007F:%04X" % port
+            return any(line.split()[1] == want and line.split()[3] == "0A"
+                       for line in list(f)[1:])
+
+    def stop(self):
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            def gone():
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    return True
+                return False
+            wait_for(gone, 30, "postfix master to exit")
+            self.pid = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self):
+        try:
+            with open(os.path.join(self.dir, "log", "maillog")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def delivered(self, rcpt_prefix):
+        """Delivered copies whose Delivered-To starts with rcpt_prefix."""
+        found = []
+        new = os.path.join(self.maildir, "new")
+        if not os.path.isdir(new):
+            return found
+        for name in os.listdir(new):
+            with open(os.path.join(new, name), "rb") as f:
+                msg = email.message_from_binary_file(f, policy=email.policy.compat32)
+            if (msg["Delivered-To"] or "").startswith(rcpt_prefix):
+                found.append(msg)
+        return found
+
+    def wait_delivered(self, rcpt_prefix, count, timeout=60):
+        return wait_for(lambda: len(self.delivered(rcpt_prefix)) >= count and
+                        self.delivered(rcpt_prefix), timeout,
+                        "%d copies for %s* (log: %s)" % (count, rcpt_prefix,
+                                                         self.log()[-2000:]))
+
+    def _openssl(self, *args):
+        subprocess.run(["openssl"] + list(args), check=True, capture_output=True,
+                       cwd=os.path.join(self.etc, "tls"))
+
+    def _write_config(self):
+        tls = os.path.join(self.etc, "tls")
+        sasl = os.path.join(self.etc, "sasl")
+        for d in (tls, sasl, os.path.join(self.dir, "queue"), os.path.join(self.dir, "data"),
+                  os.path.join(self.dir, "log"), os.path.join(self.dir, "mail")):
+            os.makedirs(d, exist_ok=True)
+        nobody = pwd.getpwnam("nobody")
+        postfix = pwd.getpwnam("postfix")
+        os.chown(os.path.join(self.dir, "mail"), nobody.pw_uid, nobody.pw_gid)
+        os.chown(os.path.join(self.dir, "data"), postfix.pw_uid, -1)
+        # A CA and a server certificate for 127.0.0.1 and localhost, with the
+        # extensions Python 3.13's strict verification wants.
+        with open(os.path.join(tls, "server.ext"), "w") as f:
+            f.write("basicConstraints = critical, CA:FALSE\n"
+                    "keyUsage = critical, digitalSignature, keyEncipherment\n"
+                    "extendedKeyUsage = serverAuth\n"
+                    "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+                    "subjectKeyIdentifier = hash\n"
+                    "authorityKeyIdentifier = keyid:always\n")
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                      "-subj", "/CN=gsemail test CA", "-keyout", "ca.key", "-out", "ca.pem",
+                      "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                      "-keyout", "key.pem", "-out", "server.csr")
+        self._openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey",
+                      "ca.key", "-CAcreateserial", "-days", "30", "-out", "cert.pem",
+                      "-extfile", "server.ext")
+        self.cafile = os.path.join(tls, "ca.pem")
+        with open(os.path.join(self.etc, "rcpt_access"), "w") as f:
+            f.write("/^reject5xx/  550 5.1.1 test: recipient rejected\n"
+                    "/^defer4xx/   450 4.2.1 test: recipient deferred\n")
+        with open(os.path.join(self.etc, "vmailbox"), "w") as f:
+            f.write("/@gsemail\\.test$/  all/\n")
+        d, etc = self.dir, self.etc
+        with open(os.path.join(etc, "main.cf"), "w") as f:
+            f.write(textwrap.dedent("""\
+                compatibility_level = 3.6
+                queue_directory = {d}/queue
+                data_directory = {d}/data
+                mail_owner = postfix
+                setgid_group = postdrop
+                syslog_name = postfix-gsemail-test
+                maillog_file = {d}/log/maillog
+                maillog_file_prefixes = {d}/log
+                myhostname = mx.gsemail.test
+                mydomain = gsemail.test
+                myorigin = $myhostname
+                mydestination =
+                alias_maps =
+                alias_database =
+                local_recipient_maps =
+                inet_interfaces = loopback-only
+                inet_protocols = ipv4
+                mynetworks = 127.0.0.0/8
+                smtpd_authorized_verp_clients = 127.0.0.0/8
+                smtpd_recipient_limit = 1000
+                smtpd_recipient_restrictions = check_recipient_access regexp:{etc}/rcpt_access, permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+                smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+                virtual_mailbox_domains = gsemail.test
+                virtual_mailbox_base = {d}/mail
+                virtual_mailbox_maps = regexp:{etc}/vmailbox
+                virtual_uid_maps = static:{uid}
+                virtual_gid_maps = static:{gid}
+                virtual_minimum_uid = 100
+                virtual_mailbox_limit = 0
+                message_size_limit = 10240000
+                default_transport = discard:other domains are dropped
+                relay_transport = discard:other domains are dropped
+                smtp_dns_support_level = disabled
+                biff = no
+                smtpd_tls_cert_file = {etc}/tls/cert.pem
+                smtpd_tls_key_file = {etc}/tls/key.pem
+                smtpd_tls_security_level = may
+                smtpd_sasl_type = cyrus
+                smtpd_sasl_path = smtpd
+                cyrus_sasl_config_path = {etc}/sasl
+                smtpd_sasl_local_domain = gsemail.test
+                smtpd_sasl_auth_enable = no
+                """).format(d=d, etc=etc, uid=nobody.pw_uid, gid=nobody.pw_gid))
+        services = textwrap.dedent("""\
+            127.0.0.1:{port} inet n - n - - smtpd
+            127.0.0.1:{noverp} inet n - n - - smtpd
+              -o smtpd_authorized_verp_clients=
+            127.0.0.1:{limit} inet n - n - - smtpd
+              -o smtpd_recipient_limit=100
+            127.0.0.1:{submit} inet n - n - - smtpd
+              -o smtpd_tls_security_level=encrypt
+              -o smtpd_tls_auth_only=yes
+              -o smtpd_sasl_auth_enable=yes
+              -o smtpd_client_restrictions=permit_sasl_authenticated,reject
+              -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+              -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+            127.0.0.1:{smtps} inet n - n - - smtpd
+              -o smtpd_tls_wrappermode=yes
+            """).format(port=self.port, noverp=self.noverp_port, limit=self.limit_port,
+                        submit=self.submit_port, smtps=self.smtps_port)
+        for line in ("pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
+                     "qmgr unix n - n 300 1 qmgr", "tlsmgr unix - - n 1000? 1 tlsmgr",
+                     "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
+                     "defer unix - - n - 0 bounce", "trace unix - - n - 0 bounce",
+                     "verify unix - - n - 1 verify", "flush unix n - n 1000? 0 flush",
+                     "proxymap unix - - n - - proxymap", "smtp unix - - n - - smtp",
+                     "relay unix - - n - - smtp", "showq unix n - n - - showq",
+                     "error unix - - n - - error", "retry unix - - n - - error",
+                     "discard unix - - n - - discard", "local unix - n n - - local",
+                     "virtual unix - n n - - virtual", "anvil unix - - n - 1 anvil",
+                     "scache unix - - n - 1 scache", "postlog unix-dgram n - n - 1 postlogd"):
+            services += line + "\n"
+        with open(os.path.join(etc, "master.cf"), "w") as f:
+            f.write(services)
+        with open(os.path.join(sasl, "smtpd.conf"), "w") as f:
+            f.write("pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                    "sasldb_path: %s/sasldb2\nmech_list: PLAIN LOGIN\n" % sasl)
+        subprocess.run([find_bin("saslpasswd2"), "-p", "-c", "-f",
+                        os.path.join(sasl, "sasldb2"), "-u", self.DOMAIN, self.USER],
+                       input=self.PASSWORD.encode(), check=True)
+        os.chown(os.path.join(sasl, "sasldb2"), 0, postfix.pw_gid)
+        os.chmod(os.path.join(sasl, "sasldb2"), 0o640)
+
+
+_postfix = None
+
+
+def postfix():
+    """The shared Postfix instance, started on first use."""
+    global _postfix
+    need(os.geteuid() == 0, "Postfix tests need root (postfix master runs as root)")
+    need(find_bin("postfix") and find_bin("saslpasswd2") and shutil.which("openssl"),
+         "Postfix tests need Debian's postfix, sasl2-bin and openssl")
+    if _postfix is None:
+        instance = Postfix()
+        try:
+            instance.start()
+        except BaseException:
+            instance.stop()
+            raise
+        _postfix = instance
+    return _postfix
+
+
+def tearDownModule():
+    global _postfix
+    if _postfix is not None:
+        _postfix.stop()
+        _postfix = None
+    gsemail.shutdown(5)
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="gsemail-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.queuepath = os.path.join(self.tmp, "queue")
+
+    def tearDown(self):
+        gsemail.shutdown(10)
+        gsemail._config = None
+        gsemail._queues.clear()
+
+    def config(self, port, **kw):
+        kw.setdefault("processorthread", False)
+        kw.setdefault("timeout", 5)
+        kw.setdefault("ehlo_name", "client.test")
+        kw.setdefault("queuepath", self.queuepath)
+        return gsemail.SMTPConfig(hostname=kw.pop("hostname", "127.0.0.1"), port=port, **kw)
+
+    def server(self, **kw):
+        server = SMTPServer(**kw)
+        self.addCleanup(server.close)
+        return server
+
+    def enqueue(self, config, rcpts=("a@example.org",), sender="bounces@example.org",
+                msg=None, xverp=False):
+        queue = gsemail.Queue(config.queuepath, config.claim_timeout)
+        data = gsemail._prepare_message(msg or message(), sender)
+        return queue.add(sender, list(rcpts), data, xverp)
+
+    def drain(self, config):
+        processor = gsemail.QueueProcessor(config)
+        processor.drain()
+        return processor
+
+    def listing(self, sub):
+        return sorted(os.listdir(os.path.join(self.queuepath, sub)))
+
+    def dead_letters(self):
+        found = []
+        for sub in ("new", "cur"):
+            head = os.path.join(self.queuepath, sub)
+            found += [os.path.join(head, n) for n in os.listdir(head)
+                      if n.startswith(".rejected-")]
+        return found
+
+    def state(self, name):
+        with open(os.path.join(self.queuepath, "state", name)) as f:
+            return json.load(f)
+
+    def assertDeferred(self, name, recipients):
+        """The message waits in cur/ for recipients, its next attempt in the future."""
+        path = os.path.join(self.queuepath, "cur", name)
+        self.assertTrue(os.path.exists(path), "%s not deferred: %s %s" % (
+            name, self.listing("new"), self.listing("cur")))
+        self.assertGreater(os.stat(path).st_mtime, time.time() + 30)
+        with open(path, "rb") as f:
+            f.readline()
+            to = f.readline().decode().strip()
+        self.assertEqual(to, "X-Zope-To: " + ", ".join(recipients))
+        return self.state(name)
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+class ConfigTests(Base):
+    def write(self, text, name="gsconfig.ini"):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def assertConfigError(self, text, *fragments, instance="default"):
+        path = text if os.path.exists(text) else self.write(text)
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.load_config(path, instance)
+        for fragment in fragments:
+            self.assertIn(fragment, str(cm.exception))
+        self.assertEqual(cm.exception.exit_code, os.EX_CONFIG)
+        self.assertEqual(cm.exception.status, "4.3.5")
+        return str(cm.exception)
+
+    def test_seed_example_and_defaults(self):
+        # The gs.email README's example, and its documented defaults.
+        config = gsemail.load_config(self.write("""
+            [smtp-default]
+            hostname = localhost
+            port = 25
+            """))
+        self.assertEqual((config.hostname, config.port), ("localhost", 25))
+        self.assertEqual(config.queuepath, "/tmp/mailqueue")
+        self.assertTrue(config.processorthread)
+        self.assertFalse(config.xverp or config.no_tls or config.force_tls)
+        self.assertIsNone(config.username)
+        self.assertEqual(config.messages_per_connection, 100)
+        self.assertEqual(config.recipients_per_transaction, 1000)
+        self.assertEqual(config.max_queue_lifetime, 5 * 86400)
+        self.assertEqual((config.min_backoff_time, config.max_backoff_time), (60, 3600))
+        self.assertEqual(config.timeout, 60)
+        self.assertFalse(config.tls_required or config.verify_certificates)
+
+    def test_config_instance_indirection(self):
+        path = self.write("""
+            [config-main]
+            smtp = outgoing
+            other_product_key = kept elsewhere
+
+            [smtp-outgoing]
+            hostname = relay.example.org
+            port = 2525
+            username = gs
+            password = p%%ss
+            no_tls = off
+            force_tls = YES
+            queuepath = relative/queue
+            processorthread = false
+            xverp = 1
+            timeout = 2m
+            max_queue_lifetime = 2d
+            cafile = {}
+            unrelated_option = ignored
+            """.format(__file__))
+        config = gsemail.load_config(path, "main")
+        self.assertEqual(config.hostname, "relay.example.org")
+        self.assertEqual(config.port, 2525)
+        self.assertEqual(config.password, "p%ss")
+        self.assertTrue(config.force_tls and config.xverp and config.tls_required)
+        self.assertTrue(config.verify_certificates)
+        self.assertFalse(config.processorthread)
+        self.assertEqual(config.timeout, 120)
+        self.assertEqual(config.max_queue_lifetime, 2 * 86400)
+        self.assertEqual(config.queuepath, os.path.abspath("relative/queue"))
+        self.assertNotIn("p%ss", repr(config))
+        self.assertIn("[smtp-outgoing]", config.source)
+
+    def test_sections_are_case_sensitive_and_missing_ones_are_named(self):
+        path = self.write("""
+            [SMTP-main]
+            hostname = localhost
+            port = 25
+            """)
+        self.assertConfigError(path, path, "[config-main]", "[smtp-main]", instance="main")
+
+    def test_pointer_errors(self):
+        self.assertConfigError("""
+            [config-main]
+            [smtp-main]
+            hostname = x
+            port = 25
+            """, "[config-main]", "option smtp", instance="main")
+        self.assertConfigError("""
+            [config-main]
+            smtp = gone
+            """, "[smtp-gone]", "[config-main]", instance="main")
+
+    def test_missing_and_unreadable_files(self):
+        missing = os.path.join(self.tmp, "nope.ini")
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.load_config(missing)
+        self.assertIn(missing, str(cm.exception))
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.load_config(self.tmp)
+        self.assertIn("directory", str(cm.exception))
+        path = self.write("")
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe\x00garbage\x80")
+        self.assertConfigError(path, "UTF-8")
+
+    def test_required_options_and_values(self):
+        self.assertConfigError("[smtp-default]\nport = 25\n", "hostname", "missing",
+                               "[smtp-default]")
+        self.assertConfigError("[smtp-default]\nhostname = h\n", "port")
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 0\n", "port", "65535")
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 70000\n", "port")
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = smtp\n", "port",
+                               "'smtp'", "whole number")
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\nxverp = maybe\n",
+                               "xverp", "'maybe'", "boolean")
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\ntimeout = soon\n",
+                               "timeout", "'soon'", "duration")
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\ntimeout = 0\n",
+                               "timeout")
+
+    def test_tls_and_auth_combinations(self):
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\nno_tls = true\n"
+                               "force_tls = true\n", "no_tls", "force_tls")
+        message = self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\n"
+                                         "password = hunter2\n", "username")
+        self.assertNotIn("hunter2", message)
+        self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\nusername = u\n",
+                               "password")
+        config = gsemail.load_config(self.write(
+            "[smtp-default]\nhostname = h\nport = 25\nusername =\npassword =\n"))
+        self.assertIsNone(config.username)
+        self.assertTrue(gsemail.load_config(self.write(
+            "[smtp-default]\nhostname = h\nport = 465\n")).use_implicit_tls)
+
+    def test_percent_needs_doubling(self):
+        message = self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\n"
+                                         "username = u\npassword = 50%off\n", "%%", "password")
+        self.assertNotIn("50%off", message)
+
+    def test_duplicates_and_garbage(self):
+        self.assertConfigError("[smtp-default]\nhostname = h\n[smtp-default]\nport = 25\n",
+                               "line 3", "[smtp-default]", "twice")
+        self.assertConfigError("[smtp-default]\nhostname = h\nhostname = i\nport = 25\n",
+                               "hostname", "twice")
+        self.assertConfigError("hostname = h\n", "before the first")
+        message = self.assertConfigError("[smtp-default]\nhostname = h\nport = 25\n"
+                                         "password secret-in-a-bad-line\n", "line 4")
+        self.assertNotIn("secret-in-a-bad-line", message)
+
+    def test_unknown_option_close_to_a_known_one_warns(self):
+        path = self.write("[smtp-default]\nhostname = h\nport = 25\nforce_tsl = true\n")
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            config = gsemail.load_config(path)
+        self.assertFalse(config.force_tls)
+        self.assertIn("force_tsl", logs.output[0])
+        self.assertIn("force_tls", logs.output[0])
+
+
+# ---------------------------------------------------------------------------
+# Queue
+# ---------------------------------------------------------------------------
+
+class QueueTests(Base):
+    def test_add_writes_zope_format_privately(self):
+        old = os.umask(0)
+        try:
+            queue = gsemail.Queue(os.path.join(self.tmp, "a", "b", "queue"))
+            name = queue.add("s@example.org", ["a@example.org", "b@example.org"],
+                             b"Subject: x\r\n\r\nbody\r\n")
+        finally:
+            os.umask(old)
+        path = os.path.join(queue.path, "new", name)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"X-Zope-From: s@example.org\n"
+                             b"X-Zope-To: a@example.org, b@example.org\n"
+                             b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(queue.path).st_mode), 0o700)
+        self.assertEqual(os.listdir(os.path.join(queue.path, "tmp")), [])
+
+    def test_refuses_symlink_and_foreign_queue(self):
+        real = os.path.join(self.tmp, "real")
+        os.mkdir(real)
+        link = os.path.join(self.tmp, "link")
+        os.symlink(real, link)
+        with self.assertRaises(gsemail.QueueError) as cm:
+            gsemail.Queue(link)
+        self.assertIn("symbolic link", str(cm.exception))
+        with open(os.path.join(self.tmp, "file"), "w"):
+            pass
+        with self.assertRaises(gsemail.QueueError):
+            gsemail.Queue(os.path.join(self.tmp, "file"))
+        if os.geteuid() == 0:
+            os.chown(real, pwd.getpwnam("nobody").pw_uid, -1)
+            with self.assertRaises(gsemail.QueueError) as cm:
+                gsemail.Queue(real)
+            self.assertIn("owned by uid", str(cm.exception))
+        loose = os.path.join(self.tmp, "loose")
+        os.mkdir(loose, 0o777)
+        os.chmod(loose, 0o777)
+        gsemail.Queue(loose)
+        self.assertEqual(stat.S_IMODE(os.stat(loose).st_mode), 0o700)
+
+    def test_claim_is_exclusive_across_processes(self):
+        queue = gsemail.Queue(self.queuepath)
+        name = queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        path = os.path.join(self.queuepath, "new", name)
+        msg = queue.claim(path)
+        self.assertEqual(msg.recipients, ["a@example.org"])
+        self.assertTrue(os.path.exists(os.path.join(self.queuepath, "new", ".sending-" + name)))
+        self.assertIsNone(queue.claim(path))    # a second claim in this process
+        code = ("import gsemail,sys; q=gsemail.Queue(sys.argv[1]); "
+                "sys.exit(0 if q.claim(sys.argv[2]) is None else 1)")
+        other = subprocess.run([sys.executable, "-c", code, self.queuepath, path], cwd=HERE)
+        self.assertEqual(other.returncode, 0, "another process claimed a claimed message")
+        msg.release()
+        self.assertIsNotNone(queue.claim(path))
+
+    def test_claim_of_a_dead_process_is_broken_at_once(self):
+        queue = gsemail.Queue(self.queuepath)
+        name = queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        path = os.path.join(self.queuepath, "new", name)
+        code = ("import gsemail,sys,os; q=gsemail.Queue(sys.argv[1]); "
+                "m=q.claim(sys.argv[2]); os._exit(0 if m else 1)")
+        dead = subprocess.run([sys.executable, "-c", code, self.queuepath, path], cwd=HERE)
+        self.assertEqual(dead.returncode, 0)
+        self.assertIn(".sending-" + name, os.listdir(os.path.join(self.queuepath, "new")))
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            msg = queue.claim(path)
+        self.assertIsNotNone(msg)
+        self.assertIn("died", logs.output[0])
+
+    def test_claim_from_another_host_waits_for_the_bound(self):
+        queue = gsemail.Queue(self.queuepath, claim_timeout=240)
+        name = queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        path = os.path.join(self.queuepath, "new", name)
+        claim = os.path.join(self.queuepath, "new", ".sending-" + name)
+        with open(claim, "w") as f:
+            f.write("gsemail other-host.example 1234\n")
+        self.assertIsNone(queue.claim(path))
+        old = time.time() - 241
+        os.utime(claim, (old, old))
+        # ctime cannot be set back, so age it by a queue with a shorter bound
+        self.assertIsNone(queue.claim(path))
+        short = gsemail.Queue(self.queuepath, claim_timeout=0.5)
+        time.sleep(0.6)
+        with self.assertLogs("gsemail", "WARNING"):
+            self.assertIsNotNone(short.claim(path))
+
+    def test_defer_keeps_state_across_restarts(self):
+        config = self.config(25)
+        name = self.enqueue(config, rcpts=["a@example.org", "b@example.org"], xverp=True)
+        queue = gsemail.Queue(self.queuepath)
+        msg = queue.claim(os.path.join(self.queuepath, "new", name))
+        self.assertTrue(msg.xverp)
+        queue.defer(msg, ["b@example.org"], {"attempts": 1, "last_error": "451 4.4.1 x",
+                                             "first_queued": 1.0, "xverp": True},
+                    time.time() + 120)
+        state = self.assertDeferred(name, ["b@example.org"])
+        self.assertEqual(state["attempts"], 1)
+        self.assertEqual(gsemail.Queue(self.queuepath).due(), [])
+        later = gsemail.Queue(self.queuepath).due(time.time() + 121)
+        self.assertEqual([os.path.basename(p) for p in later], [name])
+        again = gsemail.Queue(self.queuepath).claim(later[0])
+        self.assertIsNone(again, "a deferred message was claimed before it was due")
+        os.utime(later[0], (time.time() - 1, time.time() - 1))
+        again = gsemail.Queue(self.queuepath).claim(later[0])
+        self.assertEqual(again.recipients, ["b@example.org"])
+        self.assertEqual((again.attempts, again.first_queued, again.xverp), (1, 1.0, True))
+
+    def test_corrupt_queue_files_become_dead_letters(self):
+        config = self.config(1)
+        os.makedirs(os.path.join(self.queuepath, "new"))
+        for name, content in (("1.empty", b""), ("2.noenvelope", b"Subject: x\n\nhi\n"),
+                              ("3.truncated", b"X-Zope-From: a@b.c\nX-Zope-To: d@e.f\n")):
+            with open(os.path.join(self.queuepath, "new", name), "wb") as f:
+                f.write(content)
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        self.assertEqual(self.listing("new"), [".rejected-1.empty", ".rejected-2.noenvelope",
+                                               ".rejected-3.truncated"])
+        with open(os.path.join(self.queuepath, "new", ".rejected-3.truncated")) as f:
+            self.assertIn("truncated", f.read())
+
+    def test_maintain_removes_leftovers(self):
+        queue = gsemail.Queue(self.queuepath)
+        old = time.time() - 40 * 3600
+        leftovers = [os.path.join(self.queuepath, "tmp", "123.crashed"),
+                     os.path.join(self.queuepath, "state", "gone.host"),
+                     os.path.join(self.queuepath, "cur", ".sending-gone.host")]
+        for path in leftovers:
+            with open(path, "w") as f:
+                f.write("gsemail other-host 1\n")
+            os.utime(path, (old, old))
+        queue.claim_timeout = 0.01
+        time.sleep(0.02)
+        with self.assertLogs("gsemail", "WARNING"):
+            queue.maintain()
+        for path in leftovers:
+            self.assertFalse(os.path.exists(path), path)
