@@ -1487,10 +1487,12 @@ class QueueProcessor:
                 except DeliveryError as e:
                     down = _transient(e.reply)
                     if down.status.split(".")[1] == "7":
-                        log.error("%s: the relay cannot be used until this is fixed; "
-                                  "mail is kept and retried", down)
+                        log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is "
+                                  "kept and retried", down.status, self.mailer.where,
+                                  e.reply)
                     else:
-                        log.warning("%s: mail is kept and retried", down)
+                        log.warning("%s relay %s: %s: mail is kept and retried",
+                                    down.status, self.mailer.where, e.reply)
             if down is not None:
                 self._apply(msg, _Outcome(deferred=dict.fromkeys(msg.recipients, down),
                                           final=down))

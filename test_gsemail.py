@@ -857,3 +857,498 @@ class QueueTests(Base):
             queue.maintain()
         for path in leftovers:
             self.assertFalse(os.path.exists(path), path)
+
+
+# ---------------------------------------------------------------------------
+# Mailer and processor against the scripted server
+# ---------------------------------------------------------------------------
+
+class DeliveryTests(Base):
+    def test_one_connection_carries_many_messages_pipelined(self):
+        server = self.server()
+        config = self.config(server.port)
+        names = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(5)]
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["r%d@example.org" % i for i in range(5)])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+        self.assertNotIn(names[0], os.listdir(os.path.join(self.queuepath, "state")))
+        self.assertEqual(server.commands[-1].upper(), "QUIT")
+        # pipelined: MAIL, RCPT and DATA written before any reply was read
+        self.assertTrue(server.commands[1].startswith("MAIL FROM:<bounces@example.org>"))
+        self.assertIn("SIZE=", server.commands[1])
+
+    def test_messages_per_connection(self):
+        server = self.server()
+        config = self.config(server.port, messages_per_connection=2)
+        for i in range(5):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        self.drain(config)
+        self.assertEqual(len(server.transactions), 5)
+        self.assertEqual(server.connections, 3)
+
+    def test_without_pipelining_and_wire_format(self):
+        server = self.server(ehlo=("8BITMIME",))
+        config = self.config(server.port)
+        body = "line one\n.starts with a dot\rbare CR\r\nend \u00e9\n"
+        self.enqueue(config, msg=message(body=body))
+        self.drain(config)
+        (txn,) = server.transactions
+        data = txn["data"]
+        self.assertNotIn(b"\n", data.replace(b"\r\n", b""))
+        self.assertNotIn(b"\r", data.replace(b"\r\n", b""))
+        self.assertIn(b"\r\n.starts with a dot\r\nbare CR\r\nend \xc3\xa9\r\n", data)
+        self.assertIn("BODY=8BITMIME", txn["mail"])
+        self.assertRegex(data.decode("utf-8"), r"(?m)^Message-ID: <.+@example\.org>\r$")
+        self.assertRegex(data.decode("utf-8"), r"(?m)^Date: ")
+
+    def test_helo_fallback(self):
+        server = self.server(rules={"EHLO": ["502 5.5.2 what?"]})
+        config = self.config(server.port)
+        self.enqueue(config)
+        self.drain(config)
+        self.assertEqual(len(server.transactions), 1)
+        self.assertIn("helo client.test", [c.lower() for c in server.commands])
+
+    def test_one_recipient_of_three_refused(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 <%s>: no such user" % a
+                                    if "bad" in a else None})
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["a@example.org", "bad@example.org",
+                                           "c@example.org"])
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "c@example.org"])
+        (dead,) = self.dead_letters()
+        self.assertEqual(os.path.basename(dead), ".rejected-" + name)
+        with open(dead, "rb") as f:
+            text = f.read().decode()
+        self.assertTrue(text.startswith("X-Zope-From: bounces@example.org\n"
+                                        "X-Zope-To: bad@example.org\n"))
+        self.assertIn("X-Gsemail-Failed: <bad@example.org> 550 5.1.1", text)
+        self.assertIn("attempts=1", text)
+        self.assertIn("Subject: test", text)
+        self.assertTrue(any("5.1.1" in line and "bad@example.org" in line
+                            for line in logs.output))
+        self.assertEqual(self.listing("new"), [".rejected-" + name])
+
+    def test_one_recipient_deferred_the_others_delivered(self):
+        server = self.server(rules={"RCPT": lambda a: "451 4.3.0 try later"
+                                    if "slow" in a else None})
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["a@example.org", "slow@example.org"])
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        state = self.assertDeferred(name, ["slow@example.org"])
+        self.assertEqual(state["attempts"], 1)
+        self.assertIn("451 4.3.0 try later", state["last_error"])
+        self.assertGreater(state["next_attempt"], time.time() + 40)
+        # when due again, only the deferred recipient is sent
+        server.rules.clear()
+        os.utime(os.path.join(self.queuepath, "cur", name), (1, 1))
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "slow@example.org"])
+        self.assertEqual(self.listing("cur"), [])
+
+    def test_452_too_many_recipients_carries_the_rest(self):
+        seen = []     # RCPTs in this transaction: a server that takes 3 at a time
+
+        def mail(arg):
+            seen.clear()
+
+        def rcpt(addr):
+            seen.append(addr)
+            return "452 4.5.3 Error: too many recipients" if len(seen) > 3 else None
+        server = self.server(rules={"MAIL": mail, "RCPT": rcpt})
+        config = self.config(server.port)
+        rcpts = ["r%02d@example.org" % i for i in range(7)]
+        self.enqueue(config, rcpts=rcpts)
+        self.drain(config)
+        self.assertEqual(sorted(server.rcpts), rcpts)
+        self.assertGreater(len(server.transactions), 1)
+        ids = {re.search(rb"Message-ID: (\S+)", t["data"]).group(1)
+               for t in server.transactions}
+        self.assertEqual(len(ids), 1, "every transaction carries the same Message-ID")
+
+    def test_recipients_per_transaction(self):
+        server = self.server()
+        config = self.config(server.port, recipients_per_transaction=3)
+        rcpts = ["r%02d@example.org" % i for i in range(8)]
+        self.enqueue(config, rcpts=rcpts)
+        self.drain(config)
+        self.assertEqual([len(t["rcpts"]) for t in server.transactions], [3, 3, 2])
+        self.assertEqual(server.rcpts, rcpts)
+
+    def test_421_at_greeting_defers(self):
+        server = self.server(rules={"CONNECT": ["421 4.3.2 busy, come back later"]})
+        config = self.config(server.port)
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        state = self.assertDeferred(name, ["a@example.org"])
+        self.assertIn("421 4.3.2 busy", state["last_error"])
+        self.assertTrue(logs.output[0].split(":", 2)[2].startswith("4.3.2 "), logs.output)
+        self.assertIn("421 4.3.2 busy", logs.output[0])
+        self.assertEqual(server.transactions, [])
+
+    def test_421_at_mail_closes_and_next_message_reconnects(self):
+        server = self.server(rules={"MAIL": ["421 4.4.2 closing"]})
+        config = self.config(server.port)
+        first = self.enqueue(config, rcpts=["one@example.org"])
+        self.enqueue(config, rcpts=["two@example.org"])
+        self.drain(config)
+        self.assertDeferred(first, ["one@example.org"])
+        self.assertEqual(server.rcpts, ["two@example.org"])
+        self.assertEqual(server.connections, 2, "a connection that got 421 was reused")
+
+    def test_drop_during_data_defers_and_reconnects(self):
+        server = self.server(rules={"DOT": [DROP]})
+        config = self.config(server.port)
+        first = self.enqueue(config, rcpts=["one@example.org"])
+        self.enqueue(config, rcpts=["two@example.org"])
+        self.drain(config)
+        state = self.assertDeferred(first, ["one@example.org"])
+        self.assertIn("4.4.2", state["last_error"])
+        self.assertEqual(server.rcpts, ["two@example.org"])
+        self.assertEqual(server.connections, 2)
+
+    def test_451_and_554_after_data(self):
+        server = self.server(rules={"DOT": ["451 4.3.0 queue full", "554 5.7.1 spam"]})
+        config = self.config(server.port)
+        soft = self.enqueue(config, rcpts=["one@example.org"])
+        hard = self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        self.assertDeferred(soft, ["one@example.org"])
+        (dead,) = self.dead_letters()
+        self.assertTrue(dead.endswith(".rejected-" + hard))
+        with open(dead) as f:
+            self.assertIn("554 5.7.1 spam", f.read())
+
+    def test_permanent_mail_from_refusal_is_a_dead_letter(self):
+        server = self.server(rules={"MAIL": ["553 5.1.8 sender domain does not exist"]})
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["a@example.org", "b@example.org"])
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        (dead,) = self.dead_letters()
+        with open(dead) as f:
+            text = f.read()
+        self.assertIn("X-Zope-To: a@example.org, b@example.org", text)
+        self.assertIn("553 5.1.8", text)
+
+    def test_server_that_never_answers(self):
+        server = self.server(rules={"CONNECT": [HANG]})
+        config = self.config(server.port, timeout=0.5)
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        state = self.assertDeferred(name, ["a@example.org"])
+        self.assertIn("4.4.2", state["last_error"])
+
+    def test_relay_down_defers_everything_without_hammering(self):
+        config = self.config(free_port())
+        names = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(3)]
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        for name, i in zip(names, range(3)):
+            state = self.assertDeferred(name, ["r%d@example.org" % i])
+            self.assertIn("4.4.1 connection refused", state["last_error"])
+        self.assertEqual(len([line for line in logs.output if "refused" in line]), 1)
+
+    def test_backoff_doubles_and_lifetime_ends_in_a_dead_letter(self):
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 mailbox busy"})
+        config = self.config(server.port, min_backoff_time=60, max_backoff_time=200,
+                             max_queue_lifetime=3600)
+        name = self.enqueue(config)
+        delays = []
+        for attempt in range(4):
+            path = os.path.join(self.queuepath, "cur" if attempt else "new", name)
+            os.utime(path, (1, 1))
+            before = time.time()
+            self.drain(config)
+            delays.append(self.state(name)["next_attempt"] - before)
+        self.assertTrue(48 <= delays[0] <= 73, delays)
+        self.assertTrue(96 <= delays[1] <= 145, delays)
+        self.assertTrue(160 <= delays[2] <= 241 and 160 <= delays[3] <= 241, delays)
+        # older than the lifetime: the next failure makes it a dead letter
+        state = self.state(name)
+        state["first_queued"] = time.time() - 3601
+        with open(os.path.join(self.queuepath, "state", name), "w") as f:
+            json.dump(state, f)
+        os.utime(os.path.join(self.queuepath, "cur", name), (1, 1))
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        (dead,) = self.dead_letters()
+        with open(dead) as f:
+            text = f.read()
+        self.assertIn("450 4.2.1 mailbox busy (gave up after 5 attempts", text)
+        self.assertIn("attempts=5", text)
+
+    def test_xverp_sent_when_offered(self):
+        server = self.server(ehlo=("PIPELINING", "XVERP"))
+        config = self.config(server.port)
+        self.enqueue(config, xverp=True)
+        self.drain(config)
+        self.assertEqual(server.transactions[0]["mail"], "<bounces@example.org> XVERP")
+
+    def test_xverp_not_offered_delivers_without_it(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port)
+        self.enqueue(config, xverp=True)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        self.assertEqual(server.transactions[0]["mail"], "<bounces@example.org>")
+        self.assertIn("XVERP", logs.output[0])
+
+    def test_xverp_offered_but_refused_delivers_without_it(self):
+        server = self.server(ehlo=("PIPELINING", "XVERP"), rules={
+            "MAIL": lambda a: "555 5.5.4 Unsupported option: XVERP" if "XVERP" in a else None})
+        config = self.config(server.port)
+        self.enqueue(config, xverp=True)
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual(server.transactions[0]["mail"], "<bounces@example.org>")
+        self.assertEqual(self.dead_letters(), [])
+
+    def test_non_ascii_addresses(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME"))
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["j\u00f6rg@example.org", "a@example.org"])
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        with open(os.path.join(self.queuepath, "new", ".rejected-" + name), "rb") as f:
+            self.assertIn("5.6.7".encode(), f.read())
+        utf8 = self.server(ehlo=("PIPELINING", "8BITMIME", "SMTPUTF8"))
+        config = self.config(utf8.port)
+        self.enqueue(config, rcpts=["j\u00f6rg@example.org"])
+        self.drain(config)
+        self.assertEqual(utf8.rcpts, ["j\u00f6rg@example.org"])
+        self.assertIn("SMTPUTF8", utf8.transactions[0]["mail"])
+
+    def test_too_large_for_the_server_is_a_dead_letter(self):
+        server = self.server(ehlo=("PIPELINING", "SIZE 100"))
+        config = self.config(server.port)
+        self.enqueue(config, msg=message(body="x" * 200))
+        with self.assertLogs("gsemail", "ERROR") as logs:
+            self.drain(config)
+        self.assertIn("5.3.4", logs.output[-1])
+        self.assertEqual(len(self.dead_letters()), 1)
+        self.assertEqual(server.transactions, [])
+
+    def test_quit_error_does_not_hide_anything(self):
+        server = self.server(rules={"QUIT": [DROP]})
+        config = self.config(server.port)
+        self.enqueue(config)
+        self.drain(config)
+        self.assertEqual(len(server.transactions), 1)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_force_tls_without_starttls(self):
+        server = self.server()
+        config = self.config(server.port, force_tls=True)
+        with self.assertRaises(RuntimeError) as cm:
+            gsemail.Mailer(config).send("s@example.org", "a@example.org", message())
+        self.assertIsInstance(cm.exception, gsemail.TLSError)
+        self.assertEqual(cm.exception.status, "4.7.4")
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "ERROR") as logs:
+            self.drain(config)
+        self.assertIn("4.7.4", logs.output[0])
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertEqual(server.transactions, [])
+
+    def test_auth(self):
+        server = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", "right"))
+        self.enqueue(self.config(server.port, username="user", password="right"))
+        self.drain(self.config(server.port, username="user", password="right"))
+        self.assertEqual(len(server.transactions), 1)
+        wrong = self.config(server.port, username="user", password="wrong-pw")
+        name = self.enqueue(wrong)
+        with self.assertLogs("gsemail", "DEBUG") as logs:
+            self.drain(wrong)
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertTrue(any(line.startswith("ERROR:gsemail:4.7.8") for line in logs.output),
+                        logs.output)
+        self.assertNotIn("wrong-pw", "\n".join(logs.output))
+
+    def test_mailer_send_direct(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 unknown" if "bad" in a
+                                    else None})
+        with gsemail.Mailer(self.config(server.port)) as mailer:
+            refused = mailer.send("s@example.org", ["a@example.org", "bad@example.org"],
+                                  message(), xverp=False)
+            self.assertEqual(list(refused), ["bad@example.org"])
+            self.assertEqual(refused["bad@example.org"].status, "5.1.1")
+            with self.assertRaises(gsemail.DeliveryError) as cm:
+                mailer.send("s@example.org", "bad@example.org", message())
+            self.assertFalse(cm.exception.transient)
+            self.assertEqual(cm.exception.exit_code, os.EX_UNAVAILABLE)
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+
+
+class ProcessorTests(Base):
+    def test_thread_never_dies(self):
+        server = self.server()
+        config = self.config(server.port, processorthread=True, poll_interval=0.05)
+
+        class Broken(gsemail.Mailer):
+            calls = 0
+
+            def deliver(self, *args, **kw):
+                Broken.calls += 1
+                if Broken.calls == 1:
+                    raise KeyError("a bug")
+                return super().deliver(*args, **kw)
+
+        processor = gsemail.QueueProcessor(config, mailer=Broken(config))
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "ERROR") as logs:
+            processor.start()
+            wait_for(lambda: os.path.exists(os.path.join(self.queuepath, "cur", name)),
+                     10, "the message to be deferred")
+        self.assertIn("KeyError", "\n".join(logs.output))
+        self.assertIn("4.3.0 internal error", self.state(name)["last_error"])
+        self.assertTrue(processor.alive)
+        self.enqueue(config, rcpts=["next@example.org"])
+        processor.wake()
+        wait_for(lambda: server.rcpts == ["next@example.org"], 10, "the next message")
+        processor.stop(10)
+        self.assertFalse(processor.alive)
+
+    def test_backlog_delivered_at_start_and_send_email_wakes(self):
+        server = self.server()
+        config = self.config(server.port, processorthread=True, poll_interval=30)
+        self.enqueue(config, rcpts=["backlog@example.org"])
+        gsemail.configure(config)
+        wait_for(lambda: server.rcpts == ["backlog@example.org"], 10, "the backlog")
+        started = time.monotonic()
+        gsemail.send_email("s@example.org", "woken@example.org", message())
+        wait_for(lambda: "woken@example.org" in server.rcpts, 10, "a woken delivery")
+        self.assertLess(time.monotonic() - started, 5, "send_email did not wake the thread")
+
+    def test_poll_finds_messages_from_other_processes(self):
+        server = self.server()
+        config = self.config(server.port, processorthread=True, poll_interval=0.2)
+        gsemail.configure(config)
+        code = ("import gsemail,sys; q=gsemail.Queue(sys.argv[1]); "
+                "q.add('s@example.org', ['other@example.org'], b'Subject: x\\r\\n\\r\\nb\\r\\n')")
+        subprocess.run([sys.executable, "-c", code, self.queuepath], check=True, cwd=HERE)
+        wait_for(lambda: server.rcpts == ["other@example.org"], 10, "the polled message")
+
+    def test_stop_finishes_the_transaction_in_flight(self):
+        gate = threading.Event()
+
+        def slow_dot(arg):
+            gate.set()
+            time.sleep(1)
+            return None
+        server = self.server(rules={"DOT": lambda a: slow_dot(a)})
+        config = self.config(server.port, processorthread=True)
+        processor = gsemail.QueueProcessor(config)
+        name = self.enqueue(config)
+        self.enqueue(config, rcpts=["second@example.org"])
+        processor.start()
+        gate.wait(10)
+        processor.stop()
+        self.assertFalse(processor.alive)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertNotIn(name, self.listing("new"))
+        self.assertEqual(len(self.listing("new")), 1)
+
+
+class SendEmailTests(Base):
+    def setUp(self):
+        super().setUp()
+        self.cfg = self.config(25)
+        gsemail.configure(self.cfg)
+
+    def test_queues_with_processorthread_false(self):
+        msg = email.message.EmailMessage()
+        msg["Subject"] = "object"
+        msg.set_content("hi")
+        self.assertIsNone(gsemail.send_email("s@example.org", ("a@example.org",
+                                                                " b@example.org"), msg))
+        gsemail.send_email("s@example.org", iter(["c@example.org", "c@example.org"]),
+                           b"Subject: bytes\n\nhi\n", xverp=True)
+        gsemail.send_email("", "d@example.org", "Subject: bounce\n\nhi\n")
+        names = self.listing("new")
+        self.assertEqual(len(names), 3)
+        self.assertEqual(sum(n.endswith(":2,X") for n in names), 1)
+        queue = gsemail.Queue(self.queuepath)
+        msgs = [queue.claim(os.path.join(self.queuepath, "new", n)) for n in names]
+        self.assertEqual([m.recipients for m in msgs],
+                         [["a@example.org", "b@example.org"], ["c@example.org"],
+                          ["d@example.org"]])
+        self.assertEqual([m.sender for m in msgs], ["s@example.org", "s@example.org", ""])
+        self.assertEqual(gsemail._processors, {})
+
+    def test_config_xverp_applies_except_to_bounces(self):
+        gsemail.configure(dataclasses_replace(self.cfg, xverp=True))
+        gsemail.send_email("s@example.org", "a@example.org", message())
+        gsemail.send_email("", "a@example.org", message())
+        self.assertEqual(sorted(n.endswith(":2,X") for n in self.listing("new")),
+                         [False, True])
+
+    def test_bad_input_queues_nothing(self):
+        for sender, rcpts, msg, error in (
+                ("s@example.org", [], message(), ValueError),
+                ("s@example.org", "", message(), ValueError),
+                ("s@example.org", "a@example.org\r\nRCPT TO:<x@evil>", message(), ValueError),
+                ("s@example.org", "a@exa\x00mple.org", message(), ValueError),
+                ("s@example.org\n", "a@example.org", message(), ValueError),
+                ("", "a@example.org", message(), ValueError),      # with xverp below
+                ("s@example.org", "Name <a@example.org>", message(), ValueError),
+                ("s@example.org", "a@example.org, b@example.org", message(), ValueError),
+                ("s@example.org", b"a@example.org", message(), TypeError),
+                ("s@example.org", [b"a@example.org"], message(), TypeError),
+                ("s@example.org", "a@example.org", "", ValueError),
+                ("s@example.org", "a@example.org", "no header line\n\nbody", ValueError),
+                ("s@example.org", "a@example.org", 42, TypeError)):
+            with self.subTest(sender=sender, rcpts=rcpts, msg=msg):
+                with self.assertRaises(error) as cm:
+                    gsemail.send_email(sender, rcpts, msg, xverp=not sender)
+                if error is ValueError:
+                    self.assertIsInstance(cm.exception, gsemail.MessageError)
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+
+    def test_config_from_environment(self):
+        gsemail._config = None
+        ini = os.path.join(self.tmp, "etc", "gsconfig.ini")
+        os.makedirs(os.path.dirname(ini))
+        with open(ini, "w") as f:
+            f.write("[smtp-default]\nhostname = 127.0.0.1\nport = 25\nprocessorthread = no\n"
+                    "queuepath = %s\n[smtp-other]\nhostname = 127.0.0.1\nport = 25\n"
+                    "processorthread = no\nqueuepath = %s/other\n" % (self.queuepath, self.tmp))
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("GSEMAIL_CONFIG", "GSEMAIL_INSTANCE", "INSTANCE_HOME")}
+        with mock_environ(env):
+            with self.assertRaises(gsemail.ConfigError) as cm:
+                gsemail.send_email("s@example.org", "a@example.org", message())
+            self.assertIn("GSEMAIL_CONFIG", str(cm.exception))
+            os.environ["INSTANCE_HOME"] = self.tmp
+            gsemail.send_email("s@example.org", "a@example.org", message())
+            self.assertEqual(len(self.listing("new")), 1)
+            gsemail._config = None
+            os.environ.update(GSEMAIL_CONFIG=ini, GSEMAIL_INSTANCE="other")
+            gsemail.send_email("s@example.org", "a@example.org", message())
+            self.assertEqual(len(os.listdir(os.path.join(self.tmp, "other", "new"))), 1)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+    return dataclasses.replace(config, **changes)
+
+
+@contextlib.contextmanager
+def mock_environ(env):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
