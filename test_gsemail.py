@@ -1352,3 +1352,147 @@ def mock_environ(env):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# ---------------------------------------------------------------------------
+# The command line, run as a user would
+# ---------------------------------------------------------------------------
+
+class CLITests(Base):
+    def ini(self, port, extra=""):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = 127.0.0.1\n"
+                    "port = %d\nqueuepath = %s\ntimeout = 5\npoll_interval = 0.1\n%s"
+                    % (port, self.queuepath, extra))
+        return path
+
+    def gsemail(self, *args, **kw):
+        return subprocess.run([sys.executable, "-m", "gsemail"] + list(args), cwd=HERE,
+                              capture_output=True, text=True, timeout=60, **kw)
+
+    def test_once_delivers_and_exits_0(self):
+        server = self.server()
+        path = self.ini(server.port)
+        config = gsemail.load_config(path, "main")
+        for i in range(3):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        run = self.gsemail("--config", path, "--instance", "main", "--once", "-v")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(len(server.transactions), 3)
+        lines = run.stderr.splitlines()
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertRegex(line, r"^[245]\.\d+\.\d+ ", "a log line without a status code")
+        self.assertIn("delivered to 1 recipient(s)", run.stderr)
+
+    def test_once_exits_75_when_mail_waits(self):
+        path = self.ini(free_port())
+        self.enqueue(gsemail.load_config(path, "main"))
+        run = self.gsemail("-c", path, "-i", "main", "--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL)
+        self.assertRegex(run.stderr, r"(?m)^4\.4\.1 1 message\(s\) in .* wait for a retry$")
+
+    def test_errors_have_status_codes_and_sysexits(self):
+        run = self.gsemail("--config", os.path.join(self.tmp, "missing.ini"))
+        self.assertEqual(run.returncode, os.EX_CONFIG)
+        self.assertTrue(run.stderr.startswith("4.3.5 "), run.stderr)
+        self.assertIn("missing.ini", run.stderr)
+        run = self.gsemail("--bogus")
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertIn("5.5.4 ", run.stderr)
+        env = dict(os.environ)
+        env.pop("GSEMAIL_CONFIG", None)
+        run = self.gsemail("--once", env=env)
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertIn("--config", run.stderr)
+        with open(os.path.join(self.tmp, "file"), "w"):
+            pass
+        path = self.ini(25, "")
+        with open(path, "a") as f:
+            f.write("[smtp-bad]\nhostname = h\nport = 25\nqueuepath = %s/file/q\n" % self.tmp)
+        run = self.gsemail("--config", path, "--instance", "bad", "--once")
+        self.assertIn(run.returncode, (os.EX_CANTCREAT, os.EX_IOERR))
+        self.assertTrue(run.stderr.startswith("4.3.0 "), run.stderr)
+
+    def test_help_and_version(self):
+        run = self.gsemail("--help")
+        self.assertEqual(run.returncode, 0)
+        for word in ("--config", "--instance", "--once", "--verbose", "75", "78", "SIGTERM"):
+            self.assertIn(word, run.stdout)
+        run = self.gsemail("--version")
+        self.assertIn(gsemail.__version__, run.stdout)
+
+    def test_foreground_runs_until_sigterm(self):
+        server = self.server()
+        path = self.ini(server.port)
+        proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main",
+                                 "-v"], cwd=HERE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: os.path.isdir(os.path.join(self.queuepath, "new")), 20, "queue")
+            self.enqueue(gsemail.load_config(path, "main"))
+            wait_for(lambda: server.rcpts, 20, "delivery by the foreground processor")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn("SIGTERM", err)
+        self.assertIn("stopped", err)
+
+
+# ---------------------------------------------------------------------------
+# zope.sendmail compatibility, both ways
+# ---------------------------------------------------------------------------
+
+class ZopeCompatibilityTests(Base):
+    def zope(self, code, *args):
+        python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
+        need(python and os.access(python, os.X_OK),
+             "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
+        run = subprocess.run([python, "-c", textwrap.dedent(code)] + list(args),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return run
+
+    def test_gsemail_drains_a_zope_queue(self):
+        self.zope("""
+            import sys, transaction
+            from zope.sendmail.delivery import QueuedMailDelivery
+            delivery = QueuedMailDelivery(sys.argv[1])
+            delivery.send('bounces@example.org', ['a@example.org', 'b@example.org'],
+                          b'From: x@example.org\\nSubject: from zope\\n\\nHello.\\n')
+            transaction.commit()
+            """, self.queuepath)
+        server = self.server()
+        self.drain(self.config(server.port))
+        (txn,) = server.transactions
+        self.assertEqual(txn["rcpts"], ["a@example.org", "b@example.org"])
+        self.assertEqual(txn["mail"].split()[0], "<bounces@example.org>")
+        self.assertIn(b"Subject: from zope\r\n", txn["data"])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_zope_drains_a_gsemail_queue(self):
+        server = self.server()
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["a@example.org", "b@example.org"])
+        # and a deferred one, whose X-Zope-To lists only the recipients left
+        name = self.enqueue(config, rcpts=["c@example.org", "d@example.org"])
+        queue = gsemail.Queue(self.queuepath)
+        msg = queue.claim(os.path.join(self.queuepath, "new", name))
+        queue.defer(msg, ["d@example.org"], {"attempts": 1}, time.time() + 60)
+        self.zope("""
+            import sys
+            from zope.sendmail.maildir import Maildir
+            from zope.sendmail.mailer import SMTPMailer
+            from zope.sendmail.queue import QueueProcessorThread
+            thread = QueueProcessorThread()
+            thread.setMaildir(Maildir(sys.argv[1], True))
+            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
+            thread.run(forever=False)
+            """, self.queuepath, str(server.port))
+        self.assertEqual(sorted(server.rcpts), ["a@example.org", "b@example.org",
+                                                "d@example.org"])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
