@@ -247,6 +247,14 @@ class _Dropped(Exception):
 # A private Postfix on 127.0.0.1
 # ---------------------------------------------------------------------------
 
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -288,8 +296,7 @@ class Postfix:
         for port in (self.port, self.submit_port, self.smtps_port):
             wait_for(lambda p=port: self._listening(p), 30, "postfix on port %d" % port)
         pidfile = os.path.join(self.dir, "queue", "pid", "master.pid")
-        self.pid = int(wait_for(lambda: os.path.exists(pidfile) and
-                                open(pidfile).read().strip(), 10, "master.pid"))
+        self.pid = int(wait_for(lambda: read_text(pidfile).strip(), 10, "master.pid"))
 
     @staticmethod
     def _listening(port):
@@ -1496,3 +1503,160 @@ class ZopeCompatibilityTests(Base):
         self.assertEqual(sorted(server.rcpts), ["a@example.org", "b@example.org",
                                                 "d@example.org"])
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+
+# ---------------------------------------------------------------------------
+# A real Postfix
+# ---------------------------------------------------------------------------
+
+class PostfixTests(Base):
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def prefix(self):
+        """A recipient prefix unique to this test."""
+        return "%s-%d-" % (self._testMethodName.replace("_", ""), time.monotonic_ns())
+
+    def send(self, config, rcpts, sender="bounces@gsemail.test", xverp=False):
+        self.enqueue(config, rcpts=rcpts, sender=sender, xverp=xverp,
+                     msg=message(subject=self._testMethodName))
+        self.drain(config)
+
+    def test_xverp_return_path_is_verp_expanded(self):
+        p = self.prefix()
+        config = self.config(self.postfix.port)
+        self.send(config, [p + "a@gsemail.test", p + "b@gsemail.test"], xverp=True)
+        copies = self.postfix.wait_delivered(p, 2)
+        paths = sorted(m["Return-Path"] for m in copies)
+        self.assertEqual(paths, ["<bounces+%sa=gsemail.test@gsemail.test>" % p,
+                                 "<bounces+%sb=gsemail.test@gsemail.test>" % p])
+
+    def test_config_xverp_through_send_email(self):
+        p = self.prefix()
+        gsemail.configure(self.config(self.postfix.port, xverp=True, processorthread=True))
+        gsemail.send_email("bounces@gsemail.test", [p + "a@gsemail.test"], message())
+        (copy,) = self.postfix.wait_delivered(p, 1)
+        self.assertEqual(copy["Return-Path"], "<bounces+%sa=gsemail.test@gsemail.test>" % p)
+
+    def test_without_xverp_authorisation_delivers_plain(self):
+        p = self.prefix()
+        config = self.config(self.postfix.noverp_port)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.send(config, [p + "a@gsemail.test"], xverp=True)
+        (copy,) = self.postfix.wait_delivered(p, 1)
+        self.assertEqual(copy["Return-Path"], "<bounces@gsemail.test>")
+        self.assertIn("does not offer XVERP", logs.output[0])
+        self.assertEqual(self.dead_letters(), [])
+
+    def test_2500_recipients_all_arrive(self):
+        p = self.prefix()
+        rcpts = ["%s%04d@gsemail.test" % (p, i) for i in range(2500)]
+        config = self.config(self.postfix.port)
+        self.send(config, rcpts, xverp=True)
+        copies = self.postfix.wait_delivered(p, 2500, timeout=180)
+        self.assertEqual(sorted(m["Delivered-To"] for m in copies), rcpts)
+        self.assertEqual(len({m["Message-ID"] for m in copies}), 1)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_452_recipient_limit_carries_over(self):
+        # this listener takes 100 recipients per transaction and answers 452 4.5.3
+        p = self.prefix()
+        rcpts = ["%s%03d@gsemail.test" % (p, i) for i in range(250)]
+        config = self.config(self.postfix.limit_port)
+        self.send(config, rcpts)
+        copies = self.postfix.wait_delivered(p, 250, timeout=120)
+        self.assertEqual(sorted(m["Delivered-To"] for m in copies), rcpts)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_5xx_recipient_beside_good_ones(self):
+        p = self.prefix()
+        config = self.config(self.postfix.port)
+        with self.assertLogs("gsemail", "WARNING"):
+            self.send(config, [p + "a@gsemail.test", "reject5xx-" + p + "@gsemail.test",
+                               "defer4xx-" + p + "@gsemail.test", p + "b@gsemail.test"])
+        copies = self.postfix.wait_delivered(p, 2)
+        self.assertEqual(sorted(m["Delivered-To"] for m in copies),
+                         [p + "a@gsemail.test", p + "b@gsemail.test"])
+        (name,) = self.listing("cur")
+        state = self.assertDeferred(name, ["defer4xx-" + p + "@gsemail.test"])
+        self.assertIn("450 4.2.1", state["last_error"])
+        self.assertIn("550 5.1.1", state["failed"]["reject5xx-" + p + "@gsemail.test"])
+
+    def test_opportunistic_starttls_to_an_unverifiable_certificate(self):
+        p = self.prefix()
+        config = self.config(self.postfix.port)     # no cafile: the CA is unknown
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.send(config, [p + "a@gsemail.test"])
+        (copy,) = self.postfix.wait_delivered(p, 1)
+        self.assertIn("not verified", "\n".join(logs.output))
+        self.assertIn("with ESMTPS", copy["Received"])     # Postfix: it came over TLS
+
+    def test_force_tls_verifies_with_cafile(self):
+        p = self.prefix()
+        config = self.config(self.postfix.port, force_tls=True, cafile=self.postfix.cafile)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.send(config, [p + "a@gsemail.test"])
+        self.postfix.wait_delivered(p, 1)
+        self.assertIn("certificate verified", "\n".join(logs.output))
+
+    def test_force_tls_refuses_an_unverified_certificate(self):
+        p = self.prefix()
+        config = self.config(self.postfix.port, force_tls=True)
+        with self.assertRaises(RuntimeError) as cm:
+            gsemail.Mailer(config).send("bounces@gsemail.test", p + "x@gsemail.test",
+                                        message())
+        self.assertEqual(cm.exception.status, "4.7.5")
+        name = self.enqueue(config, rcpts=[p + "a@gsemail.test"])
+        with self.assertLogs("gsemail", "ERROR") as logs:
+            self.drain(config)
+        self.assertIn("4.7.5", logs.output[0])
+        self.assertIn("verif", logs.output[0])
+        self.assertDeferred(name, [p + "a@gsemail.test"])
+        time.sleep(1)
+        self.assertEqual(self.postfix.delivered(p), [])
+
+    def test_implicit_tls(self):
+        p = self.prefix()
+        config = self.config(self.postfix.smtps_port, implicit_tls=True,
+                             cafile=self.postfix.cafile)
+        self.assertTrue(config.verify_certificates)
+        self.send(config, [p + "a@gsemail.test"])
+        self.postfix.wait_delivered(p, 1)
+
+    def test_auth_on_the_submission_port(self):
+        p = self.prefix()
+        config = self.config(self.postfix.submit_port, force_tls=True,
+                             cafile=self.postfix.cafile, username=Postfix.USER + "@gsemail.test",
+                             password=Postfix.PASSWORD)
+        self.send(config, [p + "a@gsemail.test"])
+        self.postfix.wait_delivered(p, 1)
+
+    def test_wrong_password_defers_and_logs_an_error(self):
+        p = self.prefix()
+        config = self.config(self.postfix.submit_port, force_tls=True,
+                             cafile=self.postfix.cafile, username=Postfix.USER + "@gsemail.test",
+                             password="not-the-password")
+        name = self.enqueue(config, rcpts=[p + "a@gsemail.test"])
+        with self.assertLogs("gsemail", "DEBUG") as logs:
+            self.drain(config)
+        errors = [line for line in logs.output if line.startswith("ERROR:gsemail:4.7.8 ")]
+        self.assertTrue(errors, logs.output)
+        self.assertIn("535", errors[0])
+        self.assertNotIn("not-the-password", "\n".join(logs.output))
+        self.assertDeferred(name, [p + "a@gsemail.test"])
+        self.assertEqual(self.dead_letters(), [])
+
+    def test_submission_port_without_credentials_is_a_dead_letter_with_the_reason(self):
+        p = self.prefix()
+        config = self.config(self.postfix.submit_port, force_tls=True,
+                             cafile=self.postfix.cafile)
+        self.enqueue(config, rcpts=[p + "a@gsemail.test"])
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        # Postfix refuses each RCPT of an unauthenticated client with 554 5.7.1:
+        # a permanent refusal, kept as a dead letter that says so.
+        (dead,) = self.dead_letters()
+        with open(dead) as f:
+            text = f.read()
+        self.assertIn("X-Gsemail-Failed: <%sa@gsemail.test> 554 5.7.1" % p, text)
