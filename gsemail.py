@@ -1264,6 +1264,8 @@ class Mailer:
                      heartbeat: Optional[Callable[[], None]]) -> List[str]:
         """One MAIL..DATA transaction for up to recipients_per_transaction of
         pending; settles them in out and returns those still to try."""
+        if heartbeat:
+            heartbeat()
         limit = self.config.recipients_per_transaction
         batch, rest = pending[:limit], pending[limit:]
         encoding = "utf-8" if "SMTPUTF8" in params else "ascii"

@@ -15,14 +15,12 @@ import email
 import email.message
 import email.policy
 import json
-import logging
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import sys
@@ -408,8 +406,10 @@ class Postfix:
                 mynetworks = 127.0.0.0/8
                 smtpd_authorized_verp_clients = 127.0.0.0/8
                 smtpd_recipient_limit = 1000
-                smtpd_recipient_restrictions = check_recipient_access regexp:{etc}/rcpt_access, permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
-                smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+                smtpd_recipient_restrictions = check_recipient_access regexp:{etc}/rcpt_access,
+                    permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+                smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
+                    reject_unauth_destination
                 virtual_mailbox_domains = gsemail.test
                 virtual_mailbox_base = {d}/mail
                 virtual_mailbox_maps = regexp:{etc}/vmailbox
@@ -603,7 +603,7 @@ class ConfigTests(Base):
         self.assertFalse(config.tls_required or config.verify_certificates)
 
     def test_config_instance_indirection(self):
-        path = self.write("""
+        path = self.write(f"""
             [config-main]
             smtp = outgoing
             other_product_key = kept elsewhere
@@ -620,9 +620,9 @@ class ConfigTests(Base):
             xverp = 1
             timeout = 2m
             max_queue_lifetime = 2d
-            cafile = {}
+            cafile = {__file__}
             unrelated_option = ignored
-            """.format(__file__))
+            """)
         config = gsemail.load_config(path, "main")
         self.assertEqual(config.hostname, "relay.example.org")
         self.assertEqual(config.port, 2525)
@@ -1126,7 +1126,7 @@ class DeliveryTests(Base):
             self.drain(config)
         self.assertEqual(server.rcpts, ["a@example.org"])
         with open(os.path.join(self.queuepath, "new", ".rejected-" + name), "rb") as f:
-            self.assertIn("5.6.7".encode(), f.read())
+            self.assertIn(b"5.6.7", f.read())
         utf8 = self.server(ehlo=("PIPELINING", "8BITMIME", "SMTPUTF8"))
         config = self.config(utf8.port)
         self.enqueue(config, rcpts=["j\u00f6rg@example.org"])
@@ -1251,7 +1251,7 @@ class ProcessorTests(Base):
         def slow_dot(arg):
             gate.set()
             time.sleep(1)
-            return None
+            return
         server = self.server(rules={"DOT": lambda a: slow_dot(a)})
         config = self.config(server.port, processorthread=True)
         processor = gsemail.QueueProcessor(config)
