@@ -1237,7 +1237,7 @@ class Mailer:
         params = []
         if "size" in s.features:
             params.append("SIZE=%d" % len(wire))
-        if "8bitmime" in s.features and any(b > 127 for b in data):
+        if "8bitmime" in s.features and not data.isascii():
             params.append("BODY=8BITMIME")
         if utf8:
             params.append("SMTPUTF8")
@@ -1735,7 +1735,9 @@ def _after_fork() -> None:
     _processors.clear()
 
 
-atexit.register(shutdown)
+# At exit, wait a little for the message in flight.  If it is cut short, the
+# claim's lock dies with the process and the message is sent again later.
+atexit.register(shutdown, 10.0)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
