@@ -1660,3 +1660,109 @@ class PostfixTests(Base):
         with open(dead) as f:
             text = f.read()
         self.assertIn("X-Gsemail-Failed: <%sa@gsemail.test> 554 5.7.1" % p, text)
+
+
+class FailureHandlingTests(Base):
+    """Each failure path in the queue and processor ends in a known state."""
+
+    def test_add_that_cannot_finish_leaves_nothing(self):
+        queue = gsemail.Queue(self.queuepath)
+        os.rmdir(os.path.join(self.queuepath, "new"))
+        with open(os.path.join(self.queuepath, "new"), "w"):
+            pass                # rename into new/ now fails
+        with self.assertRaises(gsemail.QueueError) as cm:
+            queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        self.assertIn("cannot write the message", str(cm.exception))
+        self.assertEqual(self.listing("tmp"), [])
+
+    def test_claim_of_a_message_that_has_gone(self):
+        queue = gsemail.Queue(self.queuepath)
+        path = os.path.join(self.queuepath, "new", "123.gone")
+        self.assertIsNone(queue.claim(path))
+        self.assertEqual(self.listing("new"), [])
+
+    def test_unreadable_state_is_ignored_and_the_message_sent(self):
+        server = self.server()
+        config = self.config(server.port)
+        name = self.enqueue(config)
+        with open(os.path.join(self.queuepath, "state", name), "w") as f:
+            f.write("{not json")
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(self.listing("state"), [])
+
+    def test_outcome_that_cannot_be_recorded_is_kept_and_retried(self):
+        server = self.server(rules={"RCPT": lambda a: "451 4.3.0 later" if "b@" in a else None})
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["a@example.org", "b@example.org"])
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor.mailer.close)
+        state = os.path.join(self.queuepath, "state")
+        os.rename(state, state + ".away")    # defer() cannot write the state now
+        with open(state, "w"):
+            pass
+        with self.assertLogs("gsemail", "ERROR"):
+            processor.run_once()
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(len(processor._unsettled), 1)
+        # the claim is still held: no other processor can send it again
+        self.assertIsNone(processor.queue.claim(
+            os.path.join(self.queuepath, "new", name)))
+        os.unlink(state)
+        os.rename(state + ".away", state)
+        processor.run_once()
+        processor.mailer.close()
+        self.assertEqual(processor._unsettled, [])
+        self.assertDeferred(name, ["b@example.org"])
+        self.assertEqual(server.rcpts, ["a@example.org"], "a recipient was sent twice")
+
+    def test_rset_on_a_dead_connection_then_next_message_reconnects(self):
+        server = self.server(rules={"MAIL": ["550 5.7.1 sender refused"], "RSET": [DROP]})
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["one@example.org"])
+        self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        self.assertEqual(len(self.dead_letters()), 1)
+        self.assertEqual(server.rcpts, ["two@example.org"])
+        self.assertEqual(server.connections, 2)
+
+    def test_garbled_reply_closes_the_connection(self):
+        server = self.server(rules={"MAIL": ["hello there"]})
+        config = self.config(server.port)
+        first = self.enqueue(config, rcpts=["one@example.org"])
+        self.enqueue(config, rcpts=["two@example.org"])
+        self.drain(config)
+        state = self.assertDeferred(first, ["one@example.org"])
+        self.assertIn("4.4.2 garbled reply", state["last_error"])
+        self.assertEqual(server.rcpts, ["two@example.org"])
+
+    def test_no_password_in_plain_text_to_a_remote_host(self):
+        # The rule itself, on a connection object that reports a remote peer
+        # (all test traffic stays on 127.0.0.1, so no real remote host).
+        config = self.config(25, hostname="relay.example.org", username="u",
+                             password="pw-never-sent")
+        logins = []
+
+        class Peer:
+            def getpeername(self):
+                return ("192.0.2.10", 25)
+
+        class Connection:
+            sock = Peer()
+
+            def has_extn(self, name):
+                return True
+
+            def login(self, user, password):
+                logins.append(user)
+
+        with self.assertRaises(gsemail.DeliveryError) as cm:
+            gsemail.Mailer(config)._login(Connection(), encrypted=False)
+        self.assertEqual(cm.exception.status, "4.7.0")
+        self.assertIn("plain text", str(cm.exception))
+        self.assertNotIn("pw-never-sent", str(cm.exception))
+        self.assertEqual(logins, [])
+        gsemail.Mailer(config)._login(Connection(), encrypted=True)
+        self.assertEqual(logins, ["u"])
