@@ -463,6 +463,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False) -> None:
+    """Write chunks to a new file of mode 0600 (whatever the umask) and fsync it."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _envelope(sender: str, recipients: List[str]) -> bytes:
+    """zope.sendmail's two envelope lines."""
+    return ("X-Zope-From: %s\nX-Zope-To: %s\n" % (sender, ", ".join(recipients))
+            ).encode("utf-8")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -598,21 +619,8 @@ class Queue:
                                         ":2,X" if xverp else "")
         tmp = os.path.join(self.path, "tmp", name)
         final = os.path.join(self.path, "new", name)
-        envelope = ("X-Zope-From: %s\nX-Zope-To: %s\n"
-                    % (sender, ", ".join(recipients))).encode("utf-8")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            raise self._error("cannot create a file in tmp/", e) from None
-        try:
-            try:
-                os.fchmod(fd, 0o600)    # whatever the umask
-                view = memoryview(envelope + data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_synced(tmp, [_envelope(sender, recipients), data], exclusive=True)
             os.rename(tmp, final)
             _fsync_dir(os.path.join(self.path, "new"))
         except OSError as e:
@@ -821,17 +829,7 @@ class Queue:
                 # Only those left go in X-Zope-To, so no reader of this queue
                 # (zope.sendmail included) sends twice to those done.
                 tmp = os.path.join(self.path, "tmp", msg.name)
-                envelope = ("X-Zope-From: %s\nX-Zope-To: %s\n"
-                            % (msg.sender, ", ".join(recipients))).encode("utf-8")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    os.write(fd, envelope)
-                    view = memoryview(msg.data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _write_synced(tmp, [_envelope(msg.sender, recipients), msg.data])
                 os.utime(tmp, (next_attempt, next_attempt))
                 # Replace in place, then move: a crash between the two
                 # leaves the shorter list due early, never the longer one.
@@ -868,15 +866,8 @@ class Queue:
         lines += ["X-Gsemail-Failed: <%s> %s" % (rcpt, _one_line(why))
                   for rcpt, why in failures.items()]
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
-                view = memoryview(msg.data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_synced(tmp, [("\n".join(lines) + "\n").encode("utf-8", "replace"),
+                                msg.data])
             os.rename(tmp, rejected)
             _fsync_dir(head)
         except OSError as e:
