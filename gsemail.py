@@ -1771,7 +1771,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="deliver what is due and exit: 0 when the queue is "
                              "empty, 75 when messages wait for a retry")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log each attempt (-vv: SMTP-level debugging)")
+                        help="log each attempt (-vv: debug messages too)")
     parser.add_argument("--version", action="version",
                         version="gsemail %s" % __version__)
     args = parser.parse_args(argv)

@@ -1236,6 +1236,37 @@ class ProcessorTests(Base):
         wait_for(lambda: "woken@example.org" in server.rcpts, 10, "a woken delivery")
         self.assertLess(time.monotonic() - started, 5, "send_email did not wake the thread")
 
+    def test_one_thread_per_queue(self):
+        server = self.server()
+        config = self.config(server.port, processorthread=True)
+        gsemail.configure(config)
+        gsemail.configure(config)
+        gsemail.send_email("s@example.org", "a@example.org", message())
+        names = [t.name for t in threading.enumerate() if t.name.startswith("gsemail ")]
+        self.assertEqual(names, ["gsemail " + self.queuepath])
+
+    def test_interpreter_exit_does_not_hang_on_a_silent_server(self):
+        server = self.server(rules={"CONNECT": [HANG]})
+        code = textwrap.dedent("""
+            import sys, gsemail
+            gsemail.configure(gsemail.SMTPConfig('127.0.0.1', int(sys.argv[1]),
+                                                 queuepath=sys.argv[2], timeout=120))
+            gsemail.send_email('s@example.org', 'a@example.org', 'Subject: x\\n\\nhi\\n')
+            import time; time.sleep(0.5)    # the thread is now waiting for a greeting
+            """)
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-c", code, str(server.port), self.queuepath],
+                             cwd=HERE, capture_output=True, text=True, timeout=90)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertLess(time.monotonic() - started, 30)
+        (name,) = [n for n in self.listing("new") if not n.startswith(".")]
+        # its claim died with the process: the next processor takes it at once
+        with self.assertLogs("gsemail", "WARNING"):
+            msg = gsemail.Queue(self.queuepath).claim(
+                os.path.join(self.queuepath, "new", name))
+        self.assertEqual(msg.recipients, ["a@example.org"])
+        msg.release()
+
     def test_poll_finds_messages_from_other_processes(self):
         server = self.server()
         config = self.config(server.port, processorthread=True, poll_interval=0.2)
