@@ -493,8 +493,7 @@ class QueuedMessage:
     settled with Queue.remove, Queue.defer or Queue.dead_letter, or released.
     """
 
-    def __init__(self, queue: "Queue", path: str, claim_path: str, fd: int) -> None:
-        self.queue = queue
+    def __init__(self, path: str, claim_path: str, fd: int) -> None:
         self.path = path
         self.name = os.path.basename(path)
         self.claim_path = claim_path
@@ -674,7 +673,7 @@ class Queue:
         fd = self._make_claim(claim_path)
         if fd is None:
             return None
-        msg = QueuedMessage(self, path, claim_path, fd)
+        msg = QueuedMessage(path, claim_path, fd)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -822,7 +821,9 @@ class Queue:
         """Keep the message for the recipients still to do, due again at
         next_attempt, and record state."""
         try:
-            sync = state.get("failed") != msg.state.get("failed")
+            # The refused recipients must survive a crash (they go in the dead
+            # letter); attempts and times are cheap to lose.
+            sync = (state.get("failed") or {}) != (msg.state.get("failed") or {})
             self._write_state(msg.name, state, sync)
             cur = os.path.join(self.path, "cur", msg.name)
             if recipients != msg.recipients:
@@ -992,6 +993,7 @@ class _Session:
             self.size = 0
         self.messages = 0
         self.broken = False
+        self.warned_xverp = False
 
 
 class Mailer:
@@ -1197,10 +1199,9 @@ class Mailer:
             raise RuntimeError("Mailer.deliver() before Mailer.open()")
         s.messages += 1
         out = _Outcome()
-        utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         offers_utf8 = "smtputf8" in s.features
         problem = _address_problem(sender) if sender else None
-        if problem or (utf8 and not sender.isascii() and not offers_utf8):
+        if problem or not (sender.isascii() or offers_utf8):
             why = (Reply(553, "5.1.7 sender <%s> %s" % (sender, problem)) if problem
                    else Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
                               "offer SMTPUTF8" % (sender, self.where)))
@@ -1217,7 +1218,6 @@ class Mailer:
                                          "does not offer SMTPUTF8" % (rcpt, self.where))
             else:
                 pending.append(rcpt)
-        utf8 = utf8 and offers_utf8 and bool(pending)
         wire = _wire(data)
         if s.size and len(wire) > s.size:
             why = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
@@ -1230,12 +1230,13 @@ class Mailer:
             params.append("SIZE=%d" % len(wire))
         if "8bitmime" in s.features and not data.isascii():
             params.append("BODY=8BITMIME")
-        if utf8:
-            params.append("SMTPUTF8")
+        if not (sender.isascii() and all(r.isascii() for r in pending)):
+            params.append("SMTPUTF8")   # non-ASCII got this far only if offered
         if xverp and sender:
             if "xverp" in s.features:
                 params.append("XVERP")
-            else:
+            elif not s.warned_xverp:    # once per connection, not per message
+                s.warned_xverp = True
                 log.warning("4.3.3 %s does not offer XVERP to this client: sending "
                             "without it (bounces will not name the recipient)", self.where)
         try:
@@ -1245,8 +1246,9 @@ class Mailer:
             s.broken = True
             self.close()
             out.final = e.reply
+            done = set(out.delivered).union(out.failed)
             for rcpt in recipients:
-                if rcpt not in out.failed and rcpt not in out.delivered:
+                if rcpt not in done:
                     out.deferred.setdefault(rcpt, e.reply)
         return out
 
@@ -1274,12 +1276,13 @@ class Mailer:
                 return pending
             self._settle(pending, mail_reply, out)
             return []
-        accepted, carried = [], []
+        accepted: List[str] = []
+        carried: Dict[str, Reply] = {}
         for rcpt, reply in zip(batch, replies[1:]):
             if reply.ok:
                 accepted.append(rcpt)
             elif reply.code in (452, 552) and _TOO_MANY.search(reply.text):
-                carried.append(rcpt)
+                carried[rcpt] = reply
             elif reply.permanent:
                 out.failed[rcpt] = reply
             else:
@@ -1290,12 +1293,11 @@ class Mailer:
                 self._send(b".\r\n")    # RFC 2920: end the empty DATA
                 self._reply()
             self._rset()
-            for rcpt in carried:
-                out.deferred[rcpt] = replies[1 + batch.index(rcpt)]
+            out.deferred.update(carried)    # "too many" with none taken: try later
             return rest
         if data_reply is None or data_reply.code != 354:
             self._rset()
-            self._settle(accepted + carried + rest, data_reply or mail_reply, out)
+            self._settle(accepted + list(carried) + rest, data_reply or mail_reply, out)
             return []
         for i in range(0, len(wire), _CHUNK):
             if heartbeat:
@@ -1304,10 +1306,10 @@ class Mailer:
         final = self._reply()
         out.final = final
         if not final.ok:
-            self._settle(accepted + carried + rest, final, out)
+            self._settle(accepted + list(carried) + rest, final, out)
             return []
         out.delivered += accepted
-        return carried + rest
+        return list(carried) + rest
 
     @staticmethod
     def _settle(recipients: List[str], reply: Reply, out: _Outcome) -> None:
@@ -1383,7 +1385,7 @@ class QueueProcessor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._unsettled: List[tuple] = []
+        self._unsettled: List[tuple] = []     # (message, queue change to retry)
         self._maintained = 0.0
         self._last_used = 0.0
 
@@ -1432,6 +1434,7 @@ class QueueProcessor:
                 self._stopping.wait(self.config.poll_interval)
             self._wake.wait(self.config.poll_interval)
         self.mailer.close()
+        self._warn_unsettled()
         log.info("2.0.0 queue processor for %s stopped", self.queue.path)
 
     def drain(self) -> None:
@@ -1441,6 +1444,12 @@ class QueueProcessor:
                 pass
         finally:
             self.mailer.close()
+            self._warn_unsettled()
+
+    def _warn_unsettled(self) -> None:
+        for msg, _ in self._unsettled:
+            log.error("4.3.0 %s: its delivery could not be recorded; it will be "
+                      "sent again to the recipients it reached", msg.name)
 
     def run_once(self) -> int:
         """One pass over the due messages; returns how many were handled."""
@@ -1451,9 +1460,9 @@ class QueueProcessor:
                 self.queue.maintain()
             except OSError as e:
                 log.warning("4.3.0 queue %s: housekeeping failed: %s", self.queue.path, e)
-        for item in list(self._unsettled):
-            self._unsettled.remove(item)
-            self._apply(*item)
+        unsettled, self._unsettled = self._unsettled, []
+        for msg, action in unsettled:
+            self._record(msg, action)
         handled = 0
         paths = self.queue.due()
         down: Optional[Reply] = None
@@ -1503,25 +1512,17 @@ class QueueProcessor:
         return handled
 
     def _apply(self, msg: QueuedMessage, out: _Outcome) -> None:
-        """Record what an attempt did: remove, defer or dead-letter."""
-        try:
-            self._settle(msg, out)
-        except Exception:
-            # The claim is still held, so nobody sends it again meanwhile.
-            log.exception("4.3.0 %s: cannot record the delivery outcome; will "
-                          "try again", msg.name)
-            self._unsettled.append((msg, out))
-
-    def _settle(self, msg: QueuedMessage, out: _Outcome) -> None:
+        """Decide what an attempt means for the message (remove, defer or
+        dead-letter), log it once, and record it in the queue."""
         now = time.time()
         attempts = msg.attempts + 1
-        via = self.mailer.where
         if out.delivered:
             log.info("2.0.0 %s: delivered to %d recipient(s) via %s%s", msg.name,
-                     len(out.delivered), via, " with XVERP" if msg.xverp else "")
+                     len(out.delivered), self.mailer.where,
+                     " with XVERP" if msg.xverp else "")
         for line in _group(out.failed):
             log.warning("%s %s: refused: %s", Reply.parse(line).status, msg.name, line)
-        failed = dict(msg.state.get("failed", {}))  # type: ignore[call-overload]
+        failed = dict(msg.state.get("failed") or {})  # type: ignore[call-overload]
         failed.update((r, str(reply)) for r, reply in out.failed.items())
         state: Dict[str, object] = dict(msg.state, attempts=attempts,
                                         first_queued=msg.first_queued,
@@ -1539,19 +1540,31 @@ class QueueProcessor:
                 for line in _group(out.deferred):
                     log.info("%s %s: deferred for %d s (attempt %d): %s",
                              Reply.parse(line).status, msg.name, delay, attempts, line)
-                self.queue.defer(msg, list(out.deferred), state, now + delay)
+                self._record(msg, functools.partial(
+                    self.queue.defer, msg, list(out.deferred), state, now + delay))
                 return
             for rcpt, reply in out.deferred.items():
                 failed[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                     reply, attempts, age / 86400)
+        if not failed:
+            self._record(msg, functools.partial(self.queue.remove, msg))
+            return
+        reply = Reply.parse(next(iter(failed.values())))
+        log.error("%s %s: dead letter .rejected-%s for %d recipient(s): %s", reply.status,
+                  msg.name, msg.name, len(failed), reply)
         msg.state = state
-        if failed:
-            reply = Reply.parse(next(iter(failed.values())))
-            where = self.queue.dead_letter(msg, failed, "%d delivered" % len(out.delivered))
-            log.error("%s %s: dead letter %s for %d recipient(s): %s", reply.status,
-                      msg.name, where, len(failed), reply)
-        else:
-            self.queue.remove(msg)
+        self._record(msg, functools.partial(self.queue.dead_letter, msg, failed,
+                                            "%d delivered" % len(out.delivered)))
+
+    def _record(self, msg: QueuedMessage, action: Callable[[], object]) -> None:
+        """Do a queue change; if it fails, keep it (and the claim) to retry
+        on the next pass.  Holding the claim means nobody sends it again."""
+        try:
+            action()
+        except Exception:
+            log.exception("4.3.0 %s: cannot record the delivery outcome in the "
+                          "queue; will try again", msg.name)
+            self._unsettled.append((msg, action))
 
 
 # ---------------------------------------------------------------------------

@@ -545,6 +545,12 @@ class Base(unittest.TestCase):
                       if n.startswith(".rejected-")]
         return found
 
+    def dead_letter_text(self):
+        """The text of the one dead letter in the queue."""
+        (dead,) = self.dead_letters()
+        with open(dead, encoding="utf-8") as f:
+            return f.read()
+
     def state(self, name):
         with open(os.path.join(self.queuepath, "state", name)) as f:
             return json.load(f)
@@ -1038,9 +1044,7 @@ class DeliveryTests(Base):
         self.enqueue(config, rcpts=["a@example.org", "b@example.org"])
         with self.assertLogs("gsemail", "ERROR"):
             self.drain(config)
-        (dead,) = self.dead_letters()
-        with open(dead) as f:
-            text = f.read()
+        text = self.dead_letter_text()
         self.assertIn("X-Zope-To: a@example.org, b@example.org", text)
         self.assertIn("553 5.1.8", text)
 
@@ -1086,9 +1090,7 @@ class DeliveryTests(Base):
         os.utime(os.path.join(self.queuepath, "cur", name), (1, 1))
         with self.assertLogs("gsemail", "ERROR"):
             self.drain(config)
-        (dead,) = self.dead_letters()
-        with open(dead) as f:
-            text = f.read()
+        text = self.dead_letter_text()
         self.assertIn("450 4.2.1 mailbox busy (gave up after 5 attempts", text)
         self.assertIn("attempts=5", text)
 
@@ -1687,9 +1689,7 @@ class PostfixTests(Base):
             self.drain(config)
         # Postfix refuses each RCPT of an unauthenticated client with 554 5.7.1:
         # a permanent refusal, kept as a dead letter that says so.
-        (dead,) = self.dead_letters()
-        with open(dead) as f:
-            text = f.read()
+        text = self.dead_letter_text()
         self.assertIn("X-Gsemail-Failed: <%sa@gsemail.test> 554 5.7.1" % p, text)
 
 
@@ -1745,7 +1745,8 @@ class FailureHandlingTests(Base):
         processor.run_once()
         processor.mailer.close()
         self.assertEqual(processor._unsettled, [])
-        self.assertDeferred(name, ["b@example.org"])
+        state = self.assertDeferred(name, ["b@example.org"])
+        self.assertEqual(state["attempts"], 1, "the retried record counted the attempt twice")
         self.assertEqual(server.rcpts, ["a@example.org"], "a recipient was sent twice")
 
     def test_rset_on_a_dead_connection_then_next_message_reconnects(self):
