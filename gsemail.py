@@ -51,6 +51,7 @@ import dataclasses
 import datetime
 import difflib
 import email.message
+import email.parser
 import email.utils
 import errno
 import fcntl
@@ -69,7 +70,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "1.0.0"
 __all__ = [
@@ -254,6 +255,10 @@ class SMTPConfig:
             raise bad("hostname", self.hostname, "a host name or address is required")
         if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise bad("port", self.port, "must be a whole number from 1 to 65535")
+        try:
+            _relays(self.hostname, self.port)
+        except ValueError as e:
+            raise bad("hostname", self.hostname, str(e)) from None
         if bool(self.username) != bool(self.password):
             option = "password" if self.username else "username"
             raise ConfigError("option %s is missing%s: username and password go "
@@ -282,6 +287,11 @@ class SMTPConfig:
         if self.max_backoff_time < self.min_backoff_time:
             raise bad("max_backoff_time", self.max_backoff_time,
                       "must not be less than min_backoff_time")
+
+    @property
+    def relays(self) -> List[Tuple[str, int]]:
+        """The relays in hostname, in the order they are tried, as (host, port)."""
+        return _relays(self.hostname, self.port)
 
     @property
     def use_implicit_tls(self) -> bool:
@@ -315,6 +325,36 @@ class SMTPConfig:
         return 3 * self.timeout + 60
 
 
+def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
+    """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
+    pairs; an entry without a port has the port option's.  Raises ValueError
+    saying what is wrong."""
+    found = []
+    for entry in hostname.split(","):
+        entry = entry.strip()
+        match = re.fullmatch(r"\[([^\]]+)\](?::(\w*))?|([^:\s\[\]]+)(?::(\w*))?", entry)
+        if not match:
+            if entry.count(":") > 1 and re.fullmatch(r"[0-9A-Fa-f:.]+", entry):
+                found.append((entry, port))     # a bare IPv6 address
+                continue
+            raise ValueError("relay %r is not HOST or HOST:PORT (write an IPv6 address "
+                             "as [ADDRESS]:PORT)" % entry)
+        host = match.group(1) or match.group(3)
+        number = match.group(2) if match.group(1) else match.group(4)
+        if number is None:
+            found.append((host, port))
+        elif number.isdigit() and 1 <= int(number) <= 65535:
+            found.append((host, int(number)))
+        else:
+            raise ValueError("relay %r: the port must be a whole number from 1 to "
+                             "65535" % entry)
+    return found
+
+
+def _where(host: str, port: int) -> str:
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 # Options, their parser and whether they are required.  The first nine are
 # gs.email's; the rest are ours.
 _BOOLEAN = "boolean"
@@ -326,9 +366,10 @@ _OPTIONS = {
     "cafile": str, "ehlo_name": str, "messages_per_connection": int,
     "recipients_per_transaction": int, "min_backoff_time": _duration,
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
-    "poll_interval": _duration,
+    "poll_interval": _duration, "password_env": str, "password_file": str,
 }
 _REQUIRED = ("hostname", "port")
+_SECRET_OPTIONS = ("password", "password_env", "password_file")
 
 
 def load_config(path: str, instance: str = "default") -> SMTPConfig:
@@ -399,7 +440,7 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
                             where, option, close[0])
             continue
         value = raw.strip()
-        if option in ("username", "password", "cafile", "ehlo_name") and not value:
+        if option in ("username", "cafile", "ehlo_name") + _SECRET_OPTIONS and not value:
             continue    # empty means unset, as in gs.email
         if kind is _BOOLEAN:
             state = configparser.ConfigParser.BOOLEAN_STATES.get(value.lower())
@@ -417,10 +458,68 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
                 what = "whole number" if kind is int else "duration such as 60, 5m, 1h or 5d"
                 raise ConfigError("%s: option %s = %s is not a %s"
                                   % (where, option, shown, what)) from None
+    if "port" not in values and "hostname" in values:
+        # Not needed when every relay in hostname names its port.
+        try:
+            ports = {p for _, p in _relays(str(values["hostname"]), 0)}
+        except ValueError:
+            ports = {0}
+        if 0 not in ports:
+            values["port"] = _relays(str(values["hostname"]), 0)[0][1]
     for option in _REQUIRED:
         if option not in values:
             raise ConfigError("%s: required option %s is missing" % (where, option))
+    given = [o for o in _SECRET_OPTIONS if o in values]
+    if len(given) > 1:
+        raise ConfigError("%s: options %s are all set: give the password in one of "
+                          "them only" % (where, " and ".join(given)))
+    if "password_env" in values:
+        values["password"] = _password_from_env(str(values.pop("password_env")), where)
+    elif "password_file" in values:
+        values["password"] = _password_from_file(
+            os.path.join(os.path.dirname(os.path.abspath(path)),
+                         os.path.expanduser(str(values.pop("password_file")))), where)
     return SMTPConfig(**values)  # type: ignore[arg-type]
+
+
+def _password_from_env(name: str, where: str) -> str:
+    secret = os.environ.get(name)
+    if not secret:
+        raise ConfigError("%s: option password_env = %r: the environment variable %s "
+                          "is %s" % (where, name, name, "empty" if secret == "" else "not set"))
+    return secret
+
+
+def _password_from_file(path: str, where: str) -> str:
+    """The password in the file at path: one line, not world-readable."""
+    bad = "%s: option password_file = %r: " % (where, path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ConfigError(bad + "no such file") from None
+    except OSError as e:
+        raise ConfigError(bad + "cannot read it: %s" % e.strerror) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(bad + "not a regular file")
+        if st.st_mode & stat.S_IROTH:
+            # A secret every local user can read is no secret: refuse to use it.
+            raise ConfigError(bad + "the file is readable by every user (mode %04o): "
+                              "chmod o-rwx it" % stat.S_IMODE(st.st_mode))
+        raw = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        secret = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(bad + "not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(bad + "the file is empty")
+    if "\n" in secret or "\r" in secret:
+        raise ConfigError(bad + "the file has more than one line (only the password "
+                          "goes in it)")
+    return secret
 
 
 def _get(parser: configparser.ConfigParser, path: str, section: str,
@@ -463,7 +562,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False) -> None:
+def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False,
+                  sync: bool = True) -> None:
     """Write chunks to a new file of mode 0600 (whatever the umask) and fsync it."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
@@ -473,7 +573,8 @@ def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False) -> No
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -486,6 +587,35 @@ def _envelope(sender: str, recipients: List[str]) -> bytes:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _iso(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(text: str) -> Optional[float]:
+    try:
+        return datetime.datetime.strptime(text.strip(), "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
+    """When a message was first queued: its state says, else its name (a
+    Maildir name starts with the time), else its file's mtime."""
+    if "first_queued" in state:
+        return float(state["first_queued"])  # type: ignore[arg-type]
+    match = re.match(r"(?:\.rejected-)?(\d{9,})\.", name)
+    return float(match.group(1)) if match else mtime
+
+
+_HISTORY = 10       # attempts and operator actions kept in a message's state
+
+
+def _history(state: Dict[str, object], event: Dict[str, object]) -> List[object]:
+    return (list(state.get("history") or []) + [event])[-_HISTORY:]  # type: ignore[call-overload]
 
 
 class QueuedMessage:
@@ -509,10 +639,7 @@ class QueuedMessage:
 
     @property
     def first_queued(self) -> float:
-        if "first_queued" in self.state:
-            return float(self.state["first_queued"])  # type: ignore[arg-type]
-        match = re.match(r"(\d{9,})\.", self.name)
-        return float(match.group(1)) if match else self.mtime
+        return _first_queued(self.name, self.state, self.mtime)
 
     @property
     def attempts(self) -> int:
@@ -546,16 +673,55 @@ class QueuedMessage:
         return "<QueuedMessage %s>" % self.name
 
 
-class Queue:
-    """The durable Maildir queue at ``path``."""
+@dataclasses.dataclass
+class QueueEntry:
+    """One message as an operator sees it (``Queue.entries``): a snapshot.
 
-    def __init__(self, path: str, claim_timeout: float = 240.0) -> None:
+    ``state`` is "new" (due now), "deferred" (waiting for next_attempt),
+    "sending" (a processor holds its claim: ``claim`` says which) or "dead"
+    (a dead letter).  ``id`` is the file's name (a dead letter's without
+    ``.rejected-``); ``size`` is the message's, without the envelope.
+    ``recipients`` are those still to do (for a dead letter: those that
+    failed), ``failed`` the refused ones with their reasons, ``history``
+    the last attempts and operator actions.  Times are Unix times.
+    """
+
+    id: str
+    state: str
+    path: str
+    size: int
+    sender: str
+    recipients: List[str]
+    queued: float
+    attempts: int
+    next_attempt: Optional[float]
+    xverp: bool
+    last_error: str = ""
+    claim: str = ""
+    failed: Dict[str, str] = dataclasses.field(default_factory=dict)
+    history: List[Dict[str, object]] = dataclasses.field(default_factory=list)
+    dead_since: Optional[float] = None
+
+
+class Queue:
+    """The durable Maildir queue at ``path``.
+
+    With ``create=False`` (the operator's commands) a queue that does not
+    exist is an error, so a wrong queuepath is not reported as an empty
+    queue.
+    """
+
+    def __init__(self, path: str, claim_timeout: float = 240.0,
+                 create: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.claim_timeout = claim_timeout
         self._cur_scan_at = 0.0
-        self._setup()
+        self._setup(create)
 
-    def _setup(self) -> None:
+    def _setup(self, create: bool = True) -> None:
+        if not create and not os.path.lexists(self.path):
+            raise QueueError("queue %s does not exist: is queuepath right, and has "
+                             "gsemail run there yet?" % self.path, exit_code=os.EX_NOINPUT)
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         except OSError as e:
@@ -606,11 +772,13 @@ class Queue:
     # -- adding -------------------------------------------------------------
 
     def add(self, sender: str, recipients: List[str], data: bytes,
-            xverp: bool = False) -> str:
+            xverp: bool = False, state: Optional[Dict[str, object]] = None) -> str:
         """Queue a message durably and return its name.
 
         ``data`` must already have CRLF line ends.  When this returns, the
-        file is fsynced and renamed into new/ and new/ is fsynced.
+        file is fsynced and renamed into new/ and new/ is fsynced.  A
+        ``state`` is written first, so a processor never sees the message
+        without it.
         """
         now = time.time()
         name = "%d.M%06dP%dQ%d.%s%s" % (now, (now % 1) * 1e6, os.getpid(),
@@ -619,6 +787,8 @@ class Queue:
         tmp = os.path.join(self.path, "tmp", name)
         final = os.path.join(self.path, "new", name)
         try:
+            if state:
+                self._write_state(name, state, sync=True)
             _write_synced(tmp, [_envelope(sender, recipients), data], exclusive=True)
             os.rename(tmp, final)
             _fsync_dir(os.path.join(self.path, "new"))
@@ -876,6 +1046,319 @@ class Queue:
         self.remove(msg)
         return rejected
 
+    # -- the operator's commands: list, show, status, flush, retry, purge -----
+
+    def entries(self) -> List["QueueEntry"]:
+        """Every message in the queue, dead letters too, oldest first.
+
+        A snapshot for ``list``, ``show`` and ``status``: a message that
+        comes or goes meanwhile is missed or left out, never an error.
+        """
+        found = []
+        for sub in ("new", "cur"):
+            head = os.path.join(self.path, sub)
+            try:
+                listing = set(os.listdir(head))
+            except FileNotFoundError:
+                raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
+            for name in listing:
+                if name.startswith(".rejected-"):
+                    state = "dead"
+                elif name.startswith("."):
+                    continue    # claims and other dot files
+                elif ".sending-" + name in listing:
+                    state = "sending"
+                else:
+                    state = "new" if sub == "new" else "deferred"
+                entry = self._entry(os.path.join(head, name), state)
+                if entry is not None:
+                    found.append(entry)
+        found.sort(key=lambda e: (e.queued, e.id))
+        return found
+
+    def _entry(self, path: str, state: str) -> Optional["QueueEntry"]:
+        name = os.path.basename(path)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                first, second = f.readline(1 << 20), f.readline(1 << 20)
+                extra = []
+                while True:     # a dead letter's X-Gsemail- lines
+                    at = f.tell()
+                    line = f.readline(1 << 16)
+                    if not line.startswith(b"X-Gsemail-"):
+                        break
+                    extra.append(line.decode("utf-8", "replace").strip())
+        except FileNotFoundError:
+            return None
+        envelope = first.startswith(b"X-Zope-From:") and second.startswith(b"X-Zope-To:")
+        entry = QueueEntry(
+            id=name[10:] if state == "dead" else name, state=state, path=path,
+            size=st.st_size - (at if envelope else 0),
+            sender=first[12:].decode("utf-8", "replace").strip() if envelope else "",
+            recipients=[r.strip() for r in second[10:].decode("utf-8", "replace").split(",")
+                        if r.strip()] if envelope else [],
+            queued=_first_queued(name, {}, st.st_mtime), attempts=0,
+            next_attempt=st.st_mtime, xverp=name.endswith(":2,X"))
+        if not envelope:
+            entry.last_error = ("5.6.0 queue file does not start with the X-Zope-From "
+                                "and X-Zope-To envelope lines")
+        if state == "dead":
+            entry.next_attempt = None
+            entry.dead_since = st.st_mtime
+            for line in extra:
+                key, _, value = line.partition(":")
+                if key == "X-Gsemail-Dead-Letter":
+                    when, *fields = [f.strip() for f in value.split(";")]
+                    entry.dead_since = _parse_iso(when) or st.st_mtime
+                    for field in fields:
+                        k, _, v = field.partition("=")
+                        if k == "attempts" and v.isdigit():
+                            entry.attempts = int(v)
+                        elif k == "first-queued":
+                            entry.queued = _parse_iso(v) or entry.queued
+                    entry.history.append({"at": entry.dead_since, "event": "dead letter: "
+                                          + "; ".join(fields)})
+                elif key == "X-Gsemail-Failed":
+                    rcpt, _, why = value.strip().partition(" ")
+                    entry.failed[rcpt.strip("<>")] = why
+            entry.last_error = next(iter(entry.failed.values()), entry.last_error)
+            return entry
+        info = self._read_state(name)
+        entry.queued = _first_queued(name, info, st.st_mtime)
+        entry.attempts = int(info.get("attempts", 0))  # type: ignore[call-overload]
+        entry.last_error = str(info.get("last_error") or entry.last_error)
+        entry.xverp = entry.xverp or bool(info.get("xverp"))
+        entry.failed = dict(info.get("failed") or {})  # type: ignore[call-overload]
+        entry.history = list(info.get("history") or [])  # type: ignore[call-overload]
+        if state == "sending":
+            entry.claim = self._claim_owner(os.path.join(os.path.dirname(path),
+                                                         ".sending-" + name))
+        return entry
+
+    def _claim_owner(self, claim_path: str) -> str:
+        """Who holds a claim, and whether they still live, in words."""
+        try:
+            fd = os.open(claim_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return "nobody now (the claim has just gone)"
+        try:
+            st = os.fstat(fd)
+            if st.st_nlink > 1:
+                return "zope.sendmail (a hard link), touched %d s ago" % (
+                    time.time() - st.st_ctime)
+            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            if len(words) == 3 and words[0] == "gsemail" and words[1] == _HOST:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return "process %s on this host, running" % words[2]
+                return "process %s on this host, which has died (the claim is broken " \
+                       "at the next look)" % words[2]
+            return "%s, touched %d s ago" % (" ".join(words[:3]) or "unknown",
+                                            time.time() - max(st.st_mtime, st.st_ctime))
+        finally:
+            os.close(fd)
+
+    def find(self, ids: Iterable[str]) -> List["QueueEntry"]:
+        """The messages named by ids, in that order.  An id is a queue id as
+        ``list`` prints it, or a beginning of one that names one message.
+        Raises QueueError (5.5.4, EX_USAGE) for an id that names none, or
+        several."""
+        entries = self.entries()
+        chosen: Dict[str, QueueEntry] = {}
+        for wanted in ids:
+            key = os.path.basename(wanted.strip())
+            dead_only = key.startswith(".rejected-")
+            key = key[10:] if dead_only else key
+            pool = [e for e in entries if e.state == "dead" or not dead_only]
+            matches = [e for e in pool if e.id == key] or \
+                [e for e in pool if key and e.id.startswith(key)]
+            if not matches:
+                raise QueueError("no message %s in queue %s (gsemail list shows the ids)"
+                                 % (wanted, self.path), status="5.5.4", exit_code=os.EX_USAGE)
+            if len({e.id for e in matches}) > 1:
+                raise QueueError("%s names %d messages in queue %s: give more of the id"
+                                 % (wanted, len(matches), self.path), status="5.5.4",
+                                 exit_code=os.EX_USAGE)
+            chosen.update((e.path, e) for e in matches)
+        return list(chosen.values())
+
+    def read_message(self, entry: "QueueEntry") -> bytes:
+        """The message itself, headers and body with CRLF line ends, without
+        the envelope lines.  Raises QueueError if it has left meanwhile."""
+        try:
+            with open(entry.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise QueueError("%s has left %s meanwhile (sent, deferred or purged): look "
+                             "again" % (entry.id, os.path.dirname(entry.path)),
+                             exit_code=os.EX_TEMPFAIL) from None
+        msg = QueuedMessage(entry.path, "", -1)
+        self._parse(msg, raw)
+        return msg.data or raw
+
+    def status(self) -> Dict[str, object]:
+        """Facts for monitoring, as ``gsemail status`` shows them.
+
+        ``counts`` (messages per state), ``waiting`` (not dead), ``due``
+        (waiting and due now, so a processor should be at them),
+        ``oldest_id`` and ``oldest_queued`` (of those waiting), and what the
+        processors recorded last: ``delivered_at``/``_id``/``_via`` and
+        ``error_at``/``error``/``error_id``.  Times are Unix times.
+        """
+        now = time.time()
+        entries = self.entries()
+        counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
+        for e in entries:
+            counts[e.state] += 1
+        waiting = [e for e in entries if e.state != "dead"]
+        oldest = min(waiting, key=lambda e: e.queued, default=None)
+        facts: Dict[str, object] = {
+            "queue": self.path, "counts": counts, "waiting": len(waiting),
+            "due": sum(1 for e in waiting if e.state != "sending" and
+                       (e.next_attempt or 0) <= now),
+            "oldest_id": oldest.id if oldest else None,
+            "oldest_queued": oldest.queued if oldest else None,
+        }
+        for key in ("delivered_at", "delivered_id", "delivered_via", "error_at", "error",
+                    "error_id"):
+            facts[key] = None
+        facts.update(self._read_status())
+        return facts
+
+    def _read_status(self) -> Dict[str, object]:
+        try:
+            with open(os.path.join(self.path, "status.json"), encoding="utf-8") as f:
+                recorded = json.load(f)
+            return recorded if isinstance(recorded, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def note(self, facts: Dict[str, object]) -> None:
+        """Record the last delivery (``delivered_at``, ``_id``, ``_via``) or
+        error (``error_at``, ``error``, ``error_id``) for ``status``.  The
+        newer record wins, whichever processor made it."""
+        recorded = self._read_status()
+        for group in ("delivered", "error"):
+            if float(facts.get(group + "_at") or 0) > float(recorded.get(group + "_at") or 0):
+                recorded.update((k, v) for k, v in facts.items() if k.startswith(group))
+        tmp = os.path.join(self.path, "tmp", ".status-%d-%d" % (os.getpid(), next(_counter)))
+        try:
+            # Not fsynced: a crash may lose the last record, never a message.
+            _write_synced(tmp, [json.dumps(recorded, sort_keys=True).encode()], sync=False)
+            os.rename(tmp, os.path.join(self.path, "status.json"))
+        except OSError as e:
+            log.warning("4.3.0 queue %s: cannot record the status: %s", self.path, e.strerror)
+
+    def _hold(self, path: str) -> Optional[QueuedMessage]:
+        """Claim path for an operator's command, due or not, so no processor
+        sends it meanwhile.  None when someone holds it or it has moved."""
+        head, name = os.path.split(path)
+        claim_path = os.path.join(head, ".sending-" + name)
+        fd = self._make_claim(claim_path)
+        if fd is None:
+            return None
+        held = QueuedMessage(path, claim_path, fd)
+        if not os.path.exists(path):
+            held.release()
+            return None
+        return held
+
+    def flush(self, entry: "QueueEntry") -> bool:
+        """Make a deferred message due now (``postqueue -f``).
+
+        It moves back to new/, where a running processor looks at every
+        poll.  Returns False, changing nothing, when a processor is sending
+        it or it has moved meanwhile.  A message in new/ is already due.
+        """
+        if entry.state != "deferred":
+            return entry.state == "new"
+        held = self._hold(entry.path)
+        if held is None:
+            return False
+        try:
+            now = time.time()
+            info = self._read_state(entry.id)
+            info.update(next_attempt=now, history=_history(
+                info, {"at": now, "event": "made due now by an operator (flush)"}))
+            self._write_state(entry.id, info, sync=False)
+            os.utime(entry.path, (now, now))
+            os.rename(entry.path, os.path.join(self.path, "new", entry.id))
+        except OSError as e:
+            raise self._error("cannot flush %s" % entry.id, e) from None
+        finally:
+            held.release()
+        return True
+
+    def retry(self, entry: "QueueEntry") -> Optional[str]:
+        """Queue a dead letter again for the recipients that failed, as a new
+        message with fresh attempts, and delete the dead letter.
+
+        Returns the new queue id, or None when another command holds the
+        dead letter or it has gone.  Raises MessageError when its envelope
+        cannot be sent (a corrupt file), leaving it as it is.
+        """
+        if entry.state != "dead":
+            raise MessageError("%s is %s, not a dead letter" % (entry.id, entry.state),
+                               status="5.5.4")
+        held = self._hold(entry.path)
+        if held is None:
+            return None
+        try:
+            try:
+                with open(entry.path, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None
+            self._parse(held, raw)
+            problem = held.problem
+            for address in held.recipients + ([held.sender] if held.sender else []):
+                if not problem and _address_problem(address):
+                    problem = "5.1.3 address <%s> %s" % (address, _address_problem(address))
+            if problem:
+                raise MessageError("dead letter %s cannot be queued again: %s"
+                                   % (entry.id, problem[6:]), status=problem[:5])
+            now = time.time()
+            name = self.add(held.sender, held.recipients, held.data, held.xverp, state={
+                "retried_from": entry.id, "history": _history(
+                    {"history": entry.history},
+                    {"at": now, "event": "queued again from dead letter %s by an "
+                                         "operator (retry)" % entry.id})})
+            try:
+                # Only now: a crash before this leaves the dead letter too,
+                # which is better than losing the message.
+                os.unlink(entry.path)
+                _fsync_dir(os.path.dirname(entry.path))
+            except OSError as e:
+                raise self._error("%s is queued again as %s, but its dead letter cannot "
+                                  "be removed" % (entry.id, name), e) from None
+            return name
+        finally:
+            held.release()
+
+    def purge(self, entry: "QueueEntry") -> bool:
+        """Delete a message or dead letter for good.  Returns False, deleting
+        nothing, when a processor is sending it or it has moved meanwhile."""
+        held = self._hold(entry.path)
+        if held is None:
+            return False
+        try:
+            os.unlink(entry.path)
+            if entry.state != "dead":
+                try:
+                    os.unlink(self._state_path(entry.id))
+                except FileNotFoundError:
+                    pass
+            _fsync_dir(os.path.dirname(entry.path))
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise self._error("cannot purge %s" % entry.id, e) from None
+        finally:
+            held.release()
+        return True
+
     # -- housekeeping -------------------------------------------------------------
 
     def maintain(self) -> None:
@@ -983,8 +1466,13 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
 class _Session:
     """One open SMTP connection and what its server offered."""
 
-    def __init__(self, smtp: smtplib.SMTP) -> None:
+    def __init__(self, smtp: smtplib.SMTP, where: str, greeting: Reply,
+                 offered_before_tls: Dict[str, str], encrypted: bool) -> None:
         self.smtp = smtp
+        self.where = where
+        self.greeting = greeting
+        self.offered_before_tls = offered_before_tls
+        self.encrypted = encrypted
         self.features = dict(smtp.esmtp_features)
         self.pipelining = "pipelining" in self.features
         try:
@@ -996,17 +1484,43 @@ class _Session:
         self.warned_xverp = False
 
 
+@dataclasses.dataclass
+class RelayCheck:
+    """What ``Mailer.check`` found out about one relay.
+
+    ``offered`` maps each EHLO keyword (upper case) to its parameters, as
+    offered after TLS; ``offered_before_tls`` as offered before it.
+    ``error`` is the Reply that made the relay unusable, or None.
+    ``verdict`` is one line, starting with an RFC 3463 code, saying what
+    it all means for mail sent with this configuration.
+    """
+
+    relay: str
+    greeting: str = ""
+    offered: Dict[str, str] = dataclasses.field(default_factory=dict)
+    offered_before_tls: Dict[str, str] = dataclasses.field(default_factory=dict)
+    tls: str = "none"
+    auth: str = "not configured (no username)"
+    error: Optional[Reply] = None
+    verdict: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 class Mailer:
     """Delivers messages over SMTP to the relay in an SMTPConfig.
 
     ``send`` is for direct use; the queue processor uses ``open`` and
     ``deliver``.  One connection carries up to messages_per_connection
-    messages; ``close`` ends it with QUIT.
+    messages; ``close`` ends it with QUIT.  When hostname lists several
+    relays, the next is tried only if one cannot be reached.
     """
 
     def __init__(self, config: SMTPConfig) -> None:
         self.config = config
-        self.where = "%s:%d" % (config.hostname, config.port)
+        self.where = _where(*config.relays[0])     # the relay in use, or last tried
         self._session: Optional[_Session] = None
         self._context: Optional[ssl.SSLContext] = None
 
@@ -1023,32 +1537,72 @@ class Mailer:
 
     def open(self) -> None:
         """Make sure a usable connection is open: raises DeliveryError (a
-        TLSError for TLS trouble) when the relay cannot be used."""
+        TLSError for TLS trouble) when no relay can be used."""
         s = self._session
         if s is not None and not s.broken and \
                 s.messages < self.config.messages_per_connection:
             return
         self.close()
-        self._session = _Session(self._connect())
+        self._session = self._connect()
 
-    def _connect(self) -> smtplib.SMTP:
+    def _connect(self) -> _Session:
+        """A logged-in session with the first relay that can be reached.
+
+        The next relay is tried only for trouble reaching one (refused, a
+        timeout, a 4xx greeting such as 421, TLS failing): a relay that
+        answers and refuses us (a 5xx greeting, AUTH) would refuse the same
+        mail wherever it went, and the operator must hear of it.
+        """
+        relays = self.config.relays
+        for i, (host, port) in enumerate(relays):
+            self.where = _where(host, port)
+            try:
+                session = self._reach(host, port)
+            except DeliveryError as e:
+                if e.transient and i + 1 < len(relays):
+                    log.warning("%s relay %s: %s: trying the next relay, %s", e.status,
+                                self.where, e.reply, _where(*relays[i + 1]))
+                    continue
+                raise
+            if self.config.username:
+                try:
+                    self._login(session.smtp, session.encrypted)
+                except BaseException:
+                    session.smtp.close()
+                    raise
+            if i:
+                log.info("2.0.0 relay %s: connected (%d relay(s) before it failed)",
+                         self.where, i)
+            return session
+        raise AssertionError("no relays")     # SMTPConfig makes at least one
+
+    def _reach(self, host: str, port: int) -> _Session:
+        """Connect to one relay: greeting, EHLO and TLS as configured."""
         c = self.config
-        smtp = None
+        smtp: Optional[smtplib.SMTP] = None
         try:
             if c.use_implicit_tls:
-                smtp = smtplib.SMTP_SSL(c.hostname, c.port, local_hostname=c.local_hostname,
-                                        timeout=c.timeout, context=self._tls_context())
+                smtp = smtplib.SMTP_SSL(local_hostname=c.local_hostname, timeout=c.timeout,
+                                        context=self._tls_context())
             else:
-                smtp = smtplib.SMTP(c.hostname, c.port, local_hostname=c.local_hostname,
-                                    timeout=c.timeout)
+                smtp = smtplib.SMTP(local_hostname=c.local_hostname, timeout=c.timeout)
+            # Connected here, not by the constructor, to keep the greeting for
+            # check; SMTP_SSL takes the name it verifies from _host, which only
+            # the constructor sets.
+            smtp._host = host  # type: ignore[attr-defined]
+            code, text = smtp.connect(host, port)
+            greeting = Reply(code, _one_line(text.decode("utf-8", "replace")))
+            if code != 220:
+                raise smtplib.SMTPConnectError(code, text)
             self._hello(smtp)
+            before = dict(smtp.esmtp_features)
             encrypted = c.use_implicit_tls
             if not encrypted and not c.no_tls:
                 if smtp.has_extn("starttls"):
                     code, text = smtp.docmd("STARTTLS")
                     if code == 220:
                         smtp.sock = self._tls_context().wrap_socket(
-                            smtp.sock, server_hostname=c.hostname)
+                            smtp.sock, server_hostname=host)
                         smtp.file = None
                         smtp.helo_resp = smtp.ehlo_resp = None
                         smtp.esmtp_features, smtp.does_esmtp = {}, False
@@ -1070,9 +1624,7 @@ class Mailer:
                 log.info("2.7.0 TLS with %s (%s), certificate %s", self.where,
                          smtp.sock.version(), "verified" if c.verify_certificates
                          else "not verified (set tls_verify = true to require it)")
-            if c.username:
-                self._login(smtp, encrypted)
-            return smtp
+            return _Session(smtp, self.where, greeting, before, encrypted)
         except BaseException as e:
             if smtp is not None:
                 smtp.close()
@@ -1115,6 +1667,66 @@ class Mailer:
         except smtplib.SMTPException as e:
             raise DeliveryError(Reply(454, "4.7.0 AUTH as %s at %s failed: %s"
                                       % (c.username, self.where, e))) from None
+        except OSError as e:
+            raise DeliveryError(_reply_for(e, self.where)) from None
+
+    def check(self) -> List[RelayCheck]:
+        """Connect to each relay in turn as delivery would (TLS, AUTH), and
+        report what it offers and whether mail can go through it.  Sends
+        no mail.  This is ``python -m gsemail check``."""
+        c = self.config
+        results = []
+        for host, port in c.relays:
+            self.where = _where(host, port)
+            result = RelayCheck(self.where)
+            session = None
+            try:
+                session = self._reach(host, port)
+                result.greeting = str(session.greeting)
+                result.offered_before_tls = {k.upper(): v for k, v in
+                                             session.offered_before_tls.items()}
+                result.offered = {k.upper(): v for k, v in session.features.items()}
+                if session.encrypted:
+                    result.tls = "%s%s, certificate %s" % (
+                        session.smtp.sock.version(),
+                        "" if c.use_implicit_tls else " after STARTTLS",
+                        "verified" if c.verify_certificates else
+                        "not verified (tls_verify is off or TLS is only opportunistic)")
+                if c.username:
+                    self._login(session.smtp, session.encrypted)
+                    result.auth = "accepted for %s (offered: %s)" % (
+                        c.username, result.offered.get("AUTH", "").strip() or "-")
+            except DeliveryError as e:
+                result.error = e.reply
+            finally:
+                if session is not None:
+                    try:
+                        session.smtp.quit()
+                    except (smtplib.SMTPException, OSError):
+                        pass
+                    session.smtp.close()
+            result.verdict = self._verdict(result)
+            results.append(result)
+        return results
+
+    def _verdict(self, r: RelayCheck) -> str:
+        if r.error is not None:
+            hint = {"4.4": "is it running, and listening on that address and port?",
+                    "4.7": "fix TLS (cafile, tls_verify, force_tls) or AUTH (username, "
+                           "password)",
+                    "5.7": "fix AUTH (username, password) or the relay's access rules"}
+            return "%s %s cannot be used: %s; %s" % (
+                r.error.status, r.relay, r.error, hint.get(r.error.status[:3], "see "
+                                                           "the relay's log"))
+        if "XVERP" in r.offered:
+            bounces = "XVERP is offered, so each bounce names the recipient it is for"
+        else:
+            bounces = ("XVERP is not offered to this client: mail sent with xverp goes "
+                       "without it, so a bounce will not say which recipient bounced "
+                       "(on a Postfix relay, add this host to "
+                       "smtpd_authorized_verp_clients)")
+        return "2.0.0 %s accepts mail from this client%s; %s" % (
+            r.relay, " over TLS" if r.tls != "none" else "", bounces)
 
     def close(self) -> None:
         """End the connection: QUIT unless it is broken; errors are ignored,
@@ -1388,6 +2000,11 @@ class QueueProcessor:
         self._unsettled: List[tuple] = []     # (message, queue change to retry)
         self._maintained = 0.0
         self._last_used = 0.0
+        self._facts: Dict[str, object] = {}  # for Queue.note, saved every few seconds
+        self._noted = 0.0
+        self._progress: Optional[Callable[[Dict[str, int], int], None]] = None
+        #: messages handled so far, by what became of them
+        self.stats = {"delivered": 0, "deferred": 0, "dead": 0}
 
     def start(self) -> None:
         """Run in a daemon thread; the backlog is delivered at once."""
@@ -1419,8 +2036,8 @@ class QueueProcessor:
 
     def run(self) -> None:
         """Deliver until stop() is called.  Never dies of an exception."""
-        log.info("2.0.0 queue processor for %s started (relay %s)",
-                 self.queue.path, self.mailer.where)
+        log.info("2.0.0 queue processor for %s started (relay %s)", self.queue.path,
+                 ", ".join(_where(*r) for r in self.config.relays))
         while not self._stopping.is_set():
             self._wake.clear()
             try:
@@ -1437,12 +2054,20 @@ class QueueProcessor:
         self._warn_unsettled()
         log.info("2.0.0 queue processor for %s stopped", self.queue.path)
 
-    def drain(self) -> None:
-        """Deliver until nothing is due, then close the connection."""
+    def drain(self, progress: Optional[Callable[[Dict[str, int], int], None]] = None
+              ) -> None:
+        """Deliver until nothing is due, then close the connection.
+
+        ``progress(stats, remaining)`` is called after each message with
+        ``stats`` (messages delivered, deferred and dead so far) and how
+        many due messages this pass has still to do.
+        """
+        self._progress = progress
         try:
             while not self._stopping.is_set() and self.run_once():
                 pass
         finally:
+            self._progress = None
             self.mailer.close()
             self._warn_unsettled()
 
@@ -1463,10 +2088,18 @@ class QueueProcessor:
         unsettled, self._unsettled = self._unsettled, []
         for msg, action in unsettled:
             self._record(msg, action)
+        try:
+            return self._deliver_due()
+        finally:
+            self._note(force=True)
+
+    def _deliver_due(self) -> int:
         handled = 0
         paths = self.queue.due()
         down: Optional[Reply] = None
-        for path in paths:
+        for index, path in enumerate(paths):
+            if self._progress and handled:
+                self._progress(self.stats, len(paths) - index)
             if self._stopping.is_set():
                 break
             try:
@@ -1509,7 +2142,17 @@ class QueueProcessor:
                 outcome = _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
             self._last_used = time.monotonic()
             self._apply(msg, outcome)
+        if self._progress and handled:
+            self._progress(self.stats, 0)
         return handled
+
+    def _note(self, force: bool = False, **facts: object) -> None:
+        """Keep facts for ``status``; write them at most every few seconds."""
+        self._facts.update(facts)
+        if self._facts and (force or time.monotonic() - self._noted > 5):
+            self._noted = time.monotonic()
+            facts, self._facts = self._facts, {}
+            self.queue.note(facts)
 
     def _apply(self, msg: QueuedMessage, out: _Outcome) -> None:
         """Decide what an attempt means for the message (remove, defer or
@@ -1524,10 +2167,20 @@ class QueueProcessor:
             log.warning("%s %s: refused: %s", Reply.parse(line).status, msg.name, line)
         failed = dict(msg.state.get("failed") or {})  # type: ignore[call-overload]
         failed.update((r, str(reply)) for r, reply in out.failed.items())
+        trouble = out.final if out.final and not out.final.ok else \
+            next(iter({**out.deferred, **out.failed}.values()), None)
+        event: Dict[str, object] = {"at": round(now, 3), "via": self.mailer.where,
+                                    "delivered": len(out.delivered),
+                                    "deferred": len(out.deferred), "refused": len(out.failed)}
+        if trouble is not None:
+            event["reply"] = str(trouble)
+            self._note(error_at=now, error=str(trouble), error_id=msg.name)
+        if out.delivered:
+            self._note(delivered_at=now, delivered_id=msg.name, delivered_via=self.mailer.where)
         state: Dict[str, object] = dict(msg.state, attempts=attempts,
                                         first_queued=msg.first_queued,
                                         xverp=msg.xverp, last_attempt=now,
-                                        failed=failed)
+                                        failed=failed, history=_history(msg.state, event))
         if out.deferred:
             last = out.final if out.final and not out.final.ok else \
                 next(iter(out.deferred.values()))
@@ -1542,12 +2195,14 @@ class QueueProcessor:
                              Reply.parse(line).status, msg.name, delay, attempts, line)
                 self._record(msg, functools.partial(
                     self.queue.defer, msg, list(out.deferred), state, now + delay))
+                self.stats["deferred"] += 1
                 return
             for rcpt, reply in out.deferred.items():
                 failed[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                     reply, attempts, age / 86400)
         if not failed:
             self._record(msg, functools.partial(self.queue.remove, msg))
+            self.stats["delivered"] += 1
             return
         reply = Reply.parse(next(iter(failed.values())))
         log.error("%s %s: dead letter .rejected-%s for %d recipient(s): %s", reply.status,
@@ -1555,6 +2210,7 @@ class QueueProcessor:
         msg.state = state
         self._record(msg, functools.partial(self.queue.dead_letter, msg, failed,
                                             "%d delivered" % len(out.delivered)))
+        self.stats["dead"] += 1
 
     def _record(self, msg: QueuedMessage, action: Callable[[], object]) -> None:
         """Do a queue change; if it fails, keep it (and the claim) to retry
@@ -1748,6 +2404,8 @@ if hasattr(os, "register_at_fork"):
 
 # ---------------------------------------------------------------------------
 # The command line: python -m gsemail --config gsconfig.ini --instance main
+# [COMMAND].  Without a command it runs the queue processor; the commands
+# are the operator's tools, each a thin layer over a documented method.
 # ---------------------------------------------------------------------------
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -1758,78 +2416,633 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 _EPILOG = """\
 exit status (sysexits.h): 0 done (with --once: the queue is empty);
-64 usage error; 65 bad message; 69 relay unavailable; 73 cannot create the
-queue; 74 queue I/O error; 75 temporary failure (with --once: messages wait
-for a retry); 78 configuration error.  Every error line starts with an
-RFC 3463 status code.
+64 usage error; 65 bad message; 66 no such queue; 69 relay unavailable;
+73 cannot create the queue; 74 queue I/O error; 75 temporary failure (with
+--once: messages wait for a retry); 78 configuration error.  Every error
+line starts with an RFC 3463 status code.
 
 environment: GSEMAIL_CONFIG and GSEMAIL_INSTANCE are the defaults for
 --config and --instance."""
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the queue processor from the command line; returns the exit status."""
-    parser = _ArgumentParser(
-        prog="gsemail", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Deliver the gsemail queue of a GroupServer instance. Runs in the "
-                    "foreground until SIGTERM or SIGINT, or with --once until nothing "
-                    "is due.")
-    parser.add_argument("-c", "--config", default=os.environ.get("GSEMAIL_CONFIG"),
+def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # Given to the main parser and to every command, so they may come before
+    # or after the command; a command's copies leave the main ones alone.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("-c", "--config", default=default(os.environ.get("GSEMAIL_CONFIG")),
                         help="the gsconfig.ini file ($GSEMAIL_CONFIG)")
     parser.add_argument("-i", "--instance",
-                        default=os.environ.get("GSEMAIL_INSTANCE", "default"),
+                        default=default(os.environ.get("GSEMAIL_INSTANCE", "default")),
                         help="the instance: reads [config-INSTANCE] and its smtp "
-                             "option, or [smtp-INSTANCE] (default: %(default)s)")
+                             "option, or [smtp-INSTANCE] (default: $GSEMAIL_INSTANCE "
+                             "or default)")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0),
+                        help="log each attempt (-vv: debug messages too)")
+
+
+def _duration_option(text: str) -> float:
+    try:
+        return _duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a duration such as 90, 30m, 4h "
+                                         "or 2d" % text) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _ArgumentParser(add_help=False)
+    _common_options(common, suppress=True)
+    parser = _ArgumentParser(
+        prog="gsemail", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Deliver and look after the gsemail queue of a GroupServer instance.\n"
+                    "Without a COMMAND, run the queue processor: in the foreground until\n"
+                    "SIGTERM or SIGINT, or with --once until nothing is due.  Each\n"
+                    "command has --help.")
+    _common_options(parser, suppress=False)
     parser.add_argument("--once", action="store_true",
                         help="deliver what is due and exit: 0 when the queue is "
-                             "empty, 75 when messages wait for a retry")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log each attempt (-vv: debug messages too)")
+                             "empty, 75 when messages wait for a retry; on a "
+                             "terminal, shows progress")
     parser.add_argument("--version", action="version",
                         version="gsemail %s" % __version__)
+    parser.set_defaults(run=_cmd_run, command=None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[SMTPConfig, argparse.Namespace], int],
+                summary: str, description: str, aliases: Iterable[str] = ()
+                ) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, aliases=list(aliases), parents=[common], help=summary,
+                                description=description)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("list", _cmd_list, "one line per message (--json for scripts)",
+                "One line per message in the queue: queue id, state "
+                "(new, deferred, sending, dead), age, size, sender, recipients, "
+                "attempts, next attempt, last error.  Python: Queue.entries().",
+                aliases=["mailq"])
+    p.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+
+    p = command("show", _cmd_show, "one message: envelope, state, history, headers",
+                "One message: its envelope, state, history and "
+                "headers.  Python: Queue.find() and Queue.read_message().")
+    p.add_argument("id", metavar="ID", help="a queue id (or a unique beginning of one)")
+    p.add_argument("--body", action="store_true", help="the whole message, not only "
+                   "its headers")
+
+    p = command("status", _cmd_status, "queue health, with exit codes for monitoring",
+                "Queue depth by state, the oldest message, the "
+                "last delivery and the last error, for people and for monitoring: exits "
+                "0 (ok), 1 (warning) or 2 (critical) by the thresholds below, as a "
+                "Nagios plugin does.  A threshold of 0 is off.  Python: Queue.status().")
+    p.add_argument("--json", action="store_true", help="a JSON object, for scripts")
+    p.add_argument("--warning-age", type=_duration_option, default=3600.0, metavar="AGE",
+                   help="warn when a message has waited this long (default: 1h)")
+    p.add_argument("--critical-age", type=_duration_option, default=4 * 3600.0,
+                   metavar="AGE", help="critical when a message has waited this long "
+                   "(default: 4h)")
+    p.add_argument("--warning-queue", type=int, default=500, metavar="N",
+                   help="warn when N messages wait (default: %(default)s)")
+    p.add_argument("--critical-queue", type=int, default=5000, metavar="N",
+                   help="critical when N messages wait (default: %(default)s)")
+    p.add_argument("--warning-dead", type=int, default=1, metavar="N",
+                   help="warn when there are N dead letters (default: %(default)s)")
+    p.add_argument("--critical-dead", type=int, default=0, metavar="N",
+                   help="critical when there are N dead letters (default: off)")
+
+    p = command("flush", _cmd_flush, "make deferred messages due now (postqueue -f)",
+                "Make every deferred message (or those named) due "
+                "now, as postqueue -f does; a running processor sends them at its next "
+                "look.  Messages being sent are left alone.  Python: Queue.flush().")
+    p.add_argument("ids", nargs="*", metavar="ID", help="only these messages")
+
+    p = command("retry", _cmd_retry, "queue dead letters again",
+                "Queue dead letters again, for the recipients that failed, as new "
+                "messages with fresh attempts.  Python: Queue.retry().")
+    p.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to retry")
+    p.add_argument("--all-dead", action="store_true", help="every dead letter")
+
+    p = command("purge", _cmd_purge, "delete messages or old dead letters",
+                "Delete messages or dead letters for good, printing "
+                "each before it goes.  Messages being sent are left alone (exit 75).  "
+                "Python: Queue.purge().")
+    p.add_argument("ids", nargs="*", metavar="ID", help="the messages to delete")
+    p.add_argument("--dead-older-than", type=float, metavar="DAYS",
+                   help="every dead letter that died more than DAYS days ago")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="print what would go, and delete nothing")
+
+    command("check", _cmd_check, "test the relay(s): TLS, AUTH, EHLO capabilities",
+            "Connect to each relay with the configured settings "
+            "(TLS, AUTH) as delivery would, print its EHLO capabilities and a verdict, "
+            "send no mail.  Exits 0 when mail can go, else with the sysexits code of "
+            "the first relay's failure.  Python: Mailer(config).check().")
+
+    p = command("send", _cmd_send, "queue a message from standard input (sendmail)",
+                "Queue a message read from standard input (or "
+                "--file) for the recipients given, as sendmail does; a running "
+                "processor sends it.  Python: send_email().")
+    p.add_argument("recipients", nargs="*", metavar="RCPT", help="envelope recipients")
+    p.add_argument("-f", dest="sender", metavar="SENDER",
+                   help="the envelope sender ('' for none, as a bounce); default: the "
+                        "address in the message's From header")
+    p.add_argument("-t", dest="from_headers", action="store_true",
+                   help="also send to the addresses in the To, Cc and Bcc headers, and "
+                        "remove Bcc")
+    p.add_argument("--xverp", action="store_true", help="send with XVERP")
+    p.add_argument("--file", metavar="FILE", help="read the message from FILE")
+    return parser
+
+
+class _Progress:
+    """How a --once drain goes, on one self-rewriting terminal line."""
+
+    def __init__(self, stream: "TextIO") -> None:  # type: ignore[name-defined]  # noqa: F821
+        self.stream = stream
+        self.started = time.monotonic()
+        self.shown_at: Optional[float] = None
+        self.showing = False
+
+    def __call__(self, stats: Dict[str, int], remaining: int) -> None:
+        now = time.monotonic()
+        if self.shown_at is not None and now - self.shown_at < 0.25:
+            return
+        self.shown_at = now
+        done = sum(stats.values())
+        self.stream.write("\r\x1b[K%d messages: %d delivered, %d deferred, %d dead; "
+                          "%.1f/s; %d remaining" % (
+                              done, stats["delivered"], stats["deferred"], stats["dead"],
+                              done / max(now - self.started, 1e-3), remaining))
+        self.stream.flush()
+        self.showing = True
+
+    def clear(self) -> None:
+        if self.showing:
+            self.stream.write("\r\x1b[K")
+            self.showing = False
+
+    def finish(self, stats: Dict[str, int], waiting: int) -> None:
+        self.clear()
+        done = sum(stats.values())
+        if done:
+            elapsed = time.monotonic() - self.started
+            self.stream.write("%d messages in %.1f s (%.1f/s): %d delivered, %d deferred, "
+                              "%d dead; %d wait for a retry\n" % (
+                                  done, elapsed, done / max(elapsed, 1e-3),
+                                  stats["delivered"], stats["deferred"], stats["dead"],
+                                  waiting))
+        self.stream.flush()
+
+
+class _LogHandler(logging.StreamHandler):
+    """Log lines to stderr, clearing the progress line first."""
+
+    progress: Optional[_Progress] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.progress is not None:
+            self.progress.clear()
+        super().emit(record)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config is required (or set $GSEMAIL_CONFIG)")
+    if args.once and args.command:
+        parser.error("--once is for running the processor, not for %s" % args.command)
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     log.propagate = False
     try:
         config = load_config(args.config, args.instance)
-        processor = QueueProcessor(config)
-        stops = []
-
-        def on_signal(signum: int, frame: object) -> None:
-            stops.append(signum)
-            if len(stops) > 1:
-                raise KeyboardInterrupt
-            log.warning("4.3.2 %s: finishing the message in flight, then stopping",
-                        signal.Signals(signum).name)
-            processor.stop(0)
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        if args.once:
-            processor.drain()
-            waiting = processor.queue.count()
-            if waiting:
-                print("4.4.1 %d message(s) in %s wait for a retry"
-                      % (waiting, config.queuepath), file=sys.stderr)
-                return os.EX_TEMPFAIL
-            return os.EX_OK
-        processor.run()
-        return os.EX_OK
+        return args.run(config, args)
     except GsEmailError as e:
         print("%s %s" % (e.status, e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("4.3.2 interrupted: the message in flight will be sent again",
-              file=sys.stderr)
+        print("4.3.2 interrupted%s" % (": the message in flight will be sent again"
+                                       if args.command is None else ""), file=sys.stderr)
         return os.EX_TEMPFAIL
+    except BrokenPipeError:
+        # The reader has gone (gsemail list | head): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return os.EX_OK
     finally:
         log.removeHandler(handler)
+
+
+def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
+    """No command: the queue processor, in the foreground."""
+    processor = QueueProcessor(config)
+    stops = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stops.append(signum)
+        if len(stops) > 1:
+            raise KeyboardInterrupt
+        log.warning("4.3.2 %s: finishing the message in flight, then stopping",
+                    signal.Signals(signum).name)
+        processor.stop(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if not args.once:
+        processor.run()
+        return os.EX_OK
+    progress = None
+    if sys.stderr.isatty():
+        progress = _Progress(sys.stderr)
+        for h in log.handlers:
+            if isinstance(h, _LogHandler):
+                h.progress = progress
+    processor.drain(progress)
+    waiting = processor.queue.count()
+    if progress is not None:
+        progress.finish(processor.stats, waiting)
+    if waiting:
+        print("4.4.1 %d message(s) in %s wait for a retry"
+              % (waiting, config.queuepath), file=sys.stderr)
+        return os.EX_TEMPFAIL
+    return os.EX_OK
+
+
+def _open_queue(config: SMTPConfig) -> Queue:
+    return Queue(config.queuepath, config.claim_timeout, create=False)
+
+
+def _age(seconds: float) -> str:
+    """45s, 12m, 3h05m, 2d04h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%dm" % (s // 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+    return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return str(n)
+    if n < 1024 * 1024:
+        return "%.1fK" % (n / 1024)
+    return "%.1fM" % (n / 1024 / 1024)
+
+
+def _next(e: QueueEntry, now: float) -> str:
+    if e.state in ("dead", "sending"):
+        return "never" if e.state == "dead" else "sending"
+    if e.next_attempt is None or e.next_attempt <= now:
+        return "now"
+    return "in " + _age(e.next_attempt - now)
+
+
+def _entry_json(e: QueueEntry, now: float) -> Dict[str, object]:
+    return {
+        "id": e.id, "state": e.state, "path": e.path, "size": e.size,
+        "sender": e.sender, "recipients": e.recipients,
+        "recipient_count": len(e.recipients), "queued": _iso(e.queued),
+        "age": int(now - e.queued), "attempts": e.attempts,
+        "next_attempt": (_iso(e.next_attempt) if e.next_attempt is not None
+                         and e.state in ("new", "deferred") else None),
+        "last_error": e.last_error or None, "xverp": e.xverp, "claim": e.claim or None,
+        "failed": e.failed,
+        "dead_since": _iso(e.dead_since) if e.dead_since is not None else None,
+    }
+
+
+def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
+    queue = _open_queue(config)
+    entries = queue.entries()
+    now = time.time()
+    if args.json:
+        print(json.dumps([_entry_json(e, now) for e in entries], indent=1))
+        return os.EX_OK
+    if not entries:
+        print("queue %s is empty" % queue.path)
+        return os.EX_OK
+    rows = [("QUEUE ID", "STATE", "AGE", "SIZE", "SENDER", "RCPTS", "TRIES", "NEXT",
+             "LAST ERROR")]
+    for e in entries:
+        rows.append((e.id, e.state, _age(now - e.queued), _size(e.size), e.sender or "<>",
+                     str(len(e.recipients)), str(e.attempts), _next(e, now),
+                     _one_line(e.last_error) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
+    for e in entries:
+        counts[e.state] += 1
+    print("-- %d message(s), %s: %s" % (len(entries), _size(sum(e.size for e in entries)),
+                                       ", ".join("%d %s" % (n, s) for s, n in counts.items())))
+    return os.EX_OK
+
+
+def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
+    queue = _open_queue(config)
+    now = time.time()
+    for i, e in enumerate(queue.find([args.id])):
+        data = queue.read_message(e)
+        if i:
+            print()
+        state = e.state
+        if e.state == "deferred" and e.next_attempt:
+            state += ": next attempt %s (%s)" % (_next(e, now), _iso(e.next_attempt))
+        elif e.state == "dead" and e.dead_since:
+            state += " since %s (%s ago): never sent again unless retried" % (
+                _iso(e.dead_since), _age(now - e.dead_since))
+        lines = [("id", e.id), ("state", state), ("file", e.path),
+                 ("queued", "%s (%s ago)" % (_iso(e.queued), _age(now - e.queued))),
+                 ("size", "%d bytes" % e.size), ("sender", "<%s>" % e.sender),
+                 ("xverp", "yes" if e.xverp else "no"),
+                 ("recipients", "%d %s" % (len(e.recipients), "that failed" if e.state == "dead"
+                                           else "still to do"))]
+        lines += [("", "<%s>" % r) for r in e.recipients]
+        lines += [("attempts", str(e.attempts))]
+        if e.last_error:
+            lines.append(("last error", _one_line(e.last_error)))
+        lines += [("refused", "<%s> %s" % (r, why)) for r, why in e.failed.items()]
+        if e.claim:
+            lines.append(("claimed by", e.claim))
+        for event in e.history:
+            at = _iso(float(event.get("at") or 0))  # type: ignore[arg-type]
+            if "event" in event:
+                text = str(event["event"])
+            else:
+                text = "attempt via %s: %s delivered, %s deferred, %s refused%s" % (
+                    event.get("via"), event.get("delivered"), event.get("deferred"),
+                    event.get("refused"), ": %s" % event["reply"] if "reply" in event else "")
+            lines.append(("history", "%s %s" % (at, text)))
+        for n, (label, value) in enumerate(lines):
+            if label == "history" and lines[n - 1][0] == "history":
+                label = ""
+            print("%-12s%s" % (label, value))
+        print()
+        end = data.find(b"\r\n\r\n")
+        shown = data if args.body or end < 0 else data[:end + 2]
+        sys.stdout.flush()
+        sys.stdout.buffer.write(shown.replace(b"\r\n", b"\n"))
+        sys.stdout.buffer.flush()
+    return os.EX_OK
+
+
+def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
+    queue = _open_queue(config)
+    facts = queue.status()
+    now = time.time()
+    counts: Dict[str, int] = facts["counts"]  # type: ignore[assignment]
+    waiting: int = facts["waiting"]  # type: ignore[assignment]
+    oldest = facts["oldest_queued"]
+    oldest_age = now - float(oldest) if oldest is not None else None  # type: ignore[arg-type]
+    problems: List[Tuple[int, str]] = []
+
+    def judge(value: Optional[float], warning: float, critical: float, what: str,
+              shown: str) -> None:
+        for level, limit, option in ((2, critical, "critical"), (1, warning, "warning")):
+            if value is not None and limit and value >= limit:
+                problems.append((level, "%s (--%s-%s)" % (shown, option, what)))
+                return
+
+    judge(oldest_age, args.warning_age, args.critical_age, "age",
+          "a message has waited %s" % _age(oldest_age or 0))
+    judge(waiting, args.warning_queue, args.critical_queue, "queue",
+          "%d messages wait" % waiting)
+    judge(counts["dead"], args.warning_dead, args.critical_dead, "dead",
+          "%d dead letter(s)" % counts["dead"])
+    level = max((p[0] for p in problems), default=0)
+    label = ("ok", "warning", "critical")[level]
+
+    def when(key: str) -> Tuple[Optional[str], Optional[int]]:
+        value = facts.get(key)
+        if value is None:
+            return None, None
+        return _iso(float(value)), int(now - float(value))  # type: ignore[arg-type]
+
+    delivered, delivered_age = when("delivered_at")
+    error_at, error_age = when("error_at")
+    if args.json:
+        print(json.dumps({
+            "status": label, "exit_code": level, "problems": [p[1] for p in problems],
+            "queue": facts["queue"], "counts": counts, "waiting": waiting,
+            "due": facts["due"], "dead": counts["dead"],
+            "oldest_id": facts["oldest_id"],
+            "oldest_queued": _iso(float(oldest)) if oldest is not None else None,  # type: ignore[arg-type]
+            "oldest_age": int(oldest_age) if oldest_age is not None else None,
+            "last_delivery": delivered, "last_delivery_age": delivered_age,
+            "last_delivery_id": facts["delivered_id"],
+            "last_delivery_via": facts["delivered_via"],
+            "last_error": facts["error"], "last_error_at": error_at,
+            "last_error_age": error_age, "last_error_id": facts["error_id"],
+            "thresholds": {k: getattr(args, k) for k in (
+                "warning_age", "critical_age", "warning_queue", "critical_queue",
+                "warning_dead", "critical_dead")},
+        }, indent=1))
+        return level
+    print("GSEMAIL %s: %d waiting (%d new, %d deferred, %d sending), %d dead%s | "
+          "waiting=%d;%s;%s dead=%d;%s;%s oldest=%ds;%d;%d" % (
+              label.upper(), waiting, counts["new"], counts["deferred"], counts["sending"],
+              counts["dead"], "; oldest %s" % _age(oldest_age) if oldest_age is not None
+              else "", waiting, args.warning_queue or "", args.critical_queue or "",
+              counts["dead"], args.warning_dead or "", args.critical_dead or "",
+              oldest_age or 0, args.warning_age, args.critical_age))
+    for level_of, text in problems:
+        print("%s: %s" % (("ok", "warning", "critical")[level_of], text))
+    print("queue          %s" % facts["queue"])
+    print("due now        %d" % facts["due"])  # type: ignore[str-format]
+    if oldest_age is not None:
+        print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(float(
+            oldest)), _age(oldest_age)))  # type: ignore[arg-type]
+    print("last delivery  %s" % ("%s (%s ago): %s via %s" % (
+        delivered, _age(delivered_age or 0), facts["delivered_id"], facts["delivered_via"])
+        if delivered else "none recorded"))
+    print("last error     %s" % ("%s (%s ago): %s: %s" % (
+        error_at, _age(error_age or 0), facts["error_id"], facts["error"])
+        if error_at else "none recorded"))
+    return level
+
+
+def _cmd_flush(config: SMTPConfig, args: argparse.Namespace) -> int:
+    queue = _open_queue(config)
+    entries = queue.find(args.ids) if args.ids else \
+        [e for e in queue.entries() if e.state == "deferred"]
+    flushed = 0
+    for e in entries:
+        if e.state == "deferred":
+            if queue.flush(e):
+                flushed += 1
+                print("%s: due now" % e.id)
+            else:
+                print("%s: being sent (or it moved meanwhile): left alone" % e.id)
+        else:
+            print("%s: %s" % (e.id, {"new": "already due", "sending": "being sent now",
+                                     "dead": "a dead letter: use gsemail retry"}[e.state]))
+    print("%d message(s) made due now; a running processor sends them within %g s"
+          % (flushed, config.poll_interval))
+    return os.EX_OK
+
+
+def _cmd_retry(config: SMTPConfig, args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.all_dead):
+        raise GsEmailError("retry takes dead letters' queue ids, or --all-dead",
+                           status="5.5.4", exit_code=os.EX_USAGE)
+    queue = _open_queue(config)
+    entries = [e for e in queue.entries() if e.state == "dead"] if args.all_dead \
+        else queue.find(args.ids)
+    for e in entries:
+        if e.state != "dead":
+            raise GsEmailError("%s is %s, not a dead letter: retry takes dead letters "
+                               "(flush makes deferred mail due now); nothing was done"
+                               % (e.id, e.state), status="5.5.4", exit_code=os.EX_USAGE)
+    status = os.EX_OK
+    done = 0
+    for e in entries:
+        try:
+            name = queue.retry(e)
+        except MessageError as err:
+            print("%s %s" % (err.status, err), file=sys.stderr)
+            status = status or err.exit_code
+            continue
+        if name is None:
+            print("4.2.0 %s: held by another command, or gone: left alone" % e.id,
+                  file=sys.stderr)
+            status = status or os.EX_TEMPFAIL
+            continue
+        done += 1
+        print("%s: queued again as %s for %d recipient(s)" % (e.id, name, len(e.recipients)))
+    print("%d dead letter(s) queued again" % done)
+    return status
+
+
+def _cmd_purge(config: SMTPConfig, args: argparse.Namespace) -> int:
+    if bool(args.ids) == (args.dead_older_than is not None):
+        raise GsEmailError("purge takes queue ids, or --dead-older-than DAYS",
+                           status="5.5.4", exit_code=os.EX_USAGE)
+    queue = _open_queue(config)
+    now = time.time()
+    if args.ids:
+        entries = queue.find(args.ids)
+    else:
+        cutoff = now - args.dead_older_than * 86400
+        entries = [e for e in queue.entries() if e.state == "dead" and
+                   (e.dead_since or now) < cutoff]
+    status = os.EX_OK
+    purged = 0
+    for e in entries:
+        print("%s %s: %s, queued %s ago, from <%s> to %d recipient(s)%s" % (
+            "would purge" if args.dry_run else "purging", e.id, e.state,
+            _age(now - e.queued), e.sender, len(e.recipients),
+            ": " + _one_line(e.last_error) if e.last_error else ""))
+        sys.stdout.flush()
+        if args.dry_run:
+            continue
+        if queue.purge(e):
+            purged += 1
+        else:
+            print("4.2.0 %s: being sent (or it moved meanwhile): not purged" % e.id,
+                  file=sys.stderr)
+            status = os.EX_TEMPFAIL
+    print("%d message(s) %s" % (len(entries) if args.dry_run else purged,
+                                "would be purged" if args.dry_run else "purged"))
+    return status
+
+
+_MEANING = {
+    "SIZE": "no size limit announced",
+    "XVERP": "not offered to this client: bounces of mail sent with xverp will not "
+             "name the recipient",
+    "PIPELINING": "one command per round trip (slower with many recipients)",
+    "SMTPUTF8": "non-ASCII addresses are refused (5.6.7)",
+    "8BITMIME": "messages with 8-bit data may be refused",
+    "STARTTLS": "plain text only",
+}
+
+
+def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
+    results = Mailer(config).check()
+    for r in results:
+        print("relay %s" % r.relay)
+        if r.greeting:
+            print("  %-11s %s" % ("greeting", r.greeting))
+        if r.offered:
+            print("  %-11s %s" % ("TLS", r.tls))
+            print("  %-11s %s" % ("AUTH", r.auth))
+            for name in ("SIZE", "XVERP", "PIPELINING", "SMTPUTF8", "8BITMIME", "STARTTLS"):
+                offered = r.offered_before_tls if name == "STARTTLS" else r.offered
+                if name == "STARTTLS" and config.use_implicit_tls:
+                    value = "not needed: TLS from the first byte"
+                elif name in offered:
+                    value = "yes" + (", %s bytes" % offered[name] if name == "SIZE" and
+                                     offered[name] else "")
+                else:
+                    value = "no: " + _MEANING[name]
+                print("  %-11s %s" % (name, value))
+            others = sorted(set(r.offered) - {"SIZE", "XVERP", "PIPELINING", "SMTPUTF8",
+                                              "8BITMIME", "STARTTLS"})
+            if others:
+                print("  %-11s %s" % ("also", ", ".join(others)))
+        print("verdict: %s" % r.verdict)
+    if any(r.ok for r in results):
+        return os.EX_OK
+    error = DeliveryError(results[0].error)  # type: ignore[arg-type]
+    print("%s no relay can be used: %s" % (error.status, results[0].error), file=sys.stderr)
+    return error.exit_code
+
+
+def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
+    if args.file:
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise MessageError("%s: cannot read the message: %s" % (args.file, e.strerror),
+                               status="5.3.0", exit_code=os.EX_NOINPUT) from None
+    else:
+        data = sys.stdin.buffer.read()
+    recipients = list(args.recipients)
+    if args.from_headers:
+        recipients += _header_addresses(data, ("To", "Cc", "Bcc"))
+        data = _without_bcc(data)
+    if not recipients:
+        raise MessageError("no recipients: give them after send, or use -t to take "
+                           "them from the headers", status="5.5.4", exit_code=os.EX_USAGE)
+    sender = args.sender
+    if sender is None:
+        found = _header_addresses(data, ("From",))
+        if not found:
+            raise MessageError("no sender: give -f SENDER (the message has no From "
+                               "header)", status="5.1.7", exit_code=os.EX_USAGE)
+        sender = found[0]
+    sender = sender.strip().strip("<>")
+    rcpts = _check_recipients(recipients)
+    _check_sender(sender, args.xverp)
+    data = _prepare_message(data, sender)
+    queue = Queue(config.queuepath, config.claim_timeout)
+    name = queue.add(sender, rcpts, data, xverp=bool((args.xverp or config.xverp) and sender))
+    print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
+    return os.EX_OK
+
+
+def _header_addresses(data: bytes, names: Iterable[str]) -> List[str]:
+    """The addresses in the named headers of the message."""
+    headers = email.parser.BytesHeaderParser().parsebytes(data)
+    values = [str(v) for name in names for v in headers.get_all(name, [])]
+    return [address for _, address in email.utils.getaddresses(values) if address]
+
+
+def _without_bcc(data: bytes) -> bytes:
+    """The message without its Bcc headers (sendmail -t removes them)."""
+    match = re.search(rb"\r?\n\r?\n", data)
+    end = match.end() if match else len(data)
+    head = re.sub(rb"(?im)^bcc:[^\n]*\n(?:[ \t][^\n]*\n)*", b"", data[:end])
+    return head + data[end:]
 
 
 if __name__ == "__main__":
