@@ -37,11 +37,14 @@ Configuration is GroupServer's ``gsconfig.ini``::
 Use ``configure('gsconfig.ini', 'main')`` once per process, or set
 ``$GSEMAIL_CONFIG`` and ``$GSEMAIL_INSTANCE``.  Run a queue processor in
 the foreground with ``python -m gsemail --config gsconfig.ini --instance
-main``.  README.rst is the full manual.
+main``.  The same command's operator tools (list, show, status, flush,
+retry, purge, check, send) call Queue and Mailer methods that scripts may
+call too.  README.rst is the full manual.
 
 Public names: send_email, configure, shutdown, load_config, SMTPConfig,
-Queue, Mailer, QueueProcessor, Reply, main and the exceptions GsEmailError,
-ConfigError, QueueError, MessageError, DeliveryError and TLSError.
+Queue, QueuedMessage, QueueEntry, Mailer, RelayCheck, QueueProcessor, Reply,
+main and the exceptions GsEmailError, ConfigError, QueueError, MessageError,
+DeliveryError and TLSError.
 """
 
 import argparse
@@ -75,7 +78,8 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, 
 __version__ = "1.0.0"
 __all__ = [
     "send_email", "configure", "shutdown", "load_config", "SMTPConfig",
-    "Queue", "QueuedMessage", "Mailer", "QueueProcessor", "Reply", "main",
+    "Queue", "QueuedMessage", "QueueEntry", "Mailer", "RelayCheck", "QueueProcessor",
+    "Reply", "main",
     "GsEmailError", "ConfigError", "QueueError", "MessageError",
     "DeliveryError", "TLSError",
 ]
@@ -1682,7 +1686,7 @@ class Mailer:
             session = None
             try:
                 session = self._reach(host, port)
-                result.greeting = str(session.greeting)
+                result.greeting = "%d %s" % session.greeting
                 result.offered_before_tls = {k.upper(): v for k, v in
                                              session.offered_before_tls.items()}
                 result.offered = {k.upper(): v for k, v in session.features.items()}
@@ -1691,7 +1695,9 @@ class Mailer:
                         session.smtp.sock.version(),
                         "" if c.use_implicit_tls else " after STARTTLS",
                         "verified" if c.verify_certificates else
-                        "not verified (tls_verify is off or TLS is only opportunistic)")
+                        "not verified (tls_verify = false)" if c.tls_verify is False else
+                        "not verified (TLS is only opportunistic: force_tls or tls_verify "
+                        "= true would verify it)")
                 if c.username:
                     self._login(session.smtp, session.encrypted)
                     result.auth = "accepted for %s (offered: %s)" % (
@@ -2872,7 +2878,7 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
 def _cmd_flush(config: SMTPConfig, args: argparse.Namespace) -> int:
     queue = _open_queue(config)
     entries = queue.find(args.ids) if args.ids else \
-        [e for e in queue.entries() if e.state == "deferred"]
+        [e for e in queue.entries() if e.state in ("deferred", "sending")]
     flushed = 0
     for e in entries:
         if e.state == "deferred":
@@ -2989,7 +2995,14 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
             if others:
                 print("  %-11s %s" % ("also", ", ".join(others)))
         print("verdict: %s" % r.verdict)
-    if any(r.ok for r in results):
+    usable = [r for r in results if r.ok]
+    if usable and len(results) > 1:
+        down = [r.relay for r in results if not r.ok]
+        print("overall: %s mail goes to %s%s" % (
+            "4.4.1" if down else "2.0.0", usable[0].relay,
+            "; cannot use %s" % ", ".join(down) if down else
+            ", the first relay; the others stand by"))
+    if usable:
         return os.EX_OK
     error = DeliveryError(results[0].error)  # type: ignore[arg-type]
     print("%s no relay can be used: %s" % (error.status, results[0].error), file=sys.stderr)

@@ -1484,6 +1484,779 @@ class CLITests(Base):
 
 
 # ---------------------------------------------------------------------------
+# The operator's tools: relays, secrets and the commands, run as a user would
+# ---------------------------------------------------------------------------
+
+HOLD_CLAIM = textwrap.dedent("""\
+    import gsemail, sys
+    queue = gsemail.Queue(sys.argv[1])
+    held = queue.claim(sys.argv[2])
+    print("held" if held else "not held", flush=True)
+    sys.stdin.read()        # keep the claim until the test closes stdin
+    if held:
+        held.release()
+    """)
+
+
+class RelayAndSecretConfigTests(Base):
+    def write(self, text):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def config_error(self, text, env=None):
+        with mock_environ(dict(os.environ, **(env or {}))), \
+                self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.load_config(self.write(text))
+        self.assertEqual(cm.exception.exit_code, os.EX_CONFIG)
+        return str(cm.exception)
+
+    def test_hostname_lists_relays_in_order(self):
+        config = gsemail.load_config(self.write("""
+            [smtp-default]
+            hostname = smtp1.example.org:25, smtp2.example.org:2525,[2001:db8::1]:26, backup
+            port = 587
+            """))
+        self.assertEqual(config.relays, [("smtp1.example.org", 25), ("smtp2.example.org", 2525),
+                                         ("2001:db8::1", 26), ("backup", 587)])
+        # port may be left out when every relay names its own
+        config = gsemail.load_config(self.write("""
+            [smtp-default]
+            hostname = smtp1.example.org:25, smtp2.example.org:2525
+            """))
+        self.assertEqual(config.port, 25)
+        self.assertEqual(gsemail.Mailer(config).where, "smtp1.example.org:25")
+        self.assertIn("port", self.config_error("[smtp-default]\nhostname = a:25, b\n"))
+        for bad in ("a:x", "a:70000", "a:25, ,b:25", "a b:25"):
+            message = self.config_error("[smtp-default]\nhostname = %s\nport = 25\n" % bad)
+            self.assertIn("option hostname", message)
+            self.assertIn("[smtp-default]", message)
+
+    def test_password_from_the_environment(self):
+        ini = """
+            [smtp-default]
+            hostname = h
+            port = 25
+            username = gs
+            password_env = GSEMAIL_TEST_SECRET
+            """
+        with mock_environ(dict(os.environ, GSEMAIL_TEST_SECRET="from-env-pw")):
+            config = gsemail.load_config(self.write(ini))
+        self.assertEqual(config.password, "from-env-pw")
+        env = {k: v for k, v in os.environ.items() if k != "GSEMAIL_TEST_SECRET"}
+        with mock_environ(env), self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.load_config(self.write(ini))
+        self.assertIn("password_env = 'GSEMAIL_TEST_SECRET'", str(cm.exception))
+        self.assertIn("not set", str(cm.exception))
+        self.assertIn("empty", self.config_error(ini, {"GSEMAIL_TEST_SECRET": ""}))
+
+    def test_password_from_a_file_that_others_cannot_read(self):
+        secret = os.path.join(self.tmp, "relay.secret")
+        with open(secret, "w") as f:
+            f.write("file-pw-123\n")
+        os.chmod(secret, 0o640)
+        ini = """
+            [smtp-default]
+            hostname = h
+            port = 25
+            username = gs
+            password_file = relay.secret
+            """     # relative to the ini's directory
+        self.assertEqual(gsemail.load_config(self.write(ini)).password, "file-pw-123")
+        os.chmod(secret, 0o644)
+        message = self.config_error(ini)
+        self.assertIn(secret, message)
+        self.assertIn("readable by every user (mode 0644)", message)
+        self.assertNotIn("file-pw-123", message)
+        os.chmod(secret, 0o600)
+        with open(secret, "w") as f:
+            f.write("")
+        self.assertIn("empty", self.config_error(ini))
+        with open(secret, "w") as f:
+            f.write("two\nlines\n")
+        self.assertIn("more than one line", self.config_error(ini))
+        os.unlink(secret)
+        self.assertIn("no such file", self.config_error(ini))
+        both = self.config_error("""
+            [smtp-default]
+            hostname = h
+            port = 25
+            username = gs
+            password = in-the-ini
+            password_file = relay.secret
+            """)
+        self.assertIn("password and password_file", both)
+        self.assertNotIn("in-the-ini", both)
+
+
+class OperatorBase(Base):
+    """Runs python -m gsemail against a real queue in a temporary directory."""
+
+    def ini(self, port, extra="", hostname="127.0.0.1"):
+        self.ini_path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(self.ini_path, "w") as f:
+            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = %s\n%s"
+                    "queuepath = %s\ntimeout = 5\npoll_interval = 0.1\n%s"
+                    % (hostname, "port = %d\n" % port if port else "", self.queuepath, extra))
+        return gsemail.load_config(self.ini_path, "main")
+
+    def gsemail(self, *args, **kw):
+        kw.setdefault("timeout", 90)
+        return subprocess.run([sys.executable, "-m", "gsemail", "-c", self.ini_path,
+                               "-i", "main"] + list(args), cwd=HERE, capture_output=True,
+                              text=True, **kw)
+
+    def ok(self, *args, **kw):
+        run = self.gsemail(*args, **kw)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        return run.stdout
+
+    def fill(self, server):
+        """A queue with a message in each state, made by real delivery
+        attempts: returns {state: queue id}."""
+        config = self.ini(server.port)
+        names = {"new": self.enqueue(config, rcpts=["fresh@example.org"])}
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor.mailer.close)
+        # deliver only the next two, so "new" stays new
+        names["deferred"] = self.enqueue(config, rcpts=["ok@example.org", "later@example.org"])
+        names["dead"] = self.enqueue(config, rcpts=["gone@example.org"],
+                                     sender="owner@example.org")
+        for name in (names["deferred"], names["dead"]):
+            msg = processor.queue.claim(os.path.join(self.queuepath, "new", name))
+            processor.mailer.open()
+            out = processor.mailer.deliver(msg.sender, msg.recipients, msg.data)
+            with self.assertLogs("gsemail", "INFO"):
+                processor._apply(msg, out)
+        processor.mailer.close()
+        return names
+
+    def scripted(self):
+        return self.server(rules={"RCPT": lambda a: "450 4.2.1 mailbox busy" if "later@" in a
+                                  else "550 5.1.1 no such user" if "<gone" in a else None})
+
+    def hold(self, name, sub="new"):
+        """Another process that holds the claim on a message (as a processor
+        in the middle of sending it does)."""
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, self.queuepath,
+                                 os.path.join(self.queuepath, sub, name)], cwd=HERE,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def release():
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait(30)
+                proc.stdout.close()
+        self.addCleanup(release)
+        self.assertEqual(proc.stdout.readline().strip(), "held")
+        return release
+
+
+class ListShowStatusTests(OperatorBase):
+    def test_list_shows_one_line_per_message_in_each_state(self):
+        server = self.scripted()
+        names = self.fill(server)
+        names["sending"] = self.enqueue(gsemail.load_config(self.ini_path, "main"),
+                                        rcpts=["busy@example.org"])
+        self.hold(names["sending"])
+        out = self.ok("list")
+        lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+        self.assertEqual(set(lines), set(names.values()), out)
+        self.assertEqual(out.splitlines()[0].split()[:3], ["QUEUE", "ID", "STATE"])
+        for state, name in names.items():
+            self.assertEqual(lines[name].split()[1], state, out)
+        deferred = lines[names["deferred"]].split()
+        # age, size, sender, recipients left, attempts, next attempt, last error
+        self.assertEqual(deferred[4:7], ["bounces@example.org", "1", "1"])
+        self.assertEqual(deferred[7], "in")
+        self.assertIn("450 4.2.1 mailbox busy", lines[names["deferred"]])
+        dead = lines[names["dead"]].split()
+        self.assertEqual(dead[4:8], ["owner@example.org", "1", "1", "never"])
+        self.assertIn("550 5.1.1 no such user", lines[names["dead"]])
+        self.assertEqual(lines[names["new"]].split()[5:8], ["1", "0", "now"])
+        self.assertEqual(lines[names["sending"]].split()[7], "sending")
+        self.assertRegex(out.splitlines()[-1],
+                         r"^-- 4 message\(s\), .*: 1 new, 1 deferred, 1 sending, 1 dead$")
+        self.assertEqual([line.split()[:2] for line in self.ok("mailq").splitlines()],
+                         [line.split()[:2] for line in out.splitlines()])    # an alias
+        data = json.loads(self.ok("list", "--json"))
+        by_id = {m["id"]: m for m in data}
+        self.assertEqual({m["state"] for m in data}, {"new", "deferred", "sending", "dead"})
+        d = by_id[names["deferred"]]
+        self.assertEqual(d["recipients"], ["later@example.org"])
+        self.assertEqual((d["attempts"], d["recipient_count"]), (1, 1))
+        self.assertGreater(gsemail._parse_iso(d["next_attempt"]), time.time() + 30)
+        self.assertIn("450 4.2.1", d["last_error"])
+        self.assertIn("550 5.1.1", by_id[names["dead"]]["failed"]["gone@example.org"])
+        self.assertIsNone(by_id[names["dead"]]["next_attempt"])
+        self.assertIn("running", by_id[names["sending"]]["claim"])
+
+    def test_list_of_an_empty_queue_and_of_one_that_does_not_exist(self):
+        self.ini(25)
+        run = self.gsemail("list")
+        self.assertEqual(run.returncode, os.EX_NOINPUT)
+        self.assertRegex(run.stderr, r"^4\.3\.0 queue .* does not exist")
+        self.assertFalse(os.path.exists(self.queuepath), "list created the queue")
+        gsemail.Queue(self.queuepath)
+        self.assertIn("is empty", self.ok("list"))
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
+
+    def test_a_zope_claim_shows_as_sending(self):
+        config = self.ini(25)
+        name = self.enqueue(config)
+        os.link(os.path.join(self.queuepath, "new", name),
+                os.path.join(self.queuepath, "new", ".sending-" + name))
+        (entry,) = json.loads(self.ok("list", "--json"))
+        self.assertEqual(entry["state"], "sending")
+        self.assertIn("zope.sendmail", entry["claim"])
+
+    def test_show_prints_envelope_state_history_and_headers(self):
+        server = self.scripted()
+        names = self.fill(server)
+        # a unique beginning is enough
+        out = self.ok("show", names["deferred"].rsplit(".", 1)[0])
+        self.assertRegex(out, r"(?m)^id +%s$" % re.escape(names["deferred"]))
+        self.assertRegex(out, r"(?m)^state +deferred: next attempt in ")
+        self.assertRegex(out, r"(?m)^sender +<bounces@example.org>$")
+        self.assertRegex(out, r"(?m)^recipients +1 still to do\n +<later@example.org>$")
+        self.assertRegex(out, r"(?m)^attempts +1$")
+        self.assertRegex(out, r"(?m)^history +\S+Z attempt via 127\.0\.0\.1:%d: 1 delivered, "
+                              r"1 deferred, 0 refused: 450 4\.2\.1 mailbox busy$" % server.port)
+        self.assertIn("\nSubject: test\n", out)
+        self.assertNotIn("Hello.", out)
+        self.assertIn("Hello.", self.ok("show", "--body", names["deferred"]))
+        dead = self.ok("show", names["dead"])
+        self.assertRegex(dead, r"(?m)^state +dead since ")
+        self.assertRegex(dead, r"(?m)^refused +<gone@example.org> 550 5\.1\.1 no such user$")
+        self.assertRegex(dead, r"(?m)^history +\S+Z dead letter: attempts=1; ")
+        run = self.gsemail("show", "nonesuch")
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertTrue(run.stderr.startswith("5.5.4 no message nonesuch"), run.stderr)
+        run = self.gsemail("show", names["new"][:2])    # every id starts alike
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertIn("names 3 messages", run.stderr)
+
+    def test_status_for_monitoring(self):
+        server = self.scripted()
+        config = self.ini(server.port)
+        gsemail.Queue(self.queuepath)
+        out = self.ok("status")
+        self.assertTrue(out.startswith("GSEMAIL OK: 0 waiting"), out)
+        self.assertIn("last delivery  none recorded", out)
+        # a real delivery by the command-line processor is recorded
+        self.enqueue(config, rcpts=["one@example.org"])
+        self.ok("--once")
+        facts = json.loads(self.ok("status", "--json"))
+        self.assertEqual(facts["status"], "ok")
+        self.assertEqual(facts["last_delivery_via"], "127.0.0.1:%d" % server.port)
+        self.assertLess(facts["last_delivery_age"], 60)
+        self.assertIsNone(facts["last_error"])
+        # a message deferred two hours ago is a warning, then critical
+        name = self.enqueue(config, rcpts=["later@example.org"])
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        path = os.path.join(self.queuepath, "state", name)
+        with open(path) as f:
+            state = json.load(f)
+        state["first_queued"] = time.time() - 7200
+        with open(path, "w") as f:
+            json.dump(state, f)
+        run = self.gsemail("status")
+        self.assertEqual(run.returncode, 1, run.stdout)
+        self.assertTrue(run.stdout.startswith("GSEMAIL WARNING: 1 waiting (0 new, 1 deferred"),
+                        run.stdout)
+        self.assertIn("waited 2h00m (--warning-age)", run.stdout)
+        self.assertIn("| waiting=1;500;5000 dead=0;1; oldest=7", run.stdout)
+        run = self.gsemail("status", "--json", "--critical-age", "90m")
+        self.assertEqual(run.returncode, 2, run.stdout)
+        facts = json.loads(run.stdout)
+        self.assertEqual((facts["status"], facts["exit_code"]), ("critical", 2))
+        self.assertEqual(facts["oldest_id"], name)
+        self.assertGreaterEqual(facts["oldest_age"], 7200)
+        self.assertIn("450 4.2.1 mailbox busy", facts["last_error"])
+        self.assertEqual(facts["last_error_id"], name)
+        self.assertEqual(facts["counts"], {"new": 0, "deferred": 1, "sending": 0, "dead": 0})
+        # thresholds are options; 0 switches one off
+        self.ok("status", "--warning-age", "0", "--critical-age", "0")
+        run = self.gsemail("status", "--warning-age", "0", "--critical-age", "0",
+                           "--warning-queue", "1")
+        self.assertEqual(run.returncode, 1, run.stdout)
+        self.assertIn("1 messages wait (--warning-queue)", run.stdout)
+        # a dead letter warns by default
+        self.enqueue(config, rcpts=["gone@example.org"])
+        self.gsemail("--once")
+        run = self.gsemail("status", "--json", "--warning-age", "0", "--critical-age", "0")
+        self.assertEqual(run.returncode, 1, run.stdout)
+        self.assertEqual(json.loads(run.stdout)["dead"], 1)
+        run = self.gsemail("status", "--warning-age", "soon")
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertIn("5.5.4", run.stderr)
+
+
+class FlushRetryPurgeTests(OperatorBase):
+    def test_flush_makes_deferred_mail_due_and_the_running_processor_sends_it(self):
+        server = self.scripted()
+        config = self.ini(server.port)
+        names = [self.enqueue(config, rcpts=["later@example.org"]) for _ in range(3)]
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertEqual(self.listing("cur"), sorted(names))
+        server.rules["RCPT"] = lambda a: None       # the relay takes it now
+        busy = names[0]
+        release = self.hold_deferred(busy)
+        mtime = os.stat(os.path.join(self.queuepath, "cur", busy)).st_mtime
+        proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", self.ini_path,
+                                 "-i", "main"], cwd=HERE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(self.stop, proc)
+        out = self.ok("flush")
+        for name in names[1:]:
+            self.assertIn("%s: due now" % name, out)
+        self.assertIn("%s: being sent" % busy, out)
+        self.assertIn("2 message(s) made due now", out)
+        wait_for(lambda: len(server.rcpts) == 2, 30, "the flushed messages")
+        # the claimed one was not touched
+        self.assertEqual(os.stat(os.path.join(self.queuepath, "cur", busy)).st_mtime, mtime)
+        release()
+        self.assertEqual(self.listing("cur"), [busy])
+        self.assertIn("%s: due now" % busy, self.ok("flush", busy))
+        wait_for(lambda: len(server.rcpts) == 3, 30, "the last message")
+        self.assertEqual(self.stop(proc), 0)
+
+    def hold_deferred(self, name):
+        code = ("import gsemail,sys; q=gsemail.Queue(sys.argv[1]); h=q._hold(sys.argv[2]); "
+                "print('held' if h else 'not held', flush=True); sys.stdin.read(); "
+                "h.release()")
+        proc = subprocess.Popen([sys.executable, "-c", code, self.queuepath,
+                                 os.path.join(self.queuepath, "cur", name)], cwd=HERE,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def release():
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait(30)
+                proc.stdout.close()
+        self.addCleanup(release)
+        self.assertEqual(proc.stdout.readline().strip(), "held")
+        return release
+
+    def stop(self, proc):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+        return proc.returncode
+
+    def test_retry_queues_a_dead_letter_again_with_fresh_attempts(self):
+        server = self.scripted()
+        names = self.fill(server)
+        dead = names["dead"]
+        run = self.gsemail("retry", names["deferred"])
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertIn("is deferred, not a dead letter", run.stderr)
+        self.assertEqual(self.gsemail("retry").returncode, os.EX_USAGE)
+        server.rules["RCPT"] = lambda a: None       # the cause was fixed
+        out = self.ok("retry", dead)
+        match = re.search(r"^%s: queued again as (\S+) for 1 recipient\(s\)$" % re.escape(dead),
+                          out, re.M)
+        self.assertTrue(match, out)
+        new = match.group(1)
+        self.assertNotIn(".rejected-" + dead, self.listing("new"))
+        with open(os.path.join(self.queuepath, "new", new), "rb") as f:
+            raw = f.read()
+        # a normal queued message: zope's envelope, only the failed recipient
+        self.assertTrue(raw.startswith(b"X-Zope-From: owner@example.org\n"
+                                       b"X-Zope-To: gone@example.org\nMessage-ID: "), raw[:200])
+        self.assertNotIn(b"X-Gsemail-", raw)
+        self.assertEqual(self.state(new).get("attempts", 0), 0)
+        shown = self.ok("show", new)
+        self.assertRegex(shown, r"(?m)^attempts +0$")
+        self.assertIn("queued again from dead letter %s" % dead, shown)
+        self.gsemail("--once")      # (the deferred one is not due: exit 75)
+        self.assertIn("gone@example.org", server.rcpts)
+        self.assertNotIn(new, self.listing("new") + self.listing("cur"))
+        self.assertEqual(self.dead_letters(), [])
+
+    def test_retry_all_dead_and_a_corrupt_dead_letter(self):
+        server = self.scripted()
+        config = self.ini(server.port)
+        for i in range(2):
+            self.enqueue(config, rcpts=["gone%d@example.org" % i])
+        self.gsemail("--once")
+        self.assertEqual(len(self.dead_letters()), 2)
+        corrupt = os.path.join(self.queuepath, "new", "123.corrupt")
+        with open(corrupt, "wb") as f:
+            f.write(b"no envelope here\n")
+        self.gsemail("--once")
+        self.assertEqual(len(self.dead_letters()), 3)
+        server.rules["RCPT"] = lambda a: None
+        run = self.gsemail("retry", "--all-dead")
+        self.assertEqual(run.returncode, os.EX_DATAERR, run.stderr)
+        self.assertRegex(run.stderr, r"^5\.\d\.\d dead letter 123\.corrupt cannot be queued "
+                                     r"again: ")
+        self.assertIn("2 dead letter(s) queued again", run.stdout)
+        self.assertEqual([os.path.basename(p) for p in self.dead_letters()],
+                         [".rejected-123.corrupt"])
+        self.gsemail("--once")
+        self.assertEqual(sorted(server.rcpts), ["gone0@example.org", "gone1@example.org"])
+
+    def test_purge_prints_what_goes_and_leaves_claimed_mail_alone(self):
+        server = self.scripted()
+        names = self.fill(server)
+        busy = names["new"]
+        self.hold(busy)
+        # and one claimed by a processor on another host (NFS)
+        config = gsemail.load_config(self.ini_path, "main")
+        remote = self.enqueue(config, rcpts=["remote@example.org"])
+        with open(os.path.join(self.queuepath, "new", ".sending-" + remote), "w") as f:
+            f.write("gsemail other-host.example 4242\n")
+        out = self.ok("purge", "--dry-run", names["deferred"], names["dead"])
+        self.assertIn("would purge %s: deferred" % names["deferred"], out)
+        self.assertEqual(len(self.dead_letters()), 1)
+        out = self.ok("purge", names["deferred"], names["dead"])
+        self.assertRegex(out, r"(?m)^purging %s: deferred, queued \S+ ago, from "
+                              r"<bounces@example.org> to 1 recipient\(s\): 450 4\.2\.1"
+                         % re.escape(names["deferred"]))
+        self.assertRegex(out, r"(?m)^purging %s: dead, .* to 1 recipient\(s\): 550 5\.1\.1"
+                         % re.escape(names["dead"]))
+        self.assertIn("2 message(s) purged", out)
+        self.assertEqual(self.listing("cur"), [])
+        self.assertEqual(self.dead_letters(), [])
+        self.assertNotIn(names["deferred"], self.listing("state"))
+        for claimed in (busy, remote):
+            run = self.gsemail("purge", claimed)
+            self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stdout + run.stderr)
+            self.assertIn("purging %s" % claimed, run.stdout)
+            self.assertIn("4.2.0 %s: being sent" % claimed, run.stderr)
+            self.assertIn(claimed, self.listing("new"))
+            self.assertIn(".sending-" + claimed, self.listing("new"))
+
+    def test_purge_dead_letters_older_than_days(self):
+        server = self.scripted()
+        config = self.ini(server.port)
+        for i in range(2):
+            self.enqueue(config, rcpts=["gone%d@example.org" % i])
+        self.gsemail("--once")
+        old, young = sorted(self.dead_letters())
+        with open(old, "rb") as f:
+            text = f.read()
+        when = gsemail._iso(time.time() - 10 * 86400).encode()
+        with open(old, "wb") as f:
+            f.write(re.sub(rb"(X-Gsemail-Dead-Letter: )\S+;", rb"\g<1>" + when + b";", text))
+        out = self.ok("purge", "--dead-older-than", "7")
+        self.assertIn("purging %s: dead" % os.path.basename(old)[10:], out)
+        self.assertIn("1 message(s) purged", out)
+        self.assertEqual(self.dead_letters(), [young])
+        self.assertIn("0 message(s) purged", self.ok("purge", "--dead-older-than", "7"))
+        self.assertEqual(self.gsemail("purge").returncode, os.EX_USAGE)
+
+
+class CheckAndFailoverTests(OperatorBase):
+    def test_failover_when_the_first_relay_is_down(self):
+        server = self.server()
+        down = free_port()      # nothing listens there
+        self.ini(None, hostname="127.0.0.1:%d, 127.0.0.1:%d" % (down, server.port))
+        self.enqueue(gsemail.load_config(self.ini_path, "main"))
+        run = self.gsemail("--once", "-v")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertRegex(run.stderr, r"(?m)^4\.4\.1 relay 127\.0\.0\.1:%d: .*connection refused"
+                                     r".*: trying the next relay, 127\.0\.0\.1:%d$"
+                         % (down, server.port))
+        self.assertRegex(run.stderr, r"delivered to 1 recipient\(s\) via 127\.0\.0\.1:%d"
+                         % server.port)
+
+    def test_failover_on_421_at_greeting_but_not_on_a_refusal(self):
+        busy = self.server(rules={"CONNECT": lambda a: "421 4.3.2 too busy"})
+        good = self.server()
+        config = self.config(25, hostname="127.0.0.1:%d,127.0.0.1:%d" % (busy.port, good.port))
+        self.enqueue(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual((busy.connections, good.rcpts), (1, ["a@example.org"]))
+        self.assertIn("421 4.3.2 too busy", "\n".join(logs.output))
+        # a relay that answers and refuses us (5xx greeting, AUTH) is not left for the next
+        for first in (self.server(rules={"CONNECT": lambda a: "554 5.3.2 no service"}),
+                      self.server(ehlo=("AUTH PLAIN",), auth=("user", "right"))):
+            spare = self.server()
+            config = self.config(25, hostname="127.0.0.1:%d, 127.0.0.1:%d"
+                                 % (first.port, spare.port), username="user",
+                                 password="wrong")
+            name = self.enqueue(config)
+            with self.assertLogs("gsemail", "WARNING"):
+                self.drain(config)
+            self.assertDeferred(name, ["a@example.org"])
+            self.assertEqual(spare.connections, 0)
+            os.unlink(os.path.join(self.queuepath, "cur", name))
+
+    def test_check_a_relay_that_is_down(self):
+        port = free_port()
+        self.ini(port)
+        run = self.gsemail("check")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL)
+        self.assertIn("relay 127.0.0.1:%d\nverdict: 4.4.1 " % port, run.stdout)
+        self.assertRegex(run.stderr, r"^4\.4\.1 no relay can be used: 451 4\.4\.1 connection "
+                                     r"refused by 127\.0\.0\.1:%d\n$" % port)
+
+    def test_check_a_scripted_relay_without_extensions(self):
+        server = self.server(ehlo=("HELP",))
+        self.ini(server.port)
+        out = self.ok("check")
+        self.assertIn("  greeting    220 test.example ESMTP\n", out)
+        self.assertIn("  TLS         none\n", out)
+        self.assertIn("  PIPELINING  no: one command per round trip", out)
+        self.assertIn("  SMTPUTF8    no: non-ASCII addresses are refused", out)
+        self.assertIn("  STARTTLS    no: plain text only", out)
+        self.assertIn("verdict: 2.0.0 127.0.0.1:%d accepts mail from this client; XVERP is "
+                      "not offered" % server.port, out)
+        self.assertEqual(server.transactions, [])
+        self.assertEqual(server.commands[-1].upper(), "QUIT")
+
+
+class SendCommandTests(OperatorBase):
+    def test_send_queues_from_stdin_and_the_processor_delivers(self):
+        server = self.server()
+        self.ini(server.port)
+        out = self.ok("send", "-f", "owner@example.org", "a@example.org", "b@example.org",
+                      input="Subject: from the shell\n\nHello from send.\n")
+        match = re.fullmatch(r"2\.0\.0 queued as (\S+) for 2 recipient\(s\) in \S+\n", out)
+        self.assertTrue(match, out)
+        with open(os.path.join(self.queuepath, "new", match.group(1)), "rb") as f:
+            self.assertTrue(f.read().startswith(
+                b"X-Zope-From: owner@example.org\nX-Zope-To: a@example.org, b@example.org\n"))
+        self.ok("--once")
+        (txn,) = server.transactions
+        self.assertEqual((txn["mail"].split()[0], txn["rcpts"]),
+                         ("<owner@example.org>", ["a@example.org", "b@example.org"]))
+        self.assertIn(b"Hello from send.", txn["data"])
+        self.assertIn(b"Message-ID: ", txn["data"])
+
+    def test_send_t_takes_recipients_from_headers_and_drops_bcc(self):
+        server = self.server(ehlo=("XVERP", "PIPELINING"))
+        self.ini(server.port)
+        path = os.path.join(self.tmp, "message.eml")
+        with open(path, "w") as f:
+            f.write("From: Owner <owner@example.org>\nTo: A <a@example.org>, b@example.org\n"
+                    "Cc: c@example.org\nBcc: hidden@example.org,\n  hidden2@example.org\n"
+                    "Subject: -t\n\nBody.\n")
+        out = self.ok("send", "-t", "--xverp", "--file", path, "extra@example.org")
+        self.assertRegex(out, r"queued as \S+:2,X for 6 recipient\(s\)")
+        self.ok("--once")
+        (txn,) = server.transactions
+        self.assertEqual(txn["mail"], "<owner@example.org> XVERP")   # sender from From:
+        self.assertEqual(sorted(txn["rcpts"]), ["a@example.org", "b@example.org",
+                                                "c@example.org", "extra@example.org",
+                                                "hidden2@example.org", "hidden@example.org"])
+        self.assertNotIn(b"hidden", txn["data"])
+        self.assertIn(b"Cc: c@example.org", txn["data"])
+
+    def test_send_refuses_bad_input_and_queues_nothing(self):
+        self.ini(25)
+        gsemail.Queue(self.queuepath)
+        for args, stdin, code, status in (
+                (["-f", "s@example.org", "not an address"], "Subject: x\n\nb\n",
+                 os.EX_DATAERR, "5.1.3"),
+                (["-f", "s@example.org"], "Subject: x\n\nb\n", os.EX_USAGE, "5.5.4"),
+                (["a@example.org"], "Subject: no From\n\nb\n", os.EX_USAGE, "5.1.7"),
+                (["-f", "s@example.org", "a@example.org"], "", os.EX_DATAERR, "5.6.0"),
+                (["-f", "", "--xverp", "a@example.org"], "Subject: x\n\nb\n",
+                 os.EX_DATAERR, "5.1.7"),
+                (["--file", os.path.join(self.tmp, "missing.eml"), "a@example.org"], "",
+                 os.EX_NOINPUT, "5.3.0")):
+            run = self.gsemail("send", *args, input=stdin)
+            self.assertEqual(run.returncode, code, (args, run.stderr))
+            self.assertTrue(run.stderr.startswith(status + " "), (args, run.stderr))
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+        # the empty sender, for a bounce
+        self.ok("send", "-f", "", "a@example.org", input="Subject: bounce\n\nb\n")
+        (name,) = self.listing("new")
+        with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+            self.assertEqual(f.readline(), b"X-Zope-From: \n")
+
+
+class CommandLineHelpAndProgressTests(OperatorBase):
+    def test_every_command_has_help(self):
+        self.ini(25)
+        for command, python in (("list", "Queue.entries()"), ("mailq", "Queue.entries()"),
+                                ("show", "Queue.find()"), ("status", "Queue.status()"),
+                                ("flush", "Queue.flush()"), ("retry", "Queue.retry()"),
+                                ("purge", "Queue.purge()"), ("check", ".check()"),
+                                ("send", "send_email()")):
+            run = self.gsemail(command, "--help")
+            self.assertEqual(run.returncode, 0, run.stderr)
+            self.assertIn("usage: gsemail %s" % command.replace("mailq", "list"), run.stdout)
+            self.assertIn(python, run.stdout.replace("\n", " ").replace("  ", " "))
+        top = self.gsemail("--help").stdout
+        for command in ("list (mailq)", "show", "status", "flush", "retry", "purge", "check",
+                        "send"):
+            self.assertIn(command, top)
+        run = self.gsemail("--once", "list")
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        # options may come after the command too
+        gsemail.Queue(self.queuepath)
+        run = subprocess.run([sys.executable, "-m", "gsemail", "list", "-c", self.ini_path,
+                              "-i", "main"], cwd=HERE, capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+
+    def drain_on(self, count):
+        server = self.server()
+        config = self.ini(server.port)
+        for i in range(count):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        return server
+
+    def test_once_shows_progress_on_a_terminal(self):
+        server = self.drain_on(30)
+        master, slave = os.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", self.ini_path, "-i",
+                                 "main", "--once"], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:     # EIO: the child has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        out, _ = proc.communicate(timeout=60)
+        shown = b"".join(chunks).decode()
+        self.assertEqual(proc.returncode, 0, shown)
+        self.assertEqual(len(server.transactions), 30)
+        self.assertRegex(shown, r"\r\x1b\[K1 messages: 1 delivered, 0 deferred, 0 dead; "
+                                r"[\d.]+/s; 29 remaining")
+        self.assertRegex(shown, r"30 messages in [\d.]+ s \([\d.]+/s\): 30 delivered, "
+                                r"0 deferred, 0 dead; 0 wait for a retry\r?\n")
+        self.assertEqual(out, b"")
+
+    def test_no_progress_when_output_is_not_a_terminal(self):
+        server = self.drain_on(30)
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(len(server.transactions), 30)
+        self.assertEqual(run.stdout + run.stderr, "")
+
+
+class ZopeRetryTests(OperatorBase):
+    def test_zope_sendmail_delivers_a_retried_dead_letter(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no such user" if "b@" in a
+                                    else None})
+        config = self.ini(server.port)
+        self.enqueue(config, rcpts=["a@example.org", "b@example.org"])
+        self.gsemail("--once")
+        self.assertEqual(len(self.dead_letters()), 1)
+        self.ok("retry", "--all-dead")
+        server.rules.clear()
+        ZopeCompatibilityTests.zope(self, """
+            import sys
+            from zope.sendmail.maildir import Maildir
+            from zope.sendmail.mailer import SMTPMailer
+            from zope.sendmail.queue import QueueProcessorThread
+            thread = QueueProcessorThread()
+            thread.setMaildir(Maildir(sys.argv[1], True))
+            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
+            thread.run(forever=False)
+            """, self.queuepath, str(server.port))
+        self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
+        self.assertIn(b"Subject: test", server.transactions[-1]["data"])
+        self.assertNotIn(b"X-Gsemail-", server.transactions[-1]["data"])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+
+class PostfixOperatorTests(OperatorBase):
+    """check and failover against the private Postfix."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def test_check_prints_capabilities_and_the_xverp_verdict(self):
+        self.ini(self.postfix.port, "xverp = true\n")
+        out = self.ok("check")
+        self.assertIn("relay 127.0.0.1:%d\n  greeting    220 mx.gsemail.test ESMTP" %
+                      self.postfix.port, out)
+        self.assertRegex(out, r"(?m)^  TLS         TLSv1\.[23] after STARTTLS, certificate "
+                              r"not verified \(TLS is only opportunistic")
+        for line in ("SIZE        yes, 10240000 bytes", "XVERP       yes", "PIPELINING  yes",
+                     "SMTPUTF8    yes", "8BITMIME    yes", "STARTTLS    yes"):
+            self.assertIn("\n  %s\n" % line, out)
+        self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d accepts mail from this "
+                              r"client over TLS; XVERP is offered, so each bounce names the "
+                              r"recipient it is for$" % self.postfix.port)
+        self.ini(self.postfix.noverp_port, "xverp = true\n")
+        out = self.ok("check")
+        self.assertIn("\n  XVERP       no: not offered to this client: bounces of mail sent "
+                      "with xverp will not name the recipient\n", out)
+        self.assertIn("\n  PIPELINING  yes\n", out)
+        self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d accepts mail from this "
+                              r"client over TLS; XVERP is not offered to this client: mail sent "
+                              r"with xverp goes without it, so a bounce will not say which "
+                              r"recipient bounced .*smtpd_authorized_verp_clients\)$"
+                         % self.postfix.noverp_port)
+
+    def test_check_with_tls_and_auth_and_a_password_file(self):
+        secret = os.path.join(self.tmp, "relay.secret")
+        with open(secret, "w") as f:
+            f.write(Postfix.PASSWORD + "\n")
+        os.chmod(secret, 0o600)
+        extra = ("force_tls = true\ncafile = %s\nusername = %s@gsemail.test\n"
+                 "password_file = %s\n" % (self.postfix.cafile, Postfix.USER, secret))
+        self.ini(self.postfix.submit_port, extra)
+        run = self.gsemail("check", "-v")
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.assertRegex(run.stdout, r"(?m)^  TLS         TLSv1\.[23] after STARTTLS, "
+                                     r"certificate verified$")
+        self.assertIn("\n  AUTH        accepted for gsuser@gsemail.test (offered: ", run.stdout)
+        self.assertIn("verdict: 2.0.0 ", run.stdout)
+        self.assertNotIn(Postfix.PASSWORD, run.stdout + run.stderr)
+        with open(secret, "w") as f:
+            f.write("not-the-password\n")
+        run = self.gsemail("check")
+        self.assertEqual(run.returncode, os.EX_UNAVAILABLE, run.stdout + run.stderr)
+        self.assertRegex(run.stdout, r"(?m)^verdict: 5\.7\.8 127\.0\.0\.1:%d cannot be used: "
+                                     r"535 5\.7\.8 .*fix AUTH" % self.postfix.submit_port)
+        self.assertTrue(run.stderr.startswith("5.7.8 no relay can be used: 535 "), run.stderr)
+        self.assertNotIn("not-the-password", run.stdout + run.stderr)
+        # without TLS verification the certificate check fails: 4.7.5, exit 75
+        self.ini(self.postfix.submit_port, "force_tls = true\n")
+        run = self.gsemail("check")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stdout + run.stderr)
+        self.assertTrue(run.stderr.startswith("4.7.5 no relay can be used: "), run.stderr)
+
+    def test_check_with_the_first_relay_down(self):
+        down = free_port()
+        self.ini(None, hostname="127.0.0.1:%d, 127.0.0.1:%d" % (down, self.postfix.port))
+        out = self.ok("check")
+        self.assertIn("relay 127.0.0.1:%d\nverdict: 4.4.1 127.0.0.1:%d cannot be used: 451 "
+                      "4.4.1 connection refused" % (down, down), out)
+        self.assertIn("\n  XVERP       yes\n", out)
+        self.assertTrue(out.endswith("overall: 4.4.1 mail goes to 127.0.0.1:%d; cannot use "
+                                     "127.0.0.1:%d\n" % (self.postfix.port, down)), out)
+
+    def test_failover_when_tls_fails_at_the_first_relay(self):
+        plain = self.server()       # offers no STARTTLS, and force_tls is set
+        p = "failovertls-%d-" % time.monotonic_ns()
+        self.ini(None, "force_tls = true\ncafile = %s\n" % self.postfix.cafile,
+                 hostname="127.0.0.1:%d, 127.0.0.1:%d" % (plain.port, self.postfix.port))
+        self.ok("send", "-f", "bounces@gsemail.test", p + "a@gsemail.test",
+                input="From: bounces@gsemail.test\nSubject: failover\n\nHello.\n")
+        run = self.gsemail("--once", "-v")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        (copy,) = self.postfix.wait_delivered(p, 1)
+        self.assertIn("with ESMTPS", copy["Received"])
+        self.assertRegex(run.stderr, r"(?m)^4\.7\.4 relay 127\.0\.0\.1:%d: .*does not offer "
+                                     r"STARTTLS.*: trying the next relay, 127\.0\.0\.1:%d$"
+                         % (plain.port, self.postfix.port))
+        self.assertEqual(plain.transactions, [])
+
+
+# ---------------------------------------------------------------------------
 # zope.sendmail compatibility, both ways
 # ---------------------------------------------------------------------------
 
