@@ -1085,7 +1085,8 @@ class Queue:
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                first, second = f.readline(1 << 20), f.readline(1 << 20)
+                first = f.readline(1 << 16)
+                second = f.readline() if first.startswith(b"X-Zope-From:") else b""
                 extra = []
                 while True:     # a dead letter's X-Gsemail- lines
                     at = f.tell()
@@ -3045,7 +3046,8 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 def _header_addresses(data: bytes, names: Iterable[str]) -> List[str]:
     """The addresses in the named headers of the message."""
-    headers = email.parser.BytesHeaderParser().parsebytes(data)
+    # Parsed as text, so an 8-bit (SMTPUTF8) address comes out whole.
+    headers = email.parser.HeaderParser().parsestr(data.decode("utf-8", "replace"))
     values = [str(v) for name in names for v in headers.get_all(name, [])]
     return [address for _, address in email.utils.getaddresses(values) if address]
 
@@ -3054,7 +3056,7 @@ def _without_bcc(data: bytes) -> bytes:
     """The message without its Bcc headers (sendmail -t removes them)."""
     match = re.search(rb"\r?\n\r?\n", data)
     end = match.end() if match else len(data)
-    head = re.sub(rb"(?im)^bcc:[^\n]*\n(?:[ \t][^\n]*\n)*", b"", data[:end])
+    head = re.sub(rb"(?im)^bcc:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)", b"", data[:end])
     return head + data[end:]
 
 
