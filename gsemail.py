@@ -621,14 +621,29 @@ class Queue:
         try:
             _write_synced(tmp, [_envelope(sender, recipients), data], exclusive=True)
             os.rename(tmp, final)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._error("cannot write the message", e) from None
+        try:
             _fsync_dir(os.path.join(self.path, "new"))
         except OSError as e:
-            for leftover in (tmp, final):
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
-            raise self._error("cannot write the message", e) from None
+            # The message is already visible in new/ and a processor may be
+            # sending it, so it cannot simply be unlinked: withdraw it only
+            # if we can claim it.  Otherwise it is on its way (or sent), and
+            # raising would make the caller send it a second time.
+            msg = self.claim(final)
+            if msg is None:
+                log.error("4.3.0 queue %s: %s was queued and is being sent, but new/ "
+                          "could not be synced: %s", self.path, name, e.strerror)
+                return name
+            try:
+                os.unlink(final)
+            finally:
+                msg.release()
+            raise self._error("cannot sync new/ after writing the message", e) from None
         return name
 
     # -- finding and claiming -------------------------------------------------
@@ -1029,9 +1044,21 @@ class Mailer:
                 s.messages < self.config.messages_per_connection:
             return
         self.close()
-        self._session = _Session(self._connect())
+        try:
+            smtp = self._connect()
+        except TLSError as e:
+            # Opportunistic TLS, as Postfix's "may": a failed handshake is
+            # no worse than a server without STARTTLS, so try again in plain
+            # text.  Never when TLS is required or certificates are checked.
+            c = self.config
+            if c.tls_required or c.verify_certificates or e.status != "4.7.5":
+                raise
+            log.warning("%s: sending in plain text, as TLS is not required (set "
+                        "force_tls = true to require it)", e.reply)
+            smtp = self._connect(starttls=False)
+        self._session = _Session(smtp)
 
-    def _connect(self) -> smtplib.SMTP:
+    def _connect(self, starttls: bool = True) -> smtplib.SMTP:
         c = self.config
         smtp = None
         try:
@@ -1043,7 +1070,7 @@ class Mailer:
                                     timeout=c.timeout)
             self._hello(smtp)
             encrypted = c.use_implicit_tls
-            if not encrypted and not c.no_tls:
+            if not encrypted and not c.no_tls and starttls:
                 if smtp.has_extn("starttls"):
                     code, text = smtp.docmd("STARTTLS")
                     if code == 220:
@@ -1218,6 +1245,14 @@ class Mailer:
                                          "does not offer SMTPUTF8" % (rcpt, self.where))
             else:
                 pending.append(rcpt)
+        if not data.isascii() and "8bitmime" not in s.features:
+            # RFC 6152: 8-bit data must not go to a server that does not take
+            # it; we do not rewrite messages, so it is returned undelivered.
+            why = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
+                        "8BITMIME" % self.where)
+            out.failed.update((r, why) for r in pending)
+            out.final = why
+            return out
         wire = _wire(data)
         if s.size and len(wire) > s.size:
             why = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
@@ -1613,6 +1648,7 @@ def _check_sender(sender: str, xverp: bool) -> None:
 
 
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 
 
 def _prepare_message(message: Union[bytes, str, email.message.Message],
@@ -1635,6 +1671,17 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
     data = re.sub(rb"\r\n|\r|\n", b"\r\n", data.lstrip(b"\r\n"))
     if not data.strip():
         raise MessageError("the message is empty", status="5.6.0")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise MessageError("the message has a NUL byte (line %d), which SMTP cannot "
+                           "carry: encode that part (base64)"
+                           % (data.count(b"\r\n", 0, nul) + 1), status="5.6.0")
+    long_line = _LONG_LINE.search(data)
+    if long_line:
+        raise MessageError("line %d of the message is longer than the 998 octets "
+                           "RFC 5322 allows: encode that part (quoted-printable or "
+                           "base64)" % (data.count(b"\r\n", 0, long_line.start()) + 1),
+                           status="5.6.0")
     if not _HEADER_LINE.match(data):
         raise MessageError("the message does not start with a header line "
                            "('Name: value'); give a whole RFC 5322 message",

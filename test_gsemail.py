@@ -84,19 +84,20 @@ class SMTPServer:
     """
 
     def __init__(self, ehlo=("PIPELINING", "8BITMIME", "SIZE 10240000",
-                             "ENHANCEDSTATUSCODES"), rules=None, auth=None):
+                             "ENHANCEDSTATUSCODES"), rules=None, auth=None, port=0):
         self.ehlo = list(ehlo)
         self.rules = dict(rules or {})
         self.auth = auth
         self.transactions = []
         self.commands = []
         self.connections = 0
+        self.ended = {}     # connection number -> "quit" or "eof" (dropped or killed)
         self._closing = threading.Event()
         self._clients = []
         self._lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(50)
         self.port = self.sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -136,7 +137,8 @@ class SMTPServer:
             with self._lock:
                 self.connections += 1
                 self._clients.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                number = self.connections
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
 
     def _rule(self, verb, arg, default):
         rule = self.rules.get(verb)
@@ -146,12 +148,14 @@ class SMTPServer:
             return rule.pop(0)
         return default
 
-    def _serve(self, conn):
+    def _serve(self, conn, number):
+        how = "eof"
         try:
-            self._session(conn, conn.makefile("rb"))
+            how = self._session(conn, conn.makefile("rb"), number)
         except (OSError, ValueError, _Dropped):
             pass
         finally:
+            self.ended[number] = how or "eof"
             conn.close()
 
     def _say(self, conn, text):
@@ -162,13 +166,13 @@ class SMTPServer:
             raise _Dropped()
         conn.sendall(text.replace("\n", "\r\n").encode() + b"\r\n")
 
-    def _session(self, conn, f):
+    def _session(self, conn, f, number=0):
         self._say(conn, self._rule("CONNECT", "", "220 test.example ESMTP"))
         txn = None
         while True:
             line = f.readline()
             if not line:
-                return
+                return "eof"
             text = line.decode("utf-8", "replace").rstrip("\r\n")
             self.commands.append(text)
             verb, _, arg = text.partition(" ")
@@ -177,7 +181,7 @@ class SMTPServer:
                 verb_arg = arg[5:] if arg.upper().startswith("FROM:") else arg
                 answer = self._rule("MAIL", verb_arg, "250 2.1.0 Ok")
                 if answer.startswith("2"):
-                    txn = {"mail": verb_arg, "rcpts": [], "data": None}
+                    txn = {"mail": verb_arg, "rcpts": [], "data": None, "conn": number}
                 self._say(conn, answer)
             elif verb == "RCPT":
                 addr = arg[3:] if arg.upper().startswith("TO:") else arg
@@ -200,11 +204,11 @@ class SMTPServer:
                 while True:
                     line = f.readline()
                     if not line:
-                        return
+                        return "eof"
                     if line == b".\r\n":
                         break
-                    if self.rules.get("DATA-LINE") == DROP:
-                        return
+                    if not lines and self._rule("DATA-LINE", "", None) == DROP:
+                        return "eof"
                     lines.append(line[1:] if line.startswith(b".") else line)
                 txn["data"] = b"".join(lines)
                 answer = self._rule("DOT", "", "250 2.0.0 Ok: queued")
@@ -223,8 +227,16 @@ class SMTPServer:
             elif verb == "AUTH" and self.auth:
                 mech, _, blob = arg.partition(" ")
                 want = base64.b64encode(("\0%s\0%s" % self.auth).encode()).decode()
-                self._say(conn, "235 2.7.0 Authentication successful" if blob == want
-                          else "535 5.7.8 Error: authentication failed")
+                self._say(conn, self._rule("AUTH", blob, "235 2.7.0 Authentication successful"
+                                           if blob == want else
+                                           "535 5.7.8 Error: authentication failed"))
+            elif verb == "STARTTLS":
+                # Only ever a failed handshake: real TLS is tested with Postfix.
+                answer = self._rule("STARTTLS", "", "454 4.7.0 TLS not available")
+                self._say(conn, answer)
+                if answer.startswith("220"):
+                    conn.sendall(b"this is not a TLS record\r\n")
+                    return "eof"
             elif verb == "RSET":
                 txn = None
                 self._say(conn, self._rule("RSET", "", "250 2.0.0 Ok"))
@@ -232,7 +244,7 @@ class SMTPServer:
                 self._say(conn, "250 2.0.0 Ok")
             elif verb == "QUIT":
                 self._say(conn, self._rule("QUIT", "", "221 2.0.0 Bye"))
-                return
+                return "quit"
             else:
                 self._say(conn, "502 5.5.2 Error: command not recognized")
 
@@ -1798,3 +1810,180 @@ class FailureHandlingTests(Base):
         self.assertEqual(logins, [])
         gsemail.Mailer(config)._login(Connection(), encrypted=True)
         self.assertEqual(logins, ["u"])
+
+
+# ---------------------------------------------------------------------------
+# Faults: each hits one message; the same processor thread goes on
+# ---------------------------------------------------------------------------
+
+class FaultTests(Base):
+    """Every fault of the reliability list, each with its end state asserted:
+    delivered, deferred with the next attempt in the future, or a dead letter
+    with the reason.  The fault hits the first message only; a running
+    processor thread then delivers the next message."""
+
+    def run_fault(self, server, rcpts=("victim@example.org",), next_state="delivered",
+                  **config):
+        config.setdefault("poll_interval", 0.2)
+        config = self.config(server.port, **config)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        name = self.enqueue(config, rcpts=rcpts)
+        processor.wake()
+        wait_for(lambda: self.settled(name), what="the first message to settle")
+        following = self.enqueue(config, rcpts=["next@example.org"])
+        processor.wake()
+        if next_state == "delivered":
+            wait_for(lambda: "next@example.org" in server.rcpts, what="the next message")
+        else:
+            wait_for(lambda: self.settled(following), what="the next message to settle")
+        self.assertTrue(processor.alive, "the processor thread died")
+        return name
+
+    def settled(self, name):
+        """The message has left new/ and nobody holds a claim on anything."""
+        names = self.listing("new") + self.listing("cur")
+        return name not in self.listing("new") and not any(
+            n.startswith(".sending-") for n in names)
+
+    def assertFault(self, rules, error, deferred=True, ehlo=None, auth=None, **config):
+        kw = {"rules": rules, "auth": auth}
+        if ehlo is not None:
+            kw["ehlo"] = ehlo
+        server = self.server(**kw)
+        with self.assertLogs("gsemail", "DEBUG") as logs:
+            name = self.run_fault(server, **config)
+        if deferred:
+            state = self.assertDeferred(name, ["victim@example.org"])
+            self.assertIn(error, state["last_error"])
+            self.assertEqual(state["attempts"], 1)
+            self.assertNotIn("victim@example.org", server.rcpts)
+        self.assertIn("next@example.org", server.rcpts)
+        return server, logs
+
+    def test_421_at_greeting(self):
+        self.assertFault({"CONNECT": ["421 4.3.2 busy"]}, "421 4.3.2 busy")
+
+    def test_421_at_mail(self):
+        self.assertFault({"MAIL": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_421_during_rcpt(self):
+        self.assertFault({"RCPT": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_421_at_data(self):
+        self.assertFault({"DATA": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_421_after_the_final_dot(self):
+        self.assertFault({"DOT": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_connection_dropped_during_data(self):
+        self.assertFault({"DATA-LINE": [DROP]}, "4.4.2 connection to")
+
+    def test_connection_dropped_after_the_dot_before_the_reply(self):
+        # RFC 1047: the client cannot know whether the server kept the
+        # message, so it is retried (a real server may then deliver it twice).
+        self.assertFault({"DOT": [DROP]}, "4.4.2 connection to")
+
+    def test_451_at_rcpt(self):
+        self.assertFault({"RCPT": ["451 4.3.0 try again"]}, "451 4.3.0 try again")
+
+    def test_452_at_rcpt(self):
+        self.assertFault({"RCPT": ["452 4.2.2 mailbox full"]}, "452 4.2.2 mailbox full")
+
+    def test_451_at_data(self):
+        self.assertFault({"DATA": ["451 4.3.0 try again"]}, "451 4.3.0 try again")
+
+    def test_452_after_data(self):
+        self.assertFault({"DOT": ["452 4.3.1 insufficient storage"]},
+                         "452 4.3.1 insufficient storage")
+
+    def test_550_for_one_recipient_of_three(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no such user"
+                                    if a.startswith("<victim") else None})
+        with self.assertLogs("gsemail", "WARNING"):
+            self.run_fault(server, rcpts=("a@example.org", "victim@example.org",
+                                          "c@example.org"))
+        self.assertEqual(server.rcpts, ["a@example.org", "c@example.org", "next@example.org"])
+        text = self.dead_letter_text()
+        self.assertIn("X-Zope-To: victim@example.org\n", text)
+        self.assertIn("X-Gsemail-Failed: <victim@example.org> 550 5.1.1 no such user", text)
+
+    def test_554_after_data(self):
+        server = self.server(rules={"DOT": ["554 5.7.1 rejected as spam"]})
+        with self.assertLogs("gsemail", "ERROR"):
+            self.run_fault(server)
+        self.assertEqual(server.rcpts, ["next@example.org"])
+        self.assertIn("554 5.7.1 rejected as spam", self.dead_letter_text())
+
+    def test_server_that_accepts_and_never_answers(self):
+        self.assertFault({"CONNECT": [HANG]}, "timed out", timeout=0.5)
+
+    def test_tls_handshake_failure_when_tls_is_optional_falls_back_to_plain_text(self):
+        server, logs = self.assertFault({"STARTTLS": ["220 2.0.0 Ready to start TLS"]},
+                                        None, deferred=False,
+                                        ehlo=("PIPELINING", "STARTTLS"))
+        self.assertEqual(server.rcpts, ["victim@example.org", "next@example.org"])
+        self.assertTrue(any("4.7.5 TLS with" in line and "plain text" in line
+                            for line in logs.output), logs.output)
+
+    def test_tls_handshake_failure_when_tls_is_required_sends_nothing(self):
+        server = self.server(ehlo=("PIPELINING", "STARTTLS"),
+                             rules={"STARTTLS": ["220 2.0.0 Ready to start TLS"]})
+        with self.assertLogs("gsemail", "WARNING"):
+            name = self.run_fault(server, next_state="deferred", force_tls=True)
+        self.assertIn("4.7.5 TLS with", self.assertDeferred(name, ["victim@example.org"])
+                      ["last_error"])
+        self.assertEqual(server.transactions, [])
+        self.assertFalse([c for c in server.commands if c.upper().startswith("MAIL")],
+                         "force_tls sent a message in plain text")
+
+    def test_535_on_auth(self):
+        server, logs = self.assertFault(
+            {"AUTH": ["535 5.7.8 Error: authentication failed"]},
+            # a wrong password is the relay's trouble, not the message's: kept
+            "451 4.7.8 Error: authentication failed (AUTH as user at 127.0.0.1:",
+            ehlo=("PIPELINING", "AUTH PLAIN"),
+            auth=("user", "s3cret-535"), username="user", password="s3cret-535")
+        self.assertNotIn("s3cret-535", "\n".join(logs.output))
+
+    def test_xverp_not_offered(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port, poll_interval=0.2)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.enqueue(config, rcpts=["victim@example.org"], xverp=True)
+            processor.wake()
+            wait_for(lambda: server.rcpts, what="delivery without XVERP")
+        self.assertEqual(server.transactions[0]["mail"], "<bounces@example.org>")
+        self.assertIn("4.3.3", logs.output[0])
+        self.assertTrue(processor.alive)
+
+    def test_relay_down_longer_than_the_queue_lifetime(self):
+        port = free_port()
+        config = self.config(port, poll_interval=0.2, min_backoff_time=0.3,
+                             max_backoff_time=0.3, max_queue_lifetime=1.5)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            name = self.enqueue(config, rcpts=["victim@example.org"])
+            processor.wake()
+            wait_for(lambda: self.dead_letters(), what="the dead letter")
+        deferrals = [line for line in logs.output if "deferred for" in line]
+        self.assertGreaterEqual(len(deferrals), 2, logs.output)
+        self.assertTrue(all("4.4.1 connection refused" in line for line in deferrals))
+        text = self.dead_letter_text()
+        self.assertIn("X-Zope-To: victim@example.org\n", text)
+        self.assertIn("4.4.1 connection refused", text)
+        self.assertRegex(text, r"gave up after \d+ attempts")
+        self.assertFalse(os.path.exists(os.path.join(self.queuepath, "cur", name)))
+        self.assertTrue(any("gave up" in line for line in logs.output))
+        server = self.server(port=port)     # the relay is back
+        self.enqueue(config, rcpts=["next@example.org"])
+        processor.wake()
+        wait_for(lambda: server.rcpts, what="the next message")
+        self.assertEqual(server.rcpts, ["next@example.org"])
+        self.assertTrue(processor.alive)
