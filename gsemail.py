@@ -1648,7 +1648,6 @@ def _check_sender(sender: str, xverp: bool) -> None:
 
 
 _HEADER_LINE = re.compile(rb"[!-9;-~]+:")
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 
 
 def _prepare_message(message: Union[bytes, str, email.message.Message],
@@ -1676,12 +1675,12 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
         raise MessageError("the message has a NUL byte (line %d), which SMTP cannot "
                            "carry: encode that part (base64)"
                            % (data.count(b"\r\n", 0, nul) + 1), status="5.6.0")
-    long_line = _LONG_LINE.search(data)
-    if long_line:
+    lengths = [len(line) for line in data.split(b"\r\n")]
+    if max(lengths) > 998:
         raise MessageError("line %d of the message is longer than the 998 octets "
                            "RFC 5322 allows: encode that part (quoted-printable or "
-                           "base64)" % (data.count(b"\r\n", 0, long_line.start()) + 1),
-                           status="5.6.0")
+                           "base64)" % (next(n for n, length in enumerate(lengths, 1)
+                                              if length > 998)), status="5.6.0")
     if not _HEADER_LINE.match(data):
         raise MessageError("the message does not start with a header line "
                            "('Name: value'); give a whole RFC 5322 message",
