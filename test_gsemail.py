@@ -2179,3 +2179,87 @@ class CrashTests(Base):
         print("\nsend_email killed %d times: %d accepted, %d queued whole, %d left in "
               "tmp/ and not sent" % (kills, len(accepted), len(queued),
                                      len(self.listing("tmp"))), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Concurrency: several processors on one queue
+# ---------------------------------------------------------------------------
+
+class ConcurrencyTests(Base):
+    def fill(self, count, tag):
+        queue = gsemail.Queue(self.queuepath)
+        ids = set()
+        for i in range(count):
+            queue.add("list@crash.test", ["member%d@crash.test" % i],
+                      gsemail._prepare_message(standard_message(i, tag)))
+            ids.add("<%s.%d@crash.test>" % (tag, i))
+        return ids
+
+    def ini(self, port):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "processorthread = false\nehlo_name = client.test\n"
+                    % (port, self.queuepath))
+        return path
+
+    def assertEachOnce(self, server, ids):
+        counts = {}
+        for txn in server.transactions:
+            mid = message_id(txn["data"])
+            counts[mid] = counts.get(mid, 0) + 1
+        twice = sorted(m for m, n in counts.items() if n > 1)
+        self.assertEqual(twice, [], "sent more than once")
+        self.assertEqual(sorted(ids - set(counts)), [], "never sent")
+        self.assertEqual(set(counts), ids)
+        self.assertEqual([n for n in self.listing("new") + self.listing("cur")], [])
+
+    def test_four_processes_and_a_thread_on_one_queue_send_each_message_once(self):
+        server = self.server()
+        ids = self.fill(10000, "c")
+        ini = self.ini(server.port)
+        processor = gsemail.QueueProcessor(self.config(server.port, poll_interval=0.2))
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        procs = [subprocess.Popen([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                                   "--once"], cwd=HERE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for _ in range(4)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            # 75: it found nothing more it could take while others still sent
+            self.assertIn(proc.returncode, (0, os.EX_TEMPFAIL), err.decode())
+            self.assertNotIn(b"Traceback", err, err.decode())
+        wait_for(lambda: len(server.transactions) >= len(ids)
+                 and not self.listing("new") and not self.listing("cur"),
+                 timeout=120, what="the queue to empty")
+        processor.stop(10)
+        self.assertEachOnce(server, ids)
+        self.assertGreaterEqual(server.connections, 5, "the processors did not all take part")
+
+    def test_gsemail_beside_zope_sendmail_on_one_queue(self):
+        python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
+        need(python and os.access(python, os.X_OK),
+             "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
+        server = self.server()
+        ids = self.fill(1000, "z")
+        ini = self.ini(server.port)
+        zope = subprocess.Popen([python, "-c", textwrap.dedent("""
+            import sys
+            from zope.sendmail.maildir import Maildir
+            from zope.sendmail.mailer import SMTPMailer
+            from zope.sendmail.queue import QueueProcessorThread
+            thread = QueueProcessorThread()
+            thread.setMaildir(Maildir(sys.argv[1], True))
+            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
+            thread.run(forever=False)
+            """), self.queuepath, str(server.port)], stderr=subprocess.PIPE)
+        ours = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                               "--once"], cwd=HERE, capture_output=True, timeout=300)
+        self.assertIn(ours.returncode, (0, os.EX_TEMPFAIL), ours.stderr.decode())
+        _, err = zope.communicate(timeout=300)
+        self.assertEqual(zope.returncode, 0, err.decode()[-3000:])
+        wait_for(lambda: not self.listing("new"), what="the queue to empty")
+        self.assertEachOnce(server, ids)
+        by_gsemail = sum(1 for c in server.commands if c.lower() == "ehlo client.test")
+        self.assertGreater(by_gsemail, 0, "gsemail took no part")
+        self.assertLess(by_gsemail, server.connections, "zope.sendmail took no part")
