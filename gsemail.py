@@ -717,8 +717,17 @@ class Queue:
                 if not self._break_stale_claim(claim_path):
                     return None
                 continue
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    os.close(fd)
+                    os.unlink(claim_path)
+                    raise
+                # A full disk must not stop the sending that empties it: the
+                # claim holds without its owner's name; others just wait
+                # claim_timeout before they take it as stale.
             return fd
         return None
 
@@ -934,6 +943,8 @@ def _address_problem(address: str) -> Optional[str]:
         return "contains a control character (CR, LF, NUL, ...)"
     if len(address.encode("utf-8")) > 254:
         return "is longer than 254 octets"
+    if "," in address:
+        return "contains a comma (give each address as its own item of the list)"
     if "<" in address or ">" in address:
         return "contains < or > (give the bare address, not 'Name <address>')"
     local, at, domain = address.rpartition("@")

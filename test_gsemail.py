@@ -31,6 +31,7 @@ import textwrap
 import threading
 import time
 import unittest
+import warnings
 
 import gsemail
 
@@ -2212,7 +2213,7 @@ class ConcurrencyTests(Base):
         self.assertEqual(twice, [], "sent more than once")
         self.assertEqual(sorted(ids - set(counts)), [], "never sent")
         self.assertEqual(set(counts), ids)
-        self.assertEqual([n for n in self.listing("new") + self.listing("cur")], [])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
     def test_four_processes_and_a_thread_on_one_queue_send_each_message_once(self):
         server = self.server()
@@ -2263,3 +2264,432 @@ class ConcurrencyTests(Base):
         by_gsemail = sum(1 for c in server.commands if c.lower() == "ehlo client.test")
         self.assertGreater(by_gsemail, 0, "gsemail took no part")
         self.assertLess(by_gsemail, server.connections, "zope.sendmail took no part")
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming what is wrong, nothing queued or lost
+# ---------------------------------------------------------------------------
+
+NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+
+
+def as_nobody():
+    os.setgid(NOBODY.pw_gid)
+    os.setgroups([])
+    os.setuid(NOBODY.pw_uid)
+
+
+class BadInputTests(Base):
+    def as_nobody(self, function):
+        """What function() returns or raises when run as user nobody (root
+        reads and writes whatever it likes): in a forked child, as the
+        Python may live where nobody cannot run it."""
+        need(NOBODY is not None, "run as root to test permissions as user nobody")
+        os.chmod(self.tmp, 0o755)
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)    # fork with threads
+            pid = os.fork()
+        if pid == 0:
+            try:
+                as_nobody()
+                try:
+                    result = "returned %r" % (function(),)
+                except gsemail.GsEmailError as e:
+                    result = "%s %d %s" % (e.status, e.exit_code, e)
+                os.write(write, result.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            result = f.read().decode()
+        os.waitpid(pid, 0)
+        return result
+
+    def test_config_files(self):
+        binary = os.path.join(self.tmp, "binary.ini")
+        with open(binary, "wb") as f:
+            f.write(bytes(range(256)) * 4)
+        cases = {
+            "missing": (os.path.join(self.tmp, "nope.ini"), "no such config file"),
+            "binary garbage": (binary, "UTF-8"),
+            "both TLS flags": ("[smtp-default]\nhostname = h\nport = 25\nno_tls = yes\n"
+                               "force_tls = yes\n", "no_tls and force_tls"),
+            "lone %": ("[smtp-default]\nhostname = h\nport = 25\npassword = 5%\n"
+                       "username = u\n", "%"),
+            "duplicate section": ("[smtp-default]\nhostname = h\n[smtp-default]\n"
+                                  "port = 25\n", "[smtp-default]"),
+            "port is a word": ("[smtp-default]\nhostname = h\nport = smtp\n", "port"),
+            "port is a fraction": ("[smtp-default]\nhostname = h\nport = 25.5\n", "port"),
+            "boolean": ("[smtp-default]\nhostname = h\nport = 25\nforce_tls = 2\n",
+                        "force_tls"),
+            "count": ("[smtp-default]\nhostname = h\nport = 25\n"
+                      "messages_per_connection = 0\n", "messages_per_connection"),
+            "duration": ("[smtp-default]\nhostname = h\nport = 25\n"
+                         "max_queue_lifetime = -1\n", "max_queue_lifetime"),
+            "no section": ("hostname = h\n", "section"),
+        }
+        for what, (text, fragment) in cases.items():
+            with self.subTest(what):
+                path = text
+                if not text.startswith("/"):
+                    path = os.path.join(self.tmp, "case.ini")
+                    with open(path, "w") as f:
+                        f.write(text)
+                with self.assertRaises(gsemail.ConfigError) as cm:
+                    gsemail.load_config(path)
+                self.assertIn(path, str(cm.exception))
+                self.assertIn(fragment, str(cm.exception))
+
+    def test_unreadable_config_file(self):
+        path = os.path.join(self.tmp, "secret.ini")
+        with open(path, "w") as f:
+            f.write("[smtp-default]\nhostname = h\nport = 25\n")
+        os.chmod(path, 0o600)
+        result = self.as_nobody(lambda: gsemail.load_config(path))
+        self.assertTrue(result.startswith("4.3.5 78 "), result)
+        self.assertIn(path, result)
+        self.assertIn("permission", result.lower())
+
+    def test_a_config_error_loses_nothing_queued(self):
+        server = self.server()
+        name = self.enqueue(self.config(server.port))
+        path = os.path.join(self.queuepath, "new", name)
+        with open(path, "rb") as f:
+            before = f.read()
+        ini = os.path.join(self.tmp, "broken.ini")
+        with open(ini, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "force_tls = perhaps\n" % (server.port, self.queuepath))
+        run = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                              "--once"], cwd=HERE, capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+        self.assertRegex(run.stderr, r"^4\.3\.5 .*force_tls.*perhaps")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(server.connections, 0)
+
+    def test_envelope_addresses(self):
+        gsemail.configure(self.config(1))
+        long_local = "x" * 250 + "@example.org"
+        for what, sender, rcpt, fragment in (
+                ("CR in a recipient", "s@example.org", "a@example.org\rX", "control"),
+                ("LF in a recipient", "s@example.org", "a@example.org\nRCPT TO:<x@evil>",
+                 "control"),
+                ("NUL in the sender", "s\0@example.org", "a@example.org", "control"),
+                ("empty recipient", "s@example.org", "", "local-part@domain"),
+                ("recipient over 256 octets", "s@example.org", long_local, "254 octets"),
+                ("sender over 256 octets", long_local, "a@example.org", "254 octets"),
+                ("no domain", "s@example.org", "a@", "local-part@domain"),
+                # X-Zope-To is a comma-separated list: a comma would split it
+                ("comma in a recipient", "s@example.org", "a@exa,mple.org", "comma")):
+            with self.subTest(what):
+                with self.assertRaises(gsemail.MessageError) as cm:
+                    gsemail.send_email(sender, [rcpt], message())
+                self.assertIn(fragment, str(cm.exception))
+                if rcpt:
+                    culprit = rcpt if sender == "s@example.org" else sender
+                    self.assertIn(repr(culprit)[:40], str(cm.exception))
+                self.assertEqual(cm.exception.status[:4], "5.1.")
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+
+    def test_messages(self):
+        gsemail.configure(self.config(1))
+        for what, msg, fragment in (
+                ("empty", b"", "empty"),
+                ("only blank lines", b"\r\n\r\n", "empty"),
+                ("NUL byte", message(body="one\ntwo\0\n").encode(), "NUL byte (line 6)"),
+                ("line over 998 octets", message(body="ok\n" + "y" * 999 + "\n"),
+                 "line 6 of the message is longer than the 998 octets")):
+            with self.subTest(what):
+                with self.assertRaises(gsemail.MessageError) as cm:
+                    gsemail.send_email("s@example.org", ["a@example.org"], msg)
+                self.assertIn(fragment, str(cm.exception))
+                self.assertEqual(cm.exception.status, "5.6.0")
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+        # exactly 998 octets is allowed; bare LF and bare CR become CRLF
+        gsemail.send_email("s@example.org", ["a@example.org"],
+                           message(body="a\rb\n" + "y" * 998 + "\n"))
+        (name,) = self.listing("new")
+        with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+            data = f.read().split(b"\n", 2)[2]
+        self.assertIn(b"\r\na\r\nb\r\n" + b"y" * 998 + b"\r\n", data)
+
+    def test_8bit_without_8bitmime_is_returned_with_a_reason(self):
+        server = self.server(ehlo=("PIPELINING", "SIZE 10240000"))
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["eight@example.org"], msg=message(body="caf\u00e9\n"))
+        self.enqueue(config, rcpts=["seven@example.org"])
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["seven@example.org"])
+        text = self.dead_letter_text()
+        self.assertIn("X-Zope-To: eight@example.org\n", text)
+        self.assertIn("554 5.6.3 message has 8-bit data and 127.0.0.1:%d does not offer "
+                      "8BITMIME" % server.port, text)
+
+    def test_50_mb_message(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SIZE 60000000"))
+        config = self.config(server.port, timeout=30)
+        gsemail.configure(config)
+        line = "0123456789" * 7 + "\n"
+        body = line * (50 * 1024 * 1024 // len(line))
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        gsemail.send_email("s@example.org", ["big@example.org"],
+                           message(body=body, headers="X-Digest: %s\n" % digest))
+        self.drain(config)
+        (txn,) = server.transactions
+        head, _, got = txn["data"].partition(b"\r\n\r\n")
+        self.assertGreater(len(got), 50 * 1000 * 1000)
+        self.assertEqual(hashlib.sha256(got.replace(b"\r\n", b"\n")).hexdigest(), digest)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_queue_directory_not_writable(self):
+        queue = gsemail.Queue(self.queuepath)
+        os.chown(self.tmp, NOBODY.pw_uid if NOBODY else -1, -1)
+        for root, dirs, _ in os.walk(self.queuepath):
+            for d in [root] + [os.path.join(root, d) for d in dirs]:
+                os.chown(d, NOBODY.pw_uid if NOBODY else -1, -1)
+        os.chmod(os.path.join(queue.path, "new"), 0o500)
+        result = self.as_nobody(lambda: gsemail.Queue(self.queuepath))
+        self.assertEqual(result, "4.3.0 73 queue %s: new/ is not writable by this user"
+                         % self.queuepath)
+
+    def test_disk_full(self):
+        need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
+        mountpoint = os.path.join(self.tmp, "small")
+        os.mkdir(mountpoint)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700",
+                                  "tmpfs", mountpoint], capture_output=True, text=True)
+        need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+        self.addCleanup(subprocess.run, ["umount", mountpoint], check=True)
+        server = self.server()
+        config = self.config(server.port, queuepath=os.path.join(mountpoint, "queue"))
+        gsemail.configure(config)
+        accepted = []
+        with self.assertRaises(gsemail.QueueError) as cm:
+            for i in range(1000):
+                gsemail.send_email("s@example.org", ["r%d@example.org" % i],
+                                   message(subject="full %d" % i, body="z\n" * 10000))
+                accepted.append("r%d@example.org" % i)
+        self.assertEqual(cm.exception.status, "4.3.1")
+        self.assertEqual(cm.exception.exit_code, os.EX_TEMPFAIL)
+        self.assertIn("No space left on device", str(cm.exception))
+        self.assertTrue(accepted)
+        self.assertEqual(os.listdir(os.path.join(config.queuepath, "tmp")), [])
+        self.drain(config)
+        self.assertEqual(server.rcpts, accepted, "accepted before the disk filled, not sent")
+
+
+# ---------------------------------------------------------------------------
+# Randomised input through the public API (the seed is printed; set
+# GSEMAIL_FUZZ_SEED to repeat a run)
+# ---------------------------------------------------------------------------
+
+FUZZ_SEED = int(os.environ.get("GSEMAIL_FUZZ_SEED", str(random.randrange(1 << 30))))
+_SPICE = [b"\0", b"\r", b"\n", b"\r\n", b"\xc3\xa9", b"\xff", b".", b" ", b":", b"<", b">",
+          b",", b"@", b"\t", b"\x7f", b"y" * 1000]
+
+
+def mutate(rng, data, rounds=3):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, rounds)):
+        op = rng.randrange(5)
+        at = rng.randrange(len(data) + 1)
+        if op == 0:
+            data[at:at] = rng.choice(_SPICE)
+        elif op == 1:
+            del data[at:at + rng.randint(1, 20)]
+        elif op == 2:
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif op == 3:
+            del data[at:]
+        else:
+            data[at:at] = data[:rng.randint(0, 200)]
+    return bytes(data)
+
+
+class FuzzTests(Base):
+    def setUp(self):
+        super().setUp()
+        print("\nfuzz seed %d (GSEMAIL_FUZZ_SEED)" % FUZZ_SEED, file=sys.stderr)
+        self.rng = random.Random(FUZZ_SEED)
+
+    def test_mutated_messages_and_addresses(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SIZE 10240000"))
+        config = self.config(server.port)
+        gsemail.configure(config)
+        base = message(body="Hello.\n.\nBye.\n").encode()
+        accepted, refused = 0, {}
+        for i in range(3000):
+            rcpt = "r%d@example.org" % i
+            if self.rng.random() < 0.3:
+                rcpt = mutate(self.rng, rcpt.encode(), 1).decode("utf-8", "replace")
+            data = mutate(self.rng, base) if self.rng.random() < 0.9 else base
+            try:
+                gsemail.send_email("s@example.org", [rcpt], data)
+            except (gsemail.MessageError, TypeError) as e:
+                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
+                self.assertTrue(str(e))
+                continue
+            accepted += 1
+        print("fuzz: 3000 messages, %d accepted, refused %s" % (accepted, refused),
+              file=sys.stderr)
+        self.assertEqual(len(self.listing("new")), accepted, "lost or extra messages")
+        self.assertGreater(accepted, 300)
+        self.assertGreater(sum(refused.values()), 300)
+        for name in self.listing("new"):
+            with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+                data = f.read().split(b"\n", 2)[2]
+            self.assertNotIn(b"\0", data)
+            self.assertNotIn(b"\n", data.replace(b"\r\n", b""))
+            self.assertNotIn(b"\r", data.replace(b"\r\n", b""))
+            self.assertLessEqual(max(len(x) for x in data.split(b"\r\n")), 998)
+            self.assertRegex(data, rb"(?im)^message-id: ")
+        with self.assertLogs("gsemail", "DEBUG"):
+            self.drain(config)
+        self.assertEqual(self.listing("cur"), [])
+        dead = [n for n in self.listing("new") if n.startswith(".rejected-")]
+        self.assertEqual(len(dead) + len(server.transactions), accepted)
+        self.assertEqual(len(self.listing("new")), len(dead))
+        for name in dead:
+            with open(os.path.join(self.queuepath, "new", name), encoding="utf-8",
+                      errors="replace") as f:
+                self.assertIn("X-Gsemail-Failed: <", f.read())
+
+    def test_mutated_config_files(self):
+        base = (b"[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = relay.example.org\n"
+                b"port = 2525\nusername = u\npassword = p%%w\nqueuepath = /tmp/q\n"
+                b"xverp = true\ntimeout = 2m\nmax_queue_lifetime = 1d\n")
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        outcomes = {}
+        logs = self.assertLogs("gsemail", "WARNING")   # "did you mean" for misspellings
+        logs.__enter__()
+        self.addCleanup(logs.__exit__, None, None, None)
+        for _ in range(2000):
+            with open(path, "wb") as f:
+                f.write(mutate(self.rng, base))
+            try:
+                config = gsemail.load_config(path, "main")
+                self.assertIsInstance(config, gsemail.SMTPConfig)
+                outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+            except gsemail.ConfigError as e:
+                self.assertIn(path, str(e))
+                if "option password" in str(e):
+                    self.assertNotIn("p%w", str(e))
+                outcomes["ConfigError"] = outcomes.get("ConfigError", 0) + 1
+        print("fuzz: 2000 config files: %s" % outcomes, file=sys.stderr)
+        self.assertGreater(outcomes.get("ConfigError", 0), 200)
+
+    def test_garbage_queue_files(self):
+        server = self.server()
+        config = self.config(server.port)
+        good = [self.enqueue(config, rcpts=["good%d@example.org" % i]) for i in range(20)]
+        with open(os.path.join(self.queuepath, "new", good[0]), "rb") as f:
+            sample = f.read()
+        for i in range(300):
+            with open(os.path.join(self.queuepath, "new", "%d.G%d.fuzz" % (time.time(), i)),
+                      "wb") as f:
+                f.write(mutate(self.rng, sample, 4))
+        processor = gsemail.QueueProcessor(config)
+        with self.assertLogs("gsemail", "DEBUG"):
+            processor.drain()
+        self.assertEqual(self.listing("cur"), [])
+        left = [n for n in self.listing("new") if not n.startswith(".rejected-")]
+        self.assertEqual(left, [], "queue files neither sent nor dead letters")
+        for i in range(20):
+            self.assertIn("good%d@example.org" % i, server.rcpts)
+        for name in self.listing("new"):
+            with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+                self.assertIn(b"X-Gsemail-Dead-Letter: ", f.read())
+
+
+# ---------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------
+
+class SecurityTests(Base):
+    PASSWORD = "Pw-7f3a-never-shown"
+
+    def test_queue_modes_whatever_the_umask(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no" if "dead" in a else
+                                    "451 4.3.0 later" if "later" in a else None})
+        old = os.umask(0)
+        try:
+            config = self.config(server.port)
+            for rcpt in ("sent@example.org", "dead@example.org", "later@example.org"):
+                self.enqueue(config, rcpts=[rcpt])
+            with self.assertLogs("gsemail", "WARNING"):
+                self.drain(config)
+        finally:
+            os.umask(old)
+        seen = 0
+        for root, _dirs, files in os.walk(self.queuepath):
+            self.assertEqual(stat.S_IMODE(os.stat(root).st_mode), 0o700, root)
+            for name in files:
+                seen += 1
+                path = os.path.join(root, name)
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+        self.assertGreaterEqual(seen, 3, "a dead letter, a deferred message and its state")
+
+    def test_password_never_shown(self):
+        pw, blob = self.PASSWORD, base64.b64encode(b"\0user\0" + self.PASSWORD.encode())
+        config = self.config(1, username="user", password=pw)
+        shown = [repr(config), str(config)]
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            self.config(1, password=pw)
+        shown.append(str(cm.exception))
+        good = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", pw))
+        wrong = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", "other"))
+        no_auth = self.server(ehlo=("PIPELINING",))
+        for server in (good, wrong, no_auth):
+            try:
+                gsemail.Mailer(self.config(server.port, username="user", password=pw)).send(
+                    "s@example.org", "a@example.org", message())
+            except gsemail.GsEmailError as e:
+                shown += [str(e), repr(e), repr(e.reply)]
+        self.assertEqual(len(good.transactions), 1)
+        for port, want in ((good.port, 0), (wrong.port, os.EX_TEMPFAIL)):
+            ini = os.path.join(self.tmp, "gs.ini")
+            with open(ini, "w") as f:
+                f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                        "username = user\npassword = %s\nprocessorthread = no\n"
+                        % (port, self.queuepath, pw))
+            self.enqueue(self.config(port))
+            run = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                                  "--once", "-v"], cwd=HERE, capture_output=True, text=True,
+                                 timeout=60)
+            self.assertEqual(run.returncode, want, run.stderr)
+            self.assertIn("AUTH" if want else "delivered", run.stderr)
+            shown.append(run.stderr + run.stdout)
+        everything = "\n".join(shown)
+        self.assertIn("user", everything)
+        self.assertNotIn(pw, everything)
+        self.assertNotIn(blob.decode(), everything)
+
+    def test_injected_recipient_never_reaches_the_wire(self):
+        server = self.server()
+        config = self.config(server.port)
+        evil = "a@example.org>\r\nRCPT TO:<x@evil.example"
+        with self.assertRaises(ValueError):
+            gsemail.Mailer(config).send("s@example.org", [evil], message())
+        gsemail.configure(config)
+        with self.assertRaises(ValueError):
+            gsemail.send_email("s@example.org", [evil], message())
+        with self.assertRaises(ValueError):
+            gsemail.send_email(evil.replace("a@", "s@"), ["a@example.org"], message())
+        # past the API (a queue file from another writer, or deliver() itself)
+        with open(os.path.join(self.queuepath, "new", "1.evil"), "wb") as f:
+            f.write(b"X-Zope-From: s@example.org\nX-Zope-To: good@example.org, "
+                    b"a@example.org>\rRCPT TO:<x@evil.example\n" + message().encode())
+        with gsemail.Mailer(config) as mailer:
+            mailer.open()
+            out = mailer.deliver("s@example.org", ["good@example.org", evil],
+                                 message().encode())
+            self.assertEqual(out.delivered, ["good@example.org"])
+            self.assertEqual(out.failed[evil].status, "5.1.3")
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["good@example.org", "good@example.org"])
+        self.assertFalse([c for c in server.commands if "evil" in c], server.commands)
+        self.assertIn("5.1.3", self.dead_letter_text())
