@@ -710,26 +710,38 @@ class Queue:
         return msg
 
     def _make_claim(self, claim_path: str) -> Optional[int]:
-        for _ in range(2):
+        # The claim is born whole: written and locked under a private name in
+        # tmp/, then hard-linked into place (atomic, and it fails if the name
+        # exists, as zope's own link() claim does).  A process killed at any
+        # point leaves either no claim or one that names it and whose lock
+        # is free, so the next processor can break it at once.
+        private = os.path.join(self.path, "tmp", ".claim-%s-%d-%d" % (
+            _HOST, os.getpid(), next(_counter)))
+        fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                fd = os.open(claim_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                if not self._break_stale_claim(claim_path):
-                    return None
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    os.close(fd)
-                    os.unlink(claim_path)
                     raise
                 # A full disk must not stop the sending that empties it: the
                 # claim holds without its owner's name; others just wait
                 # claim_timeout before they take it as stale.
-            return fd
-        return None
+            for _ in range(2):
+                try:
+                    os.link(private, claim_path)
+                except FileExistsError:
+                    if self._break_stale_claim(claim_path):
+                        continue
+                    break
+                taken, fd = fd, -1
+                return taken
+            return None
+        finally:
+            os.unlink(private)
+            if fd >= 0:
+                os.close(fd)
 
     def _break_stale_claim(self, claim_path: str) -> bool:
         """Remove a claim whose owner is gone.  True if it was removed.
@@ -754,8 +766,8 @@ class Queue:
                     return False    # replaced by a new claim meanwhile
             except FileNotFoundError:
                 return True
-            owner = os.pread(fd, 200, 0) if st.st_nlink == 1 else b""
-            words = owner.decode("utf-8", "replace").split()
+            # ours holds "gsemail HOST PID"; zope's is a link to the message
+            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
             ours = len(words) == 3 and words[0] == "gsemail" and words[1] == _HOST
             # link() and utime() both set ctime: a zope claim's age is its ctime.
             age = time.time() - max(st.st_mtime, st.st_ctime)

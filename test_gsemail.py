@@ -1674,6 +1674,14 @@ class PostfixTests(Base):
         self.assertTrue(config.verify_certificates)
         self.send(config, [p + "a@gsemail.test"])
         self.postfix.wait_delivered(p, 1)
+        # SMTPS is TLS required: without the CA the certificate fails, nothing goes
+        unverified = self.config(self.postfix.smtps_port, implicit_tls=True)
+        with self.assertRaises(gsemail.TLSError) as cm:
+            gsemail.Mailer(unverified).send("bounces@gsemail.test", p + "b@gsemail.test",
+                                            message())
+        self.assertEqual(cm.exception.status, "4.7.5")
+        time.sleep(1)
+        self.assertEqual(len(self.postfix.delivered(p)), 1)
 
     def test_auth_on_the_submission_port(self):
         p = self.prefix()
