@@ -1908,6 +1908,10 @@ class FaultTests(Base):
     def test_451_at_data(self):
         self.assertFault({"DATA": ["451 4.3.0 try again"]}, "451 4.3.0 try again")
 
+    def test_452_at_data(self):
+        self.assertFault({"DATA": ["452 4.3.1 insufficient storage"]},
+                         "452 4.3.1 insufficient storage")
+
     def test_452_after_data(self):
         self.assertFault({"DOT": ["452 4.3.1 insufficient storage"]},
                          "452 4.3.1 insufficient storage")
