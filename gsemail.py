@@ -795,14 +795,29 @@ class Queue:
                 self._write_state(name, state, sync=True)
             _write_synced(tmp, [_envelope(sender, recipients), data], exclusive=True)
             os.rename(tmp, final)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._error("cannot write the message", e) from None
+        try:
             _fsync_dir(os.path.join(self.path, "new"))
         except OSError as e:
-            for leftover in (tmp, final):
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
-            raise self._error("cannot write the message", e) from None
+            # The message is already visible in new/ and a processor may be
+            # sending it, so it cannot simply be unlinked: withdraw it only
+            # if we can claim it.  Otherwise it is on its way (or sent), and
+            # raising would make the caller send it a second time.
+            msg = self.claim(final)
+            if msg is None:
+                log.error("4.3.0 queue %s: %s was queued and is being sent, but new/ "
+                          "could not be synced: %s", self.path, name, e.strerror)
+                return name
+            try:
+                os.unlink(final)
+            finally:
+                msg.release()
+            raise self._error("cannot sync new/ after writing the message", e) from None
         return name
 
     # -- finding and claiming -------------------------------------------------
@@ -869,17 +884,38 @@ class Queue:
         return msg
 
     def _make_claim(self, claim_path: str) -> Optional[int]:
-        for _ in range(2):
-            try:
-                fd = os.open(claim_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                if not self._break_stale_claim(claim_path):
-                    return None
-                continue
+        # The claim is born whole: written and locked under a private name in
+        # tmp/, then hard-linked into place (atomic, and it fails if the name
+        # exists, as zope's own link() claim does).  A process killed at any
+        # point leaves either no claim or one that names it and whose lock
+        # is free, so the next processor can break it at once.
+        private = os.path.join(self.path, "tmp", ".claim-%s-%d-%d" % (
+            _HOST, os.getpid(), next(_counter)))
+        fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
-            return fd
-        return None
+            try:
+                os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A full disk must not stop the sending that empties it: the
+                # claim holds without its owner's name; others just wait
+                # claim_timeout before they take it as stale.
+            for _ in range(2):
+                try:
+                    os.link(private, claim_path)
+                except FileExistsError:
+                    if self._break_stale_claim(claim_path):
+                        continue
+                    break
+                taken, fd = fd, -1
+                return taken
+            return None
+        finally:
+            os.unlink(private)
+            if fd >= 0:
+                os.close(fd)
 
     def _break_stale_claim(self, claim_path: str) -> bool:
         """Remove a claim whose owner is gone.  True if it was removed.
@@ -904,8 +940,8 @@ class Queue:
                     return False    # replaced by a new claim meanwhile
             except FileNotFoundError:
                 return True
-            owner = os.pread(fd, 200, 0) if st.st_nlink == 1 else b""
-            words = owner.decode("utf-8", "replace").split()
+            # ours holds "gsemail HOST PID"; zope's is a link to the message
+            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
             ours = len(words) == 3 and words[0] == "gsemail" and words[1] == _HOST
             # link() and utime() both set ctime: a zope claim's age is its ctime.
             age = time.time() - max(st.st_mtime, st.st_ctime)
@@ -1149,10 +1185,11 @@ class Queue:
             return "nobody now (the claim has just gone)"
         try:
             st = os.fstat(fd)
-            if st.st_nlink > 1:
-                return "zope.sendmail (a hard link), touched %d s ago" % (
-                    time.time() - st.st_ctime)
-            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            head = os.pread(fd, 200, 0)
+            if head.startswith(b"X-Zope-From:"):
+                # zope.sendmail claims with a hard link to the message itself
+                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime)
+            words = head.decode("utf-8", "replace").split()
             if len(words) == 3 and words[0] == "gsemail" and words[1] == _HOST:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -1160,7 +1197,8 @@ class Queue:
                     return "process %s on this host, running" % words[2]
                 return "process %s on this host, which has died (the claim is broken " \
                        "at the next look)" % words[2]
-            return "%s, touched %d s ago" % (" ".join(words[:3]) or "unknown",
+            return "%s, touched %d s ago" % (" ".join(words[:3]) or "an owner that left no "
+                                            "name (full disk?)",
                                             time.time() - max(st.st_mtime, st.st_ctime))
         finally:
             os.close(fd)
@@ -1407,6 +1445,8 @@ def _address_problem(address: str) -> Optional[str]:
         return "contains a control character (CR, LF, NUL, ...)"
     if len(address.encode("utf-8")) > 254:
         return "is longer than 254 octets"
+    if "," in address:
+        return "contains a comma (give each address as its own item of the list)"
     if "<" in address or ">" in address:
         return "contains < or > (give the bare address, not 'Name <address>')"
     local, at, domain = address.rpartition("@")
@@ -1583,6 +1623,20 @@ class Mailer:
 
     def _reach(self, host: str, port: int) -> _Session:
         """Connect to one relay: greeting, EHLO and TLS as configured."""
+        try:
+            return self._reach_once(host, port)
+        except TLSError as e:
+            # Opportunistic TLS, as Postfix's "may": a failed handshake is
+            # no worse than a server without STARTTLS, so try again in plain
+            # text.  Never when TLS is required or certificates are checked.
+            c = self.config
+            if c.tls_required or c.verify_certificates or e.status != "4.7.5":
+                raise
+            log.warning("%s: sending in plain text, as TLS is not required (set "
+                        "force_tls = true to require it)", e.reply)
+            return self._reach_once(host, port, starttls=False)
+
+    def _reach_once(self, host: str, port: int, starttls: bool = True) -> _Session:
         c = self.config
         smtp: Optional[smtplib.SMTP] = None
         try:
@@ -1602,7 +1656,7 @@ class Mailer:
             self._hello(smtp)
             before = dict(smtp.esmtp_features)
             encrypted = c.use_implicit_tls
-            if not encrypted and not c.no_tls:
+            if not encrypted and not c.no_tls and starttls:
                 if smtp.has_extn("starttls"):
                     code, text = smtp.docmd("STARTTLS")
                     if code == 220:
@@ -1699,6 +1753,9 @@ class Mailer:
                         "not verified (tls_verify = false)" if c.tls_verify is False else
                         "not verified (TLS is only opportunistic: force_tls or tls_verify "
                         "= true would verify it)")
+                elif "starttls" in session.offered_before_tls and not c.no_tls:
+                    result.tls = ("none: the STARTTLS handshake failed, so mail goes in "
+                                  "plain text (TLS is only opportunistic)")
                 if c.username:
                     self._login(session.smtp, session.encrypted)
                     result.auth = "accepted for %s (offered: %s)" % (
@@ -1837,6 +1894,14 @@ class Mailer:
                                          "does not offer SMTPUTF8" % (rcpt, self.where))
             else:
                 pending.append(rcpt)
+        if not data.isascii() and "8bitmime" not in s.features:
+            # RFC 6152: 8-bit data must not go to a server that does not take
+            # it; we do not rewrite messages, so it is returned undelivered.
+            why = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
+                        "8BITMIME" % self.where)
+            out.failed.update((r, why) for r in pending)
+            out.final = why
+            return out
         wire = _wire(data)
         if s.size and len(wire) > s.size:
             why = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
@@ -2298,6 +2363,17 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
     data = re.sub(rb"\r\n|\r|\n", b"\r\n", data.lstrip(b"\r\n"))
     if not data.strip():
         raise MessageError("the message is empty", status="5.6.0")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise MessageError("the message has a NUL byte (line %d), which SMTP cannot "
+                           "carry: encode that part (base64)"
+                           % (data.count(b"\r\n", 0, nul) + 1), status="5.6.0")
+    lengths = [len(line) for line in data.split(b"\r\n")]
+    if max(lengths) > 998:
+        raise MessageError("line %d of the message is longer than the 998 octets "
+                           "RFC 5322 allows: encode that part (quoted-printable or "
+                           "base64)" % (next(n for n, length in enumerate(lengths, 1)
+                                              if length > 998)), status="5.6.0")
     if not _HEADER_LINE.match(data):
         raise MessageError("the message does not start with a header line "
                            "('Name: value'); give a whole RFC 5322 message",
@@ -2967,7 +3043,7 @@ _MEANING = {
              "name the recipient",
     "PIPELINING": "one command per round trip (slower with many recipients)",
     "SMTPUTF8": "non-ASCII addresses are refused (5.6.7)",
-    "8BITMIME": "messages with 8-bit data may be refused",
+    "8BITMIME": "messages with 8-bit data are refused (5.6.3)",
     "STARTTLS": "plain text only",
 }
 

@@ -15,8 +15,10 @@ import email
 import email.message
 import email.policy
 import json
+import hashlib
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -29,6 +31,7 @@ import textwrap
 import threading
 import time
 import unittest
+import warnings
 
 import gsemail
 
@@ -84,19 +87,20 @@ class SMTPServer:
     """
 
     def __init__(self, ehlo=("PIPELINING", "8BITMIME", "SIZE 10240000",
-                             "ENHANCEDSTATUSCODES"), rules=None, auth=None):
+                             "ENHANCEDSTATUSCODES"), rules=None, auth=None, port=0):
         self.ehlo = list(ehlo)
         self.rules = dict(rules or {})
         self.auth = auth
         self.transactions = []
         self.commands = []
         self.connections = 0
+        self.ended = {}     # connection number -> "quit" or "eof" (dropped or killed)
         self._closing = threading.Event()
         self._clients = []
         self._lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(50)
         self.port = self.sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -133,10 +137,14 @@ class SMTPServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            # Replies go out as written, as real servers do: with Nagle's
+            # algorithm each reply after the first waits for a delayed ACK.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self.connections += 1
                 self._clients.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                number = self.connections
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
 
     def _rule(self, verb, arg, default):
         rule = self.rules.get(verb)
@@ -146,12 +154,14 @@ class SMTPServer:
             return rule.pop(0)
         return default
 
-    def _serve(self, conn):
+    def _serve(self, conn, number):
+        how = "eof"
         try:
-            self._session(conn, conn.makefile("rb"))
+            how = self._session(conn, conn.makefile("rb"), number)
         except (OSError, ValueError, _Dropped):
             pass
         finally:
+            self.ended[number] = how or "eof"
             conn.close()
 
     def _say(self, conn, text):
@@ -162,13 +172,13 @@ class SMTPServer:
             raise _Dropped()
         conn.sendall(text.replace("\n", "\r\n").encode() + b"\r\n")
 
-    def _session(self, conn, f):
+    def _session(self, conn, f, number=0):
         self._say(conn, self._rule("CONNECT", "", "220 test.example ESMTP"))
         txn = None
         while True:
             line = f.readline()
             if not line:
-                return
+                return "eof"
             text = line.decode("utf-8", "replace").rstrip("\r\n")
             self.commands.append(text)
             verb, _, arg = text.partition(" ")
@@ -177,7 +187,7 @@ class SMTPServer:
                 verb_arg = arg[5:] if arg.upper().startswith("FROM:") else arg
                 answer = self._rule("MAIL", verb_arg, "250 2.1.0 Ok")
                 if answer.startswith("2"):
-                    txn = {"mail": verb_arg, "rcpts": [], "data": None}
+                    txn = {"mail": verb_arg, "rcpts": [], "data": None, "conn": number}
                 self._say(conn, answer)
             elif verb == "RCPT":
                 addr = arg[3:] if arg.upper().startswith("TO:") else arg
@@ -200,11 +210,11 @@ class SMTPServer:
                 while True:
                     line = f.readline()
                     if not line:
-                        return
+                        return "eof"
                     if line == b".\r\n":
                         break
-                    if self.rules.get("DATA-LINE") == DROP:
-                        return
+                    if not lines and self._rule("DATA-LINE", "", None) == DROP:
+                        return "eof"
                     lines.append(line[1:] if line.startswith(b".") else line)
                 txn["data"] = b"".join(lines)
                 answer = self._rule("DOT", "", "250 2.0.0 Ok: queued")
@@ -223,8 +233,16 @@ class SMTPServer:
             elif verb == "AUTH" and self.auth:
                 mech, _, blob = arg.partition(" ")
                 want = base64.b64encode(("\0%s\0%s" % self.auth).encode()).decode()
-                self._say(conn, "235 2.7.0 Authentication successful" if blob == want
-                          else "535 5.7.8 Error: authentication failed")
+                self._say(conn, self._rule("AUTH", blob, "235 2.7.0 Authentication successful"
+                                           if blob == want else
+                                           "535 5.7.8 Error: authentication failed"))
+            elif verb == "STARTTLS":
+                # Only ever a failed handshake: real TLS is tested with Postfix.
+                answer = self._rule("STARTTLS", "", "454 4.7.0 TLS not available")
+                self._say(conn, answer)
+                if answer.startswith("220"):
+                    conn.sendall(b"this is not a TLS record\r\n")
+                    return "eof"
             elif verb == "RSET":
                 txn = None
                 self._say(conn, self._rule("RSET", "", "250 2.0.0 Ok"))
@@ -232,7 +250,7 @@ class SMTPServer:
                 self._say(conn, "250 2.0.0 Ok")
             elif verb == "QUIT":
                 self._say(conn, self._rule("QUIT", "", "221 2.0.0 Bye"))
-                return
+                return "quit"
             else:
                 self._say(conn, "502 5.5.2 Error: command not recognized")
 
@@ -2429,6 +2447,14 @@ class PostfixTests(Base):
         self.assertTrue(config.verify_certificates)
         self.send(config, [p + "a@gsemail.test"])
         self.postfix.wait_delivered(p, 1)
+        # SMTPS is TLS required: without the CA the certificate fails, nothing goes
+        unverified = self.config(self.postfix.smtps_port, implicit_tls=True)
+        with self.assertRaises(gsemail.TLSError) as cm:
+            gsemail.Mailer(unverified).send("bounces@gsemail.test", p + "b@gsemail.test",
+                                            message())
+        self.assertEqual(cm.exception.status, "4.7.5")
+        time.sleep(1)
+        self.assertEqual(len(self.postfix.delivered(p)), 1)
 
     def test_auth_on_the_submission_port(self):
         p = self.prefix()
@@ -2571,3 +2597,884 @@ class FailureHandlingTests(Base):
         self.assertEqual(logins, [])
         gsemail.Mailer(config)._login(Connection(), encrypted=True)
         self.assertEqual(logins, ["u"])
+
+
+# ---------------------------------------------------------------------------
+# Faults: each hits one message; the same processor thread goes on
+# ---------------------------------------------------------------------------
+
+class FaultTests(Base):
+    """Every fault of the reliability list, each with its end state asserted:
+    delivered, deferred with the next attempt in the future, or a dead letter
+    with the reason.  The fault hits the first message only; a running
+    processor thread then delivers the next message."""
+
+    def run_fault(self, server, rcpts=("victim@example.org",), next_state="delivered",
+                  **config):
+        config.setdefault("poll_interval", 0.2)
+        config = self.config(server.port, **config)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        name = self.enqueue(config, rcpts=rcpts)
+        processor.wake()
+        wait_for(lambda: self.settled(name), what="the first message to settle")
+        following = self.enqueue(config, rcpts=["next@example.org"])
+        processor.wake()
+        if next_state == "delivered":
+            wait_for(lambda: "next@example.org" in server.rcpts, what="the next message")
+        else:
+            wait_for(lambda: self.settled(following), what="the next message to settle")
+        self.assertTrue(processor.alive, "the processor thread died")
+        return name
+
+    def settled(self, name):
+        """The message has left new/ and nobody holds a claim on anything."""
+        names = self.listing("new") + self.listing("cur")
+        return name not in self.listing("new") and not any(
+            n.startswith(".sending-") for n in names)
+
+    def assertFault(self, rules, error, deferred=True, ehlo=None, auth=None, **config):
+        kw = {"rules": rules, "auth": auth}
+        if ehlo is not None:
+            kw["ehlo"] = ehlo
+        server = self.server(**kw)
+        with self.assertLogs("gsemail", "DEBUG") as logs:
+            name = self.run_fault(server, **config)
+        if deferred:
+            state = self.assertDeferred(name, ["victim@example.org"])
+            self.assertIn(error, state["last_error"])
+            self.assertEqual(state["attempts"], 1)
+            self.assertNotIn("victim@example.org", server.rcpts)
+        self.assertIn("next@example.org", server.rcpts)
+        return server, logs
+
+    def test_421_at_greeting(self):
+        self.assertFault({"CONNECT": ["421 4.3.2 busy"]}, "421 4.3.2 busy")
+
+    def test_421_at_mail(self):
+        self.assertFault({"MAIL": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_421_during_rcpt(self):
+        self.assertFault({"RCPT": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_421_at_data(self):
+        self.assertFault({"DATA": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_421_after_the_final_dot(self):
+        self.assertFault({"DOT": ["421 4.4.2 closing"]}, "421 4.4.2 closing")
+
+    def test_connection_dropped_during_data(self):
+        self.assertFault({"DATA-LINE": [DROP]}, "4.4.2 connection to")
+
+    def test_connection_dropped_after_the_dot_before_the_reply(self):
+        # RFC 1047: the client cannot know whether the server kept the
+        # message, so it is retried (a real server may then deliver it twice).
+        self.assertFault({"DOT": [DROP]}, "4.4.2 connection to")
+
+    def test_451_at_rcpt(self):
+        self.assertFault({"RCPT": ["451 4.3.0 try again"]}, "451 4.3.0 try again")
+
+    def test_452_at_rcpt(self):
+        self.assertFault({"RCPT": ["452 4.2.2 mailbox full"]}, "452 4.2.2 mailbox full")
+
+    def test_451_at_data(self):
+        self.assertFault({"DATA": ["451 4.3.0 try again"]}, "451 4.3.0 try again")
+
+    def test_452_at_data(self):
+        self.assertFault({"DATA": ["452 4.3.1 insufficient storage"]},
+                         "452 4.3.1 insufficient storage")
+
+    def test_452_after_data(self):
+        self.assertFault({"DOT": ["452 4.3.1 insufficient storage"]},
+                         "452 4.3.1 insufficient storage")
+
+    def test_550_for_one_recipient_of_three(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no such user"
+                                    if a.startswith("<victim") else None})
+        with self.assertLogs("gsemail", "WARNING"):
+            self.run_fault(server, rcpts=("a@example.org", "victim@example.org",
+                                          "c@example.org"))
+        self.assertEqual(server.rcpts, ["a@example.org", "c@example.org", "next@example.org"])
+        text = self.dead_letter_text()
+        self.assertIn("X-Zope-To: victim@example.org\n", text)
+        self.assertIn("X-Gsemail-Failed: <victim@example.org> 550 5.1.1 no such user", text)
+
+    def test_554_after_data(self):
+        server = self.server(rules={"DOT": ["554 5.7.1 rejected as spam"]})
+        with self.assertLogs("gsemail", "ERROR"):
+            self.run_fault(server)
+        self.assertEqual(server.rcpts, ["next@example.org"])
+        self.assertIn("554 5.7.1 rejected as spam", self.dead_letter_text())
+
+    def test_server_that_accepts_and_never_answers(self):
+        self.assertFault({"CONNECT": [HANG]}, "timed out", timeout=0.5)
+
+    def test_tls_handshake_failure_when_tls_is_optional_falls_back_to_plain_text(self):
+        server, logs = self.assertFault({"STARTTLS": ["220 2.0.0 Ready to start TLS"]},
+                                        None, deferred=False,
+                                        ehlo=("PIPELINING", "STARTTLS"))
+        self.assertEqual(server.rcpts, ["victim@example.org", "next@example.org"])
+        self.assertTrue(any("4.7.5 TLS with" in line and "plain text" in line
+                            for line in logs.output), logs.output)
+
+    def test_tls_handshake_failure_when_tls_is_required_sends_nothing(self):
+        server = self.server(ehlo=("PIPELINING", "STARTTLS"),
+                             rules={"STARTTLS": ["220 2.0.0 Ready to start TLS"]})
+        with self.assertLogs("gsemail", "WARNING"):
+            name = self.run_fault(server, next_state="deferred", force_tls=True)
+        self.assertIn("4.7.5 TLS with", self.assertDeferred(name, ["victim@example.org"])
+                      ["last_error"])
+        self.assertEqual(server.transactions, [])
+        self.assertFalse([c for c in server.commands if c.upper().startswith("MAIL")],
+                         "force_tls sent a message in plain text")
+
+    def test_535_on_auth(self):
+        server, logs = self.assertFault(
+            {"AUTH": ["535 5.7.8 Error: authentication failed"]},
+            # a wrong password is the relay's trouble, not the message's: kept
+            "451 4.7.8 Error: authentication failed (AUTH as user at 127.0.0.1:",
+            ehlo=("PIPELINING", "AUTH PLAIN"),
+            auth=("user", "s3cret-535"), username="user", password="s3cret-535")
+        self.assertNotIn("s3cret-535", "\n".join(logs.output))
+
+    def test_xverp_not_offered(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port, poll_interval=0.2)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.enqueue(config, rcpts=["victim@example.org"], xverp=True)
+            processor.wake()
+            wait_for(lambda: server.rcpts, what="delivery without XVERP")
+        self.assertEqual(server.transactions[0]["mail"], "<bounces@example.org>")
+        self.assertIn("4.3.3", logs.output[0])
+        self.assertTrue(processor.alive)
+
+    def test_relay_down_longer_than_the_queue_lifetime(self):
+        port = free_port()
+        config = self.config(port, poll_interval=0.2, min_backoff_time=0.3,
+                             max_backoff_time=0.3, max_queue_lifetime=1.5)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            name = self.enqueue(config, rcpts=["victim@example.org"])
+            processor.wake()
+            wait_for(lambda: self.dead_letters(), what="the dead letter")
+        deferrals = [line for line in logs.output if "deferred for" in line]
+        self.assertGreaterEqual(len(deferrals), 2, logs.output)
+        self.assertTrue(all("4.4.1 connection refused" in line for line in deferrals))
+        text = self.dead_letter_text()
+        self.assertIn("X-Zope-To: victim@example.org\n", text)
+        self.assertIn("4.4.1 connection refused", text)
+        self.assertRegex(text, r"gave up after \d+ attempts")
+        self.assertFalse(os.path.exists(os.path.join(self.queuepath, "cur", name)))
+        self.assertTrue(any("gave up" in line for line in logs.output))
+        server = self.server(port=port)     # the relay is back
+        self.enqueue(config, rcpts=["next@example.org"])
+        processor.wake()
+        wait_for(lambda: server.rcpts, what="the next message")
+        self.assertEqual(server.rcpts, ["next@example.org"])
+        self.assertTrue(processor.alive)
+
+
+# ---------------------------------------------------------------------------
+# Crashes: SIGKILL at random moments
+# ---------------------------------------------------------------------------
+
+CRASH_KILLS = int(os.environ.get("GSEMAIL_CRASH_KILLS", "20"))
+CRASH_SEED = int(os.environ.get("GSEMAIL_CRASH_SEED", str(random.randrange(1 << 30))))
+
+
+def message_id(data):
+    found = re.search(rb"(?im)^Message-ID:\s*(<[^>\r\n]+>)", data)
+    return found.group(1).decode() if found else None
+
+
+def standard_message(i, tag):
+    """About 5 KB, like the benchmark workload, with a Message-ID we know."""
+    body = "".join("line %04d of message %d: %s\n" % (n, i, "x" * 40) for n in range(70))
+    return ("From: list@crash.test\nTo: member%d@crash.test\nSubject: crash %s %d\n"
+            "Message-ID: <%s.%d@crash.test>\n\n%s" % (i, tag, i, tag, i, body))
+
+
+def crash_harness(workdir, kills_wanted, per_round, seed, log=print):
+    """Start ``python -m gsemail --once`` on queues of per_round messages,
+    SIGKILL it at random moments and start it again, until kills_wanted
+    kills; the run after the last kill must empty the queue.  Returns what
+    arrived at the server, for the caller to check."""
+    rng = random.Random(seed)
+    server = SMTPServer()
+    queuepath = os.path.join(workdir, "queue")
+    ini = os.path.join(workdir, "crash.ini")
+    with open(ini, "w") as f:
+        f.write("[smtp-crash]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                "processorthread = false\ntimeout = 10\nehlo_name = client.test\n"
+                % (server.port, queuepath))
+    command = [sys.executable, "-m", "gsemail", "-c", ini, "-i", "crash", "--once"]
+    report = {"kills": 0, "rounds": 0, "queued": set(), "runs": 0, "final_seconds": 0.0,
+              "server": server, "deferred_seen": 0, "leftovers": []}
+    queue = gsemail.Queue(queuepath)
+    try:
+        while report["kills"] < kills_wanted:
+            tag = "r%d" % report["rounds"]
+            report["rounds"] += 1
+            for i in range(per_round):
+                data = gsemail._prepare_message(standard_message(i, tag))
+                queue.add("list@crash.test", ["member%d@crash.test" % i], data)
+                report["queued"].add("<%s.%d@crash.test>" % (tag, i))
+            while True:
+                report["runs"] += 1
+                started = time.monotonic()
+                proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+                if report["kills"] < kills_wanted:
+                    try:
+                        proc.wait(rng.uniform(0.05, 0.5))
+                    except subprocess.TimeoutExpired:
+                        proc.kill()     # SIGKILL
+                        proc.communicate()
+                        report["kills"] += 1
+                        report["deferred_seen"] += len(os.listdir(
+                            os.path.join(queuepath, "cur")))
+                        continue
+                _, err = proc.communicate(timeout=120)
+                report["final_seconds"] = time.monotonic() - started
+                if proc.returncode != 0:
+                    raise AssertionError("gsemail --once exited %d: %s"
+                                         % (proc.returncode, err.decode()[-2000:]))
+                break
+            report["leftovers"] += [
+                os.path.join(sub, n) for sub in ("new", "cur")
+                for n in os.listdir(os.path.join(queuepath, sub))]
+            log("crash harness: round %d done, %d kills so far, %d arrivals"
+                % (report["rounds"], report["kills"], len(server.transactions)))
+    finally:
+        server.close()
+    return report
+
+
+def crash_verdict(report):
+    """Lost and duplicated Message-IDs, and where each duplicate came from."""
+    server = report["server"]
+    arrivals = {}
+    for n, txn in enumerate(server.transactions):
+        arrivals.setdefault(message_id(txn["data"]), []).append(n)
+    lost = sorted(report["queued"] - set(arrivals))
+    unexplained, explained = [], []
+    last_on = {}
+    for n, txn in enumerate(server.transactions):
+        last_on[txn["conn"]] = n
+    for mid, seen in arrivals.items():
+        if len(seen) < 2:
+            continue
+        first = server.transactions[seen[0]]
+        # A duplicate is allowed only when the first copy was the last thing
+        # the server accepted on a connection whose client was killed (the
+        # connection ended without QUIT): the kill fell between the server's
+        # 250 and the queue's record of it.
+        if len(seen) == 2 and last_on[first["conn"]] == seen[0] and \
+                server.ended.get(first["conn"]) == "eof":
+            explained.append(mid)
+        else:
+            unexplained.append(mid)
+    return lost, explained, unexplained
+
+
+class CrashTests(Base):
+    def test_sigkill_at_random_moments_loses_nothing(self):
+        """Issue 4's crash run: GSEMAIL_CRASH_KILLS=200 for the full one."""
+        print("\ncrash harness: seed %d (GSEMAIL_CRASH_SEED), %d kills"
+              % (CRASH_SEED, CRASH_KILLS), file=sys.stderr)
+        report = crash_harness(self.tmp, CRASH_KILLS, 2000, CRASH_SEED,
+                               log=lambda line: print(line, file=sys.stderr))
+        lost, explained, unexplained = crash_verdict(report)
+        print("crash harness: %d kills over %d runs, %d messages queued, %d arrivals, "
+              "%d lost, %d duplicates (each the last message a killed process had "
+              "sent), %d unexplained; the last run emptied the queue in %.1f s"
+              % (report["kills"], report["runs"], len(report["queued"]),
+                 len(report["server"].transactions), len(lost), len(explained),
+                 len(unexplained), report["final_seconds"]), file=sys.stderr)
+        self.assertEqual(report["kills"], CRASH_KILLS)
+        self.assertEqual(lost, [], "messages lost")
+        self.assertEqual(unexplained, [], "duplicates not explained by a kill after the 250")
+        self.assertLessEqual(len(explained), report["kills"])
+        self.assertEqual(report["deferred_seen"], 0,
+                         "a killed process's message was deferred instead of due at once")
+        self.assertEqual(report["leftovers"], [], "messages or claims left in the queue")
+        self.assertLess(report["final_seconds"], 60)
+
+    def test_sigkill_during_send_email_leaves_whole_messages_or_none(self):
+        """A process killed inside send_email: every queued file is whole
+        (its body matches the digest in its header), and only whole ones
+        are sent."""
+        rng = random.Random(CRASH_SEED)
+        server = self.server()
+        ini = os.path.join(self.tmp, "torn.ini")
+        with open(ini, "w") as f:
+            f.write("[smtp-torn]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "processorthread = false\n" % (server.port, self.queuepath))
+        script = textwrap.dedent("""
+            import hashlib, os, sys
+            import gsemail
+            gsemail.configure(sys.argv[1], "torn")
+            # one body per process, so the loop is nearly all send_email
+            body = "".join("%d %d %s\\n" % (os.getpid(), n, "y" * 60)
+                           for n in range(40000))
+            digest = hashlib.sha256(body.encode()).hexdigest()
+            i = 0
+            while True:
+                gsemail.send_email("s@torn.test", ["r@torn.test"],
+                                   "Subject: torn %d-%d\\nX-Body-SHA256: %s\\n\\n%s"
+                                   % (os.getpid(), i, digest, body))
+                print("%d-%d" % (os.getpid(), i), flush=True)   # returned: accepted
+                i += 1
+        """)
+        accepted = set()
+        kills = max(10, CRASH_KILLS // 2)
+        for _ in range(kills):
+            proc = subprocess.Popen([sys.executable, "-c", script, ini], cwd=HERE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            first = proc.stdout.readline()      # in the loop now: kill it anywhere
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.kill()
+            out, err = proc.communicate()
+            self.assertNotIn(b"Traceback", err, err.decode())
+            accepted.update("torn %s" % n for n in (first + out).decode().split())
+
+        def subject_and_whole(data):
+            head, _, body = data.partition(b"\r\n\r\n")
+            subject = re.search(rb"(?m)^Subject: ([^\r\n]+)", head).group(1).decode()
+            digest = re.search(rb"(?m)^X-Body-SHA256: (\w+)", head).group(1).decode()
+            return subject, hashlib.sha256(body.replace(b"\r\n", b"\n")).hexdigest() == digest
+
+        queued = {}
+        for name in self.listing("new"):
+            with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+                subject, whole = subject_and_whole(f.read().split(b"\n", 2)[2])
+            self.assertTrue(whole, "torn file in new/: %s" % name)
+            queued[subject] = name
+        self.assertTrue(accepted, "no send_email call finished: the test proved nothing")
+        self.assertLessEqual(accepted, set(queued), "an accepted message is not in the queue")
+        self.drain(self.config(server.port))
+        subjects = [subject_and_whole(t["data"]) for t in server.transactions]
+        self.assertTrue(all(whole for _, whole in subjects), "a torn message was sent")
+        self.assertEqual(sorted(s for s, _ in subjects), sorted(queued))
+        print("\nsend_email killed %d times: %d accepted, %d queued whole, %d left in "
+              "tmp/ and not sent" % (kills, len(accepted), len(queued),
+                                     len(self.listing("tmp"))), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Concurrency: several processors on one queue
+# ---------------------------------------------------------------------------
+
+class ConcurrencyTests(Base):
+    def fill(self, count, tag):
+        queue = gsemail.Queue(self.queuepath)
+        ids = set()
+        for i in range(count):
+            queue.add("list@crash.test", ["member%d@crash.test" % i],
+                      gsemail._prepare_message(standard_message(i, tag)))
+            ids.add("<%s.%d@crash.test>" % (tag, i))
+        return ids
+
+    def ini(self, port):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "processorthread = false\nehlo_name = client.test\n"
+                    % (port, self.queuepath))
+        return path
+
+    def assertEachOnce(self, server, ids):
+        counts = {}
+        for txn in server.transactions:
+            mid = message_id(txn["data"])
+            counts[mid] = counts.get(mid, 0) + 1
+        twice = sorted(m for m, n in counts.items() if n > 1)
+        self.assertEqual(twice, [], "sent more than once")
+        self.assertEqual(sorted(ids - set(counts)), [], "never sent")
+        self.assertEqual(set(counts), ids)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_four_processes_and_a_thread_on_one_queue_send_each_message_once(self):
+        server = self.server()
+        ids = self.fill(10000, "c")
+        ini = self.ini(server.port)
+        processor = gsemail.QueueProcessor(self.config(server.port, poll_interval=0.2))
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        procs = [subprocess.Popen([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                                   "--once"], cwd=HERE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for _ in range(4)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            # 75: it found nothing more it could take while others still sent
+            self.assertIn(proc.returncode, (0, os.EX_TEMPFAIL), err.decode())
+            self.assertNotIn(b"Traceback", err, err.decode())
+        wait_for(lambda: len(server.transactions) >= len(ids)
+                 and not self.listing("new") and not self.listing("cur"),
+                 timeout=120, what="the queue to empty")
+        processor.stop(10)
+        self.assertEachOnce(server, ids)
+        self.assertGreaterEqual(server.connections, 5, "the processors did not all take part")
+
+    def test_gsemail_beside_zope_sendmail_on_one_queue(self):
+        python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
+        need(python and os.access(python, os.X_OK),
+             "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
+        server = self.server()
+        ids = self.fill(1000, "z")
+        ini = self.ini(server.port)
+        zope = subprocess.Popen([python, "-c", textwrap.dedent("""
+            import sys
+            from zope.sendmail.maildir import Maildir
+            from zope.sendmail.mailer import SMTPMailer
+            from zope.sendmail.queue import QueueProcessorThread
+            thread = QueueProcessorThread()
+            thread.setMaildir(Maildir(sys.argv[1], True))
+            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
+            thread.run(forever=False)
+            """), self.queuepath, str(server.port)], stderr=subprocess.PIPE)
+        ours = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                               "--once"], cwd=HERE, capture_output=True, timeout=300)
+        self.assertIn(ours.returncode, (0, os.EX_TEMPFAIL), ours.stderr.decode())
+        _, err = zope.communicate(timeout=300)
+        self.assertEqual(zope.returncode, 0, err.decode()[-3000:])
+        wait_for(lambda: not self.listing("new"), what="the queue to empty")
+        self.assertEachOnce(server, ids)
+        by_gsemail = sum(1 for c in server.commands if c.lower() == "ehlo client.test")
+        self.assertGreater(by_gsemail, 0, "gsemail took no part")
+        self.assertLess(by_gsemail, server.connections, "zope.sendmail took no part")
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming what is wrong, nothing queued or lost
+# ---------------------------------------------------------------------------
+
+NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+
+
+def as_nobody():
+    os.setgid(NOBODY.pw_gid)
+    os.setgroups([])
+    os.setuid(NOBODY.pw_uid)
+
+
+class BadInputTests(Base):
+    def as_nobody(self, function):
+        """What function() returns or raises when run as user nobody (root
+        reads and writes whatever it likes): in a forked child, as the
+        Python may live where nobody cannot run it."""
+        need(NOBODY is not None, "run as root to test permissions as user nobody")
+        os.chmod(self.tmp, 0o755)
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)    # fork with threads
+            pid = os.fork()
+        if pid == 0:
+            try:
+                as_nobody()
+                try:
+                    result = "returned %r" % (function(),)
+                except gsemail.GsEmailError as e:
+                    result = "%s %d %s" % (e.status, e.exit_code, e)
+                os.write(write, result.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            result = f.read().decode()
+        os.waitpid(pid, 0)
+        return result
+
+    def test_config_files(self):
+        binary = os.path.join(self.tmp, "binary.ini")
+        with open(binary, "wb") as f:
+            f.write(bytes(range(256)) * 4)
+        cases = {
+            "missing": (os.path.join(self.tmp, "nope.ini"), "no such config file"),
+            "binary garbage": (binary, "UTF-8"),
+            "both TLS flags": ("[smtp-default]\nhostname = h\nport = 25\nno_tls = yes\n"
+                               "force_tls = yes\n", "no_tls and force_tls"),
+            "lone %": ("[smtp-default]\nhostname = h\nport = 25\npassword = 5%\n"
+                       "username = u\n", "%"),
+            "duplicate section": ("[smtp-default]\nhostname = h\n[smtp-default]\n"
+                                  "port = 25\n", "[smtp-default]"),
+            "port is a word": ("[smtp-default]\nhostname = h\nport = smtp\n", "port"),
+            "port is a fraction": ("[smtp-default]\nhostname = h\nport = 25.5\n", "port"),
+            "boolean": ("[smtp-default]\nhostname = h\nport = 25\nforce_tls = 2\n",
+                        "force_tls"),
+            "count": ("[smtp-default]\nhostname = h\nport = 25\n"
+                      "messages_per_connection = 0\n", "messages_per_connection"),
+            "duration": ("[smtp-default]\nhostname = h\nport = 25\n"
+                         "max_queue_lifetime = -1\n", "max_queue_lifetime"),
+            "no section": ("hostname = h\n", "section"),
+        }
+        for what, (text, fragment) in cases.items():
+            with self.subTest(what):
+                path = text
+                if not text.startswith("/"):
+                    path = os.path.join(self.tmp, "case.ini")
+                    with open(path, "w") as f:
+                        f.write(text)
+                with self.assertRaises(gsemail.ConfigError) as cm:
+                    gsemail.load_config(path)
+                self.assertIn(path, str(cm.exception))
+                self.assertIn(fragment, str(cm.exception))
+
+    def test_unreadable_config_file(self):
+        path = os.path.join(self.tmp, "secret.ini")
+        with open(path, "w") as f:
+            f.write("[smtp-default]\nhostname = h\nport = 25\n")
+        os.chmod(path, 0o600)
+        result = self.as_nobody(lambda: gsemail.load_config(path))
+        self.assertTrue(result.startswith("4.3.5 78 "), result)
+        self.assertIn(path, result)
+        self.assertIn("permission", result.lower())
+
+    def test_a_config_error_loses_nothing_queued(self):
+        server = self.server()
+        name = self.enqueue(self.config(server.port))
+        path = os.path.join(self.queuepath, "new", name)
+        with open(path, "rb") as f:
+            before = f.read()
+        ini = os.path.join(self.tmp, "broken.ini")
+        with open(ini, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "force_tls = perhaps\n" % (server.port, self.queuepath))
+        run = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                              "--once"], cwd=HERE, capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+        self.assertRegex(run.stderr, r"^4\.3\.5 .*force_tls.*perhaps")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(server.connections, 0)
+
+    def test_envelope_addresses(self):
+        gsemail.configure(self.config(1))
+        long_local = "x" * 250 + "@example.org"
+        for what, sender, rcpt, fragment in (
+                ("CR in a recipient", "s@example.org", "a@example.org\rX", "control"),
+                ("LF in a recipient", "s@example.org", "a@example.org\nRCPT TO:<x@evil>",
+                 "control"),
+                ("NUL in the sender", "s\0@example.org", "a@example.org", "control"),
+                ("empty recipient", "s@example.org", "", "local-part@domain"),
+                ("recipient over 256 octets", "s@example.org", long_local, "254 octets"),
+                ("sender over 256 octets", long_local, "a@example.org", "254 octets"),
+                ("no domain", "s@example.org", "a@", "local-part@domain"),
+                # X-Zope-To is a comma-separated list: a comma would split it
+                ("comma in a recipient", "s@example.org", "a@exa,mple.org", "comma")):
+            with self.subTest(what):
+                with self.assertRaises(gsemail.MessageError) as cm:
+                    gsemail.send_email(sender, [rcpt], message())
+                self.assertIn(fragment, str(cm.exception))
+                if rcpt:
+                    culprit = rcpt if sender == "s@example.org" else sender
+                    self.assertIn(repr(culprit)[:40], str(cm.exception))
+                self.assertEqual(cm.exception.status[:4], "5.1.")
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+
+    def test_messages(self):
+        gsemail.configure(self.config(1))
+        for what, msg, fragment in (
+                ("empty", b"", "empty"),
+                ("only blank lines", b"\r\n\r\n", "empty"),
+                ("NUL byte", message(body="one\ntwo\0\n").encode(), "NUL byte (line 6)"),
+                ("line over 998 octets", message(body="ok\n" + "y" * 999 + "\n"),
+                 "line 6 of the message is longer than the 998 octets")):
+            with self.subTest(what):
+                with self.assertRaises(gsemail.MessageError) as cm:
+                    gsemail.send_email("s@example.org", ["a@example.org"], msg)
+                self.assertIn(fragment, str(cm.exception))
+                self.assertEqual(cm.exception.status, "5.6.0")
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+        # exactly 998 octets is allowed; bare LF and bare CR become CRLF
+        gsemail.send_email("s@example.org", ["a@example.org"],
+                           message(body="a\rb\n" + "y" * 998 + "\n"))
+        (name,) = self.listing("new")
+        with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+            data = f.read().split(b"\n", 2)[2]
+        self.assertIn(b"\r\na\r\nb\r\n" + b"y" * 998 + b"\r\n", data)
+
+    def test_8bit_without_8bitmime_is_returned_with_a_reason(self):
+        server = self.server(ehlo=("PIPELINING", "SIZE 10240000"))
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["eight@example.org"], msg=message(body="caf\u00e9\n"))
+        self.enqueue(config, rcpts=["seven@example.org"])
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["seven@example.org"])
+        text = self.dead_letter_text()
+        self.assertIn("X-Zope-To: eight@example.org\n", text)
+        self.assertIn("554 5.6.3 message has 8-bit data and 127.0.0.1:%d does not offer "
+                      "8BITMIME" % server.port, text)
+
+    def test_50_mb_message(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SIZE 60000000"))
+        config = self.config(server.port, timeout=30)
+        gsemail.configure(config)
+        line = "0123456789" * 7 + "\n"
+        body = line * (50 * 1024 * 1024 // len(line))
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        gsemail.send_email("s@example.org", ["big@example.org"],
+                           message(body=body, headers="X-Digest: %s\n" % digest))
+        self.drain(config)
+        (txn,) = server.transactions
+        head, _, got = txn["data"].partition(b"\r\n\r\n")
+        self.assertGreater(len(got), 50 * 1000 * 1000)
+        self.assertEqual(hashlib.sha256(got.replace(b"\r\n", b"\n")).hexdigest(), digest)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_queue_directory_not_writable(self):
+        queue = gsemail.Queue(self.queuepath)
+        os.chown(self.tmp, NOBODY.pw_uid if NOBODY else -1, -1)
+        for root, dirs, _ in os.walk(self.queuepath):
+            for d in [root] + [os.path.join(root, d) for d in dirs]:
+                os.chown(d, NOBODY.pw_uid if NOBODY else -1, -1)
+        os.chmod(os.path.join(queue.path, "new"), 0o500)
+        result = self.as_nobody(lambda: gsemail.Queue(self.queuepath))
+        self.assertEqual(result, "4.3.0 73 queue %s: new/ is not writable by this user"
+                         % self.queuepath)
+
+    def test_disk_full(self):
+        need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
+        mountpoint = os.path.join(self.tmp, "small")
+        os.mkdir(mountpoint)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700",
+                                  "tmpfs", mountpoint], capture_output=True, text=True)
+        need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+        self.addCleanup(subprocess.run, ["umount", mountpoint], check=True)
+        server = self.server()
+        config = self.config(server.port, queuepath=os.path.join(mountpoint, "queue"))
+        gsemail.configure(config)
+        accepted = []
+        with self.assertRaises(gsemail.QueueError) as cm:
+            for i in range(1000):
+                gsemail.send_email("s@example.org", ["r%d@example.org" % i],
+                                   message(subject="full %d" % i, body="z\n" * 10000))
+                accepted.append("r%d@example.org" % i)
+        self.assertEqual(cm.exception.status, "4.3.1")
+        self.assertEqual(cm.exception.exit_code, os.EX_TEMPFAIL)
+        self.assertIn("No space left on device", str(cm.exception))
+        self.assertTrue(accepted)
+        self.assertEqual(os.listdir(os.path.join(config.queuepath, "tmp")), [])
+        self.drain(config)
+        self.assertEqual(server.rcpts, accepted, "accepted before the disk filled, not sent")
+
+
+# ---------------------------------------------------------------------------
+# Randomised input through the public API (the seed is printed; set
+# GSEMAIL_FUZZ_SEED to repeat a run)
+# ---------------------------------------------------------------------------
+
+FUZZ_SEED = int(os.environ.get("GSEMAIL_FUZZ_SEED", str(random.randrange(1 << 30))))
+_SPICE = [b"\0", b"\r", b"\n", b"\r\n", b"\xc3\xa9", b"\xff", b".", b" ", b":", b"<", b">",
+          b",", b"@", b"\t", b"\x7f", b"y" * 1000]
+
+
+def mutate(rng, data, rounds=3):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, rounds)):
+        op = rng.randrange(5)
+        at = rng.randrange(len(data) + 1)
+        if op == 0:
+            data[at:at] = rng.choice(_SPICE)
+        elif op == 1:
+            del data[at:at + rng.randint(1, 20)]
+        elif op == 2:
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif op == 3:
+            del data[at:]
+        else:
+            data[at:at] = data[:rng.randint(0, 200)]
+    return bytes(data)
+
+
+class FuzzTests(Base):
+    def setUp(self):
+        super().setUp()
+        print("\nfuzz seed %d (GSEMAIL_FUZZ_SEED)" % FUZZ_SEED, file=sys.stderr)
+        self.rng = random.Random(FUZZ_SEED)
+
+    def test_mutated_messages_and_addresses(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SIZE 10240000"))
+        config = self.config(server.port)
+        gsemail.configure(config)
+        base = message(body="Hello.\n.\nBye.\n").encode()
+        accepted, refused = 0, {}
+        for i in range(3000):
+            rcpt = "r%d@example.org" % i
+            if self.rng.random() < 0.3:
+                rcpt = mutate(self.rng, rcpt.encode(), 1).decode("utf-8", "replace")
+            data = mutate(self.rng, base) if self.rng.random() < 0.9 else base
+            try:
+                gsemail.send_email("s@example.org", [rcpt], data)
+            except (gsemail.MessageError, TypeError) as e:
+                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
+                self.assertTrue(str(e))
+                continue
+            accepted += 1
+        print("fuzz: 3000 messages, %d accepted, refused %s" % (accepted, refused),
+              file=sys.stderr)
+        self.assertEqual(len(self.listing("new")), accepted, "lost or extra messages")
+        self.assertGreater(accepted, 300)
+        self.assertGreater(sum(refused.values()), 300)
+        for name in self.listing("new"):
+            with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+                data = f.read().split(b"\n", 2)[2]
+            self.assertNotIn(b"\0", data)
+            self.assertNotIn(b"\n", data.replace(b"\r\n", b""))
+            self.assertNotIn(b"\r", data.replace(b"\r\n", b""))
+            self.assertLessEqual(max(len(x) for x in data.split(b"\r\n")), 998)
+            self.assertRegex(data, rb"(?im)^message-id: ")
+        with self.assertLogs("gsemail", "DEBUG"):
+            self.drain(config)
+        self.assertEqual(self.listing("cur"), [])
+        dead = [n for n in self.listing("new") if n.startswith(".rejected-")]
+        self.assertEqual(len(dead) + len(server.transactions), accepted)
+        self.assertEqual(len(self.listing("new")), len(dead))
+        for name in dead:
+            with open(os.path.join(self.queuepath, "new", name), encoding="utf-8",
+                      errors="replace") as f:
+                self.assertIn("X-Gsemail-Failed: <", f.read())
+
+    def test_mutated_config_files(self):
+        base = (b"[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = relay.example.org\n"
+                b"port = 2525\nusername = u\npassword = p%%w\nqueuepath = /tmp/q\n"
+                b"xverp = true\ntimeout = 2m\nmax_queue_lifetime = 1d\n")
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        outcomes = {}
+        logs = self.assertLogs("gsemail", "WARNING")   # "did you mean" for misspellings
+        logs.__enter__()
+        self.addCleanup(logs.__exit__, None, None, None)
+        for _ in range(2000):
+            with open(path, "wb") as f:
+                f.write(mutate(self.rng, base))
+            try:
+                config = gsemail.load_config(path, "main")
+                self.assertIsInstance(config, gsemail.SMTPConfig)
+                outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+            except gsemail.ConfigError as e:
+                self.assertIn(path, str(e))
+                if "option password" in str(e):
+                    self.assertNotIn("p%w", str(e))
+                outcomes["ConfigError"] = outcomes.get("ConfigError", 0) + 1
+        print("fuzz: 2000 config files: %s" % outcomes, file=sys.stderr)
+        self.assertGreater(outcomes.get("ConfigError", 0), 200)
+
+    def test_garbage_queue_files(self):
+        server = self.server()
+        config = self.config(server.port)
+        good = [self.enqueue(config, rcpts=["good%d@example.org" % i]) for i in range(20)]
+        with open(os.path.join(self.queuepath, "new", good[0]), "rb") as f:
+            sample = f.read()
+        for i in range(300):
+            with open(os.path.join(self.queuepath, "new", "%d.G%d.fuzz" % (time.time(), i)),
+                      "wb") as f:
+                f.write(mutate(self.rng, sample, 4))
+        processor = gsemail.QueueProcessor(config)
+        with self.assertLogs("gsemail", "DEBUG"):
+            processor.drain()
+        self.assertEqual(self.listing("cur"), [])
+        left = [n for n in self.listing("new") if not n.startswith(".rejected-")]
+        self.assertEqual(left, [], "queue files neither sent nor dead letters")
+        for i in range(20):
+            self.assertIn("good%d@example.org" % i, server.rcpts)
+        for name in self.listing("new"):
+            with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+                self.assertIn(b"X-Gsemail-Dead-Letter: ", f.read())
+
+
+# ---------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------
+
+class SecurityTests(Base):
+    PASSWORD = "Pw-7f3a-never-shown"
+
+    def test_queue_modes_whatever_the_umask(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no" if "dead" in a else
+                                    "451 4.3.0 later" if "later" in a else None})
+        old = os.umask(0)
+        try:
+            config = self.config(server.port)
+            for rcpt in ("sent@example.org", "dead@example.org", "later@example.org"):
+                self.enqueue(config, rcpts=[rcpt])
+            with self.assertLogs("gsemail", "WARNING"):
+                self.drain(config)
+        finally:
+            os.umask(old)
+        seen = 0
+        for root, _dirs, files in os.walk(self.queuepath):
+            self.assertEqual(stat.S_IMODE(os.stat(root).st_mode), 0o700, root)
+            for name in files:
+                seen += 1
+                path = os.path.join(root, name)
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+        self.assertGreaterEqual(seen, 3, "a dead letter, a deferred message and its state")
+
+    def test_password_never_shown(self):
+        pw, blob = self.PASSWORD, base64.b64encode(b"\0user\0" + self.PASSWORD.encode())
+        config = self.config(1, username="user", password=pw)
+        shown = [repr(config), str(config)]
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            self.config(1, password=pw)
+        shown.append(str(cm.exception))
+        good = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", pw))
+        wrong = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", "other"))
+        no_auth = self.server(ehlo=("PIPELINING",))
+        for server in (good, wrong, no_auth):
+            try:
+                gsemail.Mailer(self.config(server.port, username="user", password=pw)).send(
+                    "s@example.org", "a@example.org", message())
+            except gsemail.GsEmailError as e:
+                shown += [str(e), repr(e), repr(e.reply)]
+        self.assertEqual(len(good.transactions), 1)
+        for port, want in ((good.port, 0), (wrong.port, os.EX_TEMPFAIL)):
+            ini = os.path.join(self.tmp, "gs.ini")
+            with open(ini, "w") as f:
+                f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                        "username = user\npassword = %s\nprocessorthread = no\n"
+                        % (port, self.queuepath, pw))
+            self.enqueue(self.config(port))
+            run = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
+                                  "--once", "-v"], cwd=HERE, capture_output=True, text=True,
+                                 timeout=60)
+            self.assertEqual(run.returncode, want, run.stderr)
+            self.assertIn("AUTH" if want else "delivered", run.stderr)
+            shown.append(run.stderr + run.stdout)
+        everything = "\n".join(shown)
+        self.assertIn("user", everything)
+        self.assertNotIn(pw, everything)
+        self.assertNotIn(blob.decode(), everything)
+
+    def test_injected_recipient_never_reaches_the_wire(self):
+        server = self.server()
+        config = self.config(server.port)
+        evil = "a@example.org>\r\nRCPT TO:<x@evil.example"
+        with self.assertRaises(ValueError):
+            gsemail.Mailer(config).send("s@example.org", [evil], message())
+        gsemail.configure(config)
+        with self.assertRaises(ValueError):
+            gsemail.send_email("s@example.org", [evil], message())
+        with self.assertRaises(ValueError):
+            gsemail.send_email(evil.replace("a@", "s@"), ["a@example.org"], message())
+        # past the API (a queue file from another writer, or deliver() itself)
+        with open(os.path.join(self.queuepath, "new", "1.evil"), "wb") as f:
+            f.write(b"X-Zope-From: s@example.org\nX-Zope-To: good@example.org, "
+                    b"a@example.org>\rRCPT TO:<x@evil.example\n" + message().encode())
+        with gsemail.Mailer(config) as mailer:
+            mailer.open()
+            out = mailer.deliver("s@example.org", ["good@example.org", evil],
+                                 message().encode())
+            self.assertEqual(out.delivered, ["good@example.org"])
+            self.assertEqual(out.failed[evil].status, "5.1.3")
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["good@example.org", "good@example.org"])
+        self.assertFalse([c for c in server.commands if "evil" in c], server.commands)
+        self.assertIn("5.1.3", self.dead_letter_text())
