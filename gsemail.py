@@ -609,8 +609,10 @@ def _parse_iso(text: str) -> Optional[float]:
 def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
     """When a message was first queued: its state says, else its name (a
     Maildir name starts with the time), else its file's mtime."""
-    if "first_queued" in state:
+    try:
         return float(state["first_queued"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        pass
     match = re.match(r"(?:\.rejected-)?(\d{9,})\.", name)
     return float(match.group(1)) if match else mtime
 
@@ -618,8 +620,14 @@ def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
 _HISTORY = 10       # attempts and operator actions kept in a message's state
 
 
-def _history(state: Dict[str, object], event: Dict[str, object]) -> List[object]:
-    return (list(state.get("history") or []) + [event])[-_HISTORY:]  # type: ignore[call-overload]
+def _events(state: Dict[str, object]) -> List[Dict[str, object]]:
+    """The history in a message's state (whatever a damaged file holds)."""
+    old = state.get("history")
+    return [e for e in old if isinstance(e, dict)] if isinstance(old, list) else []
+
+
+def _history(state: Dict[str, object], event: Dict[str, object]) -> List[Dict[str, object]]:
+    return (_events(state) + [event])[-_HISTORY:]
 
 
 class QueuedMessage:
@@ -1167,11 +1175,14 @@ class Queue:
             return entry
         info = self._read_state(name)
         entry.queued = _first_queued(name, info, st.st_mtime)
-        entry.attempts = int(info.get("attempts", 0))  # type: ignore[call-overload]
+        attempts = info.get("attempts")
+        entry.attempts = attempts if isinstance(attempts, int) else 0
         entry.last_error = str(info.get("last_error") or entry.last_error)
         entry.xverp = entry.xverp or bool(info.get("xverp"))
-        entry.failed = dict(info.get("failed") or {})  # type: ignore[call-overload]
-        entry.history = list(info.get("history") or [])  # type: ignore[call-overload]
+        failed = info.get("failed")
+        if isinstance(failed, dict):
+            entry.failed = {str(k): str(v) for k, v in failed.items()}
+        entry.history = _events(info)
         if state == "sending":
             entry.claim = self._claim_owner(os.path.join(os.path.dirname(path),
                                                          ".sending-" + name))
@@ -2856,7 +2867,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
         if e.claim:
             lines.append(("claimed by", e.claim))
         for event in e.history:
-            at = _iso(float(event.get("at") or 0))  # type: ignore[arg-type]
+            at = event.get("at")
+            at = _iso(at) if isinstance(at, (int, float)) else "(no time)"
             if "event" in event:
                 text = str(event["event"])
             else:

@@ -1720,6 +1720,22 @@ class ListShowStatusTests(OperatorBase):
         self.assertIn("is empty", self.ok("list"))
         self.assertEqual(json.loads(self.ok("list", "--json")), [])
 
+    def test_list_and_show_survive_garbage_state_files(self):
+        config = self.ini(25)
+        names = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(4)]
+        for name, garbage in zip(names, (
+                {"attempts": "many", "first_queued": "yesterday", "history": "lots"},
+                {"failed": ["not", "a", "dict"], "history": [1, None, {"at": "noon"}]},
+                [1, 2, 3], None)):
+            with open(os.path.join(self.queuepath, "state", name), "w") as f:
+                json.dump(garbage, f)
+        data = json.loads(self.ok("list", "--json"))
+        self.assertEqual(sorted(m["id"] for m in data), sorted(names))
+        self.assertEqual({m["attempts"] for m in data}, {0})
+        for name in names:
+            self.assertIn("id          %s\n" % name, self.ok("show", name))
+        self.assertIn("(no time)", self.ok("show", names[1]))
+
     def test_a_zope_claim_shows_as_sending(self):
         config = self.ini(25)
         name = self.enqueue(config)
