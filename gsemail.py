@@ -1800,8 +1800,11 @@ class Mailer:
                        "without it, so a bounce will not say which recipient bounced "
                        "(on a Postfix relay, add this host to "
                        "smtpd_authorized_verp_clients)")
-        return "2.0.0 %s accepts mail from this client%s; %s" % (
-            r.relay, " over TLS" if r.tls != "none" else "", bounces)
+        # EHLO, TLS and AUTH are all check tries: whether the relay lets this
+        # client send to a recipient shows only when mail is sent.
+        return "2.0.0 %s answered EHLO%s%s; %s" % (
+            r.relay, "" if r.tls.startswith("none") else " over TLS",
+            " and accepted AUTH" if self.config.username else "", bounces)
 
     def close(self) -> None:
         """End the connection: QUIT unless it is broken; errors are ignored,

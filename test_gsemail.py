@@ -1736,6 +1736,26 @@ class ListShowStatusTests(OperatorBase):
             self.assertIn("id          %s\n" % name, self.ok("show", name))
         self.assertIn("(no time)", self.ok("show", names[1]))
 
+    def test_history_keeps_the_last_ten_attempts(self):
+        server = self.server(rules={"RCPT": lambda a: "451 4.3.0 attempt"})
+        config = self.ini(server.port)
+        name = self.enqueue(config)
+        for _ in range(12):
+            for sub in ("new", "cur"):
+                path = os.path.join(self.queuepath, sub, name)
+                if os.path.exists(path):
+                    os.utime(path, (time.time() - 1, time.time() - 1))    # due now
+            with self.assertLogs("gsemail", "INFO"):
+                self.drain(gsemail.load_config(self.ini_path, "main"))
+        (entry,) = json.loads(self.ok("list", "--json"))
+        self.assertEqual(entry["attempts"], 12)
+        history = self.state(name)["history"]
+        self.assertEqual(len(history), 10)
+        self.assertEqual([e["deferred"] for e in history], [1] * 10)
+        self.assertEqual(self.ok("show", name).count("attempt via 127.0.0.1:%d: 0 delivered, "
+                                                     "1 deferred, 0 refused: 451 4.3.0 attempt"
+                                                     % server.port), 10)
+
     def test_a_zope_claim_shows_as_sending(self):
         config = self.ini(25)
         name = self.enqueue(config)
@@ -2044,7 +2064,7 @@ class CheckAndFailoverTests(OperatorBase):
         self.assertIn("  PIPELINING  no: one command per round trip", out)
         self.assertIn("  SMTPUTF8    no: non-ASCII addresses are refused", out)
         self.assertIn("  STARTTLS    no: plain text only", out)
-        self.assertIn("verdict: 2.0.0 127.0.0.1:%d accepts mail from this client; XVERP is "
+        self.assertIn("verdict: 2.0.0 127.0.0.1:%d answered EHLO; XVERP is "
                       "not offered" % server.port, out)
         self.assertEqual(server.transactions, [])
         self.assertEqual(server.commands[-1].upper(), "QUIT")
@@ -2220,16 +2240,16 @@ class PostfixOperatorTests(OperatorBase):
         for line in ("SIZE        yes, 10240000 bytes", "XVERP       yes", "PIPELINING  yes",
                      "SMTPUTF8    yes", "8BITMIME    yes", "STARTTLS    yes"):
             self.assertIn("\n  %s\n" % line, out)
-        self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d accepts mail from this "
-                              r"client over TLS; XVERP is offered, so each bounce names the "
+        self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d answered EHLO over TLS; "
+                              r"XVERP is offered, so each bounce names the "
                               r"recipient it is for$" % self.postfix.port)
         self.ini(self.postfix.noverp_port, "xverp = true\n")
         out = self.ok("check")
         self.assertIn("\n  XVERP       no: not offered to this client: bounces of mail sent "
                       "with xverp will not name the recipient\n", out)
         self.assertIn("\n  PIPELINING  yes\n", out)
-        self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d accepts mail from this "
-                              r"client over TLS; XVERP is not offered to this client: mail sent "
+        self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d answered EHLO over TLS; "
+                              r"XVERP is not offered to this client: mail sent "
                               r"with xverp goes without it, so a bounce will not say which "
                               r"recipient bounced .*smtpd_authorized_verp_clients\)$"
                          % self.postfix.noverp_port)
@@ -2247,7 +2267,8 @@ class PostfixOperatorTests(OperatorBase):
         self.assertRegex(run.stdout, r"(?m)^  TLS         TLSv1\.[23] after STARTTLS, "
                                      r"certificate verified$")
         self.assertIn("\n  AUTH        accepted for gsuser@gsemail.test (offered: ", run.stdout)
-        self.assertIn("verdict: 2.0.0 ", run.stdout)
+        self.assertIn("verdict: 2.0.0 127.0.0.1:%d answered EHLO over TLS and accepted AUTH; "
+                      % self.postfix.submit_port, run.stdout)
         self.assertNotIn(Postfix.PASSWORD, run.stdout + run.stderr)
         with open(secret, "w") as f:
             f.write("not-the-password\n")
