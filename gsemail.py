@@ -2838,8 +2838,9 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
     counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
     for e in entries:
         counts[e.state] += 1
-    print("-- %d message(s), %s: %s" % (len(entries), _size(sum(e.size for e in entries)),
-                                       ", ".join("%d %s" % (n, s) for s, n in counts.items())))
+    print("-- %d message(s), %s bytes: %s" % (
+        len(entries), "{:,}".format(sum(e.size for e in entries)),
+        ", ".join("%d %s" % (n, s) for s, n in counts.items())))
     return os.EX_OK
 
 
