@@ -2839,7 +2839,7 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
     for e in entries:
         counts[e.state] += 1
     print("-- %d message(s), %s bytes: %s" % (
-        len(entries), "{:,}".format(sum(e.size for e in entries)),
+        len(entries), format(sum(e.size for e in entries), ","),
         ", ".join("%d %s" % (n, s) for s, n in counts.items())))
     return os.EX_OK
 
