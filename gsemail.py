@@ -1158,7 +1158,7 @@ class Queue:
             for line in extra:
                 key, _, value = line.partition(":")
                 if key == "X-Gsemail-Dead-Letter":
-                    when, *fields = [f.strip() for f in value.split(";")]
+                    when, *fields = [part.strip() for part in value.split(";")]
                     entry.dead_since = _parse_iso(when) or st.st_mtime
                     for field in fields:
                         k, _, v = field.partition("=")
