@@ -14,6 +14,7 @@ import contextlib
 import email
 import email.message
 import email.policy
+import errno
 import json
 import hashlib
 import os
@@ -31,6 +32,7 @@ import textwrap
 import threading
 import time
 import unittest
+import unittest.mock
 import warnings
 
 import gsemail
@@ -2541,6 +2543,39 @@ class FailureHandlingTests(Base):
             queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
         self.assertIn("cannot write the message", str(cm.exception))
         self.assertEqual(self.listing("tmp"), [])
+
+    def test_add_whose_directory_sync_fails(self):
+        queue = gsemail.Queue(self.queuepath)
+        real = gsemail._fsync_dir
+        failing = OSError(errno.EIO, "Input/output error")
+
+        def fail_for_new(path):
+            if path.endswith("new"):
+                raise failing
+            real(path)
+        # nobody has taken it yet: withdrawn, and the caller is told
+        with unittest.mock.patch("gsemail._fsync_dir", fail_for_new), \
+                self.assertRaises(gsemail.QueueError) as cm:
+            queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        self.assertIn("cannot sync new/", str(cm.exception))
+        self.assertEqual(self.listing("new") + self.listing("tmp"), [])
+        # a processor took it between the rename and the sync: it is on its
+        # way, so add() must not raise (the caller would send it again)
+        other = gsemail.Queue(self.queuepath)
+        taken = []
+
+        def taken_then_fail(path):
+            if path.endswith("new"):
+                (name,) = [n for n in os.listdir(path) if not n.startswith(".")]
+                taken.append(other.claim(os.path.join(path, name)))
+                raise failing
+            real(path)
+        with unittest.mock.patch("gsemail._fsync_dir", taken_then_fail), \
+                self.assertLogs("gsemail", "ERROR") as logs:
+            name = queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        self.assertIn("is being sent", logs.output[0])
+        self.assertEqual(self.listing("new"), [".sending-" + name, name])
+        taken[0].release()
 
     def test_claim_of_a_message_that_has_gone(self):
         queue = gsemail.Queue(self.queuepath)
