@@ -73,6 +73,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "1.0.0"
@@ -553,6 +554,7 @@ def _get(parser: configparser.ConfigParser, path: str, section: str,
 # ---------------------------------------------------------------------------
 
 _counter = iter(range(1, 1 << 62))
+_claiming: "weakref.WeakSet[Queue]" = weakref.WeakSet()  # queues with a claimer file
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 _STALE_TMP = 36 * 3600      # Maildir's rule for abandoned tmp/ files
 _CUR_RESCAN = 60.0          # look at cur/ at least this often
@@ -646,6 +648,7 @@ class QueuedMessage:
         self.data = b""
         self.xverp = self.name.endswith(":2,X")
         self.state: Dict[str, object] = {}
+        self.stateful = True    # a state file may exist (claim() knows for sure)
         self.problem: Optional[str] = None
         self.mtime = 0.0
 
@@ -671,15 +674,11 @@ class QueuedMessage:
         """Give the message back to the queue, unchanged."""
         if self._fd < 0:
             return
+        self._fd = -1       # the lock belongs to the queue's claimer, not to us
         try:
             os.unlink(self.claim_path)
         except FileNotFoundError:
             pass
-        finally:
-            # Unlink before closing: the flock protects the claim until the
-            # name is gone, so no one can mistake it for a dead owner's.
-            os.close(self._fd)
-            self._fd = -1
 
     def __repr__(self) -> str:
         return "<QueuedMessage %s>" % self.name
@@ -727,6 +726,8 @@ class Queue:
                  create: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.claim_timeout = claim_timeout
+        self._claimer_lock = threading.Lock()
+        self._claimer_file: Optional[tuple] = None   # (pid, fd, path)
         self._cur_scan_at = 0.0
         self._setup(create)
 
@@ -886,44 +887,80 @@ class Queue:
             msg.release()       # deferred again by someone else meanwhile
             return None
         self._parse(msg, raw)
-        msg.state = self._read_state(name)
+        state = self._state_or_none(name)
+        msg.stateful, msg.state = state is not None, state or {}
         if msg.state.get("xverp"):
             msg.xverp = True
         return msg
 
     def _make_claim(self, claim_path: str) -> Optional[int]:
-        # The claim is born whole: written and locked under a private name in
-        # tmp/, then hard-linked into place (atomic, and it fails if the name
-        # exists, as zope's own link() claim does).  A process killed at any
-        # point leaves either no claim or one that names it and whose lock
-        # is free, so the next processor can break it at once.
-        private = os.path.join(self.path, "tmp", ".claim-%s-%d-%d" % (
-            _HOST, os.getpid(), next(_counter)))
-        fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """Take the claim at claim_path: the fd that holds it, or None.
+
+        A claim is a hard link to this process's claimer file, which says
+        "gsemail HOST PID" and on which the process holds an flock for as
+        long as it lives.  link() is atomic and fails if the name exists
+        (zope.sendmail claims by linking the same name), so a claim is whole
+        or absent, even when the process is killed while it claims, and it
+        costs one system call to take and one to give back.
+        """
+        for _ in range(3):
+            fd, private = self._claimer()
             try:
+                os.link(private, claim_path)
+                return fd
+            except FileExistsError:
+                if not self._break_stale_claim(claim_path):
+                    return None
+            except FileNotFoundError:
+                if os.path.exists(private):
+                    raise               # the claim's directory has gone
+                self._claimer_file = None   # removed under us: make another
+        return None
+
+    def _claimer(self) -> tuple:
+        """This process's locked claimer file (made once, again after fork)."""
+        with self._claimer_lock:
+            made = self._claimer_file
+            if made is not None and made[0] == os.getpid():
+                return made[1], made[2]
+            private = os.path.join(self.path, "tmp", ".claimer-%s-%d-%d" % (
+                _HOST, os.getpid(), next(_counter)))
+            fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    os.close(fd)
+                    os.unlink(private)
                     raise
                 # A full disk must not stop the sending that empties it: the
-                # claim holds without its owner's name; others just wait
-                # claim_timeout before they take it as stale.
-            for _ in range(2):
-                try:
-                    os.link(private, claim_path)
-                except FileExistsError:
-                    if self._break_stale_claim(claim_path):
-                        continue
-                    break
-                taken, fd = fd, -1
-                return taken
-            return None
-        finally:
-            os.unlink(private)
-            if fd >= 0:
-                os.close(fd)
+                # claims hold without their owner's name; others just wait
+                # claim_timeout before they take them as stale.
+            if made is not None and made[0] == os.getpid():
+                os.close(made[1])
+            self._claimer_file = (os.getpid(), fd, private)
+            _claiming.add(self)
+            return fd, private
+
+    def _forget_claimer(self) -> None:
+        """In a forked child: let go of the parent's lock, or the parent's
+        claims would look alive for as long as the child lives."""
+        self._claimer_lock = threading.Lock()
+        made, self._claimer_file = self._claimer_file, None
+        if made is not None and made[0] != os.getpid():
+            os.close(made[1])
+
+    def close(self) -> None:
+        """Remove this process's claimer file (claims it made are released)."""
+        with self._claimer_lock:
+            made, self._claimer_file = self._claimer_file, None
+        if made is not None and made[0] == os.getpid():
+            try:
+                os.unlink(made[2])
+            except FileNotFoundError:
+                pass
+            os.close(made[1])
 
     def _break_stale_claim(self, claim_path: str) -> bool:
         """Remove a claim whose owner is gone.  True if it was removed.
@@ -997,12 +1034,16 @@ class Queue:
         return os.path.join(self.path, "state", name)
 
     def _read_state(self, name: str) -> Dict[str, object]:
+        return self._state_or_none(name) or {}
+
+    def _state_or_none(self, name: str) -> Optional[Dict[str, object]]:
+        """The message's state; None when it has no state file."""
         try:
             with open(self._state_path(name), encoding="utf-8") as f:
                 state = json.load(f)
             return state if isinstance(state, dict) else {}
         except FileNotFoundError:
-            return {}
+            return None
         except (OSError, ValueError) as e:
             log.warning("4.3.0 %s: ignoring unreadable state file: %s",
                         self._state_path(name), e)
@@ -1028,10 +1069,11 @@ class Queue:
             os.unlink(msg.path)
         except FileNotFoundError:
             pass
-        try:
-            os.unlink(self._state_path(msg.name))
-        except FileNotFoundError:
-            pass
+        if msg.stateful:    # most messages never had one: spare the system call
+            try:
+                os.unlink(self._state_path(msg.name))
+            except FileNotFoundError:
+                pass
         msg.release()
 
     def defer(self, msg: QueuedMessage, recipients: List[str],
@@ -1471,10 +1513,14 @@ def _address_problem(address: str) -> Optional[str]:
 
 def _wire(data: bytes) -> bytes:
     """The DATA payload: CRLF line ends, dot-stuffed, ending in CRLF.CRLF."""
-    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    # send_email queues CRLF already; counting is much cheaper than rewriting.
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    data = re.sub(rb"(?m)^\.", b"..", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = re.sub(rb"(?m)^\.", b"..", data)
     return data + b".\r\n"
 
 
@@ -2137,7 +2183,7 @@ class QueueProcessor:
                 self._stopping.wait(self.config.poll_interval)
             self._wake.wait(self.config.poll_interval)
         self.mailer.close()
-        self._warn_unsettled()
+        self._finish()
         log.info("2.0.0 queue processor for %s stopped", self.queue.path)
 
     def drain(self, progress: Optional[Callable[[Dict[str, int], int], None]] = None
@@ -2155,12 +2201,15 @@ class QueueProcessor:
         finally:
             self._progress = None
             self.mailer.close()
-            self._warn_unsettled()
+            self._finish()
 
-    def _warn_unsettled(self) -> None:
+    def _finish(self) -> None:
+        """At the end of run() or drain(): warn of outcomes not recorded."""
         for msg, _ in self._unsettled:
             log.error("4.3.0 %s: its delivery could not be recorded; it will be "
                       "sent again to the recipients it reached", msg.name)
+        if not self._unsettled:
+            self.queue.close()      # no claim is held: the claimer file can go
 
     def run_once(self) -> int:
         """One pass over the due messages; returns how many were handled."""
@@ -2490,6 +2539,8 @@ def _after_fork() -> None:
     global _lock
     _lock = threading.Lock()
     _processors.clear()
+    for queue in list(_claiming):
+        queue._forget_claimer()
 
 
 # At exit, wait a little for the message in flight.  If it is cut short, the

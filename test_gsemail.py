@@ -2558,6 +2558,7 @@ class FailureHandlingTests(Base):
                 self.assertRaises(gsemail.QueueError) as cm:
             queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
         self.assertIn("cannot sync new/", str(cm.exception))
+        queue.close()       # its claimer file, made to withdraw the message
         self.assertEqual(self.listing("new") + self.listing("tmp"), [])
         # a processor took it between the rename and the sync: it is on its
         # way, so add() must not raise (the caller would send it again)
