@@ -2578,6 +2578,37 @@ class FailureHandlingTests(Base):
         self.assertEqual(self.listing("new"), [".sending-" + name, name])
         taken[0].release()
 
+    def test_a_forked_child_does_not_keep_its_parents_claims_alive(self):
+        # A web server forks workers: a claim held by a parent that dies must
+        # be seen as dead at once, though a child (with the parent's open
+        # files) lives on.
+        name = self.enqueue(self.config(1))
+        path = os.path.join(self.queuepath, "new", name)
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import os, sys, time
+            import gsemail
+            queue = gsemail.Queue(sys.argv[1])
+            held = queue.claim(sys.argv[2])
+            child = os.fork()
+            if child == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(child, flush=True)
+            time.sleep(60)
+            """), self.queuepath, path], cwd=HERE, stdout=subprocess.PIPE)
+        child = int(proc.stdout.readline())
+        self.addCleanup(os.kill, child, signal.SIGKILL)
+        queue = gsemail.Queue(self.queuepath)
+        self.assertIsNone(queue.claim(path), "the parent's live claim was taken")
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()     # the child has it open too: do not wait for EOF
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            msg = queue.claim(path)
+        self.assertIsNotNone(msg, "a dead parent's claim was kept alive by its child")
+        self.assertIn("its process has died", logs.output[0])
+        msg.release()
+
     def test_claim_of_a_message_that_has_gone(self):
         queue = gsemail.Queue(self.queuepath)
         path = os.path.join(self.queuepath, "new", "123.gone")
