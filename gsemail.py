@@ -248,6 +248,7 @@ class SMTPConfig:
     max_backoff_time: float = 3600.0
     max_queue_lifetime: float = 5 * 86400.0
     poll_interval: float = 1.0
+    sessions: int = 1
     source: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -285,7 +286,7 @@ class SMTPConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise bad(name, value, "must be a duration above zero")
-        for name in ("messages_per_connection", "recipients_per_transaction"):
+        for name in ("messages_per_connection", "recipients_per_transaction", "sessions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise bad(name, value, "must be a whole number of at least 1")
@@ -371,7 +372,7 @@ _OPTIONS = {
     "cafile": str, "ehlo_name": str, "messages_per_connection": int,
     "recipients_per_transaction": int, "min_backoff_time": _duration,
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
-    "poll_interval": _duration, "password_env": str, "password_file": str,
+    "poll_interval": _duration, "sessions": int, "password_env": str, "password_file": str,
 }
 _REQUIRED = ("hostname", "port")
 _SECRET_OPTIONS = ("password", "password_env", "password_file")
@@ -2126,6 +2127,10 @@ class QueueProcessor:
         self.config = config
         self.queue = queue or Queue(config.queuepath, config.claim_timeout)
         self.mailer = mailer or Mailer(config)
+        # sessions > 1: that many connections at once, each with its share
+        self._mailers = [self.mailer] + [Mailer(config) for _ in range(config.sessions - 1)]
+        self._lock = threading.Lock()      # stats, status notes and progress
+        self._done = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -2175,14 +2180,14 @@ class QueueProcessor:
             try:
                 if not self.run_once() and \
                         time.monotonic() - self._last_used > min(10.0, self.config.timeout):
-                    self.mailer.close()     # do not hold an idle connection open
+                    self._close_mailers()     # do not hold an idle connection open
             except Exception:
                 log.exception("4.3.0 queue processor for %s: unexpected error, "
                               "going on", self.queue.path)
-                self.mailer.close()
+                self._close_mailers()
                 self._stopping.wait(self.config.poll_interval)
             self._wake.wait(self.config.poll_interval)
-        self.mailer.close()
+        self._close_mailers()
         self._finish()
         log.info("2.0.0 queue processor for %s stopped", self.queue.path)
 
@@ -2200,7 +2205,7 @@ class QueueProcessor:
                 pass
         finally:
             self._progress = None
-            self.mailer.close()
+            self._close_mailers()
             self._finish()
 
     def _finish(self) -> None:
@@ -2210,6 +2215,10 @@ class QueueProcessor:
                       "sent again to the recipients it reached", msg.name)
         if not self._unsettled:
             self.queue.close()      # no claim is held: the claimer file can go
+
+    def _close_mailers(self) -> None:
+        for mailer in self._mailers:
+            mailer.close()
 
     def run_once(self) -> int:
         """One pass over the due messages; returns how many were handled."""
@@ -2229,12 +2238,45 @@ class QueueProcessor:
             self._note(force=True)
 
     def _deliver_due(self) -> int:
-        handled = 0
         paths = self.queue.due()
+        self._done = 0
+        sessions = min(len(self._mailers), len(paths))
+        if sessions <= 1:
+            handled = self._deliver(paths, self.mailer, len(paths))
+        else:
+            # Each session takes every n-th message: no two try to claim the
+            # same one, and each keeps its own connection busy.
+            counts: List[int] = [0] * sessions
+            errors: List[Exception] = []
+
+            def work(i: int) -> None:
+                try:
+                    counts[i] = self._deliver(paths[i::sessions], self._mailers[i],
+                                              len(paths))
+                except Exception as e:      # raised again below, as one session would
+                    errors.append(e)
+            workers = [threading.Thread(target=work, args=(i,), daemon=True,
+                                        name="gsemail session %d" % i)
+                       for i in range(sessions)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            if errors:
+                raise errors[0]
+            handled = sum(counts)
+        if self._progress and handled:
+            self._progress(self.stats, 0)
+        return handled
+
+    def _deliver(self, paths: List[str], mailer: "Mailer", total: int) -> int:
+        """Claim and send each of paths over mailer's connection."""
+        handled = 0
         down: Optional[Reply] = None
-        for index, path in enumerate(paths):
-            if self._progress and handled:
-                self._progress(self.stats, len(paths) - index)
+        for path in paths:
+            if self._progress and self._done:
+                with self._lock:
+                    self._progress(self.stats, total - self._done)
             if self._stopping.is_set():
                 break
             try:
@@ -2247,56 +2289,56 @@ class QueueProcessor:
                 continue
             handled += 1
             if msg.problem:
-                self._apply(msg, _Outcome(
+                self._apply(mailer, msg, _Outcome(
                     failed={r: Reply.parse("554 " + msg.problem)
                             for r in (msg.recipients or ["(no recipient)"])}))
                 continue
             if down is None:
                 try:
-                    self.mailer.open()
+                    mailer.open()
                 except DeliveryError as e:
                     down = _transient(e.reply)
                     if down.status.split(".")[1] == "7":
                         log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is "
-                                  "kept and retried", down.status, self.mailer.where,
+                                  "kept and retried", down.status, mailer.where,
                                   e.reply)
                     else:
                         log.warning("%s relay %s: %s: mail is kept and retried",
-                                    down.status, self.mailer.where, e.reply)
+                                    down.status, mailer.where, e.reply)
             if down is not None:
-                self._apply(msg, _Outcome(deferred=dict.fromkeys(msg.recipients, down),
-                                          final=down))
+                self._apply(mailer, msg, _Outcome(
+                    deferred=dict.fromkeys(msg.recipients, down), final=down))
                 continue
             try:
-                outcome = self.mailer.deliver(msg.sender, msg.recipients, msg.data,
-                                              msg.xverp, msg.heartbeat)
+                outcome = mailer.deliver(msg.sender, msg.recipients, msg.data,
+                                         msg.xverp, msg.heartbeat)
             except Exception as e:
                 log.exception("4.3.0 %s: unexpected error while sending", msg.name)
-                self.mailer.close()
+                mailer.close()
                 reply = Reply(451, "4.3.0 internal error: %s: %s" % (type(e).__name__, e))
                 outcome = _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
             self._last_used = time.monotonic()
-            self._apply(msg, outcome)
-        if self._progress and handled:
-            self._progress(self.stats, 0)
+            self._apply(mailer, msg, outcome)
         return handled
 
     def _note(self, force: bool = False, **facts: object) -> None:
         """Keep facts for ``status``; write them at most every few seconds."""
-        self._facts.update(facts)
-        if self._facts and (force or time.monotonic() - self._noted > 5):
+        with self._lock:
+            self._facts.update(facts)
+            if not self._facts or not (force or time.monotonic() - self._noted > 5):
+                return
             self._noted = time.monotonic()
             facts, self._facts = self._facts, {}
-            self.queue.note(facts)
+        self.queue.note(facts)
 
-    def _apply(self, msg: QueuedMessage, out: _Outcome) -> None:
+    def _apply(self, mailer: "Mailer", msg: QueuedMessage, out: _Outcome) -> None:
         """Decide what an attempt means for the message (remove, defer or
         dead-letter), log it once, and record it in the queue."""
         now = time.time()
         attempts = msg.attempts + 1
         if out.delivered:
             log.info("2.0.0 %s: delivered to %d recipient(s) via %s%s", msg.name,
-                     len(out.delivered), self.mailer.where,
+                     len(out.delivered), mailer.where,
                      " with XVERP" if msg.xverp else "")
         for line in _group(out.failed):
             log.warning("%s %s: refused: %s", Reply.parse(line).status, msg.name, line)
@@ -2304,14 +2346,14 @@ class QueueProcessor:
         failed.update((r, str(reply)) for r, reply in out.failed.items())
         trouble = out.final if out.final and not out.final.ok else \
             next(iter({**out.deferred, **out.failed}.values()), None)
-        event: Dict[str, object] = {"at": round(now, 3), "via": self.mailer.where,
+        event: Dict[str, object] = {"at": round(now, 3), "via": mailer.where,
                                     "delivered": len(out.delivered),
                                     "deferred": len(out.deferred), "refused": len(out.failed)}
         if trouble is not None:
             event["reply"] = str(trouble)
             self._note(error_at=now, error=str(trouble), error_id=msg.name)
         if out.delivered:
-            self._note(delivered_at=now, delivered_id=msg.name, delivered_via=self.mailer.where)
+            self._note(delivered_at=now, delivered_id=msg.name, delivered_via=mailer.where)
         state: Dict[str, object] = dict(msg.state, attempts=attempts,
                                         first_queued=msg.first_queued,
                                         xverp=msg.xverp, last_attempt=now,
@@ -2330,14 +2372,14 @@ class QueueProcessor:
                              Reply.parse(line).status, msg.name, delay, attempts, line)
                 self._record(msg, functools.partial(
                     self.queue.defer, msg, list(out.deferred), state, now + delay))
-                self.stats["deferred"] += 1
+                self._count("deferred")
                 return
             for rcpt, reply in out.deferred.items():
                 failed[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                     reply, attempts, age / 86400)
         if not failed:
             self._record(msg, functools.partial(self.queue.remove, msg))
-            self.stats["delivered"] += 1
+            self._count("delivered")
             return
         reply = Reply.parse(next(iter(failed.values())))
         log.error("%s %s: dead letter .rejected-%s for %d recipient(s): %s", reply.status,
@@ -2345,7 +2387,12 @@ class QueueProcessor:
         msg.state = state
         self._record(msg, functools.partial(self.queue.dead_letter, msg, failed,
                                             "%d delivered" % len(out.delivered)))
-        self.stats["dead"] += 1
+        self._count("dead")
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.stats[what] += 1
+            self._done += 1
 
     def _record(self, msg: QueuedMessage, action: Callable[[], object]) -> None:
         """Do a queue change; if it fails, keep it (and the claim) to retry

@@ -911,6 +911,20 @@ class DeliveryTests(Base):
         self.assertTrue(server.commands[1].startswith("MAIL FROM:<bounces@example.org>"))
         self.assertIn("SIZE=", server.commands[1])
 
+    def test_sessions_send_at_once_and_each_message_once(self):
+        server = self.server()
+        config = self.config(server.port, sessions=3)
+        rcpts = ["r%02d@example.org" % i for i in range(30)]
+        for rcpt in rcpts:
+            self.enqueue(config, rcpts=[rcpt])
+        self.drain(config)
+        self.assertEqual(sorted(server.rcpts), rcpts)
+        self.assertEqual(server.connections, 3)
+        self.assertEqual(sorted(server.ended.values()), ["quit"] * 3)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+        with self.assertRaises(gsemail.ConfigError):
+            self.config(server.port, sessions=0)
+
     def test_messages_per_connection(self):
         server = self.server()
         config = self.config(server.port, messages_per_connection=2)
@@ -1648,7 +1662,7 @@ class OperatorBase(Base):
             processor.mailer.open()
             out = processor.mailer.deliver(msg.sender, msg.recipients, msg.data)
             with self.assertLogs("gsemail", "INFO"):
-                processor._apply(msg, out)
+                processor._apply(processor.mailer, msg, out)
         processor.mailer.close()
         return names
 
