@@ -613,8 +613,17 @@ smtpd_tls_loglevel = 0
                                               r"size=\d+, nrcpt=(\d+)", text))
 
     def stop(self) -> None:
-        """SIGTERM to the master we started (it ends its children), by PID."""
+        """SIGTERM to the master we started (it ends its children), by PID.
+
+        Interrupted while starting, we may not know the PID yet: it is then
+        read from this instance's own pid file."""
         pid, self.pid = self.pid, None
+        if pid is None:
+            try:
+                with open(os.path.join(self.dir, "queue", "pid", "master.pid")) as f:
+                    pid = int(f.read().strip() or 0) or None
+            except (OSError, ValueError):
+                pid = None
         if pid:
             try:
                 os.kill(pid, signal.SIGTERM)

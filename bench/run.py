@@ -102,6 +102,11 @@ def fmt(x: Optional[float], digits: int = 0) -> str:
     return "{:,.{}f}".format(x, digits)
 
 
+def rx(x: Optional[float]) -> str:
+    """A ratio as "1.23x", or "n/a" when one side is missing."""
+    return "n/a" if x is None else "%.2fx" % x
+
+
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or not b:
         return None
@@ -464,7 +469,7 @@ class Bench:
             Peer("gsemail4", "gsemail --once, sessions = 4%s" % tls,
                  lambda: gsemail_peer(4), no_sessions),
             Peer("zope", "zope.sendmail QueueProcessorThread, 1 pass%s" % (
-                ", STARTTLS per message" if to_postfix else ""), zope_peer, self.zope_skip()),
+                ", TLS per message" if to_postfix else ""), zope_peer, self.zope_skip()),
             Peer("smtplib", "raw smtplib, one reused connection%s" % tls, smtplib_peer),
             Peer("source1", "smtp-source, 1 session (-d)%s" % (
                 ", plain: no TLS" if to_postfix else ""), lambda: source_peer(1)),
@@ -557,8 +562,9 @@ class Bench:
                 if seconds is None:
                     raise RuntimeError("exit %d: %s" % (r.returncode, r.stderr[-800:]))
                 return {"value": seconds, "accepted": accepted, "recipients": n,
-                        "left": left, "show": "%.2f s, %d of %d recipients accepted"
-                        % (seconds, accepted, n)}
+                        "left": left["waiting"], "exit": r.returncode,
+                        "show": "%.2f s, %d of %d recipients accepted, %d message(s) left "
+                                "in the queue" % (seconds, accepted, n, left["waiting"])}
             finally:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -729,7 +735,7 @@ class Bench:
             verdict = "n/a" if ok is None else ("PASS" if ok else "MISS")
             targets.append({"target": name, "figure": shown, "value": value,
                             "result": verdict})
-            return "%s %s" % (verdict, shown)
+            return verdict if ok is None else "%s %s" % (verdict, shown)
 
         def table(section: str, title: str, unit: str, digits: int,
                   extra: Callable[[str], str]) -> None:
@@ -737,17 +743,21 @@ class Bench:
                 return
             w("")
             w(title)
-            w("  %-52s %10s  %-28s %s" % ("peer", unit, "each run", ""))
+            width = max(len(label) for _, label, _ in self.labels[section])
+            w("  %-*s %10s  %-24s %s" % (width, "peer", unit, "each run", "ratios, target"))
             for key, label, skip in self.labels[section]:
                 runs = self.runs[section].get(key, [])
                 if skip:
-                    w("  %-52s %10s" % (label, skip))
+                    w("  %-*s %s" % (width, label, skip))
+                    continue
+                if not runs:
+                    w("  %-*s %s" % (width, label, "not run (interrupted)"))
                     continue
                 each = " ".join(fmt(r["value"], digits) if r.get("ok") else "fail"
                                 for r in runs)
                 med = self.median(section, key)
-                w(("  %-52s %10s  %-28s %s" % (label, fmt(med, digits) if med is not None
-                                               else "FAILED", each, extra(key))).rstrip())
+                w(("  %-*s %10s  %-24s %s" % (width, label, fmt(med, digits) if med is not None
+                                              else "FAILED", each, extra(key))).rstrip())
                 for r in runs:
                     if not r.get("ok"):
                         w("      failed run: %s" % r["error"][-300:])
@@ -760,15 +770,15 @@ class Bench:
             med = self.median("enqueue", key)
             vz = ratio(med, self.median("enqueue", "zope-" + where))
             vf = ratio(med, self.median("enqueue", "fs-" + where))
-            text = "%sx zope, %sx fs ceiling" % (fmt(vz, 2), fmt(vf, 2))
+            text = "%s zope, %s fs ceiling" % (rx(vz), rx(vf))
             if where == "tmpfs":
                 text += "; >= 1.0x zope: " + target(
                     "enqueue on tmpfs >= 1.0x zope.sendmail queued delivery", vz,
-                    None if vz is None else vz >= 1.0, "%sx" % fmt(vz, 2))
+                    None if vz is None else vz >= 1.0, rx(vz))
             else:
                 text += "; >= 0.8x fs ceiling: " + target(
                     "enqueue on disk >= 0.8x the file-system ceiling", vf,
-                    None if vf is None else vf >= 0.8, "%sx" % fmt(vf, 2))
+                    None if vf is None else vf >= 0.8, rx(vf))
             return text
         table("enqueue", "ENQUEUE: %s messages into a fresh queue (msg/s)" % fmt(a.n),
               "msg/s", 0, enqueue_extra)
@@ -782,28 +792,28 @@ class Bench:
                     return "(shared README: %s)" % fmt(ref) if ref else ""
                 vs = {k: ratio(med, self.median(section, k))
                       for k in ("zope", "smtplib", "source1", "source4")}
-                text = "%sx zope, %sx smtplib, %sx src-1, %sx src-4" % tuple(
-                    fmt(vs[k], 2) for k in ("zope", "smtplib", "source1", "source4"))
+                text = "%s zope, %s smtplib, %s src-1, %s src-4" % tuple(
+                    rx(vs[k]) for k in ("zope", "smtplib", "source1", "source4"))
                 checks = []
                 if section == "drain-sink" and key == "gsemail":
                     checks.append(">= 2.5x zope: " + target(
                         "drain to smtp-sink, 1 session >= 2.5x zope.sendmail", vs["zope"],
                         None if vs["zope"] is None else vs["zope"] >= 2.5,
-                        "%sx" % fmt(vs["zope"], 2)))
+                        rx(vs["zope"])))
                     checks.append(">= 1.3x smtplib: " + target(
                         "drain to smtp-sink, 1 session >= 1.3x raw smtplib reuse",
                         vs["smtplib"], None if vs["smtplib"] is None else vs["smtplib"] >= 1.3,
-                        "%sx" % fmt(vs["smtplib"], 2)))
+                        rx(vs["smtplib"])))
                 if section == "drain-sink" and key == "gsemail4":
                     checks.append(">= 1.0x src-1: " + target(
                         "drain to smtp-sink, parallel sessions >= 1.0x smtp-source 1 session",
                         vs["source1"], None if vs["source1"] is None else vs["source1"] >= 1.0,
-                        "%sx" % fmt(vs["source1"], 2)))
+                        rx(vs["source1"])))
                 if section == "drain-postfix" and key == "gsemail":
                     checks.append(">= 3x zope: " + target(
                         "drain to Postfix with STARTTLS >= 3x zope.sendmail", vs["zope"],
                         None if vs["zope"] is None else vs["zope"] >= 3.0,
-                        "%sx" % fmt(vs["zope"], 2)))
+                        rx(vs["zope"])))
                 return text + ("; " + "; ".join(checks) if checks else "")
             return extra
         table("drain-sink", "DRAIN to smtp-sink: a queue of %s (msg/s; gsemail timed as the "
@@ -835,7 +845,9 @@ class Bench:
         # -- group post
         def group_extra(key: str) -> str:
             accepted = self.median("group", key, "accepted")
-            text = "%s of %s accepted" % (fmt(accepted), fmt(a.group_rcpts))
+            left = self.median("group", key, "left")
+            text = "%s of %s accepted%s" % (fmt(accepted), fmt(a.group_rcpts),
+                                             ", still queued" if left else "")
             if key == "gsemail":
                 secs = self.median("group", key)
                 all_in = all(r.get("accepted") == a.group_rcpts
@@ -958,6 +970,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
+    # even when started in the background, where the shell ignores SIGINT
+    signal.signal(signal.SIGINT, interrupt)
     bench = Bench(args)
     status = 0
     try:
