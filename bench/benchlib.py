@@ -243,13 +243,14 @@ def proc_rss_kb(pid: int) -> int:
 # ---------------------------------------------------------------------------
 
 class Result:
-    """How a child process ended: exit code, wall seconds, peak RSS (KB)
-    and its output."""
+    """How a child process ended: exit code, wall seconds, CPU seconds,
+    peak RSS (KB) and its output."""
 
     def __init__(self, returncode: int, wall: float, maxrss_kb: int,
-                 stdout: str, stderr: str) -> None:
+                 stdout: str, stderr: str, cpu: float = 0.0) -> None:
         self.returncode, self.wall, self.maxrss_kb = returncode, wall, maxrss_kb
         self.stdout, self.stderr = stdout, stderr
+        self.cpu = cpu      # user + system CPU seconds of the child
 
     def json(self) -> dict:
         """The one JSON line a peers.py command ends its output with."""
@@ -314,7 +315,8 @@ class Procs:
             stderr = err.read().decode("utf-8", "replace")
         if p.returncode < 0 and -p.returncode == signal.SIGKILL:
             stderr += "\n(killed after the %d s time limit)" % timeout
-        return Result(p.returncode, wall, usage.ru_maxrss, stdout, stderr)
+        return Result(p.returncode, wall, usage.ru_maxrss, stdout, stderr,
+                      usage.ru_utime + usage.ru_stime)
 
     @staticmethod
     def _kill(pid: int) -> None:

@@ -406,7 +406,10 @@ class Bench:
                 left = benchlib.queue_count(queue)
                 if left["waiting"] or left["rejected"]:
                     raise RuntimeError("left in the queue: %s" % left)
-                return {"value": n / r.wall, "seconds": r.wall, "maxrss_mb": r.maxrss_kb / 1024}
+                return {"value": n / r.wall, "seconds": r.wall, "cpu_share": r.cpu / r.wall,
+                        "maxrss_mb": r.maxrss_kb / 1024,
+                        "show": "%s msg/s (%.2f s; its CPU %.0f%% of that)"
+                                % (fmt(n / r.wall), r.wall, 100 * r.cpu / r.wall)}
             finally:
                 done()
                 shutil.rmtree(d, ignore_errors=True)
@@ -794,6 +797,9 @@ class Bench:
                       for k in ("zope", "smtplib", "source1", "source4")}
                 text = "%s zope, %s smtplib, %s src-1, %s src-4" % tuple(
                     rx(vs[k]) for k in ("zope", "smtplib", "source1", "source4"))
+                share = self.median(section, key, "cpu_share")
+                if share is not None:
+                    text += " (busy: %.0f%% CPU)" % (100 * share)
                 checks = []
                 if section == "drain-sink" and key == "gsemail":
                     checks.append(">= 2.5x zope: " + target(
