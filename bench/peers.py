@@ -19,6 +19,7 @@ before the clock starts; the clock covers only the work named.
     latency-gsemail         the processor thread running; send_email() at a
                             steady rate, each message stamped X-Bench-Sent
     latency-zope            the same with QueueProcessorThread (3 s poll)
+    latency-smtplib         the floor: smtplib sends each at once, no queue
 """
 
 import argparse
@@ -174,6 +175,21 @@ def latency_zope(args: argparse.Namespace) -> None:
 
 # -- baselines without a queue ---------------------------------------------------
 
+def latency_smtplib(args: argparse.Namespace) -> None:
+    """The floor for latency: smtplib sends each message at once on one
+    open connection, no queue; what is left is smtplib, loopback and the
+    arrival sink's own cost."""
+    s = smtplib.SMTP(benchlib.HOST, args.port, local_hostname="raw.bench.test", timeout=60)
+    s.ehlo()
+
+    def send(i: int, stamp: bytes, message: bytes) -> None:
+        s.sendmail(benchlib.SENDER, [benchlib.rcpt(i)], stamp + message)
+
+    result = _steady_rate(args, send)
+    s.quit()
+    emit(result)
+
+
 def enqueue_fs(args: argparse.Namespace) -> None:
     """What the file system allows for a durable Maildir enqueue: the same
     bytes as a queue file, with nothing but the os calls around them."""
@@ -242,7 +258,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--starttls", action="store_true")
-    for name in ("latency-gsemail", "latency-zope"):
+    for name in ("latency-gsemail", "latency-zope", "latency-smtplib"):
         p = sub.add_parser(name)
         p.add_argument("--n", type=int, required=True)
         p.add_argument("--rate", type=float, required=True)
@@ -252,14 +268,17 @@ def main() -> None:
         if name == "latency-gsemail":
             p.add_argument("--ini", required=True)
             p.add_argument("--instance", default="bench")
-        else:
+        elif name == "latency-zope":
             p.add_argument("--queue", required=True)
             p.add_argument("--port", type=int, required=True)
             p.add_argument("--interval", type=float, default=3.0)
+        else:
+            p.add_argument("--port", type=int, required=True)
     args = ap.parse_args()
     {"probe": probe, "enqueue-gsemail": enqueue_gsemail, "enqueue-zope": enqueue_zope,
      "enqueue-fs": enqueue_fs, "drain-zope": drain_zope, "raw-smtplib": raw_smtplib,
-     "latency-gsemail": latency_gsemail, "latency-zope": latency_zope}[args.command](args)
+     "latency-gsemail": latency_gsemail, "latency-zope": latency_zope,
+     "latency-smtplib": latency_smtplib}[args.command](args)
 
 
 if __name__ == "__main__":
