@@ -959,7 +959,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="bench/run.py", description=__doc__.split("\n\n")[0],
         epilog="Cases: " + ", ".join(CASES) + ".  See the module docstring "
-        "(or bench/README-performance.rst) for what each measures.",
+        "(and README.rst, Performance) for what each measures.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: N = 2,000, scale 10,000, latency 1,000, idle "
