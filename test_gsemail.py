@@ -920,6 +920,8 @@ class DeliveryTests(Base):
         self.drain(config)
         self.assertEqual(sorted(server.rcpts), rcpts)
         self.assertEqual(server.connections, 3)
+        # the server notes a session's end just after its 221, so wait for it
+        wait_for(lambda: len(server.ended) == 3, what="the server to see three QUITs")
         self.assertEqual(sorted(server.ended.values()), ["quit"] * 3)
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
         with self.assertRaises(gsemail.ConfigError):
