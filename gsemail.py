@@ -868,11 +868,9 @@ class Queue:
         """Claim the message at path, or return None if another process has
         it, it has gone, or it is not due yet."""
         head, name = os.path.split(path)
-        claim_path = os.path.join(head, ".sending-" + name)
-        fd = self._make_claim(claim_path)
-        if fd is None:
+        msg = self._take(path)
+        if msg is None:
             return None
-        msg = QueuedMessage(path, claim_path, fd)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -893,6 +891,13 @@ class Queue:
         if msg.state.get("xverp"):
             msg.xverp = True
         return msg
+
+    def _take(self, path: str) -> Optional[QueuedMessage]:
+        """The claim on path, unread, or None if someone else holds it."""
+        head, name = os.path.split(path)
+        claim_path = os.path.join(head, ".sending-" + name)
+        fd = self._make_claim(claim_path)
+        return None if fd is None else QueuedMessage(path, claim_path, fd)
 
     def _make_claim(self, claim_path: str) -> Optional[int]:
         """Take the claim at claim_path: the fd that holds it, or None.
@@ -1351,12 +1356,9 @@ class Queue:
     def _hold(self, path: str) -> Optional[QueuedMessage]:
         """Claim path for an operator's command, due or not, so no processor
         sends it meanwhile.  None when someone holds it or it has moved."""
-        head, name = os.path.split(path)
-        claim_path = os.path.join(head, ".sending-" + name)
-        fd = self._make_claim(claim_path)
-        if fd is None:
+        held = self._take(path)
+        if held is None:
             return None
-        held = QueuedMessage(path, claim_path, fd)
         if not os.path.exists(path):
             held.release()
             return None

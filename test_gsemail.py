@@ -51,6 +51,36 @@ def need(condition, why):
     raise unittest.SkipTest(why)
 
 
+def zope_python():
+    """The Python with zope.sendmail installed, named by $GSEMAIL_ZOPE_PYTHON."""
+    python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
+    need(python and os.access(python, os.X_OK),
+         "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
+    return python
+
+
+# zope.sendmail's own processor, one pass over the queue in argv[1] to the
+# server on 127.0.0.1 port argv[2].
+ZOPE_DRAIN = """
+import sys
+from zope.sendmail.maildir import Maildir
+from zope.sendmail.mailer import SMTPMailer
+from zope.sendmail.queue import QueueProcessorThread
+thread = QueueProcessorThread()
+thread.setMaildir(Maildir(sys.argv[1], True))
+thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
+# zope's Maildir.__iter__ stats each file it lists and dies if another
+# processor has just delivered and removed it: a race of zope's own, which
+# only ends its pass, so pass again.
+for attempt in range(20):
+    try:
+        thread.run(forever=False)
+        break
+    except FileNotFoundError:
+        pass
+"""
+
+
 def find_bin(name):
     for d in os.environ.get("PATH", "").split(os.pathsep) + [
             "/usr/sbin", "/usr/lib/postfix", "/usr/libexec/postfix"]:
@@ -2225,16 +2255,7 @@ class ZopeRetryTests(OperatorBase):
         self.assertEqual(len(self.dead_letters()), 1)
         self.ok("retry", "--all-dead")
         server.rules.clear()
-        ZopeCompatibilityTests.zope(self, """
-            import sys
-            from zope.sendmail.maildir import Maildir
-            from zope.sendmail.mailer import SMTPMailer
-            from zope.sendmail.queue import QueueProcessorThread
-            thread = QueueProcessorThread()
-            thread.setMaildir(Maildir(sys.argv[1], True))
-            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
-            thread.run(forever=False)
-            """, self.queuepath, str(server.port))
+        ZopeCompatibilityTests.zope(self, ZOPE_DRAIN, self.queuepath, str(server.port))
         self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
         self.assertIn(b"Subject: test", server.transactions[-1]["data"])
         self.assertNotIn(b"X-Gsemail-", server.transactions[-1]["data"])
@@ -2335,9 +2356,7 @@ class PostfixOperatorTests(OperatorBase):
 
 class ZopeCompatibilityTests(Base):
     def zope(self, code, *args):
-        python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
-        need(python and os.access(python, os.X_OK),
-             "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
+        python = zope_python()
         run = subprocess.run([python, "-c", textwrap.dedent(code)] + list(args),
                              capture_output=True, text=True, timeout=60)
         self.assertEqual(run.returncode, 0, run.stderr)
@@ -2369,16 +2388,7 @@ class ZopeCompatibilityTests(Base):
         queue = gsemail.Queue(self.queuepath)
         msg = queue.claim(os.path.join(self.queuepath, "new", name))
         queue.defer(msg, ["d@example.org"], {"attempts": 1}, time.time() + 60)
-        self.zope("""
-            import sys
-            from zope.sendmail.maildir import Maildir
-            from zope.sendmail.mailer import SMTPMailer
-            from zope.sendmail.queue import QueueProcessorThread
-            thread = QueueProcessorThread()
-            thread.setMaildir(Maildir(sys.argv[1], True))
-            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
-            thread.run(forever=False)
-            """, self.queuepath, str(server.port))
+        self.zope(ZOPE_DRAIN, self.queuepath, str(server.port))
         self.assertEqual(sorted(server.rcpts), ["a@example.org", "b@example.org",
                                                 "d@example.org"])
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
@@ -3143,30 +3153,12 @@ class ConcurrencyTests(Base):
         self.assertGreaterEqual(server.connections, 5, "the processors did not all take part")
 
     def test_gsemail_beside_zope_sendmail_on_one_queue(self):
-        python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
-        need(python and os.access(python, os.X_OK),
-             "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
+        python = zope_python()
         server = self.server()
         ids = self.fill(1000, "z")
         ini = self.ini(server.port)
-        zope = subprocess.Popen([python, "-c", textwrap.dedent("""
-            import sys
-            from zope.sendmail.maildir import Maildir
-            from zope.sendmail.mailer import SMTPMailer
-            from zope.sendmail.queue import QueueProcessorThread
-            thread = QueueProcessorThread()
-            thread.setMaildir(Maildir(sys.argv[1], True))
-            thread.setMailer(SMTPMailer('127.0.0.1', int(sys.argv[2]), no_tls=True))
-            # zope's Maildir.__iter__ stats each file it lists and dies if
-            # another processor has just delivered and removed it: a race of
-            # zope's own, which only ends its pass, so pass again.
-            for attempt in range(20):
-                try:
-                    thread.run(forever=False)
-                    break
-                except FileNotFoundError:
-                    pass
-            """), self.queuepath, str(server.port)], stderr=subprocess.PIPE)
+        zope = subprocess.Popen([python, "-c", ZOPE_DRAIN, self.queuepath, str(server.port)],
+                                stderr=subprocess.PIPE)
         ours = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
                                "--once"], cwd=HERE, capture_output=True, timeout=300)
         self.assertIn(ours.returncode, (0, os.EX_TEMPFAIL), ours.stderr.decode())
