@@ -307,43 +307,35 @@ class Bench:
         n = self.args.n
         bases = {"tmpfs": self.shm, "disk": self.work}
 
-        def gsemail_peer(base: str) -> dict:
-            d = self.fresh(base, "enq-gs")
+        def enqueue(base: str, tag: str, command: Callable[[str], List[str]]) -> dict:
+            """One enqueue run in a fresh directory under base, removed after."""
+            d = self.fresh(base, tag)
             try:
-                ini = self.write_ini(os.path.join(d, "queue"), 25)
-                r = self.run_peer([sys.executable, PEERS, "enqueue-gsemail", "--ini", ini,
-                                   "--n", str(n)], self.timeout(n))
-                return self.enqueue_result(r, n)
+                return self.enqueue_result(self.run_peer(command(d), self.timeout(n)), n)
             finally:
                 shutil.rmtree(d, ignore_errors=True)
 
-        def zope_peer(base: str) -> dict:
-            d = self.fresh(base, "enq-zope")
-            try:
-                r = self.run_peer([self.zope_python, PEERS, "enqueue-zope", "--queue",  # type: ignore[list-item]
-                                   os.path.join(d, "queue"), "--n", str(n)], self.timeout(n))
-                return self.enqueue_result(r, n)
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+        def gsemail_cmd(d: str) -> List[str]:
+            ini = self.write_ini(os.path.join(d, "queue"), 25)
+            return [sys.executable, PEERS, "enqueue-gsemail", "--ini", ini, "--n", str(n)]
 
-        def fs_peer(base: str) -> dict:
-            d = self.fresh(base, "enq-fs")
-            try:
-                r = self.run_peer([sys.executable, PEERS, "enqueue-fs", "--dir",
-                                   os.path.join(d, "q"), "--n", str(n)], self.timeout(n))
-                return self.enqueue_result(r, n)
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+        def zope_cmd(d: str) -> List[str]:
+            return [self.zope_python, PEERS, "enqueue-zope", "--queue",  # type: ignore[list-item]
+                    os.path.join(d, "queue"), "--n", str(n)]
+
+        def fs_cmd(d: str) -> List[str]:
+            return [sys.executable, PEERS, "enqueue-fs", "--dir", os.path.join(d, "q"),
+                    "--n", str(n)]
 
         peers = []
         for where, base in bases.items():
             peers += [
                 Peer("gsemail-" + where, "gsemail send_email, %s" % where,
-                     lambda b=base: gsemail_peer(b)),
+                     lambda b=base: enqueue(b, "enq-gs", gsemail_cmd)),
                 Peer("zope-" + where, "zope.sendmail queued delivery, %s" % where,
-                     lambda b=base: zope_peer(b), self.zope_skip()),
+                     lambda b=base: enqueue(b, "enq-zope", zope_cmd), self.zope_skip()),
                 Peer("fs-" + where, "file system ceiling, %s" % where,
-                     lambda b=base: fs_peer(b)),
+                     lambda b=base: enqueue(b, "enq-fs", fs_cmd)),
             ]
         self.interleave("enqueue", peers)
 
