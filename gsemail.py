@@ -2356,6 +2356,10 @@ class QueueProcessor:
             self._note(error_at=now, error=str(trouble), error_id=msg.name)
         if out.delivered:
             self._note(delivered_at=now, delivered_id=msg.name, delivered_via=mailer.where)
+        if not out.deferred and not failed:     # done: no state to build
+            self._record(msg, functools.partial(self.queue.remove, msg))
+            self._count("delivered")
+            return
         state: Dict[str, object] = dict(msg.state, attempts=attempts,
                                         first_queued=msg.first_queued,
                                         xverp=msg.xverp, last_attempt=now,
@@ -2379,10 +2383,6 @@ class QueueProcessor:
             for rcpt, reply in out.deferred.items():
                 failed[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                     reply, attempts, age / 86400)
-        if not failed:
-            self._record(msg, functools.partial(self.queue.remove, msg))
-            self._count("delivered")
-            return
         reply = Reply.parse(next(iter(failed.values())))
         log.error("%s %s: dead letter .rejected-%s for %d recipient(s): %s", reply.status,
                   msg.name, msg.name, len(failed), reply)
