@@ -1543,6 +1543,11 @@ class _Outcome:
     failed: Dict[str, Reply] = dataclasses.field(default_factory=dict)
     deferred: Dict[str, Reply] = dataclasses.field(default_factory=dict)
     final: Optional[Reply] = None
+    #: the dot is sent and its reply not yet read (see Mailer.deliver's more)
+    waiting: bool = False
+    #: the connection failed before the server answered any command of
+    #: this message, so nothing of it can have been delivered
+    unanswered: bool = False
 
 
 def _reply_for(exc: BaseException, where: str) -> Reply:
@@ -1585,8 +1590,16 @@ class _Session:
         except (ValueError, IndexError):
             self.size = 0
         self.messages = 0
+        self.answers = 0        # replies read, to tell when one was had
         self.broken = False
         self.warned_xverp = False
+        # Written but not yet sent: commands go out together when a reply
+        # is needed (RFC 2920), and a small message in the same packet.
+        self.unsent: List[bytes] = []
+        self.unsent_size = 0
+        # The outcome and accepted recipients of the message whose final
+        # reply the server still owes us (see Mailer.deliver's more).
+        self.owed: Optional[Tuple[_Outcome, List[str]]] = None
 
 
 @dataclasses.dataclass
@@ -1857,7 +1870,9 @@ class Mailer:
 
     def close(self) -> None:
         """End the connection: QUIT unless it is broken; errors are ignored,
-        so they can never hide the one that made us close."""
+        so they can never hide the one that made us close.  A reply still
+        owed for a message is read first (see ``wait``)."""
+        self.wait()
         s, self._session = self._session, None
         if s is None:
             return
@@ -1878,10 +1893,18 @@ class Mailer:
     # -- talking --------------------------------------------------------------
 
     def _reply(self) -> Reply:
+        """The server's next reply, after the one owed for an earlier message."""
+        if self._session.owed is not None:  # type: ignore[union-attr]
+            self._collect()
+        return self._read()
+
+    def _read(self) -> Reply:
+        self._flush()
         try:
             code, text = self._session.smtp.getreply()  # type: ignore[union-attr]
         except (smtplib.SMTPException, OSError) as e:
             raise _ConnectionLost(_reply_for(e, self.where)) from None
+        self._session.answers += 1  # type: ignore[union-attr]
         reply = Reply(code, _one_line(text.decode("utf-8", "replace")))
         if code == -1 or not 200 <= code < 600:
             raise _ConnectionLost(Reply(451, "4.4.2 garbled reply from %s: %s"
@@ -1891,11 +1914,60 @@ class Mailer:
         return reply
 
     def _send(self, data: bytes) -> None:
+        """Send data with whatever is written after it, before the next
+        reply is read; a megabyte of DATA goes at once."""
+        s = self._session
+        s.unsent.append(data)  # type: ignore[union-attr]
+        s.unsent_size += len(data)  # type: ignore[union-attr]
+        if s.unsent_size >= _CHUNK:  # type: ignore[union-attr]
+            self._flush()
+
+    def _flush(self) -> None:
+        s = self._session
+        if not s.unsent:  # type: ignore[union-attr]
+            return
+        data = b"".join(s.unsent)  # type: ignore[union-attr]
+        s.unsent, s.unsent_size = [], 0  # type: ignore[union-attr]
         try:
-            self._session.smtp.sock.sendall(data)  # type: ignore[union-attr]
+            s.smtp.sock.sendall(data)  # type: ignore[union-attr]
         except (OSError, AttributeError) as e:
             raise _ConnectionLost(_reply_for(
                 smtplib.SMTPServerDisconnected(str(e)), self.where)) from None
+
+    def _collect(self) -> None:
+        """Read the final reply owed for an earlier message and settle its
+        recipients; if the connection fails, they are deferred."""
+        s = self._session
+        out, accepted = s.owed  # type: ignore[union-attr, misc]
+        s.owed = None  # type: ignore[union-attr]
+        out.waiting = False
+        try:
+            final = self._read()
+        except _ConnectionLost as e:
+            self._settle(accepted, e.reply, out)
+            raise
+        out.final = final
+        if final.ok:
+            out.delivered += accepted
+        else:
+            self._settle(accepted, final, out)
+
+    def wait(self) -> None:
+        """Read the final reply the server still owes for the last message
+        delivered with ``more``, which settles that message's outcome."""
+        s = self._session
+        if s is None or s.owed is None:
+            return
+        if s.broken:        # a later write failed: the reply will never come
+            out, accepted = s.owed
+            s.owed, out.waiting = None, False
+            self._settle(accepted, Reply(421, "4.4.2 connection to %s lost before "
+                                         "its reply" % self.where), out)
+            return
+        try:
+            self._collect()
+        except _ConnectionLost:
+            s.broken = True
 
     def _rset(self) -> None:
         try:
@@ -1930,13 +2002,26 @@ class Mailer:
 
     def deliver(self, sender: str, recipients: List[str], data: bytes,
                 xverp: bool = False,
-                heartbeat: Optional[Callable[[], None]] = None) -> _Outcome:
+                heartbeat: Optional[Callable[[], None]] = None,
+                more: bool = False) -> _Outcome:
         """Deliver one message on the open connection (see ``open``) and
-        report each recipient as delivered, failed or deferred."""
+        report each recipient as delivered, failed or deferred.
+
+        ``more`` says another message follows at once.  Then, when the
+        server offers PIPELINING, the final reply may be left unread
+        (``waiting`` is true) so that the next message's MAIL, RCPT and
+        DATA go out with this one's dot (RFC 2920 3.1): one round trip a
+        message, not two.  The next ``deliver``, ``wait`` or ``close``
+        reads it and settles this outcome.
+        """
         s = self._session
         if s is None:
             raise RuntimeError("Mailer.deliver() before Mailer.open()")
         s.messages += 1
+        # Only a connection that goes on can carry the next message's
+        # commands; and the connection's last reply is read before QUIT.
+        more = more and s.messages < self.config.messages_per_connection
+        answers = s.answers + (s.owed is not None)
         out = _Outcome()
         offers_utf8 = "smtputf8" in s.features
         problem = _address_problem(sender) if sender else None
@@ -1988,11 +2073,13 @@ class Mailer:
                             "without it (bounces will not name the recipient)", self.where)
         try:
             while pending:
-                pending = self._transaction(sender, params, pending, wire, out, heartbeat)
+                pending = self._transaction(sender, params, pending, wire, out,
+                                            heartbeat, more)
         except _ConnectionLost as e:
             s.broken = True
             self.close()
             out.final = e.reply
+            out.unanswered = s.answers <= answers
             done = set(out.delivered).union(out.failed)
             for rcpt in recipients:
                 if rcpt not in done:
@@ -2001,7 +2088,8 @@ class Mailer:
 
     def _transaction(self, sender: str, params: List[str], pending: List[str],
                      wire: bytes, out: _Outcome,
-                     heartbeat: Optional[Callable[[], None]]) -> List[str]:
+                     heartbeat: Optional[Callable[[], None]],
+                     more: bool = False) -> List[str]:
         """One MAIL..DATA transaction for up to recipients_per_transaction of
         pending; settles them in out and returns those still to try."""
         if heartbeat:
@@ -2050,6 +2138,10 @@ class Mailer:
             if heartbeat:
                 heartbeat()
             self._send(wire[i:i + _CHUNK])
+        if more and not carried and not rest and self._session.pipelining:  # type: ignore[union-attr]
+            self._session.owed = (out, accepted)  # type: ignore[union-attr]
+            out.waiting = True
+            return []
         final = self._reply()
         out.final = final
         if not final.ok:
@@ -2275,53 +2367,93 @@ class QueueProcessor:
         """Claim and send each of paths over mailer's connection."""
         handled = 0
         down: Optional[Reply] = None
-        for path in paths:
-            if self._progress and self._done:
-                with self._lock:
-                    self._progress(self.stats, total - self._done)
-            if self._stopping.is_set():
-                break
-            try:
-                msg = self.queue.claim(path)
-            except OSError as e:
-                log.error("4.3.0 queue %s: cannot claim %s: %s", self.queue.path,
-                          os.path.basename(path), e)
-                continue
-            if msg is None:
-                continue
-            handled += 1
-            if msg.problem:
-                self._apply(mailer, msg, _Outcome(
-                    failed={r: Reply.parse("554 " + msg.problem)
-                            for r in (msg.recipients or ["(no recipient)"])}))
-                continue
-            if down is None:
+        # The message whose final reply the server still owes: it is read
+        # after the next message's commands are sent (Mailer.deliver's more).
+        owed: Optional[Tuple[QueuedMessage, _Outcome]] = None
+        try:
+            for n, path in enumerate(paths):
+                if owed is not None and not owed[1].waiting:
+                    self._apply(mailer, *owed)
+                    owed = None
+                if self._progress and self._done:
+                    with self._lock:
+                        self._progress(self.stats, total - self._done)
+                if self._stopping.is_set():
+                    break
                 try:
-                    mailer.open()
-                except DeliveryError as e:
-                    down = _transient(e.reply)
-                    if down.status.split(".")[1] == "7":
-                        log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is "
-                                  "kept and retried", down.status, mailer.where,
-                                  e.reply)
-                    else:
-                        log.warning("%s relay %s: %s: mail is kept and retried",
-                                    down.status, mailer.where, e.reply)
-            if down is not None:
-                self._apply(mailer, msg, _Outcome(
-                    deferred=dict.fromkeys(msg.recipients, down), final=down))
-                continue
+                    msg = self.queue.claim(path)
+                except OSError as e:
+                    log.error("4.3.0 queue %s: cannot claim %s: %s", self.queue.path,
+                              os.path.basename(path), e)
+                    continue
+                if msg is None:
+                    continue
+                handled += 1
+                if msg.problem:
+                    self._apply(mailer, msg, _Outcome(
+                        failed={r: Reply.parse("554 " + msg.problem)
+                                for r in (msg.recipients or ["(no recipient)"])}))
+                    continue
+                if down is None:
+                    try:
+                        mailer.open()
+                    except DeliveryError as e:
+                        down = self._relay_down(mailer, e)
+                if down is not None:
+                    self._apply(mailer, msg, _Outcome(
+                        deferred=dict.fromkeys(msg.recipients, down), final=down))
+                    continue
+                outcome = self._attempt(mailer, msg, more=n + 1 < len(paths))
+                self._last_used = time.monotonic()
+                if owed is not None and not owed[1].waiting:    # read just now
+                    self._apply(mailer, *owed)
+                    owed = None
+                if outcome.waiting:
+                    owed = (msg, outcome)
+                else:
+                    self._apply(mailer, msg, outcome)
+        finally:
+            if owed is not None:
+                mailer.wait()
+                self._apply(mailer, *owed)
+        return handled
+
+    @staticmethod
+    def _attempt(mailer: "Mailer", msg: QueuedMessage, more: bool) -> _Outcome:
+        """mailer.deliver(msg), never raising.  A connection that failed before
+        the server answered anything of the message (a drop after the
+        previous message's dot, or a connection the server had closed) is
+        no attempt: the message goes again at once on a new connection."""
+        for again in (True, False):
             try:
                 outcome = mailer.deliver(msg.sender, msg.recipients, msg.data,
-                                         msg.xverp, msg.heartbeat)
+                                         msg.xverp, msg.heartbeat, more=more)
             except Exception as e:
                 log.exception("4.3.0 %s: unexpected error while sending", msg.name)
                 mailer.close()
                 reply = Reply(451, "4.3.0 internal error: %s: %s" % (type(e).__name__, e))
-                outcome = _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
-            self._last_used = time.monotonic()
-            self._apply(mailer, msg, outcome)
-        return handled
+                return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
+            if not (again and outcome.unanswered):
+                break
+            log.info("%s %s: connection lost before the server answered: sending it "
+                     "again on a new connection", outcome.final.status, msg.name)  # type: ignore[union-attr]
+            try:
+                mailer.open()
+            except DeliveryError:
+                break       # deferred as it is; the next message finds the relay down
+        return outcome
+
+    @staticmethod
+    def _relay_down(mailer: "Mailer", e: DeliveryError) -> Reply:
+        """Log that no relay can be used; the Reply to defer mail with."""
+        down = _transient(e.reply)
+        if down.status.split(".")[1] == "7":
+            log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is kept and "
+                      "retried", down.status, mailer.where, e.reply)
+        else:
+            log.warning("%s relay %s: %s: mail is kept and retried", down.status,
+                        mailer.where, e.reply)
+        return down
 
     def _note(self, force: bool = False, **facts: object) -> None:
         """Keep facts for ``status``; write them at most every few seconds."""

@@ -116,11 +116,18 @@ class SMTPServer:
     to a list of replies used in turn (then the default) or to a function
     of the argument returning a reply or None for the default.  A reply of
     DROP closes the connection; HANG never answers.
+
+    ``hold_dot`` (seconds): hold each reply to a final dot until the next
+    command arrives or that time passes, and note in the transaction
+    whether the next command came first ("ahead"), as it does from a
+    client that sends the next message with this one's dot.
     """
 
     def __init__(self, ehlo=("PIPELINING", "8BITMIME", "SIZE 10240000",
-                             "ENHANCEDSTATUSCODES"), rules=None, auth=None, port=0):
+                             "ENHANCEDSTATUSCODES"), rules=None, auth=None, port=0,
+                 hold_dot=None):
         self.ehlo = list(ehlo)
+        self.hold_dot = hold_dot
         self.rules = dict(rules or {})
         self.auth = auth
         self.transactions = []
@@ -196,6 +203,28 @@ class SMTPServer:
             self.ended[number] = how or "eof"
             conn.close()
 
+    def _held(self, conn, f, answer, txn):
+        """Say answer when the next line comes or hold_dot seconds pass;
+        return that line."""
+        said, lock = [], threading.Lock()
+
+        def say():
+            with lock:
+                if not said:
+                    said.append(True)
+                    try:
+                        self._say(conn, answer)
+                    except OSError:     # the client is gone: so is the reply
+                        pass
+        timer = threading.Timer(self.hold_dot, say)
+        timer.start()
+        line = f.readline()
+        timer.cancel()
+        with lock:
+            txn["ahead"] = bool(line) and not said
+        say()
+        return line
+
     def _say(self, conn, text):
         if text == DROP:
             raise _Dropped()
@@ -207,8 +236,9 @@ class SMTPServer:
     def _session(self, conn, f, number=0):
         self._say(conn, self._rule("CONNECT", "", "220 test.example ESMTP"))
         txn = None
+        held = None     # a line read while a reply was held (hold_dot)
         while True:
-            line = f.readline()
+            line, held = held or f.readline(), None
             if not line:
                 return "eof"
             text = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -252,8 +282,11 @@ class SMTPServer:
                 answer = self._rule("DOT", "", "250 2.0.0 Ok: queued")
                 if answer.startswith("2"):
                     self.transactions.append(txn)
+                if self.hold_dot and answer not in (DROP, HANG):
+                    held = self._held(conn, f, answer, txn)
+                else:
+                    self._say(conn, answer)
                 txn = None
-                self._say(conn, answer)
             elif verb in ("EHLO", "HELO"):
                 txn = None
                 default = "250 test.example"
@@ -941,6 +974,104 @@ class DeliveryTests(Base):
         self.assertTrue(server.commands[1].startswith("MAIL FROM:<bounces@example.org>"))
         self.assertIn("SIZE=", server.commands[1])
 
+    def test_next_message_goes_with_the_dot(self):
+        # RFC 2920 3.1: the next message's MAIL, RCPT and DATA go out with
+        # this one's dot, so a message costs one round trip, not two.  The
+        # server holds each reply to a dot until the next command comes (or
+        # 2 s pass, which would make this drain take 8 s).
+        server = self.server(hold_dot=2.0)
+        config = self.config(server.port)
+        for i in range(5):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        started = time.monotonic()
+        self.drain(config)
+        self.assertLess(time.monotonic() - started, 4)
+        self.assertEqual(server.rcpts, ["r%d@example.org" % i for i in range(5)])
+        self.assertEqual([t["ahead"] for t in server.transactions], [True] * 4 + [False])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_no_next_message_with_the_dot_without_pipelining_or_at_a_connections_end(self):
+        server = self.server(ehlo=("8BITMIME",), hold_dot=0.3)
+        config = self.config(server.port)
+        for i in range(3):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        self.drain(config)
+        self.assertEqual([t["ahead"] for t in server.transactions], [False] * 3)
+        # The last message on a connection has its reply read before QUIT,
+        # so its delivery is recorded before the connection ends.
+        server = self.server(hold_dot=2.0)
+        config = self.config(server.port, messages_per_connection=2)
+        shutil.rmtree(self.queuepath)
+        for i in range(5):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["r%d@example.org" % i for i in range(5)])
+        self.assertEqual([t["ahead"] for t in server.transactions],
+                         [True, False, True, False, False])
+        self.assertEqual(server.connections, 3)
+        wait_for(lambda: len(server.ended) == 3, what="the server to see three QUITs")
+        self.assertEqual(sorted(server.ended.values()), ["quit"] * 3)
+
+    def test_refusals_after_pipelined_dots_touch_only_their_message(self):
+        server = self.server(rules={"DOT": ["250 2.0.0 Ok", "554 5.7.1 spam",
+                                            "451 4.3.0 later"]})
+        config = self.config(server.port)
+        names = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(4)]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["r0@example.org", "r3@example.org"])
+        (dead,) = self.dead_letters()
+        self.assertTrue(dead.endswith(".rejected-" + names[1]))
+        self.assertIn("554 5.7.1 spam", self.dead_letter_text())
+        state = self.assertDeferred(names[2], ["r2@example.org"])
+        self.assertEqual(state["last_error"], "451 4.3.0 later")
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(sum("delivered to 1 recipient" in line for line in logs.output), 2)
+
+    def test_connection_lost_after_a_pipelined_dot(self):
+        # The server drops the connection (or says 421) after the second
+        # message's dot.  That message is deferred: the server may have kept
+        # it.  The third message's commands went with that dot and were never
+        # answered, so nothing of it can have arrived: it goes again at once
+        # on a new connection rather than wait for a retry.
+        for fault in (DROP, "421 4.4.2 closing"):
+            with self.subTest(fault=fault):
+                shutil.rmtree(self.queuepath, True)
+                server = self.server(rules={"DOT": ["250 2.0.0 Ok", fault]})
+                config = self.config(server.port)
+                names = [self.enqueue(config, rcpts=["r%d@example.org" % i])
+                         for i in range(4)]
+                with self.assertLogs("gsemail", "INFO") as logs:
+                    self.drain(config)
+                self.assertEqual(server.rcpts, ["r0@example.org", "r2@example.org",
+                                                "r3@example.org"])
+                state = self.assertDeferred(names[1], ["r1@example.org"])
+                self.assertIn("4.4.2", state["last_error"])
+                self.assertEqual(self.listing("new"), [])
+                self.assertEqual(self.listing("cur"), [names[1]])
+                self.assertEqual(server.connections, 2)
+                self.assertTrue(any("sending it again on a new connection" in line
+                                    and names[2] in line for line in logs.output))
+
+    def test_connection_closed_before_any_answer_is_no_attempt(self):
+        # A connection the server closed without a word (an idle one it timed
+        # out, say): the message goes again at once on a new one.
+        server = self.server(rules={"MAIL": [DROP]})
+        config = self.config(server.port)
+        self.enqueue(config)
+        processor = self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(processor.stats, {"delivered": 1, "deferred": 0, "dead": 0})
+        self.assertEqual(server.connections, 2)
+        # ... but only once: a server that never answers defers the message.
+        server = self.server(rules={"MAIL": [DROP, DROP]})
+        config = self.config(server.port)
+        name = self.enqueue(config)
+        self.drain(config)
+        self.assertIn("4.4.2", self.assertDeferred(name, ["a@example.org"])["last_error"])
+        self.assertEqual(server.connections, 2)
+
     def test_sessions_send_at_once_and_each_message_once(self):
         server = self.server()
         config = self.config(server.port, sessions=3)
@@ -1354,15 +1485,18 @@ class ProcessorTests(Base):
         server = self.server(rules={"DOT": lambda a: slow_dot(a)})
         config = self.config(server.port, processorthread=True)
         processor = gsemail.QueueProcessor(config)
-        name = self.enqueue(config)
+        self.enqueue(config)
         self.enqueue(config, rcpts=["second@example.org"])
+        third = self.enqueue(config, rcpts=["third@example.org"])
         processor.start()
         gate.wait(10)
         processor.stop()
         self.assertFalse(processor.alive)
-        self.assertEqual(server.rcpts, ["a@example.org"])
-        self.assertNotIn(name, self.listing("new"))
-        self.assertEqual(len(self.listing("new")), 1)
+        # The second message's commands went out with the first's dot, so it
+        # was in flight too and is finished; the third was never started.
+        self.assertEqual(server.rcpts, ["a@example.org", "second@example.org"])
+        self.assertEqual(self.listing("new"), [third])
+        self.assertEqual(self.listing("cur"), [])
 
 
 class SendEmailTests(Base):
