@@ -923,6 +923,28 @@ class QueueTests(Base):
         self.assertEqual(again.recipients, ["b@example.org"])
         self.assertEqual((again.attempts, again.first_queued, again.xverp), (1, 1.0, True))
 
+    def test_a_running_processor_sees_mail_another_process_defers(self):
+        # A long-lived Queue reads all of cur/ (a stat per deferred message)
+        # only when the soonest deferred message is due, within a minute of
+        # another process changing cur/, and every 5 minutes as a safety net.
+        config = self.config(25)
+        mine, other = gsemail.Queue(self.queuepath), gsemail.Queue(self.queuepath)
+        now = time.time()
+        self.assertEqual(mine.due(now), [])
+        name = self.enqueue(config)
+        msg = other.claim(os.path.join(self.queuepath, "new", name))
+        other.defer(msg, msg.recipients, {"attempts": 1}, now + 120)
+        self.assertEqual(mine.due(now + 30), [])
+        self.assertEqual([os.path.basename(p) for p in mine.due(now + 121)], [name])
+        # An operator's touch changes no directory: it is seen at the next
+        # full read, within 5 minutes.
+        path = os.path.join(self.queuepath, "cur", name)
+        os.utime(path, (now + 86400, now + 86400))
+        self.assertEqual(mine.due(now + 200), [])
+        os.utime(path, (now, now))
+        self.assertEqual(mine.due(now + 300), [])
+        self.assertEqual([os.path.basename(p) for p in mine.due(now + 422)], [name])
+
     def test_corrupt_queue_files_become_dead_letters(self):
         config = self.config(1)
         os.makedirs(os.path.join(self.queuepath, "new"))
