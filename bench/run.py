@@ -142,6 +142,9 @@ class Bench:
         self.work = tempfile.mkdtemp(prefix="gsemail-bench-", dir=self.disk_base)
         os.chmod(self.work, 0o755)      # Postfix's users must reach its directory in it
         self.shm = tempfile.mkdtemp(prefix="gsemail-bench-", dir=args.tmpfs_dir)
+        self.pf_base = tempfile.mkdtemp(prefix="gsemail-bench-",
+                                        dir=args.postfix_dir or args.tmpfs_dir)
+        os.chmod(self.pf_base, 0o755)   # Postfix's users must reach its directory in it
         self.seq = 0
         gs = os.path.abspath(args.gsemail)
         self.gsemail_dir = os.path.dirname(gs) if gs.endswith(".py") else gs
@@ -258,7 +261,7 @@ class Bench:
         """Start the private Postfix once; return why not, if it cannot."""
         if self.postfix is None and self.postfix_error is None:
             try:
-                pf = benchlib.Postfix(self.procs, self.fresh(self.work, "pf"),
+                pf = benchlib.Postfix(self.procs, self.fresh(self.pf_base, "pf"),
                                       self.server_cpu)
                 self.postfix = pf
                 pf.start()
@@ -731,10 +734,10 @@ class Bench:
             except ProcessLookupError:
                 pass
         if self.args.keep:
-            self.say("kept %s and %s" % (self.work, self.shm))
+            self.say("kept %s, %s and %s" % (self.work, self.shm, self.pf_base))
             return
-        shutil.rmtree(self.work, ignore_errors=True)
-        shutil.rmtree(self.shm, ignore_errors=True)
+        for d in (self.work, self.shm, self.pf_base):
+            shutil.rmtree(d, ignore_errors=True)
 
     # -- the report -------------------------------------------------------------------
 
@@ -984,8 +987,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="gsemail.py to measure, or its directory (default: this project)")
     ap.add_argument("--tmpfs-dir", default="/dev/shm",
                     help="where tmpfs queues go (default %(default)s)")
-    ap.add_argument("--disk-dir", help="where disk queues, Postfix and logs go "
+    ap.add_argument("--disk-dir", help="where disk queues and logs go "
                     "(default /var/tmp)")
+    ap.add_argument("--postfix-dir", help="where the private Postfix keeps its queue "
+                    "(default: --tmpfs-dir, so that Postfix's file creation on this VM's "
+                    "drifting ext4 does not bound the clients; --postfix-dir /var/tmp is "
+                    "the shared README's anchor set-up)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     ap.add_argument("--json-out", metavar="FILE", help="write every run and the targets "
                     "as JSON")
