@@ -1960,17 +1960,19 @@ class Mailer:
         s = self._session
         out, accepted = s.owed  # type: ignore[union-attr, misc]
         s.owed = None  # type: ignore[union-attr]
-        out.waiting = False
+        final = Reply(451, "4.3.0 no reply read from %s" % self.where)
         try:
             final = self._read()
         except _ConnectionLost as e:
-            self._settle(accepted, e.reply, out)
+            final = e.reply
             raise
-        out.final = final
-        if final.ok:
-            out.delivered += accepted
-        else:
-            self._settle(accepted, final, out)
+        finally:    # whatever happened, the outcome is settled: never "done"
+            out.waiting = False
+            if final.ok:
+                out.final = final
+                out.delivered += accepted
+            else:
+                self._settle(accepted, final, out)
 
     def wait(self) -> None:
         """Read the final reply the server still owes for the last message
