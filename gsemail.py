@@ -578,8 +578,9 @@ def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False,
     fd = os.open(path, flags, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        for chunk in chunks:
-            view = memoryview(chunk)
+        written = os.writev(fd, chunks)     # one system call for the usual case
+        if written < sum(map(len, chunks)):
+            view = memoryview(b"".join(chunks))[written:]
             while view:
                 view = view[os.write(fd, view):]
         if sync:
@@ -1515,9 +1516,12 @@ _WINDOW = 100               # pipelined commands sent before reading replies
 _TOO_MANY = re.compile(r"4\.5\.3|too many", re.I)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _address_problem(address: str) -> Optional[str]:
     """Why address cannot go in MAIL FROM or RCPT TO, or None if it can."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+    if _CONTROL.search(address):
         return "contains a control character (CR, LF, NUL, ...)"
     if len(address.encode("utf-8")) > 254:
         return "is longer than 254 octets"
@@ -1534,12 +1538,18 @@ def _address_problem(address: str) -> Optional[str]:
     return None
 
 
-def _wire(data: bytes) -> bytes:
-    """The DATA payload: CRLF line ends, dot-stuffed, ending in CRLF.CRLF."""
-    # send_email queues CRLF already; counting is much cheaper than rewriting.
+def _crlf(data: bytes) -> bytes:
+    """data with every line ending in CRLF (bare CR and bare LF included)."""
+    # Most messages have CRLF already: counting is much cheaper than rewriting.
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return data
+
+
+def _wire(data: bytes) -> bytes:
+    """The DATA payload: CRLF line ends, dot-stuffed, ending in CRLF.CRLF."""
+    data = _crlf(data)      # send_email queued CRLF; a zope queue file may not be
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b".") or b"\n." in data:
@@ -2626,7 +2636,7 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
     else:
         raise TypeError("email must be bytes, str or email.message.Message, not %s"
                         % type(message).__name__)
-    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data.lstrip(b"\r\n"))
+    data = _crlf(data.lstrip(b"\r\n"))
     if not data.strip():
         raise MessageError("the message is empty", status="5.6.0")
     nul = data.find(b"\0")
@@ -2634,12 +2644,12 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
         raise MessageError("the message has a NUL byte (line %d), which SMTP cannot "
                            "carry: encode that part (base64)"
                            % (data.count(b"\r\n", 0, nul) + 1), status="5.6.0")
-    lengths = [len(line) for line in data.split(b"\r\n")]
-    if max(lengths) > 998:
+    lines = data.split(b"\r\n")
+    if max(map(len, lines)) > 998:
         raise MessageError("line %d of the message is longer than the 998 octets "
                            "RFC 5322 allows: encode that part (quoted-printable or "
-                           "base64)" % (next(n for n, length in enumerate(lengths, 1)
-                                              if length > 998)), status="5.6.0")
+                           "base64)" % (next(n for n, line in enumerate(lines, 1)
+                                              if len(line) > 998)), status="5.6.0")
     if not _HEADER_LINE.match(data):
         raise MessageError("the message does not start with a header line "
                            "('Name: value'); give a whole RFC 5322 message",
