@@ -1575,6 +1575,8 @@ class _Outcome:
     final: Optional[Reply] = None
     #: the dot is sent and its reply not yet read (see Mailer.deliver's more)
     waiting: bool = False
+    #: called when a waiting outcome is settled, before anything more is sent
+    then: Optional[Callable[[], None]] = None
     #: the connection failed before the server answered any command of
     #: this message, so nothing of it can have been delivered
     unanswered: bool = False
@@ -1972,7 +1974,11 @@ class Mailer:
         s.owed = None  # type: ignore[union-attr]
         final = Reply(451, "4.3.0 no reply read from %s" % self.where)
         try:
-            final = self._read()
+            if s.broken:  # type: ignore[union-attr]  # a write failed: no reply will come
+                final = Reply(421, "4.4.2 connection to %s lost before the reply"
+                              % self.where)
+            else:
+                final = self._read()
         except _ConnectionLost as e:
             final = e.reply
             raise
@@ -1983,18 +1989,14 @@ class Mailer:
                 out.delivered += accepted
             else:
                 self._settle(accepted, final, out)
+            if out.then is not None:
+                out.then()
 
     def wait(self) -> None:
         """Read the final reply the server still owes for the last message
         delivered with ``more``, which settles that message's outcome."""
         s = self._session
         if s is None or s.owed is None:
-            return
-        if s.broken:        # a later write failed: the reply will never come
-            out, accepted = s.owed
-            s.owed, out.waiting = None, False
-            self._settle(accepted, Reply(421, "4.4.2 connection to %s lost before "
-                                         "its reply" % self.where), out)
             return
         try:
             self._collect()
@@ -2399,14 +2401,8 @@ class QueueProcessor:
         """Claim and send each of paths over mailer's connection."""
         handled = 0
         down: Optional[Reply] = None
-        # The message whose final reply the server still owes: it is read
-        # after the next message's commands are sent (Mailer.deliver's more).
-        owed: Optional[Tuple[QueuedMessage, _Outcome]] = None
         try:
             for n, path in enumerate(paths):
-                if owed is not None and not owed[1].waiting:
-                    self._apply(mailer, *owed)
-                    owed = None
                 if self._progress and self._done:
                     with self._lock:
                         self._progress(self.stats, total - self._done)
@@ -2437,17 +2433,16 @@ class QueueProcessor:
                     continue
                 outcome = self._attempt(mailer, msg, more=n + 1 < len(paths))
                 self._last_used = time.monotonic()
-                if owed is not None and not owed[1].waiting:    # read just now
-                    self._apply(mailer, *owed)
-                    owed = None
                 if outcome.waiting:
-                    owed = (msg, outcome)
+                    # Its final reply is read with the next message's replies
+                    # (Mailer.deliver's more); it is recorded right then,
+                    # before that message's dot goes out, so a crash leaves
+                    # at most one message sent and not recorded.
+                    outcome.then = functools.partial(self._apply, mailer, msg, outcome)
                 else:
                     self._apply(mailer, msg, outcome)
         finally:
-            if owed is not None:
-                mailer.wait()
-                self._apply(mailer, *owed)
+            mailer.wait()
         return handled
 
     @staticmethod
