@@ -935,7 +935,11 @@ class QueueTests(Base):
         msg = other.claim(os.path.join(self.queuepath, "new", name))
         other.defer(msg, msg.recipients, {"attempts": 1}, now + 120)
         self.assertEqual(mine.due(now + 30), [])
-        self.assertEqual([os.path.basename(p) for p in mine.due(now + 121)], [name])
+        time.sleep(0.01)
+        second = self.enqueue(config)
+        # new/ and cur/ merged, oldest first
+        self.assertEqual([os.path.basename(p) for p in mine.due(now + 121)], [name, second])
+        os.unlink(os.path.join(self.queuepath, "new", second))
         # An operator's touch changes no directory: it is seen at the next
         # full read, within 5 minutes.
         path = os.path.join(self.queuepath, "cur", name)
