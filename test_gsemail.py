@@ -3709,8 +3709,9 @@ class SecurityTests(Base):
         no_auth = self.server(ehlo=("PIPELINING",))
         for server in (good, wrong, no_auth):
             try:
-                gsemail.Mailer(self.config(server.port, username="user", password=pw)).send(
-                    "s@example.org", "a@example.org", message())
+                with gsemail.Mailer(self.config(server.port, username="user",
+                                                password=pw)) as mailer:
+                    mailer.send("s@example.org", "a@example.org", message())
             except gsemail.GsEmailError as e:
                 shown += [str(e), repr(e), repr(e.reply)]
         self.assertEqual(len(good.transactions), 1)
