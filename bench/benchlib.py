@@ -614,6 +614,16 @@ smtpd_tls_loglevel = 0
         return sum(int(n) for n in re.findall(r"qmgr\[\d+\]: \w+: from=<[^>]*>, "
                                               r"size=\d+, nrcpt=(\d+)", text))
 
+    def accepted_at_least(self, n: int) -> int:
+        """Once Postfix is idle, wait (10 s at most) for its log to show n
+        accepted recipients; return how many it shows."""
+        self.wait_idle()
+        try:
+            wait_for(lambda: self.accepted_recipients() >= n, 10, "Postfix log")
+        except TimeoutError:
+            pass
+        return self.accepted_recipients()
+
     def stop(self) -> None:
         """SIGTERM to the master we started (it ends its children), by PID.
 
