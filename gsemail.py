@@ -834,6 +834,11 @@ class Queue:
                 return name
             try:
                 os.unlink(final)
+            except OSError:
+                log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
+                          "and the message could not be withdrawn: %s", self.path, name,
+                          e.strerror)
+                return name     # it stays queued: raising would make it sent twice
             finally:
                 msg.release()
             raise self._error("cannot sync new/ after writing the message", e) from None
@@ -950,7 +955,9 @@ class Queue:
             except FileNotFoundError:
                 if os.path.exists(private):
                     raise               # the claim's directory has gone
-                self._claimer_file = None   # removed under us: make another
+                # Removed under us (by hand): make another.  The old fd stays
+                # open: its lock still guards the claims linked to it.
+                self._claimer_file = None
         return None
 
     def _claimer(self) -> tuple:
@@ -973,8 +980,6 @@ class Queue:
                 # A full disk must not stop the sending that empties it: the
                 # claims hold without their owner's name; others just wait
                 # claim_timeout before they take them as stale.
-            if made is not None and made[0] == os.getpid():
-                os.close(made[1])
             self._claimer_file = (os.getpid(), fd, private)
             _claiming.add(self)
             return fd, private
@@ -1494,6 +1499,9 @@ class Queue:
         """Remove what crashed processes left: old tmp/ files, claims whose
         message has gone and state files whose message has gone."""
         now = time.time()
+        made = self._claimer_file
+        if made is not None and made[0] == os.getpid():
+            os.utime(made[1])   # ours is alive, however old: keep it off the list
         for entry in os.scandir(os.path.join(self.path, "tmp")):
             try:
                 if now - entry.stat().st_mtime > _STALE_TMP:

@@ -973,12 +973,20 @@ class QueueTests(Base):
             with open(path, "w") as f:
                 f.write("gsemail other-host 1\n")
             os.utime(path, (old, old))
+        # This process's claimer file is as old, but alive: it stays.
+        name = self.enqueue(self.config(25))
+        queue.claim(os.path.join(self.queuepath, "new", name)).release()
+        (claimer,) = [os.path.join(self.queuepath, "tmp", n)
+                      for n in os.listdir(os.path.join(self.queuepath, "tmp"))
+                      if n.startswith(".claimer-")]
+        os.utime(claimer, (old, old))
         queue.claim_timeout = 0.01
         time.sleep(0.02)
         with self.assertLogs("gsemail", "WARNING"):
             queue.maintain()
         for path in leftovers:
             self.assertFalse(os.path.exists(path), path)
+        self.assertTrue(os.path.exists(claimer), "a live claimer file was removed")
 
 
 # ---------------------------------------------------------------------------
@@ -2763,6 +2771,22 @@ class FailureHandlingTests(Base):
         self.assertIn("is being sent", logs.output[0])
         self.assertEqual(self.listing("new"), [".sending-" + name, name])
         taken[0].release()
+        os.unlink(os.path.join(self.queuepath, "new", name))
+        # nobody has it, but it cannot be withdrawn either: it stays queued,
+        # and add() returns rather than have the caller send it again
+        real_unlink = os.unlink
+
+        def no_unlink_in_new(path, *args, **kw):
+            if os.path.dirname(path).endswith("new") and not \
+                    os.path.basename(path).startswith("."):
+                raise OSError(errno.EROFS, "Read-only file system")
+            real_unlink(path, *args, **kw)
+        with unittest.mock.patch("gsemail._fsync_dir", fail_for_new), \
+                unittest.mock.patch("os.unlink", no_unlink_in_new), \
+                self.assertLogs("gsemail", "ERROR") as logs:
+            name = queue.add("s@example.org", ["a@example.org"], b"Subject: x\r\n\r\nb\r\n")
+        self.assertIn("could not be withdrawn", logs.output[0])
+        self.assertEqual(self.listing("new"), [name])
 
     def test_a_forked_child_does_not_keep_its_parents_claims_alive(self):
         # A web server forks workers: a claim held by a parent that dies must
