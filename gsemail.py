@@ -63,6 +63,7 @@ import errno
 import fcntl
 import functools
 import heapq
+import io
 import ipaddress
 import json
 import logging
@@ -594,9 +595,178 @@ def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False,
 
 
 def _envelope(sender: str, recipients: List[str]) -> bytes:
-    """zope.sendmail's two envelope lines."""
+    """zope.sendmail's two envelope lines, bare addresses (read by _read_head).
+
+    Every address written here has passed _address_problem, which refuses
+    any that _read_head (and so zope.sendmail) would read back differently.
+    """
     return ("X-Zope-From: %s\nX-Zope-To: %s\n" % (sender, ", ".join(recipients))
             ).encode("utf-8")
+
+
+# Characters that make an envelope line more than bare addresses and commas:
+# then it is read with email.utils, as zope.sendmail reads it.
+_ENVELOPE_SPECIAL = re.compile(r'["()<>:;\[\]\\\s]')
+_LINE_MAX = 1 << 16         # longest X-Zope-From or dead-letter line we read
+_NO_ENVELOPE = ("5.6.0 queue file does not start with the X-Zope-From and X-Zope-To "
+                "envelope lines")
+_NO_RECIPIENT = "(no recipient)"    # the failure of a file that names none
+_DEAD_LETTER, _FAILED = b"X-Gsemail-Dead-Letter: ", b"X-Gsemail-Failed: "
+
+
+def _zope_sender(text: str) -> str:
+    """X-Zope-From as zope.sendmail 7.3 sends it: smtplib's quoteaddr, that
+    is email.utils.parseaddr, takes the address out of 'Name <address>'."""
+    text = text.strip()
+    if not _ENVELOPE_SPECIAL.search(text) or _CONTROL.search(text):
+        return text     # a bare address; or a broken one, refused as it is
+    address = email.utils.parseaddr(text)[1]
+    if address:
+        return address
+    return "" if text == "<>" else text     # as quoteaddr: sent as it is
+
+
+def _zope_recipients(text: str) -> List[str]:
+    """X-Zope-To as zope.sendmail 7.3 reads it (email.utils.getaddresses,
+    so display names and quoted commas are understood), once each."""
+    if not _ENVELOPE_SPECIAL.search(text.strip().replace(", ", ",")) or \
+            _CONTROL.search(text):
+        # Bare addresses (what we write) need no parser; and from a line with
+        # CR or another control character no address may be pieced together
+        # (getaddresses would find one after a CR): split, and each piece
+        # is refused or sent as it is.
+        found = [r.strip() for r in text.split(",")]
+    else:
+        found = [address for _, address in email.utils.getaddresses([text])]
+    return list(dict.fromkeys(r for r in found if r))
+
+
+def _envelope_problem(address: str) -> Optional[str]:
+    """Why address would not be read back as itself from zope's envelope."""
+    if not _ENVELOPE_SPECIAL.search(address):
+        return None
+    for read in (_zope_recipients(address), [_zope_sender(address)]):
+        if read != [address]:
+            return ("would be read back from zope.sendmail's envelope as %s" %
+                    (", ".join("<%s>" % r for r in read) or "no address"))
+    return None
+
+
+def _escape_address(address: str) -> str:
+    return address.replace("\\", "\\\\").replace(">", "\\>")
+
+
+def _dead_letter_lines(sender: str, failures: Dict[str, str], name: str, when: float,
+                       attempts: int, first_queued: float, summary: str) -> bytes:
+    """A dead letter's head, read back by _read_head: zope's envelope with
+    the failed recipients, then our lines.  The first names the message
+    (id=) and counts the X-Gsemail-Failed lines that follow, so a reader
+    takes off exactly these and never a line of the message."""
+    lines = ["X-Zope-From: %s" % sender,
+             "X-Zope-To: %s" % ", ".join(r for r in failures if r != _NO_RECIPIENT
+                                         and not _envelope_problem(r)),
+             "X-Gsemail-Dead-Letter: %s; id=%s; attempts=%d; first-queued=%s; failed=%d; %s"
+             % (_iso(when), name, attempts, _iso(first_queued), len(failures),
+                _one_line(summary))]
+    lines += ["X-Gsemail-Failed: <%s> %s" % (_escape_address(rcpt), _one_line(why))
+              for rcpt, why in failures.items()]
+    return ("\n".join(lines) + "\n").encode("utf-8", "replace")
+
+
+class _Head:
+    """What a queue file holds before its message (see _read_head)."""
+
+    def __init__(self) -> None:
+        self.sender = ""
+        self.recipients: List[str] = []
+        self.problem: Optional[str] = None
+        self.start = 0          # where the message begins (0: the file is kept whole)
+        self.id = ""            # a dead letter of ours: the message it was
+        self.dead: Dict[str, object] = {}     # our dead-letter line's fields
+        self.failed: Dict[str, str] = {}
+
+
+def _belongs(dead_id: str, name: str) -> bool:
+    """Whether our dead-letter line naming dead_id is in file name's own
+    head: a dead letter (.rejected-ID, or .rejected-ID.N beside zope's), or
+    one an operator moved back into new/ or cur/ by hand."""
+    if name.startswith(".rejected-"):
+        name = name[10:]
+    return bool(dead_id) and (name == dead_id or (
+        name.startswith(dead_id + ".") and name[len(dead_id) + 1:].isdigit()))
+
+
+def _read_head(readline: Callable[..., bytes], name: str) -> _Head:
+    """Read a queue file's head with readline (a file's, or io.BytesIO's).
+
+    The one reader of what _envelope and _dead_letter_lines write, for
+    delivery, retry, show, list and status alike.  The envelope is read as
+    zope.sendmail reads it.  A file without a whole, UTF-8 envelope keeps
+    all of its bytes as its message (start 0), so its dead letter loses
+    none.  Our dead-letter lines are taken off only when they name this
+    very file (id=) and are all there: any other line, an application's
+    X-Gsemail-... header included, is the message's.
+    """
+    head = _Head()
+    first = readline(_LINE_MAX)
+    second = readline() if first.startswith(b"X-Zope-From:") and first.endswith(b"\n") \
+        else b""
+    if not (second.startswith(b"X-Zope-To:") and second.endswith(b"\n")):
+        head.problem = _NO_ENVELOPE
+        return head
+    try:
+        sender = first[12:].decode("utf-8").rstrip("\r\n")
+        to = second[10:].decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        head.problem = "5.6.0 queue file envelope is not UTF-8"
+        return head
+    head.sender, head.recipients = _zope_sender(sender), _zope_recipients(to)
+    head.start = len(first) + len(second)
+    line = readline(_LINE_MAX)
+    if line.startswith(_DEAD_LETTER) and line.endswith(b"\n"):
+        _read_dead_letter(head, line, readline, name)
+    if not head.recipients:
+        head.problem = "5.1.3 queue file has no recipients in X-Zope-To"
+    return head
+
+
+def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
+                      name: str) -> None:
+    """Our dead-letter lines, into head, if they are whole and this file's."""
+    when, *parts = line[len(_DEAD_LETTER):].decode("utf-8", "replace").rstrip(
+        "\r\n").split("; ")
+    fields: Dict[str, str] = {}
+    while parts and parts[0].partition("=")[0] in ("id", "attempts", "first-queued",
+                                                   "failed"):
+        key, _, value = parts.pop(0).partition("=")
+        fields[key] = value
+    count = fields.get("failed", "")
+    if not (_belongs(fields.get("id", ""), name) and count.isdigit()):
+        return
+    failed: Dict[str, str] = {}
+    size = len(line)
+    for _ in range(int(count)):
+        line = readline(_LINE_MAX)
+        if not (line.startswith(_FAILED + b"<") and line.endswith(b"\n")):
+            return
+        size += len(line)
+        text = line[len(_FAILED) + 1:].decode("utf-8", "replace").rstrip("\r\n")
+        address, i = [], 0
+        while i < len(text) and text[i] != ">":     # <address>, \ escaping \ and >
+            i += text[i] == "\\"
+            address.append(text[i:i + 1])
+            i += 1
+        if text[i:i + 1] != ">":
+            return
+        failed["".join(address)] = text[i + 1:].strip()
+    head.start += size
+    head.id, head.failed = fields["id"], failed
+    head.dead = {"when": _parse_iso(when), "summary": "; ".join(parts),
+                 "text": "; ".join(["%s=%s" % kv for kv in fields.items() if kv[0] != "id"]
+                                   + parts),
+                 "attempts": int(fields["attempts"]) if fields.get(
+                     "attempts", "").isdigit() else None,
+                 "first_queued": _parse_iso(fields.get("first-queued", ""))}
 
 
 def _one_line(text: str) -> str:
@@ -731,9 +901,12 @@ class Queue:
     """
 
     def __init__(self, path: str, claim_timeout: float = 240.0,
-                 create: bool = True) -> None:
+                 create: bool = True, xverp: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.claim_timeout = claim_timeout
+        #: the config's xverp: every message with a sender goes with XVERP,
+        #: whoever queued it (see _wants_xverp)
+        self.xverp = xverp
         self._claimer_lock = threading.Lock()
         self._claimer_file: Optional[tuple] = None   # (pid, fd, path)
         self._cur_scan_at = 0.0     # when cur/ must be read again
@@ -803,6 +976,10 @@ class Queue:
         ``state`` is written first, so a processor never sees the message
         without it.
         """
+        for address in [sender] * bool(sender) + list(recipients):
+            problem = _address_problem(address)
+            if problem:     # the envelope could not be read back as it was given
+                raise MessageError("address %r %s" % (address, problem), status="5.1.3")
         now = time.time()
         name = "%d.M%06dP%dQ%d.%s%s" % (now, (now % 1) * 1e6, os.getpid(),
                                         next(_counter), _HOST,
@@ -923,9 +1100,13 @@ class Queue:
         self._parse(msg, raw)
         state = self._state_or_none(name)
         msg.stateful, msg.state = state is not None, state or {}
-        if msg.state.get("xverp"):
-            msg.xverp = True
+        msg.xverp = self._wants_xverp(msg.xverp, msg.sender)
         return msg
+
+    def _wants_xverp(self, asked: bool, sender: str) -> bool:
+        """The one decision on XVERP: when the message asks for it (a name
+        ending in :2,X) or the config says xverp, and never for <>."""
+        return bool(sender) and (asked or self.xverp)
 
     def _take(self, path: str) -> Optional[QueuedMessage]:
         """The claim on path, unread, or None if someone else holds it."""
@@ -1045,29 +1226,19 @@ class Queue:
             os.close(fd)    # after the unlink: see QueuedMessage.release
 
     @staticmethod
-    def _parse(msg: QueuedMessage, raw: bytes) -> None:
-        first, _, rest = raw.partition(b"\n")
-        second, _, rest = rest.partition(b"\n")
-        first, second = first.rstrip(b"\r"), second.rstrip(b"\r")
-        if not (first.startswith(b"X-Zope-From:") and second.startswith(b"X-Zope-To:")):
-            msg.problem = ("5.6.0 queue file does not start with the X-Zope-From "
-                           "and X-Zope-To envelope lines")
-            return
-        try:
-            msg.sender = first[12:].decode("utf-8").strip()
-            to = second[10:].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            msg.problem = "5.6.0 queue file envelope is not UTF-8"
-            return
-        msg.recipients = [r.strip() for r in to.split(",") if r.strip()]
-        # A dead letter moved back by hand keeps our X-Gsemail- lines: skip them.
-        while rest.startswith(b"X-Gsemail-"):
-            rest = rest.partition(b"\n")[2]
-        msg.data = rest
-        if not msg.recipients:
-            msg.problem = "5.1.3 queue file has no recipients in X-Zope-To"
-        elif not rest.strip():
+    def _parse(msg: QueuedMessage, raw: bytes) -> _Head:
+        """msg's envelope and message from its file's bytes (see _read_head).
+        A file that cannot be sent gets msg.problem; its data is every byte
+        after what _read_head took off (all of them when it found no
+        envelope), so its dead letter keeps them."""
+        head = _read_head(io.BytesIO(raw).readline, msg.name)
+        msg.sender, msg.recipients, msg.problem = head.sender, head.recipients, head.problem
+        msg.data = raw[head.start:]
+        if head.id:     # a dead letter of ours: the message's own name says
+            msg.xverp = head.id.endswith(":2,X")
+        if not msg.problem and not msg.data.strip():
             msg.problem = "5.6.0 queue file holds no message (empty or truncated)"
+        return head
 
     # -- per-message state ------------------------------------------------------
 
@@ -1152,30 +1323,96 @@ class Queue:
         msg.release()
 
     def dead_letter(self, msg: QueuedMessage, failures: Dict[str, str],
-                    summary: str) -> str:
-        """Move the message aside as ``.rejected-NAME`` for the recipients in
-        failures (recipient -> reason) and return that path."""
-        head = os.path.dirname(msg.path)
-        rejected = os.path.join(head, ".rejected-" + msg.name)
-        tmp = os.path.join(self.path, "tmp", ".rejected-" + msg.name)
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        lines = ["X-Zope-From: %s" % msg.sender,
-                 "X-Zope-To: %s" % ", ".join(failures),
-                 "X-Gsemail-Dead-Letter: %s; attempts=%d; first-queued=%s; "
-                 "failed=%d; %s" % (when, msg.attempts, datetime.datetime.fromtimestamp(
-                     msg.first_queued, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                     len(failures), _one_line(summary))]
-        lines += ["X-Gsemail-Failed: <%s> %s" % (rcpt, _one_line(why))
-                  for rcpt, why in failures.items()]
+                    summary: str, keep: bool = False,
+                    attempts: Optional[int] = None) -> str:
+        """Write the dead letter ``.rejected-NAME`` for the recipients in
+        failures (recipient -> reason), with every byte of the message, and
+        return its path.  Without keep the message is then removed.
+
+        A message has one dead letter of ours.  Recipients refused while
+        others are still to do go in it at once (keep=True), and later
+        refusals are merged in, so they are named whoever finishes the
+        message: zope.sendmail sends the rest and removes the file without
+        a word of them.  A file we did not write is never replaced:
+        zope.sendmail links its own ``.rejected-NAME`` beside a message it
+        gives up, so ours then goes in the other directory (or as
+        ``.rejected-NAME.N``), where link() too never replaces a file.
+        """
+        own, held, old = self._own_dead_letter(msg.name)
         try:
-            _write_synced(tmp, [("\n".join(lines) + "\n").encode("utf-8", "replace"),
-                                msg.data])
-            os.rename(tmp, rejected)
-            _fsync_dir(head)
-        except OSError as e:
-            raise self._error("cannot write dead letter %s" % rejected, e) from None
-        self.remove(msg)
-        return rejected
+            merged = dict(old)
+            merged.update(failures)
+            lines = _dead_letter_lines(msg.sender, merged, msg.name, time.time(),
+                                       msg.attempts if attempts is None else attempts,
+                                       msg.first_queued, summary)
+            tmp = os.path.join(self.path, "tmp", ".rejected-" + msg.name)
+            path = own
+            try:
+                _write_synced(tmp, [lines, msg.data])
+                if own:
+                    os.rename(tmp, own)     # ours, and claimed: nobody else writes it
+                else:
+                    path = self._link_dead_letter(tmp, msg, keep)
+                _fsync_dir(os.path.dirname(path))
+            except OSError as e:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise self._error("cannot write the dead letter of %s" % msg.name,
+                                  e) from None
+        finally:
+            if held is not None:
+                held.release()
+        if not keep:
+            self.remove(msg)
+        return path
+
+    def _dead_letter_paths(self, name: str, first: str) -> Iterator[List[str]]:
+        """Where a dead letter of message name may be, a pair at a time:
+        .rejected-NAME in first (new or cur) and the other, then
+        .rejected-NAME.2 in each, and on."""
+        subs = (first, "cur" if first == "new" else "new")
+        for n in range(1, 1000):
+            yield [os.path.join(self.path, sub, ".rejected-%s%s" % (
+                name, "" if n == 1 else ".%d" % n)) for sub in subs]
+
+    def _own_dead_letter(self, name: str) -> Tuple[str, Optional[QueuedMessage],
+                                                   Dict[str, str]]:
+        """Our dead letter of message name, claimed so no operator's retry
+        or purge takes it while we add to it: (path, claim, its failures),
+        or ("", None, {}) when there is none."""
+        for pair in self._dead_letter_paths(name, "new"):
+            if not any(os.path.lexists(path) for path in pair):
+                break       # a name in neither directory: none further
+            for path in pair:
+                held = self._hold(path)
+                if held is None:
+                    continue    # not there, or held by an operator's command
+                try:
+                    with open(path, "rb") as f:
+                        head = _read_head(f.readline, os.path.basename(path))
+                except FileNotFoundError:
+                    head = _Head()
+                if head.id == name:
+                    return path, held, head.failed
+                held.release()  # zope's, or another message's
+        return "", None, {}
+
+    def _link_dead_letter(self, tmp: str, msg: QueuedMessage, keep: bool) -> str:
+        """Give the dead letter written at tmp a name nobody has taken.  One
+        written while the message stays goes in new/ (the message itself
+        will wait in cur/, where zope.sendmail would put its own)."""
+        first = "new" if keep else os.path.basename(os.path.dirname(msg.path))
+        for pair in self._dead_letter_paths(msg.name, first):
+            for path in pair:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    continue
+                os.unlink(tmp)
+                return path
+        raise OSError(errno.EEXIST, "every dead-letter name of %s is taken" % msg.name)
 
     # -- the operator's commands: list, show, status, flush, retry, purge -----
 
@@ -1212,48 +1449,28 @@ class Queue:
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                first = f.readline(1 << 16)
-                second = f.readline() if first.startswith(b"X-Zope-From:") else b""
-                extra = []
-                while True:     # a dead letter's X-Gsemail- lines
-                    at = f.tell()
-                    line = f.readline(1 << 16)
-                    if not line.startswith(b"X-Gsemail-"):
-                        break
-                    extra.append(line.decode("utf-8", "replace").strip())
+                head = _read_head(f.readline, name)     # as delivery reads it
         except FileNotFoundError:
             return None
-        envelope = first.startswith(b"X-Zope-From:") and second.startswith(b"X-Zope-To:")
+        own = head.id or (name[10:] if state == "dead" else name)
         entry = QueueEntry(
             id=name[10:] if state == "dead" else name, state=state, path=path,
-            size=st.st_size - (at if envelope else 0),
-            sender=first[12:].decode("utf-8", "replace").strip() if envelope else "",
-            recipients=[r.strip() for r in second[10:].decode("utf-8", "replace").split(",")
-                        if r.strip()] if envelope else [],
+            size=st.st_size - head.start, sender=head.sender, recipients=head.recipients,
             queued=_first_queued(name, {}, st.st_mtime), attempts=0,
-            next_attempt=st.st_mtime, xverp=name.endswith(":2,X"))
-        if not envelope:
-            entry.last_error = ("5.6.0 queue file does not start with the X-Zope-From "
-                                "and X-Zope-To envelope lines")
+            next_attempt=st.st_mtime,
+            xverp=self._wants_xverp(own.endswith(":2,X"), head.sender))
+        entry.last_error = head.problem or ""
         if state == "dead":
             entry.next_attempt = None
-            entry.dead_since = st.st_mtime
-            for line in extra:
-                key, _, value = line.partition(":")
-                if key == "X-Gsemail-Dead-Letter":
-                    when, *fields = [part.strip() for part in value.split(";")]
-                    entry.dead_since = _parse_iso(when) or st.st_mtime
-                    for field in fields:
-                        k, _, v = field.partition("=")
-                        if k == "attempts" and v.isdigit():
-                            entry.attempts = int(v)
-                        elif k == "first-queued":
-                            entry.queued = _parse_iso(v) or entry.queued
-                    entry.history.append({"at": entry.dead_since, "event": "dead letter: "
-                                          + "; ".join(fields)})
-                elif key == "X-Gsemail-Failed":
-                    rcpt, _, why = value.strip().partition(" ")
-                    entry.failed[rcpt.strip("<>")] = why
+            dead = head.dead
+            entry.dead_since = dead.get("when") or st.st_mtime  # type: ignore[assignment]
+            if dead:
+                if dead["attempts"] is not None:
+                    entry.attempts = dead["attempts"]  # type: ignore[assignment]
+                entry.queued = dead["first_queued"] or entry.queued  # type: ignore[assignment]
+                entry.history.append({"at": entry.dead_since,
+                                      "event": "dead letter: " + str(dead["text"])})
+            entry.failed = dict(head.failed)
             entry.last_error = next(iter(entry.failed.values()), entry.last_error)
             return entry
         info = self._read_state(name)
@@ -1261,7 +1478,6 @@ class Queue:
         attempts = info.get("attempts")
         entry.attempts = attempts if isinstance(attempts, int) else 0
         entry.last_error = str(info.get("last_error") or entry.last_error)
-        entry.xverp = entry.xverp or bool(info.get("xverp"))
         failed = info.get("failed")
         if isinstance(failed, dict):
             entry.failed = {str(k): str(v) for k, v in failed.items()}
@@ -1322,8 +1538,10 @@ class Queue:
         return list(chosen.values())
 
     def read_message(self, entry: "QueueEntry") -> bytes:
-        """The message itself, headers and body with CRLF line ends, without
-        the envelope lines.  Raises QueueError if it has left meanwhile."""
+        """The message itself, headers and body with CRLF line ends, as
+        delivery sends it: without the envelope lines and a dead letter's
+        own lines (a file without an envelope: all of its bytes).  Raises
+        QueueError if it has left meanwhile."""
         try:
             with open(entry.path, "rb") as f:
                 raw = f.read()
@@ -1333,7 +1551,7 @@ class Queue:
                              exit_code=os.EX_TEMPFAIL) from None
         msg = QueuedMessage(entry.path, "", -1)
         self._parse(msg, raw)
-        return msg.data or raw
+        return _crlf(msg.data)
 
     def status(self) -> Dict[str, object]:
         """Facts for monitoring, as ``gsemail status`` shows them.
@@ -1445,8 +1663,14 @@ class Queue:
                     raw = f.read()
             except FileNotFoundError:
                 return None
-            self._parse(held, raw)
+            head = self._parse(held, raw)
             problem = held.problem
+            if not held.recipients:
+                problem = ("5.1.3 it names no recipients to send to (its X-Gsemail-Failed "
+                           "lines say why%s)" % (
+                               "; what follows them is the queue file gsemail could not "
+                               "read, byte for byte: mend it and move it into new/"
+                               if _NO_RECIPIENT in head.failed else ""))
             for address in held.recipients + ([held.sender] if held.sender else []):
                 if not problem and _address_problem(address):
                     problem = "5.1.3 address <%s> %s" % (address, _address_problem(address))
@@ -1497,7 +1721,9 @@ class Queue:
 
     def maintain(self) -> None:
         """Remove what crashed processes left: old tmp/ files, claims whose
-        message has gone and state files whose message has gone."""
+        message has gone and state files whose message has gone (another
+        reader, zope.sendmail, finished it: its refused recipients are in
+        its dead letter, written when they were refused)."""
         now = time.time()
         made = self._claimer_file
         if made is not None and made[0] == os.getpid():
@@ -1518,8 +1744,14 @@ class Queue:
                     self._break_stale_claim(os.path.join(head, n))
         for entry in os.scandir(os.path.join(self.path, "state")):
             try:
-                if entry.name not in names and now - entry.stat().st_mtime > 3600:
-                    os.unlink(entry.path)
+                if entry.name in names or now - entry.stat().st_mtime <= 3600:
+                    continue
+                # Look again right before: a message that moved between the
+                # two listings (flush moves cur/ to new/) is in neither.
+                if any(os.path.lexists(os.path.join(self.path, sub, entry.name))
+                       for sub in ("new", "cur")):
+                    continue
+                os.unlink(entry.path)
             except FileNotFoundError:
                 pass
 
@@ -1552,7 +1784,7 @@ def _address_problem(address: str) -> Optional[str]:
     if " " in domain or (" " in local and not (local.startswith('"')
                                                 and local.endswith('"'))):
         return "contains a space"
-    return None
+    return _envelope_problem(address)
 
 
 def _crlf(data: bytes) -> bytes:
@@ -2270,7 +2502,9 @@ class QueueProcessor:
     def __init__(self, config: SMTPConfig, queue: Optional[Queue] = None,
                  mailer: Optional[Mailer] = None) -> None:
         self.config = config
-        self.queue = queue or Queue(config.queuepath, config.claim_timeout)
+        self.queue = queue or Queue(config.queuepath, config.claim_timeout, xverp=config.xverp)
+        if config.xverp:    # the config's xverp is for every message, whoever queued it
+            self.queue.xverp = True
         self.mailer = mailer or Mailer(config)
         # sessions > 1: that many connections at once, each with its share
         self._mailers = [self.mailer] + [Mailer(config) for _ in range(config.sessions - 1)]
@@ -2437,7 +2671,7 @@ class QueueProcessor:
                 if msg.problem:
                     self._apply(mailer, msg, _Outcome(
                         failed={r: Reply.parse("554 " + msg.problem)
-                                for r in (msg.recipients or ["(no recipient)"])}))
+                                for r in (msg.recipients or [_NO_RECIPIENT])}))
                     continue
                 if down is None:
                     try:
@@ -2522,6 +2756,12 @@ class QueueProcessor:
             log.warning("%s %s: refused: %s", Reply.parse(line).status, msg.name, line)
         failed = dict(msg.state.get("failed") or {})  # type: ignore[call-overload]
         failed.update((r, str(reply)) for r, reply in out.failed.items())
+        # What is not yet in the message's dead letter: refusals go in it at
+        # once, not when the message is done, for whoever finishes it may
+        # not be us (zope.sendmail keeps no record of them).
+        fresh = {r: str(reply) for r, reply in out.failed.items()}
+        if not msg.state.get("dead_letter"):
+            fresh = dict(failed)    # refused before dead letters were written early
         trouble = out.final if out.final and not out.final.ok else \
             next(iter({**out.deferred, **out.failed}.values()), None)
         event: Dict[str, object] = {"at": round(now, 3), "via": mailer.where,
@@ -2532,14 +2772,14 @@ class QueueProcessor:
             self._note(error_at=now, error=str(trouble), error_id=msg.name)
         if out.delivered:
             self._note(delivered_at=now, delivered_id=msg.name, delivered_via=mailer.where)
-        if not out.deferred and not failed:     # done: no state to build
+        if not out.deferred and not fresh:  # done, every refusal already written
             self._record(msg, functools.partial(self.queue.remove, msg))
             self._count("delivered")
             return
         state: Dict[str, object] = dict(msg.state, attempts=attempts,
-                                        first_queued=msg.first_queued,
-                                        xverp=msg.xverp, last_attempt=now,
+                                        first_queued=msg.first_queued, last_attempt=now,
                                         failed=failed, history=_history(msg.state, event))
+        state.pop("xverp", None)    # the name (:2,X) and the config say, nothing else
         if out.deferred:
             last = out.final if out.final and not out.final.ok else \
                 next(iter(out.deferred.values()))
@@ -2552,20 +2792,37 @@ class QueueProcessor:
                 for line in _group(out.deferred):
                     log.info("%s %s: deferred for %d s (attempt %d): %s",
                              Reply.parse(line).status, msg.name, delay, attempts, line)
+                if fresh:
+                    state["dead_letter"] = True
+                    reply = Reply.parse(next(iter(fresh.values())))
+                    log.error("%s %s: dead letter .rejected-%s for %d recipient(s), the "
+                              "others still to do: %s", reply.status, msg.name, msg.name,
+                              len(fresh), reply)
                 self._record(msg, functools.partial(
-                    self.queue.defer, msg, list(out.deferred), state, now + delay))
+                    self._refuse_and_defer, msg, fresh, "%d delivered" % len(out.delivered),
+                    attempts, list(out.deferred), state, now + delay))
                 self._count("deferred")
                 return
             for rcpt, reply in out.deferred.items():
-                failed[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
+                fresh[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                     reply, attempts, age / 86400)
-        reply = Reply.parse(next(iter(failed.values())))
+        reply = Reply.parse(next(iter(fresh.values())))
         log.error("%s %s: dead letter .rejected-%s for %d recipient(s): %s", reply.status,
-                  msg.name, msg.name, len(failed), reply)
+                  msg.name, msg.name, len(fresh), reply)
         msg.state = state
-        self._record(msg, functools.partial(self.queue.dead_letter, msg, failed,
+        self._record(msg, functools.partial(self.queue.dead_letter, msg, fresh,
                                             "%d delivered" % len(out.delivered)))
         self._count("dead")
+
+    def _refuse_and_defer(self, msg: QueuedMessage, refused: Dict[str, str], summary: str,
+                          attempts: int, recipients: List[str], state: Dict[str, object],
+                          next_attempt: float) -> None:
+        """The dead letter for those refused first (durably), then the
+        deferral of the rest: a crash between them sends the refused ones
+        a RCPT again, which is refused again and merged, never lost."""
+        if refused:
+            self.queue.dead_letter(msg, refused, summary, keep=True, attempts=attempts)
+        self.queue.defer(msg, recipients, state, next_attempt)
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -2717,7 +2974,8 @@ def _queue_for(config: SMTPConfig) -> Queue:
         queue = _queues.get(config.queuepath)
         if queue is None:
             queue = _queues[config.queuepath] = Queue(config.queuepath,
-                                                      config.claim_timeout)
+                                                      config.claim_timeout,
+                                                      xverp=config.xverp)
         processor = _processors.get(config.queuepath)
         if config.processorthread and (processor is None or not processor.alive):
             processor = QueueProcessor(config, queue)
@@ -3047,7 +3305,7 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 
 def _open_queue(config: SMTPConfig) -> Queue:
-    return Queue(config.queuepath, config.claim_timeout, create=False)
+    return Queue(config.queuepath, config.claim_timeout, create=False, xverp=config.xverp)
 
 
 def _age(seconds: float) -> str:

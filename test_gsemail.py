@@ -2562,6 +2562,462 @@ class ZopeCompatibilityTests(Base):
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
 
+# zope.sendmail 7.3's own QueuedMailDelivery, in a transaction, queueing the
+# messages given as JSON on stdin into the queue argv[1]: each is
+# [from, [to, ...], message, "bytes" or "str"].
+ZOPE_QUEUE = """
+import json, sys, transaction
+from zope.sendmail.delivery import QueuedMailDelivery
+delivery = QueuedMailDelivery(sys.argv[1])
+for sender, rcpts, text, kind in json.load(sys.stdin):
+    delivery.send(sender, rcpts, text.encode('utf-8', 'surrogateescape')
+                  if kind == 'bytes' else text)
+transaction.commit()
+"""
+
+
+def zope_queue(test, queuepath, messages):
+    """Queue messages ((sender, rcpts, message as bytes or str), ...) with
+    zope.sendmail's own code; returns the new files' names."""
+    before = set(os.listdir(os.path.join(queuepath, "new"))) \
+        if os.path.isdir(os.path.join(queuepath, "new")) else set()
+    spec = [[s, list(r), m.decode("utf-8", "surrogateescape") if isinstance(m, bytes) else m,
+             "bytes" if isinstance(m, bytes) else "str"] for s, r, m in messages]
+    run = subprocess.run([zope_python(), "-c", textwrap.dedent(ZOPE_QUEUE), queuepath],
+                         input=json.dumps(spec), capture_output=True, text=True, timeout=60)
+    test.assertEqual(run.returncode, 0, run.stderr)
+    return sorted(set(os.listdir(os.path.join(queuepath, "new"))) - before)
+
+
+def zope_drain(test, queuepath, port):
+    ZopeCompatibilityTests.zope(test, ZOPE_DRAIN, queuepath, str(port))
+
+
+def same_text(data):
+    """A message as its reader sees it: line ends made one."""
+    return re.sub(rb"\r\n|\r|\n", b"\n", data)
+
+
+def by_message_id(transactions):
+    found = {}
+    for t in transactions:
+        mid = re.search(rb"(?im)^message-id:\s*(\S+)", t["data"]).group(1)
+        found.setdefault(mid, []).append(t)
+    return found
+
+
+class ZopeEnvelopeTests(OperatorBase):
+    """gsemail reads zope.sendmail's envelope as zope.sendmail 7.3 does."""
+
+    def twin(self):
+        """A copy of the queue as it is now, for zope to drain."""
+        twin = os.path.join(self.tmp, "twin")
+        shutil.copytree(self.queuepath, twin)
+        return twin
+
+    def both_drain(self, messages):
+        """Queue messages with zope, drain one copy with zope.sendmail and one
+        with gsemail: (zope's transactions, gsemail's) by Message-ID."""
+        zope_queue(self, self.queuepath, messages)
+        twin = self.twin()
+        theirs, ours = self.server(), self.server()
+        zope_drain(self, twin, theirs.port)
+        self.drain(self.config(ours.port))
+        self.assertEqual(self.dead_letters(), [])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+        return by_message_id(theirs.transactions), by_message_id(ours.transactions)
+
+    def test_display_names_in_the_envelope_are_read_as_zope_reads_them(self):
+        theirs, ours = self.both_drain([
+            ("Bounces <bounce@example.org>",
+             ["Jane Doe <jane@example.org>", '"Doe, John" <john@example.org>',
+              "plain@example.org"], b"From: x@example.org\nSubject: names\n\nHello.\n")])
+        ((mid, (zope_txn,)),) = theirs.items()
+        (txn,) = ours[mid]
+        self.assertEqual(zope_txn["rcpts"], ["jane@example.org", "john@example.org",
+                                             "plain@example.org"])
+        self.assertEqual(txn["rcpts"], zope_txn["rcpts"])
+        self.assertEqual(txn["mail"].split()[0], "<bounce@example.org>")
+        self.assertEqual(zope_txn["mail"].split()[0], "<bounce@example.org>")
+        # smtplib ends zope's LF-only message with one more CRLF
+        self.assertEqual(same_text(txn["data"]).rstrip(b"\n"),
+                         same_text(zope_txn["data"]).rstrip(b"\n"))
+
+    def test_list_and_show_read_the_envelope_as_delivery_does(self):
+        zope_queue(self, self.queuepath, [
+            ("Bounces <bounce@example.org>",
+             ["Jane Doe <jane@example.org>", '"Doe, John" <john@example.org>'],
+             b"From: x@example.org\nSubject: names\n\nHello.\n")])
+        self.ini(1)
+        (entry,) = json.loads(self.ok("list", "--json"))
+        self.assertEqual(entry["sender"], "bounce@example.org")
+        self.assertEqual(entry["recipients"], ["jane@example.org", "john@example.org"])
+        out = self.ok("show", entry["id"])
+        self.assertIn("\nsender      <bounce@example.org>\n", out)
+        self.assertIn("\nrecipients  2 still to do\n            <jane@example.org>\n"
+                      "            <john@example.org>\n", out)
+
+    def test_a_partly_deferred_zope_message_keeps_bare_addresses(self):
+        zope_queue(self, self.queuepath, [
+            ("Bounces <bounce@example.org>",
+             ["Jane Doe <jane@example.org>", '"Doe, Slow" <slow@example.org>'],
+             b"From: x@example.org\nSubject: names\n\nHello.\n")])
+        server = self.server(rules={"RCPT": lambda a: "451 4.3.0 later" if "slow" in a
+                                    else None})
+        self.drain(self.config(server.port))
+        (name,) = self.listing("cur")
+        self.assertDeferred(name, ["slow@example.org"])
+        server.rules.clear()
+        zope_drain(self, self.queuepath, server.port)
+        self.assertEqual(server.rcpts, ["jane@example.org", "slow@example.org"])
+        self.assertEqual({t["mail"].split()[0] for t in server.transactions},
+                         {"<bounce@example.org>"})
+
+    def test_long_envelope_str_messages_and_odd_line_ends_drain_as_zope_drains_them(self):
+        many = ["Reader %03d <r%03d@example.org>" % (i, i) for i in range(60)]
+        messages = [
+            ("bounces@example.org", many, b"From: x@example.org\nSubject: many\n\nHi.\n"),
+            ("bounces@example.org", ["a@example.org"],
+             "From: x@example.org\nSubject: str \u00e9\n\nH\u00e9llo, w\u00f6rld.\n"),
+            ("bounces@example.org", ["a@example.org"],
+             b"From: x@example.org\rSubject: cr only\r\rHello.\rSecond line.\r"),
+            ("bounces@example.org", ["a@example.org"],
+             b"From: x@example.org\r\nSubject: mixed\n\r\nHello.\rline\nlast\r\n"),
+        ]
+        longest = 0
+        for name in zope_queue(self, self.queuepath, messages):
+            with open(os.path.join(self.queuepath, "new", name), "rb") as f:
+                f.readline()
+                longest = max(longest, len(f.readline()))   # X-Zope-To
+        self.assertGreater(longest, 998)
+        theirs, ours = self.both_drain([])
+        self.assertEqual(len(theirs), 4)
+        self.assertEqual(sorted(theirs), sorted(ours))
+        for mid, (zope_txn,) in theirs.items():
+            (txn,) = ours[mid]
+            self.assertEqual(txn["rcpts"], zope_txn["rcpts"])
+            self.assertEqual(txn["mail"].split()[0], zope_txn["mail"].split()[0])
+            # zope sends the bytes as queued; gsemail with CRLF line ends, as
+            # SMTP wants them: the same lines either way
+            self.assertEqual(same_text(txn["data"]).rstrip(b"\n"),
+                             same_text(zope_txn["data"]).rstrip(b"\n"))
+        self.assertEqual(sorted(len(t[0]["rcpts"]) for t in ours.values()), [1, 1, 1, 60])
+
+    def test_show_prints_the_headers_of_a_cr_only_zope_message(self):
+        (name,) = zope_queue(self, self.queuepath, [
+            ("bounces@example.org", ["a@example.org"],
+             b"From: x@example.org\rSubject: cr only\r\rThe body.\r")])
+        self.ini(1)
+        out = self.ok("show", name)
+        self.assertIn("\nFrom: x@example.org\nSubject: cr only\n", out)
+        self.assertNotIn("The body.", out)
+        self.assertNotIn("\r", out)
+        self.assertIn("The body.\n", self.ok("show", "--body", name))
+
+    def test_a_long_envelope_deferred_by_gsemail_is_finished_by_zope(self):
+        rcpts = ["Reader %03d <r%03d@example.org>" % (i, i) for i in range(80)]
+        zope_queue(self, self.queuepath, [("bounces@example.org", rcpts,
+                                           "From: x@example.org\nSubject: \u00e9\n\nHi.\n")])
+        server = self.server(rules={"RCPT": lambda a: "451 4.3.0 later"
+                                    if int(a[2:5]) % 2 else None})
+        self.drain(self.config(server.port))
+        (name,) = self.listing("cur")
+        odd = ["r%03d@example.org" % i for i in range(1, 80, 2)]
+        self.assertDeferred(name, odd)
+        server.rules.clear()
+        zope_drain(self, self.queuepath, server.port)
+        self.assertEqual(sorted(server.rcpts), ["r%03d@example.org" % i for i in range(80)])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_addresses_zope_would_read_differently_are_refused_when_queued(self):
+        config = self.config(1)
+        for bad in ("a(comment)@example.org", "a;b@example.org", "group:a@example.org",
+                    'a"b@example.org'):
+            with self.assertRaises(gsemail.MessageError) as cm:
+                self.enqueue(config, rcpts=[bad])
+            self.assertIn(bad, str(cm.exception))
+            with self.assertRaises(gsemail.MessageError):
+                self.enqueue(config, sender=bad)
+        # a quoted local part is read back as it was written: it may go
+        name = self.enqueue(config, rcpts=['"a b"@example.org'])
+        (entry,) = gsemail.Queue(self.queuepath).entries()
+        self.assertEqual((entry.id, entry.recipients), (name, ['"a b"@example.org']))
+
+
+class ZopeFinishesTests(OperatorBase):
+    """zope.sendmail, or anyone, finishing a message gsemail delivered in part."""
+
+    def refusing(self):
+        return self.server(rules={
+            "RCPT": lambda a: "550 5.1.1 no such user" if "bad" in a else
+            "451 4.3.0 later" if "slow" in a else None})
+
+    def test_zope_finishing_a_partly_refused_message_leaves_the_dead_letter(self):
+        server = self.refusing()
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["good@example.org", "bad@example.org",
+                                           "slow@example.org"])
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertDeferred(name, ["slow@example.org"])
+        server.rules.clear()
+        zope_drain(self, self.queuepath, server.port)
+        self.assertEqual(server.rcpts, ["good@example.org", "slow@example.org"])
+        self.assertEqual([n for n in self.listing("new") + self.listing("cur")
+                          if not n.startswith(".")], [])
+        # the state is orphaned now; maintain removes it, the dead letter stays
+        old = time.time() - 7200
+        os.utime(os.path.join(self.queuepath, "state", name), (old, old))
+        gsemail.Queue(self.queuepath).maintain()
+        self.assertEqual(self.listing("state"), [])
+        text = self.dead_letter_text()
+        self.assertTrue(text.startswith("X-Zope-From: bounces@example.org\n"
+                                        "X-Zope-To: bad@example.org\n"), text)
+        self.assertIn("X-Gsemail-Failed: <bad@example.org> 550 5.1.1 no such user", text)
+        self.assertIn("Subject: test", text)
+        self.ini(server.port)
+        (entry,) = json.loads(self.ok("list", "--json"))
+        self.assertEqual((entry["id"], entry["state"], entry["recipients"]),
+                         (name, "dead", ["bad@example.org"]))
+        self.assertEqual(list(entry["failed"]), ["bad@example.org"])
+
+    def test_zope_refusing_the_rest_keeps_both_dead_letters(self):
+        server = self.refusing()
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["bad@example.org", "slow@example.org"])
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        server.rules["RCPT"] = lambda a: "550 5.1.1 gone now"
+        zope_drain(self, self.queuepath, server.port)
+        self.assertEqual(server.rcpts, [])
+        dead = sorted(self.dead_letters())
+        self.assertEqual([os.path.basename(p) for p in dead], [".rejected-" + name] * 2)
+        texts = {}
+        for path in dead:
+            with open(path, encoding="utf-8") as f:
+                texts[path.split(os.sep)[-2]] = f.read()
+        self.assertIn("X-Gsemail-Failed: <bad@example.org> 550", texts["new"])
+        # zope's own: the message file as it was, for the recipient it had left
+        self.assertTrue(texts["cur"].startswith("X-Zope-From: bounces@example.org\n"
+                                                "X-Zope-To: slow@example.org\n"))
+        self.ini(server.port)
+        entries = json.loads(self.ok("list", "--json"))
+        self.assertEqual(sorted(r for e in entries for r in e["recipients"]),
+                         ["bad@example.org", "slow@example.org"])
+        self.assertEqual({e["state"] for e in entries}, {"dead"})
+        out = self.ok("show", name)
+        self.assertEqual(out.count("\nstate       dead"), 2)
+        server.rules.clear()
+        self.ok("retry", name)
+        self.assertEqual(self.dead_letters(), [])
+        self.gsemail("--once")
+        self.assertEqual(sorted(server.rcpts), ["bad@example.org", "slow@example.org"])
+
+    def test_later_refusals_are_merged_into_the_dead_letter(self):
+        server = self.refusing()
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["bad@example.org", "slow@example.org",
+                                           "slower@example.org"])
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        (first,) = self.dead_letters()
+        server.rules["RCPT"] = lambda a: "550 5.1.1 gone" if "slow@" in a else \
+            "451 4.3.0 later"
+        os.utime(os.path.join(self.queuepath, "cur", name))
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertEqual(self.dead_letters(), [first])
+        text = self.dead_letter_text()
+        self.assertIn("\nX-Zope-To: bad@example.org, slow@example.org\n", text)
+        self.assertIn("X-Gsemail-Failed: <bad@example.org> 550 5.1.1 no such user", text)
+        self.assertIn("X-Gsemail-Failed: <slow@example.org> 550 5.1.1 gone", text)
+        self.assertDeferred(name, ["slower@example.org"])
+        server.rules.clear()
+        os.utime(os.path.join(self.queuepath, "cur", name))
+        self.drain(config)
+        self.assertEqual(self.dead_letters(), [first])
+        self.assertEqual(self.listing("cur"), [])
+        self.assertIn("failed=2", self.dead_letter_text())
+
+    def test_a_dead_letter_of_zope_is_never_replaced(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no such user"})
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["bad@example.org"])
+        zope_dead = os.path.join(self.queuepath, "new", ".rejected-" + name)
+        os.link(os.path.join(self.queuepath, "new", name), zope_dead)   # as zope does
+        with open(zope_dead, "rb") as f:
+            before = f.read()
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        with open(zope_dead, "rb") as f:
+            self.assertEqual(f.read(), before)
+        ours = [p for p in self.dead_letters() if p != zope_dead]
+        self.assertEqual(len(ours), 1)
+        with open(ours[0], encoding="utf-8") as f:
+            self.assertIn("X-Gsemail-Failed: <bad@example.org> 550", f.read())
+        self.ini(server.port)
+        self.assertEqual(len(json.loads(self.ok("list", "--json"))), 2)
+
+    def test_maintain_keeps_the_state_of_a_message_that_moves_meanwhile(self):
+        server = self.server(rules={"RCPT": ["451 4.3.0 later"]})
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["slow@example.org"])
+        self.drain(config)
+        self.assertDeferred(name, ["slow@example.org"])
+        state = os.path.join(self.queuepath, "state", name)
+        old = time.time() - 7200    # a deferral can be longer than an hour
+        os.utime(state, (old, old))
+        queue = gsemail.Queue(self.queuepath)
+        queue.maintain()
+        self.assertTrue(os.path.exists(state))
+        # An operator's flush moves it from cur/ to new/ after maintain has
+        # read new/ and before it reads cur/: it is in neither listing.
+        listdir = os.listdir
+
+        def moving(path):
+            names = listdir(path)
+            if path == os.path.join(self.queuepath, "new"):
+                self.ini(server.port)
+                self.ok("flush", name)
+                os.utime(state, (old, old))
+            return names
+        with unittest.mock.patch.object(gsemail.os, "listdir", moving):
+            queue.maintain()
+        self.assertEqual(self.listing("new"), [name])
+        self.assertTrue(os.path.exists(state), "the state of a queued message was deleted")
+
+
+class DeadLetterFormatTests(OperatorBase):
+    """A dead letter keeps every byte, and only our lines are ever taken off."""
+
+    def test_a_queue_file_without_an_envelope_keeps_every_byte(self):
+        files = {
+            "1.hand-copied": b"From: a@x\nTo: b@example.org\nSubject: hand\n\nBody.\n",
+            "2.not-utf8": b"X-Zope-From: b\xe9@example.org\nX-Zope-To: a@example.org\n"
+                          b"Subject: latin-1\n\nBody.\n",
+            "3.cr-envelope": b"X-Zope-From: b@example.org\rX-Zope-To: a@example.org\r"
+                             b"Subject: cr\r\rBody.\r",
+            "4.only-from": b"X-Zope-From: b@example.org\nSubject: no to\n\nBody.\n",
+        }
+        self.ini(1)
+        os.makedirs(os.path.join(self.queuepath, "new"))
+        for name, content in files.items():
+            with open(os.path.join(self.queuepath, "new", name), "wb") as f:
+                f.write(content)
+        self.gsemail("--once")
+        entries = {e["id"]: e for e in json.loads(self.ok("list", "--json"))}
+        self.assertEqual(sorted(entries), sorted(files))
+        for name, content in files.items():
+            with open(os.path.join(self.queuepath, "new", ".rejected-" + name), "rb") as f:
+                dead = f.read()
+            self.assertTrue(dead.endswith(b"\n" + content), dead)
+            head = dead[:-len(content)].decode()
+            self.assertTrue(head.startswith("X-Zope-From: \nX-Zope-To: \n"
+                                            "X-Gsemail-Dead-Letter: "), head)
+            self.assertIn("\nX-Gsemail-Failed: <(no recipient)> 554 5.6.0 ", head)
+            e = entries[name]
+            self.assertEqual((e["state"], e["size"], e["recipients"]),
+                             ("dead", len(content), []))
+            self.assertEqual(list(e["failed"]), ["(no recipient)"])
+            self.assertTrue(e["failed"]["(no recipient)"].startswith("554 5.6.0 "))
+            run = self.gsemail("show", "--body", name, encoding="latin-1")
+            self.assertEqual(run.returncode, 0, run.stderr)
+            self.assertIn("\nrefused     <(no recipient)> 554 5.6.0 ", run.stdout)
+            self.assertTrue(run.stdout.endswith(
+                "\n\n" + same_text(content).decode("latin-1")), run.stdout)
+        run = self.gsemail("retry", "1.hand-copied")
+        self.assertEqual(run.returncode, os.EX_DATAERR, run.stderr)
+        self.assertIn("no recipients", run.stderr)
+        self.assertEqual(len(self.dead_letters()), 4)
+
+    def test_a_recipient_with_a_bracket_is_named_whole(self):
+        # zope's envelope can hold any address; gsemail refuses this one, and
+        # the dead letter names it without splitting it
+        odd = '"a> 550 b"@example.org'
+        self.ini(1)
+        os.makedirs(os.path.join(self.queuepath, "new"))
+        with open(os.path.join(self.queuepath, "new", "1.odd"), "wb") as f:
+            f.write(b"X-Zope-From: b@example.org\nX-Zope-To: %s, ok@example.org\n"
+                    b"Subject: odd\n\nBody.\n" % odd.encode())
+        server = self.server()
+        self.ini(server.port)
+        self.gsemail("--once")
+        self.assertEqual(server.rcpts, ["ok@example.org"])
+        (entry,) = json.loads(self.ok("list", "--json"))
+        self.assertEqual(list(entry["failed"]), [odd])
+        self.assertTrue(entry["failed"][odd].startswith("553 5.1.3 "), entry)
+        self.assertIn("\nrefused     <%s> 553 5.1.3 " % odd, self.ok("show", "1.odd"))
+
+    def test_an_application_header_named_x_gsemail_arrives_byte_for_byte(self):
+        data = (b"X-Gsemail-Campaign: spring\r\n  sale\r\nX-Gsemail-Other: 1\r\n"
+                b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <a.1@example.org>\r\n"
+                b"From: a@example.org\r\nTo: b@example.org\r\nSubject: tagged\r\n\r\nBody.\r\n")
+        server = self.server(rules={"RCPT": ["550 5.1.1 not yet"]})
+        config = self.ini(server.port)
+        gsemail.Queue(self.queuepath).add("bounces@example.org", ["b@example.org"], data)
+        self.gsemail("--once")
+        (name,) = [os.path.basename(p)[10:] for p in self.dead_letters()]
+        out = self.ok("show", name)
+        self.assertTrue(out.endswith("\n\n" + same_text(data).decode().split("\n\n")[0]
+                                     + "\n"), out)
+        self.ok("retry", name)
+        self.gsemail("--once")
+        (txn,) = server.transactions
+        self.assertEqual(txn["data"], data)
+        # and straight from the queue, never dead-lettered
+        gsemail.Queue(self.queuepath).add("bounces@example.org", ["c@example.org"], data)
+        self.drain(config)
+        self.assertEqual(server.transactions[-1]["data"], data)
+
+    def test_a_dead_letter_moved_back_by_hand_goes_without_our_lines(self):
+        server = self.server(rules={"RCPT": ["550 5.1.1 not yet"]})
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=["b@example.org"])
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        os.rename(os.path.join(self.queuepath, "new", ".rejected-" + name),
+                  os.path.join(self.queuepath, "new", name))
+        self.drain(config)
+        (txn,) = server.transactions
+        self.assertEqual(txn["rcpts"], ["b@example.org"])
+        self.assertNotIn(b"X-Gsemail-", txn["data"])
+        self.assertIn(b"Subject: test\r\n", txn["data"])
+
+
+class ZopeXverpTests(Base):
+    """The config's xverp applies to mail whoever queued it, checked at Postfix."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def test_config_xverp_applies_to_zope_queued_mail(self):
+        p = "zopexverp-%d-" % time.monotonic_ns()
+        zope_queue(self, self.queuepath, [
+            ("Bounces <bounces@gsemail.test>", [p + "a@gsemail.test", p + "b@gsemail.test"],
+             b"From: x@gsemail.test\nSubject: zope xverp\n\nHello.\n"),
+            ("", [p + "c@gsemail.test"], b"From: x@gsemail.test\nSubject: bounce\n\nHi.\n")])
+        config = self.config(self.postfix.port, xverp=True)
+        entries = gsemail.Queue(self.queuepath, xverp=config.xverp).entries()
+        self.assertEqual(sorted((e.sender, e.xverp) for e in entries),
+                         [("", False), ("bounces@gsemail.test", True)])
+        self.drain(config)
+        copies = self.postfix.wait_delivered(p, 3)
+        paths = sorted(m["Return-Path"] for m in copies)
+        self.assertEqual(paths, ["<>", "<bounces+%sa=gsemail.test@gsemail.test>" % p,
+                                 "<bounces+%sb=gsemail.test@gsemail.test>" % p])
+        self.assertEqual(self.dead_letters(), [])
+
+    def test_without_config_xverp_zope_mail_goes_plain(self):
+        p = "zopeplain-%d-" % time.monotonic_ns()
+        zope_queue(self, self.queuepath, [
+            ("bounces@gsemail.test", [p + "a@gsemail.test"],
+             b"From: x@gsemail.test\nSubject: plain\n\nHello.\n")])
+        self.drain(self.config(self.postfix.port))
+        (copy,) = self.postfix.wait_delivered(p, 1)
+        self.assertEqual(copy["Return-Path"], "<bounces@gsemail.test>")
+
+
 # ---------------------------------------------------------------------------
 # A real Postfix
 # ---------------------------------------------------------------------------
