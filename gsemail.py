@@ -872,7 +872,8 @@ class QueueEntry:
     ``.rejected-``); ``size`` is the message's, without the envelope.
     ``recipients`` are those still to do (for a dead letter: those that
     failed), ``failed`` the refused ones with their reasons, ``history``
-    the last attempts and operator actions.  Times are Unix times.
+    the last attempts and operator actions.  ``xverp`` is whether it goes
+    with XVERP (its name asks, or the queue's xverp).  Times are Unix times.
     """
 
     id: str
@@ -897,7 +898,8 @@ class Queue:
 
     With ``create=False`` (the operator's commands) a queue that does not
     exist is an error, so a wrong queuepath is not reported as an empty
-    queue.
+    queue.  ``xverp`` is the config's: then every message with a sender is
+    claimed (and listed) with XVERP, whoever queued it.
     """
 
     def __init__(self, path: str, claim_timeout: float = 240.0,
@@ -3529,6 +3531,10 @@ def _cmd_retry(config: SMTPConfig, args: argparse.Namespace) -> int:
     queue = _open_queue(config)
     entries = [e for e in queue.entries() if e.state == "dead"] if args.all_dead \
         else queue.find(args.ids)
+    # A message still queued for some shares its id with its dead letter (of
+    # those refused so far): the id then means the dead letter.
+    dead_ids = {e.id for e in entries if e.state == "dead"}
+    entries = [e for e in entries if e.state == "dead" or e.id not in dead_ids]
     for e in entries:
         if e.state != "dead":
             raise GsEmailError("%s is %s, not a dead letter: retry takes dead letters "

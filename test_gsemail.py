@@ -2839,6 +2839,21 @@ class ZopeFinishesTests(OperatorBase):
         self.assertEqual(self.listing("cur"), [])
         self.assertIn("failed=2", self.dead_letter_text())
 
+    def test_retry_takes_the_dead_letter_of_a_message_still_queued(self):
+        server = self.refusing()
+        config = self.ini(server.port)
+        name = self.enqueue(config, rcpts=["bad@example.org", "slow@example.org"])
+        self.gsemail("--once")
+        self.assertEqual(sorted(e["state"] for e in json.loads(self.ok("list", "--json"))),
+                         ["dead", "deferred"])
+        out = self.ok("retry", name)
+        self.assertIn("%s: queued again as " % name, out)
+        self.assertEqual(self.dead_letters(), [])
+        self.assertDeferred(name, ["slow@example.org"])
+        server.rules.clear()
+        self.gsemail("--once")
+        self.assertEqual(server.rcpts, ["bad@example.org"])
+
     def test_a_dead_letter_of_zope_is_never_replaced(self):
         server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no such user"})
         config = self.config(server.port)
