@@ -2913,6 +2913,9 @@ class DeadLetterFormatTests(OperatorBase):
             "3.cr-envelope": b"X-Zope-From: b@example.org\rX-Zope-To: a@example.org\r"
                              b"Subject: cr\r\rBody.\r",
             "4.only-from": b"X-Zope-From: b@example.org\nSubject: no to\n\nBody.\n",
+            # repoze.sendmail's queue file: its envelope is in headers
+            "5.repoze": b"From: a@example.org\nSubject: repoze\nX-Actually-From: "
+                        b"a@example.org\nX-Actually-To: b@example.org\n\nBody.\n",
         }
         self.ini(1)
         os.makedirs(os.path.join(self.queuepath, "new"))
@@ -2943,7 +2946,7 @@ class DeadLetterFormatTests(OperatorBase):
         run = self.gsemail("retry", "1.hand-copied")
         self.assertEqual(run.returncode, os.EX_DATAERR, run.stderr)
         self.assertIn("no recipients", run.stderr)
-        self.assertEqual(len(self.dead_letters()), 4)
+        self.assertEqual(len(self.dead_letters()), len(files))
 
     def test_a_recipient_with_a_bracket_is_named_whole(self):
         # zope's envelope can hold any address; gsemail refuses this one, and
