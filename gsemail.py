@@ -667,8 +667,9 @@ def _dead_letter_lines(sender: str, failures: Dict[str, str], name: str, when: f
                                          and not _envelope_problem(r)),
              "X-Gsemail-Dead-Letter: %s; id=%s; attempts=%d; first-queued=%s; failed=%d; %s"
              % (_iso(when), name, attempts, _iso(first_queued), len(failures),
-                _one_line(summary))]
-    lines += ["X-Gsemail-Failed: <%s> %s" % (_escape_address(rcpt), _one_line(why))
+                _one_line(summary)[:4000])]
+    # each line well below the _LINE_MAX that _read_head reads
+    lines += ["X-Gsemail-Failed: <%s> %s" % (_escape_address(rcpt), _one_line(why)[:4000])
               for rcpt, why in failures.items()]
     return ("\n".join(lines) + "\n").encode("utf-8", "replace")
 
