@@ -3012,19 +3012,22 @@ class ZopeXverpTests(Base):
     def test_config_xverp_applies_to_zope_queued_mail(self):
         p = "zopexverp-%d-" % time.monotonic_ns()
         zope_queue(self, self.queuepath, [
-            ("Bounces <bounces@gsemail.test>", [p + "a@gsemail.test", p + "b@gsemail.test"],
+            ("bounces@gsemail.test", [p + "a@gsemail.test", p + "b@gsemail.test"],
              b"From: x@gsemail.test\nSubject: zope xverp\n\nHello.\n"),
             ("", [p + "c@gsemail.test"], b"From: x@gsemail.test\nSubject: bounce\n\nHi.\n")])
+        twin = os.path.join(self.tmp, "twin")
+        shutil.copytree(self.queuepath, twin)
         config = self.config(self.postfix.port, xverp=True)
-        entries = gsemail.Queue(self.queuepath, xverp=config.xverp).entries()
-        self.assertEqual(sorted((e.sender, e.xverp) for e in entries),
-                         [("", False), ("bounces@gsemail.test", True)])
         self.drain(config)
         copies = self.postfix.wait_delivered(p, 3)
         paths = sorted(m["Return-Path"] for m in copies)
         self.assertEqual(paths, ["<>", "<bounces+%sa=gsemail.test@gsemail.test>" % p,
                                  "<bounces+%sb=gsemail.test@gsemail.test>" % p])
         self.assertEqual(self.dead_letters(), [])
+        # list and show say so too
+        entries = gsemail.Queue(twin, xverp=config.xverp).entries()
+        self.assertEqual(sorted((e.sender, e.xverp) for e in entries),
+                         [("", False), ("bounces@gsemail.test", True)])
 
     def test_without_config_xverp_zope_mail_goes_plain(self):
         p = "zopeplain-%d-" % time.monotonic_ns()
