@@ -354,6 +354,8 @@ class Postfix:
     smtps_port   implicit TLS (SMTPS), relaying for 127/8
     errlimit_port  smtpd_hard_error_limit = 1 (Postfix's value under stress;
                  port has the default, 20)
+    idle_port    smtpd_timeout = 1s (an idle connection gets 421 4.4.2 and is
+                 closed after a second)
     Recipients reject5xx* get 550 5.1.1, defer4xx* get 450 4.2.1 and
     greylist* get 450 4.7.1.
     """
@@ -367,7 +369,8 @@ class Postfix:
         self.etc = os.path.join(self.dir, "etc")
         self.maildir = os.path.join(self.dir, "mail", "all")
         self.port, self.noverp_port, self.limit_port, self.submit_port, \
-            self.smtps_port, self.errlimit_port = (free_port() for _ in range(6))
+            self.smtps_port, self.errlimit_port, self.idle_port = (
+                free_port() for _ in range(7))
         self.pid = None
 
     def start(self):
@@ -535,9 +538,11 @@ class Postfix:
               -o smtpd_tls_wrappermode=yes
             127.0.0.1:{errlimit} inet n - n - - smtpd
               -o smtpd_hard_error_limit=1
+            127.0.0.1:{idle} inet n - n - - smtpd
+              -o smtpd_timeout=1s
             """).format(port=self.port, noverp=self.noverp_port, limit=self.limit_port,
                         submit=self.submit_port, smtps=self.smtps_port,
-                        errlimit=self.errlimit_port)
+                        errlimit=self.errlimit_port, idle=self.idle_port)
         for line in ("pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
                      "qmgr unix n - n 300 1 qmgr", "tlsmgr unix - - n 1000? 1 tlsmgr",
                      "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
@@ -3414,9 +3419,10 @@ class RelayReplyTests(Base):
         self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
 
 
-class PostfixErrorLimitTests(Base):
+class PostfixRelayLimitTests(Base):
     """A real Postfix hangs up after smtpd_hard_error_limit errors (20, or 1
-    under stress) with 421 4.7.0 Error: too many errors."""
+    under stress) with 421 4.7.0 Error: too many errors, and closes an idle
+    connection after smtpd_timeout (10 s under stress) with 421 4.4.2."""
 
     @classmethod
     def setUpClass(cls):
@@ -3458,6 +3464,24 @@ class PostfixErrorLimitTests(Base):
                 self.assertEqual(state["attempts"], 1)
                 self.assertIn("450 4.7.1", state["last_error"])
                 self.assertEqual(self.dead_letters(), [])
+
+    def test_an_idle_connection_postfix_timed_out_is_no_attempt(self):
+        p = "%s-%d-" % (self._testMethodName.replace("_", ""), time.monotonic_ns())
+        config = self.config(self.postfix.idle_port)
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor._close_mailers)
+        self.enqueue(config, rcpts=[p + "one@gsemail.test"], sender="bounces@gsemail.test")
+        self.assertEqual(processor.run_once(), 1)
+        wait_for(lambda: "timeout after END-OF-MESSAGE" in self.postfix.log(), 30,
+                 "Postfix to time the connection out")
+        self.enqueue(config, rcpts=[p + "two@gsemail.test"], sender="bounces@gsemail.test")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.assertEqual(processor.run_once(), 1)
+        self.postfix.wait_delivered(p + "two", 1)
+        self.assertEqual(processor.stats, {"delivered": 2, "deferred": 0, "dead": 0})
+        self.assertEqual(self.listing("cur"), [])
+        self.assertTrue(any("4.4.2" in line and "timeout exceeded" in line
+                            for line in logs.output), logs.output)
 
 
 # aiosmtpd (a real SMTP server, from PyPI), started as a subprocess by
