@@ -2047,8 +2047,8 @@ class Mailer:
                     "5.7": "fix AUTH (username, password) or the relay's access rules"}
             status = r.error.status
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
-                fix = ("fix username and the password (password, password_env or "
-                       "password_file)")
+                fix = ("fix AUTH: username and the password (password, password_env "
+                       "or password_file)")
             else:
                 fix = hint.get(status[:3], "see the relay's log")
             return "%s %s cannot be used: %s; %s" % (status, r.relay, r.error, fix)
