@@ -3213,6 +3213,38 @@ class RelayReplyTests(Base):
                     self.assertEqual(state["attempts"], 1)
                     self.assertIn("450 4.7.1 greylisted", state["last_error"])
 
+    def test_an_error_limit_reached_by_one_message_does_not_touch_the_next(self):
+        # The first message's refusal (at its dot) uses up the error count
+        # of a Postfix under stress (smtpd_hard_error_limit = 1); the next
+        # message's MAIL, sent with that dot, is answered 421 4.7.0 on a
+        # reused connection: a new connection at once, and no limit learnt.
+        errors, dots = per_connection({"n": 0}), []
+
+        def judge(answer=None):
+            if errors()["n"] >= 1:
+                return POSTFIX_TOO_MANY_ERRORS
+            if answer:
+                errors()["n"] += 1
+            return answer
+
+        def dot(a):     # the first message is refused as spam
+            dots.append(a)
+            return judge("554 5.7.1 rejected as spam" if len(dots) == 1 else None)
+        server = self.server(rules={"MAIL": lambda a: judge(), "RCPT": lambda a: judge(),
+                                    "DOT": dot})
+        config = self.config(server.port)
+        first = self.enqueue(config, rcpts=["spam@example.org"])
+        self.enqueue(config, rcpts=["next@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        self.assertEqual(server.rcpts, ["next@example.org"])
+        self.assertEqual(processor.stats, {"delivered": 1, "deferred": 0, "dead": 1})
+        self.assertTrue(self.dead_letters()[0].endswith(first))
+        self.assertEqual(server.connections, 2)
+        self.assertFalse([line for line in logs.output if "per connection" in line])
+        self.assertTrue(any("4.7.0" in line and "new connection" in line
+                            for line in logs.output), logs.output)
+
     def test_too_many_recipients_carries_over_on_the_enhanced_code(self):
         for reply, ehlo in ((OPENSMTPD_TOO_MANY_RCPTS, None),
                             ("452 4.5.3 Error: too many recipients", None),
@@ -3266,6 +3298,43 @@ class RelayReplyTests(Base):
                 # refused once; from then on 2 a connection: 2, 2, 2, 1
                 self.assertEqual(server.connections, 4)
                 self.assertFalse([line for line in logs.output if "deferred" in line])
+
+    def test_used_up_on_a_new_connection_or_auth_refused_on_the_next(self):
+        # 452 4.5.3 to the first MAIL of a new connection is the relay's
+        # answer (a retry later), not a reason to connect again.
+        server = self.server(rules={"MAIL": lambda a: OPENSMTPD_TOO_MANY_MAILS})
+        config = self.config(server.port)
+        name = self.enqueue(config)
+        self.drain(config)
+        self.assertIn("452 4.5.3", self.assertDeferred(name, ["a@example.org"])["last_error"])
+        self.assertEqual(server.connections, 1)
+        # the new connection that replaces a used-up one refuses AUTH (Exim's
+        # 535): the message waits, with the AUTH error, logged as such
+        shutil.rmtree(self.queuepath)
+        count = per_connection({"mails": 0})
+
+        def mail(a):
+            count()["mails"] += 1
+            return OPENSMTPD_TOO_MANY_MAILS if count()["mails"] > 1 else None
+        logins = []
+
+        def auth(blob):
+            logins.append(blob)
+            return EXIM_BAD_AUTH if len(logins) > 1 else None
+        server = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", "pw"),
+                             rules={"MAIL": mail, "AUTH": auth})
+        config = self.config(server.port, username="user", password="pw")
+        self.enqueue(config, rcpts=["one@example.org"])
+        second = self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        self.assertEqual(server.rcpts, ["one@example.org"])
+        self.assertEqual(processor.stats, {"delivered": 1, "deferred": 1, "dead": 0})
+        state = self.assertDeferred(second, ["two@example.org"])
+        self.assertIn("4.7.8 Incorrect authentication data", state["last_error"])
+        self.assertEqual(state["attempts"], 1)
+        self.assertTrue([line for line in logs.output if line.startswith("ERROR:gsemail:4.7.8")],
+                        logs.output)
 
     def test_an_idle_connection_the_relay_closed_is_no_attempt(self):
         # Postfix's 421 4.4.2 Error: timeout exceeded came while gsemail was
