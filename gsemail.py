@@ -1940,6 +1940,8 @@ class Mailer:
                                       % (c.username, self.where, e))) from None
         if code == 235:
             return
+        if code == 421:     # the relay is closing: its trouble, not the credentials'
+            raise DeliveryError(Reply(code, _one_line(text.decode("utf-8", "replace"))))
         # A failed AUTH is an AUTH failure, whatever the server's text: its
         # status is the server's X.7.Y, or RFC 4954's for the code (535:
         # X.7.8 credentials invalid; Exim and many others give none).
