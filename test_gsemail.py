@@ -3358,6 +3358,39 @@ class RelayReplyTests(Base):
         self.assertTrue(any("4.4.2" in line and "new connection" in line
                             for line in logs.output), logs.output)
 
+    def test_an_idle_connection_closed_by_a_relay_that_then_went_away(self):
+        server = IdleClosingServer(idle=0.3)
+        self.addCleanup(server.close)
+        config = self.config(server.port)
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor._close_mailers)
+        self.enqueue(config, rcpts=["one@example.org"])
+        processor.run_once()
+        wait_for(lambda: server.ended.get(1) == "idle", what="the server to time out")
+        server.close()          # and nothing listens there now
+        name = self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.assertEqual(processor.run_once(), 1)
+        state = self.assertDeferred(name, ["two@example.org"])
+        self.assertIn("4.4.1", state["last_error"])
+        self.assertFalse([line for line in logs.output if "Traceback" in line
+                          or "unexpected" in line], logs.output)
+        self.assertFalse([n for n in self.listing("cur") if n.startswith(".sending-")])
+
+    def test_the_processor_closes_an_idle_connection_before_postfix_would(self):
+        # Postfix under stress closes an idle connection after 10 s; the
+        # processor closes its own first, however long poll_interval is.
+        server = self.server()
+        config = self.config(server.port, poll_interval=60)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        self.enqueue(config)
+        processor.wake()
+        wait_for(lambda: server.rcpts, what="the message")
+        wait_for(lambda: server.ended.get(1) == "quit", 9.5,
+                 "the idle connection to be closed with QUIT within 10 s")
+
     def test_a_421_to_the_first_command_on_a_reused_connection_is_no_attempt(self):
         # The same 421, read as the answer to MAIL (it crossed the command on
         # the wire): a new connection at once, no attempt, no limit learned.
