@@ -2373,9 +2373,16 @@ class Mailer:
                     why = self._reconnect()
                 reconnects += 1
             if why is None:
-                if self._session is not s:
-                    before = settled()
-                continue
+                if self._session is s:
+                    continue
+                before = settled()
+                if self._session.features == first.features:  # type: ignore[union-attr]
+                    continue
+                # Another relay (failover), or the same offering other
+                # extensions: MAIL's parameters were made for the first one.
+                why = Reply(451, "4.4.0 the new connection to %s offers other extensions "
+                            "than the one the message started on: the rest waits for "
+                            "the next attempt" % self.where)
             # What is left waits for a later attempt, those never answered
             # first (4xx answers went in out.deferred as they came).
             out.final = why
