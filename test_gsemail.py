@@ -3214,6 +3214,27 @@ class RelayReplyTests(Base):
                     self.assertEqual(state["attempts"], 1)
                     self.assertIn("450 4.7.1 greylisted", state["last_error"])
 
+    def test_an_attempt_that_runs_out_of_connections_leaves_the_unanswered_first(self):
+        # 40 refusals at an error limit of 1: one attempt opens at most 31
+        # connections; the recipients never answered wait, first in line,
+        # and the second attempt delivers the good one.
+        bad = ["bad%02d@example.org" % i for i in range(40)]
+        server = self.error_limited("550 5.1.1 no such user", 1)
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=bad + ["good@example.org"])
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, [])
+        self.assertEqual(server.connections, 1 + gsemail._RECONNECTS)
+        state = self.assertDeferred(name, bad[31:] + ["good@example.org"])
+        self.assertEqual(len(state["failed"]), 31)
+        os.utime(os.path.join(self.queuepath, "cur", name), (1, 1))
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["good@example.org"])
+        self.assertEqual(sorted(self.refused), bad)
+        self.assertIn("X-Gsemail-Failed: <bad39@example.org> 550 5.1.1", self.dead_letter_text())
+
     def test_an_error_limit_reached_by_one_message_does_not_touch_the_next(self):
         # The first message's refusal (at its dot) uses up the error count
         # of a Postfix under stress (smtpd_hard_error_limit = 1); the next
