@@ -1998,6 +1998,8 @@ class Mailer:
         for host, port in c.relays:
             self.where = _where(host, port)
             result = RelayCheck(self.where)
+            if c.username:
+                result.auth = "not tried: the relay could not be used before AUTH"
             session = None
             try:
                 session = self._reach(host, port)
