@@ -52,6 +52,7 @@ DeliveryError and TLSError.
 
 import argparse
 import atexit
+import base64
 import configparser
 import dataclasses
 import datetime
@@ -63,6 +64,7 @@ import errno
 import fcntl
 import functools
 import heapq
+import hmac
 import io
 import ipaddress
 import json
@@ -70,6 +72,7 @@ import logging
 import os
 import random
 import re
+import select
 import signal
 import smtplib
 import socket
@@ -1765,7 +1768,25 @@ class Queue:
 
 _CHUNK = 1 << 20            # bytes of DATA sent between heartbeats
 _WINDOW = 100               # pipelined commands sent before reading replies
-_TOO_MANY = re.compile(r"4\.5\.3|too many", re.I)
+# When a relay hangs up in the middle of a message after settling some of
+# its recipients (Postfix's smtpd_hard_error_limit: 20 errors, 1 under
+# stress), the same attempt goes on at once on a new connection.  Each new
+# connection must follow one that settled a recipient, so it always ends;
+# this bounds how many one attempt opens (25 refusals and a good recipient
+# at a limit of 1 take 26 connections).
+_RECONNECTS = 30
+_TOO_MANY_TEXT = re.compile(r"\btoo many\b", re.I)
+
+
+def _too_many(reply: Reply) -> bool:
+    """The reply says a limit of the server's was reached: RFC 3463's X.5.3
+    (too many recipients), whatever the basic code (OpenSMTPD answers 451 or,
+    at MAIL, 452); without an enhanced code, RFC 5321's 452 or 552 "too many
+    recipients" (4.5.3.1.10)."""
+    if reply.status in ("4.5.3", "5.5.3"):
+        return True
+    return (not _ENHANCED.match(reply.text) and reply.code in (452, 552)
+            and bool(_TOO_MANY_TEXT.search(reply.text)))
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -1799,18 +1820,39 @@ def _crlf(data: bytes) -> bytes:
     return data
 
 
-def _wire(data: bytes) -> bytes:
-    """The DATA payload: CRLF line ends, dot-stuffed, ending in CRLF.CRLF."""
+def _wire(data: bytes) -> Tuple[bytes, int]:
+    """The DATA payload (CRLF line ends, dot-stuffed, ending in CRLF.CRLF)
+    and the message's size as RFC 1870 counts it for SIZE: CRLF line ends,
+    without the dot-stuffing and the final ".CRLF"."""
     data = _crlf(data)      # send_email queued CRLF; a zope queue file may not be
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
+    size = len(data)
     if data.startswith(b".") or b"\n." in data:
         data = re.sub(rb"(?m)^\.", b"..", data)
-    return data + b".\r\n"
+    return data + b".\r\n", size
 
 
 class _ConnectionLost(Exception):
-    """The connection can carry nothing more (421, drop, timeout, garbage)."""
+    """The connection can carry nothing more (421, drop, timeout, garbage).
+
+    Raised in a transaction, it says how far that got: ``todo`` is the
+    batch's recipients still to do, those never answered first (None: those
+    not settled), ``at_mail`` that not even MAIL was answered, and
+    ``after_data`` that the message may have been sent, so it is not sent
+    again in this attempt."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.todo: Optional[List[str]] = None
+        self.at_mail = False
+        self.after_data = False
+
+
+class _UsedUp(Exception):
+    """MAIL was refused because this connection has carried all the server
+    takes on one (OpenSMTPD's 452 4.5.3 "Too many messages sent")."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
@@ -1832,6 +1874,8 @@ class _Outcome:
     #: the connection failed before the server answered any command of
     #: this message, so nothing of it can have been delivered
     unanswered: bool = False
+    #: XVERP went out with the message (asked for, offered and not refused)
+    xverp: bool = False
 
 
 def _reply_for(exc: BaseException, where: str) -> Reply:
@@ -1857,6 +1901,25 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
     return Reply(451, "4.3.0 %s: %s" % (type(exc).__name__, exc))
 
 
+def _relay_trouble(where: str, e: DeliveryError) -> Reply:
+    """Log that relay where cannot be used; the Reply to defer mail with."""
+    down = _transient(e.reply)
+    if down.status.split(".")[1] == "7":
+        log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is kept and "
+                  "retried", down.status, where, e.reply)
+    else:
+        log.warning("%s relay %s: %s: mail is kept and retried", down.status,
+                    where, e.reply)
+    return down
+
+
+def _internal(e: BaseException) -> Reply:
+    """The Reply for an error of our own.  A UnicodeError's text quotes the
+    character it could not encode, which may be one of a password's."""
+    text = "" if isinstance(e, UnicodeError) else ": %s" % _one_line(str(e))
+    return Reply(451, "4.3.0 internal error: %s%s" % (type(e).__name__, text))
+
+
 class _Session:
     """One open SMTP connection and what its server offered."""
 
@@ -1874,7 +1937,9 @@ class _Session:
         except (ValueError, IndexError):
             self.size = 0
         self.messages = 0
+        self.mails = 0          # transactions (MAILs accepted), as servers count messages
         self.answers = 0        # replies read, to tell when one was had
+        self.errors = 0         # 4xx and 5xx replies read (error limits count them)
         self.broken = False
         self.warned_xverp = False
         # Written but not yet sent: commands go out together when a reply
@@ -1925,6 +1990,9 @@ class Mailer:
         self.where = _where(*config.relays[0])     # the relay in use, or last tried
         self._session: Optional[_Session] = None
         self._context: Optional[ssl.SSLContext] = None
+        #: relay -> the transactions a connection to it takes, as learnt
+        #: from a MAIL refused because the connection was used up
+        self._limits: Dict[str, int] = {}
 
     # -- connecting ---------------------------------------------------------
 
@@ -1942,10 +2010,24 @@ class Mailer:
         TLSError for TLS trouble) when no relay can be used."""
         s = self._session
         if s is not None and not s.broken and \
-                s.messages < self.config.messages_per_connection:
+                s.messages < self.config.messages_per_connection and not self._used_up(s):
             return
         self.close()
         self._session = self._connect()
+
+    def _used_up(self, s: _Session) -> bool:
+        """s has carried as many transactions as its relay takes on one connection."""
+        return s.mails >= self._limits.get(s.where, s.mails + 1)
+
+    def _learn(self, s: _Session, reply: Reply) -> None:
+        """MAIL was refused with reply because s was used up: from now on,
+        no connection to its relay carries more than s did (logged once)."""
+        if s.mails and s.mails < self._limits.get(s.where, s.mails + 1):
+            self._limits[s.where] = s.mails
+            log.warning("%s relay %s takes %d messages per connection (it answered "
+                        "MAIL with %s): sending at most %d on each from now on (set "
+                        "messages_per_connection = %d to say so)", reply.status, s.where,
+                        s.mails, reply, s.mails, s.mails)
 
     def _connect(self) -> _Session:
         """A logged-in session with the first relay that can be reached.
@@ -2067,24 +2149,80 @@ class Mailer:
 
     def _login(self, smtp: smtplib.SMTP, encrypted: bool) -> None:
         c = self.config
+        if not smtp.has_extn("auth"):
+            if encrypted or not smtp.has_extn("starttls"):
+                why = "username is set: enable AUTH on the relay, or remove username " \
+                      "and password"
+            elif c.no_tls:
+                why = "it offers STARTTLS, which no_tls = true keeps off, and many " \
+                      "relays offer AUTH only after it: unset no_tls"
+            else:
+                why = "the STARTTLS handshake failed, and many relays offer AUTH " \
+                      "only after it: fix TLS (cafile, tls_verify)"
+            raise DeliveryError(Reply(454, "4.7.0 %s does not offer AUTH in %s; %s" % (
+                self.where, "this session" if encrypted else "plain text", why)))
         peer = smtp.sock.getpeername()[0]
         if not encrypted and not ipaddress.ip_address(peer.split("%")[0]).is_loopback:
             raise DeliveryError(Reply(454, "4.7.0 refusing to send the password for %s "
                                       "in plain text to %s: enable TLS on the relay "
                                       "or unset no_tls" % (c.username, self.where)))
-        if not smtp.has_extn("auth"):
-            raise DeliveryError(Reply(454, "4.7.0 %s does not offer AUTH, but username "
-                                      "is set" % self.where))
         try:
-            smtp.login(c.username, c.password)
-        except smtplib.SMTPAuthenticationError as e:
-            raise DeliveryError(Reply(e.smtp_code, "%s (AUTH as %s at %s)" % (
-                _reply_for(e, self.where).text, c.username, self.where))) from None
-        except smtplib.SMTPException as e:
+            code, text = self._authenticate(smtp)
+        except (smtplib.SMTPServerDisconnected, OSError) as e:
+            raise DeliveryError(_reply_for(e, self.where)) from None
+        except (smtplib.SMTPException, ValueError) as e:
             raise DeliveryError(Reply(454, "4.7.0 AUTH as %s at %s failed: %s"
                                       % (c.username, self.where, e))) from None
-        except OSError as e:
-            raise DeliveryError(_reply_for(e, self.where)) from None
+        if code == 235:
+            return
+        if code == 421:     # the relay is closing: its trouble, not the credentials'
+            raise DeliveryError(Reply(code, _one_line(text.decode("utf-8", "replace"))))
+        # A failed AUTH is an AUTH failure, whatever the server's text: its
+        # status is the server's X.7.Y, or RFC 4954's for the code (535:
+        # X.7.8 credentials invalid; Exim and many others give none).
+        reply = Reply(code, _one_line(text.decode("utf-8", "replace")))
+        status = reply.status
+        if status.split(".")[1] != "7" or status.endswith(".0.0"):
+            if not 400 <= code < 600:
+                code = 454
+            status = "%d.7.%d" % (code // 100, {535: 8, 534: 9, 538: 11}.get(code, 0))
+        text = _ENHANCED.sub("", reply.text, count=1).strip() if _ENHANCED.match(
+            reply.text) else reply.text
+        raise DeliveryError(Reply(code, "%s %s (AUTH as %s at %s)" % (
+            status, text, c.username, self.where)))
+
+    def _authenticate(self, smtp: smtplib.SMTP) -> Tuple[int, bytes]:
+        """The AUTH exchange with the first of PLAIN, LOGIN and CRAM-MD5 the
+        server offers; the server's last reply.  The username and password go
+        as UTF-8 (RFC 4616), which smtplib's login cannot do: it encodes them
+        as ASCII and fails on "pässword" with an error that quotes it."""
+        c = self.config
+        user = (c.username or "").encode("utf-8")
+        password = (c.password or "").encode("utf-8")
+        offered = (smtp.esmtp_features.get("auth") or "").upper().split()
+
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode("ascii")
+        if "PLAIN" in offered:
+            code, text = smtp.docmd("AUTH", "PLAIN " + b64(b"\0" + user + b"\0" + password))
+        elif "LOGIN" in offered:
+            code, text = smtp.docmd("AUTH", "LOGIN")
+            for answer in (user, password):
+                if code != 334:
+                    break
+                code, text = smtp.docmd(b64(answer))
+        elif "CRAM-MD5" in offered:
+            code, text = smtp.docmd("AUTH", "CRAM-MD5")
+            if code == 334:
+                digest = hmac.new(password, base64.b64decode(text), "md5").hexdigest()
+                code, text = smtp.docmd(b64(user + b" " + digest.encode("ascii")))
+        else:
+            return 504, ("5.7.4 none of the AUTH mechanisms offered (%s) is PLAIN, LOGIN "
+                         "or CRAM-MD5" % " ".join(offered)).encode()
+        if code == 334:             # the server wants more than the mechanism has
+            smtp.docmd("*")         # RFC 4954: cancel the exchange
+            return 535, b"5.7.8 AUTH did not end when the credentials had been sent"
+        return code, text
 
     def check(self) -> List[RelayCheck]:
         """Connect to each relay in turn as delivery would (TLS, AUTH), and
@@ -2095,6 +2233,8 @@ class Mailer:
         for host, port in c.relays:
             self.where = _where(host, port)
             result = RelayCheck(self.where)
+            if c.username:
+                result.auth = "not tried: the relay could not be used before AUTH"
             session = None
             try:
                 session = self._reach(host, port)
@@ -2114,11 +2254,19 @@ class Mailer:
                     result.tls = ("none: the STARTTLS handshake failed, so mail goes in "
                                   "plain text (TLS is only opportunistic)")
                 if c.username:
-                    self._login(session.smtp, session.encrypted)
-                    result.auth = "accepted for %s (offered: %s)" % (
-                        c.username, result.offered.get("AUTH", "").strip() or "-")
+                    offered = result.offered.get("AUTH", "").strip()
+                    try:
+                        self._login(session.smtp, session.encrypted)
+                    except DeliveryError as e:
+                        result.auth = "%s: %s" % ("not offered" if not offered else
+                                                  "failed for %s" % c.username, e.reply)
+                        raise
+                    result.auth = "accepted for %s (offered: %s)" % (c.username, offered)
             except DeliveryError as e:
                 result.error = e.reply
+            except Exception as e:      # never a traceback (it could quote a password)
+                log.exception("4.3.0 relay %s: unexpected error in check", self.where)
+                result.error = _internal(e)
             finally:
                 if session is not None:
                     try:
@@ -2136,9 +2284,13 @@ class Mailer:
                     "4.7": "fix TLS (cafile, tls_verify, force_tls) or AUTH (username, "
                            "password)",
                     "5.7": "fix AUTH (username, password) or the relay's access rules"}
-            return "%s %s cannot be used: %s; %s" % (
-                r.error.status, r.relay, r.error, hint.get(r.error.status[:3], "see "
-                                                           "the relay's log"))
+            status = r.error.status
+            if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
+                fix = ("fix AUTH: username and the password (password, password_env "
+                       "or password_file)")
+            else:
+                fix = hint.get(status[:3], "see the relay's log")
+            return "%s %s cannot be used: %s; %s" % (status, r.relay, r.error, fix)
         if "XVERP" in r.offered:
             bounces = "XVERP is offered, so each bounce names the recipient it is for"
         else:
@@ -2195,6 +2347,29 @@ class Mailer:
                                         % (self.where, reply.text[:200])))
         if code == 421:
             raise _ConnectionLost(reply)
+        if code >= 400:
+            self._session.errors += 1  # type: ignore[union-attr]
+        return reply
+
+    def _stale(self) -> Optional[Reply]:
+        """On a connection idle since its last reply: what the server said
+        or did before anything more was sent, or None if nothing.  Anything
+        there answers no command of ours: Postfix says "421 4.4.2 ... Error:
+        timeout exceeded" and closes an idle connection; others just close."""
+        s = self._session
+        sock = s.smtp.sock  # type: ignore[union-attr]
+        try:
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and \
+                    not select.select([sock], [], [], 0)[0]:
+                return None
+            # Whatever it is, this connection ends here: do not wait long.
+            sock.settimeout(min(1.0, self.config.timeout))
+        except (OSError, ValueError, AttributeError):
+            return Reply(421, "4.4.2 connection to %s lost while idle" % self.where)
+        try:
+            reply = self._read()
+        except _ConnectionLost as e:
+            reply = e.reply
         return reply
 
     def _send(self, data: bytes) -> None:
@@ -2256,35 +2431,34 @@ class Mailer:
             s.broken = True
 
     def _rset(self) -> None:
-        try:
-            self._send(b"RSET\r\n")
-            self._reply()
-        except _ConnectionLost:
-            self._session.broken = True  # type: ignore[union-attr]
+        """RSET; a connection that fails here raises _ConnectionLost, once
+        the transaction's outcome is recorded (the caller's duty)."""
+        self._send(b"RSET\r\n")
+        self._reply()
 
-    def _exchange(self, mail: bytes, rcpts: List[bytes]) -> List[Reply]:
-        """Send MAIL, the RCPTs and DATA; return their replies.  Pipelined
-        (in windows of _WINDOW commands) when offered, else one by one,
-        stopping where the server has already said no."""
+    def _exchange(self, mail: bytes, rcpts: List[bytes], replies: List[Reply]) -> None:
+        """Send MAIL, the RCPTs and DATA; add their replies to replies, as
+        they are read, so that those read before a failure are kept.
+        Pipelined (in windows of _WINDOW commands) when offered, else one by
+        one, stopping where the server has already said no."""
         commands = [mail] + rcpts + [b"DATA\r\n"]
-        replies: List[Reply] = []
         if self._session.pipelining:  # type: ignore[union-attr]
             for i in range(0, len(commands), _WINDOW):
                 window = commands[i:i + _WINDOW]
                 self._send(b"".join(window))
-                replies += [self._reply() for _ in window]
-            return replies
+                for _ in window:
+                    replies.append(self._reply())
+            return
         self._send(mail)
         replies.append(self._reply())
         if not replies[0].ok:
-            return replies
+            return
         for command in rcpts:
             self._send(command)
             replies.append(self._reply())
         if any(r.ok for r in replies[1:]):
             self._send(b"DATA\r\n")
             replies.append(self._reply())
-        return replies
 
     def deliver(self, sender: str, recipients: List[str], data: bytes,
                 xverp: bool = False,
@@ -2299,14 +2473,32 @@ class Mailer:
         DATA go out with this one's dot (RFC 2920 3.1): one round trip a
         message, not two.  The next ``deliver``, ``wait`` or ``close``
         reads it and settles this outcome.
+
+        A connection the server has closed while it was idle, or used up
+        (MAIL refused with X.5.3 or 421 on a connection that has carried
+        mail), is replaced at once; so is one lost in the middle of the
+        message after the server settled some recipients (an error limit),
+        with those still to do first.  Raises DeliveryError only when the
+        connection had to be replaced before anything was sent and could
+        not be.
         """
         s = self._session
         if s is None:
             raise RuntimeError("Mailer.deliver() before Mailer.open()")
+        if s.messages and s.owed is None:
+            stale = self._stale()
+            if stale is not None:
+                log.info("%s relay %s spoke on an idle connection (%s): it had closed "
+                         "it, so the message goes on a new connection", stale.status,
+                         self.where, stale)
+                s.broken = True
+                self.close()
+                self._session = s = self._connect()
         s.messages += 1
         # Only a connection that goes on can carry the next message's
         # commands; and the connection's last reply is read before QUIT.
-        more = more and s.messages < self.config.messages_per_connection
+        more = more and s.messages < self.config.messages_per_connection and \
+            s.mails + 1 < self._limits.get(s.where, s.mails + 2)
         answers = s.answers + (s.owed is not None)
         out = _Outcome()
         offers_utf8 = "smtputf8" in s.features
@@ -2336,16 +2528,16 @@ class Mailer:
             out.failed.update((r, why) for r in pending)
             out.final = why
             return out
-        wire = _wire(data)
-        if s.size and len(wire) > s.size:
+        wire, size = _wire(data)
+        if s.size and size > s.size:
             why = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
-                        "%s accepts" % (len(wire), s.size, self.where))
+                        "%s accepts" % (size, s.size, self.where))
             out.failed.update((r, why) for r in pending)
             out.final = why
             return out
         params = []
         if "size" in s.features:
-            params.append("SIZE=%d" % len(wire))
+            params.append("SIZE=%d" % size)
         if "8bitmime" in s.features and not data.isascii():
             params.append("BODY=8BITMIME")
         if not (sender.isascii() and all(r.isascii() for r in pending)):
@@ -2357,52 +2549,139 @@ class Mailer:
                 s.warned_xverp = True
                 log.warning("4.3.3 %s does not offer XVERP to this client: sending "
                             "without it (bounces will not name the recipient)", self.where)
-        try:
-            while pending:
-                pending = self._transaction(sender, params, pending, wire, out,
-                                            heartbeat, more)
-        except _ConnectionLost as e:
-            s.broken = True
-            self.close()
-            out.final = e.reply
-            out.unanswered = s.answers <= answers
-            done = set(out.delivered).union(out.failed)
-            for rcpt in recipients:
-                if rcpt not in done:
-                    out.deferred.setdefault(rcpt, e.reply)
+        limit = self.config.recipients_per_transaction
+        first, reconnects = s, 0
+
+        def settled() -> int:
+            return len(out.delivered) + len(out.failed) + len(out.deferred)
+        before = settled()          # recipients settled before this connection
+        while pending:
+            s = self._session  # type: ignore[assignment]
+            why: Optional[Reply] = None     # set: the rest waits, for this reason
+            try:
+                if self._used_up(s):    # as the server taught us, before it refuses MAIL
+                    why = self._reconnect(quit=True)
+                else:
+                    pending, limit = self._transaction(sender, params, pending, wire,
+                                                       out, heartbeat, more, limit)
+            except _UsedUp as e:
+                self._learn(s, e.reply)
+                why = self._reconnect(quit=True) if reconnects < _RECONNECTS else \
+                    _transient(e.reply)
+                reconnects += 1
+            except _ConnectionLost as e:
+                s.broken = True
+                self.close()
+                done = set(out.delivered).union(out.failed, out.deferred)
+                pending = [r for r in dict.fromkeys((e.todo or []) + pending)
+                           if r not in done]
+                if not pending:
+                    break
+                why = e.reply
+                if s is first and s.answers <= answers:
+                    # Nothing of this message was answered: the caller may
+                    # send it again at once (QueueProcessor._attempt does).
+                    out.unanswered = True
+                elif e.after_data or reconnects >= _RECONNECTS:
+                    pass
+                elif e.at_mail and s.mails and e.reply.code == 421:
+                    # The first command on a reused connection: the server
+                    # had timed it out (Postfix's 421 4.4.2 crossed our MAIL)
+                    # or has a per-connection limit (Exim's 421 "too many
+                    # messages"), which is learnt unless the code says
+                    # timeout (X.4.x) or policy (X.7.x: an error limit).
+                    if e.reply.status.split(".")[1] not in ("4", "7"):
+                        self._learn(s, e.reply)
+                    log.info("%s relay %s answered MAIL on a connection that had carried "
+                             "mail with %s: going on at once on a new connection",
+                             e.reply.status, self.where, e.reply)
+                    why = self._reconnect()
+                elif settled() > before:
+                    # It hung up after settling some recipients (an error
+                    # limit): those are facts; go on at once with the rest,
+                    # in transactions no bigger than the errors it allowed.
+                    if s.errors:
+                        limit = max(1, min(limit, s.errors))
+                    log.info("%s relay %s closed the connection (%s) after settling %d "
+                             "recipient(s) of the message: going on at once on a new "
+                             "connection with the %d still to do, %d per transaction",
+                             e.reply.status, self.where, e.reply, settled() - before,
+                             len(pending), limit)
+                    why = self._reconnect()
+                reconnects += 1
+            if why is None:
+                if self._session is s:
+                    continue
+                before = settled()
+                if self._session.features == first.features:  # type: ignore[union-attr]
+                    continue
+                # Another relay (failover), or the same offering other
+                # extensions: MAIL's parameters were made for the first one.
+                why = Reply(451, "4.4.0 the new connection to %s offers other extensions "
+                            "than the one the message started on: the rest waits for "
+                            "the next attempt" % self.where)
+            # What is left waits for a later attempt, those never answered
+            # first (4xx answers went in out.deferred as they came).
+            out.final = why
+            out.deferred = {**dict.fromkeys(
+                [r for r in pending if r not in out.deferred], why), **out.deferred}
+            break
         return out
+
+    def _reconnect(self, quit: bool = False) -> Optional[Reply]:
+        """Replace the connection in the middle of a delivery: None, or the
+        Reply (transient) to defer the rest with when no relay can be used."""
+        if self._session is not None and not quit:
+            self._session.broken = True
+        self.close()
+        try:
+            self._session = self._connect()
+        except DeliveryError as e:
+            return _relay_trouble(self.where, e)
+        return None
 
     def _transaction(self, sender: str, params: List[str], pending: List[str],
                      wire: bytes, out: _Outcome,
                      heartbeat: Optional[Callable[[], None]],
-                     more: bool = False) -> List[str]:
-        """One MAIL..DATA transaction for up to recipients_per_transaction of
-        pending; settles them in out and returns those still to try."""
+                     more: bool, limit: int) -> Tuple[List[str], int]:
+        """One MAIL..DATA transaction for up to limit of pending; settles
+        them in out and returns those still to try, and the limit for the
+        next transaction (the server's, once it said "too many")."""
         if heartbeat:
             heartbeat()
-        limit = self.config.recipients_per_transaction
+        s = self._session
         batch, rest = pending[:limit], pending[limit:]
         encoding = "utf-8" if "SMTPUTF8" in params else "ascii"
         mail = ("MAIL FROM:<%s>%s\r\n" % (sender, "".join(" " + p for p in params))
                 ).encode(encoding)
         rcpts = [("RCPT TO:<%s>\r\n" % r).encode(encoding) for r in batch]
-        replies = self._exchange(mail, rcpts)
+        replies: List[Reply] = []
+        try:
+            self._exchange(mail, rcpts, replies)
+        except _ConnectionLost as e:
+            e.todo = self._answered(batch, replies, out)
+            e.at_mail = not replies
+            raise
         mail_reply = replies[0]
         if not mail_reply.ok:
-            self._rset()
+            if s.mails and _too_many(mail_reply):  # type: ignore[union-attr]
+                raise _UsedUp(mail_reply)       # the connection is used up
             if "XVERP" in params and mail_reply.code in (501, 504, 555):
                 log.warning("4.3.3 %s refused XVERP (%s): sending without it",
                             self.where, mail_reply)
                 params.remove("XVERP")
-                return pending
+                self._rset()
+                return pending, limit
             self._settle(pending, mail_reply, out)
-            return []
+            self._rset()
+            return [], limit
+        s.mails += 1  # type: ignore[union-attr]
         accepted: List[str] = []
         carried: Dict[str, Reply] = {}
         for rcpt, reply in zip(batch, replies[1:]):
             if reply.ok:
                 accepted.append(rcpt)
-            elif reply.code in (452, 552) and _TOO_MANY.search(reply.text):
+            elif _too_many(reply):
                 carried[rcpt] = reply
             elif reply.permanent:
                 out.failed[rcpt] = reply
@@ -2410,31 +2689,60 @@ class Mailer:
                 out.deferred[rcpt] = reply
         data_reply = replies[len(batch) + 1] if len(replies) > len(batch) + 1 else None
         if not accepted:
+            out.deferred.update(carried)    # "too many" with none taken: try later
             if data_reply is not None and data_reply.code == 354:
                 self._send(b".\r\n")    # RFC 2920: end the empty DATA
                 self._reply()
             self._rset()
-            out.deferred.update(carried)    # "too many" with none taken: try later
-            return rest
+            return rest, limit
+        if carried:     # the server's limit: the next transactions take no more
+            limit = len(accepted)
         if data_reply is None or data_reply.code != 354:
-            self._rset()
             self._settle(accepted + list(carried) + rest, data_reply or mail_reply, out)
-            return []
-        for i in range(0, len(wire), _CHUNK):
-            if heartbeat:
-                heartbeat()
-            self._send(wire[i:i + _CHUNK])
-        if more and not carried and not rest and self._session.pipelining:  # type: ignore[union-attr]
-            self._session.owed = (out, accepted)  # type: ignore[union-attr]
-            out.waiting = True
-            return []
-        final = self._reply()
+            self._rset()
+            return [], limit
+        out.xverp = "XVERP" in params
+        try:
+            for i in range(0, len(wire), _CHUNK):
+                if heartbeat:
+                    heartbeat()
+                self._send(wire[i:i + _CHUNK])
+            if more and not carried and not rest and s.pipelining:  # type: ignore[union-attr]
+                s.owed = (out, accepted)  # type: ignore[union-attr]
+                out.waiting = True
+                return [], limit
+            final = self._reply()
+        except _ConnectionLost as e:
+            e.after_data = True     # it may have been delivered: not again now
+            raise
         out.final = final
         if not final.ok:
             self._settle(accepted + list(carried) + rest, final, out)
-            return []
+            return [], limit
         out.delivered += accepted
-        return list(carried) + rest
+        return list(carried) + rest, limit
+
+    @staticmethod
+    def _answered(batch: List[str], replies: List[Reply], out: _Outcome) -> List[str]:
+        """The connection was lost in a transaction after replies (MAIL's
+        first) were read.  They are facts: record the refusals (5xx failed,
+        4xx deferred); return the batch's recipients still to do, those
+        never answered first, then those accepted or told "too many" (their
+        transaction never reached the dot)."""
+        if not replies or not replies[0].ok:
+            return list(batch)
+        unanswered, taken = [], []
+        for i, rcpt in enumerate(batch):
+            reply = replies[i + 1] if i + 1 < len(replies) else None
+            if reply is None:
+                unanswered.append(rcpt)
+            elif reply.ok or _too_many(reply):
+                taken.append(rcpt)
+            elif reply.permanent:
+                out.failed[rcpt] = reply
+            else:
+                out.deferred[rcpt] = reply
+        return unanswered + taken
 
     @staticmethod
     def _settle(recipients: List[str], reply: Reply, out: _Outcome) -> None:
@@ -2557,18 +2865,27 @@ class QueueProcessor:
         """Deliver until stop() is called.  Never dies of an exception."""
         log.info("2.0.0 queue processor for %s started (relay %s)", self.queue.path,
                  ", ".join(_where(*r) for r in self.config.relays))
+        # An idle connection is closed after 5 s, safely below the relays'
+        # own idle timeouts (Postfix's smtpd_timeout is 10 s under stress,
+        # 300 s otherwise; Exim's and OpenSMTPD's 5 minutes), so that the
+        # relay seldom closes one first (Mailer.deliver copes if it does).
+        idle = min(5.0, self.config.timeout)
         while not self._stopping.is_set():
             self._wake.clear()
+            wait = self.config.poll_interval
             try:
-                if not self.run_once() and \
-                        time.monotonic() - self._last_used > min(10.0, self.config.timeout):
+                if not self.run_once() and time.monotonic() - self._last_used > idle:
                     self._close_mailers()     # do not hold an idle connection open
+                elif any(m._session is not None for m in self._mailers):
+                    # wake in time to close it, whatever poll_interval is
+                    wait = min(wait, max(0.05, self._last_used + idle - time.monotonic()
+                                         + 0.01))
             except Exception:
                 log.exception("4.3.0 queue processor for %s: unexpected error, "
                               "going on", self.queue.path)
                 self._close_mailers()
                 self._stopping.wait(self.config.poll_interval)
-            self._wake.wait(self.config.poll_interval)
+            self._wake.wait(wait)
         self._close_mailers()
         self._finish()
         log.info("2.0.0 queue processor for %s stopped", self.queue.path)
@@ -2681,6 +2998,10 @@ class QueueProcessor:
                         mailer.open()
                     except DeliveryError as e:
                         down = self._relay_down(mailer, e)
+                    except Exception as e:  # a bug of ours: the message must not stay claimed
+                        log.exception("4.3.0 relay %s: unexpected error while connecting",
+                                      mailer.where)
+                        down = _internal(e)
                 if down is not None:
                     self._apply(mailer, msg, _Outcome(
                         deferred=dict.fromkeys(msg.recipients, down), final=down))
@@ -2709,10 +3030,15 @@ class QueueProcessor:
             try:
                 outcome = mailer.deliver(msg.sender, msg.recipients, msg.data,
                                          msg.xverp, msg.heartbeat, more=more)
+            except DeliveryError as e:
+                # the connection had to be replaced before anything of the
+                # message was sent (the relay had closed it) and could not be
+                reply = QueueProcessor._relay_down(mailer, e)
+                return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
             except Exception as e:
                 log.exception("4.3.0 %s: unexpected error while sending", msg.name)
                 mailer.close()
-                reply = Reply(451, "4.3.0 internal error: %s: %s" % (type(e).__name__, e))
+                reply = _internal(e)
                 return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
             if not (again and outcome.unanswered):
                 break
@@ -2727,14 +3053,7 @@ class QueueProcessor:
     @staticmethod
     def _relay_down(mailer: "Mailer", e: DeliveryError) -> Reply:
         """Log that no relay can be used; the Reply to defer mail with."""
-        down = _transient(e.reply)
-        if down.status.split(".")[1] == "7":
-            log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is kept and "
-                      "retried", down.status, mailer.where, e.reply)
-        else:
-            log.warning("%s relay %s: %s: mail is kept and retried", down.status,
-                        mailer.where, e.reply)
-        return down
+        return _relay_trouble(mailer.where, e)
 
     def _note(self, force: bool = False, **facts: object) -> None:
         """Keep facts for ``status``; write them at most every few seconds."""
@@ -2754,7 +3073,7 @@ class QueueProcessor:
         if out.delivered:
             log.info("2.0.0 %s: delivered to %d recipient(s) via %s%s", msg.name,
                      len(out.delivered), mailer.where,
-                     " with XVERP" if msg.xverp else "")
+                     " with XVERP" if out.xverp else "")
         for line in _group(out.failed):
             log.warning("%s %s: refused: %s", Reply.parse(line).status, msg.name, line)
         failed = dict(msg.state.get("failed") or {})  # type: ignore[call-overload]

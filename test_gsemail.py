@@ -5,7 +5,8 @@ SMTP server defined here (for faults a real MTA will not produce on demand)
 and a private Postfix instance started from Debian's ``postfix`` package
 (for XVERP, recipient limits, STARTTLS and AUTH).  Postfix needs root.  The
 zope.sendmail compatibility tests need a Python with zope.sendmail installed,
-named by $GSEMAIL_ZOPE_PYTHON.  Without them those tests skip, unless
+named by $GSEMAIL_ZOPE_PYTHON; the aiosmtpd tests (a second real server) one
+with aiosmtpd, named by $GSEMAIL_AIOSMTPD_PYTHON.  Without them those tests skip, unless
 $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
 """
 
@@ -352,7 +353,12 @@ class Postfix:
     limit_port   smtpd_recipient_limit = 100
     submit_port  STARTTLS required, then AUTH (USER / PASSWORD)
     smtps_port   implicit TLS (SMTPS), relaying for 127/8
-    Recipients reject5xx* get 550 5.1.1 and defer4xx* get 450 4.2.1.
+    errlimit_port  smtpd_hard_error_limit = 1 (Postfix's value under stress;
+                 port has the default, 20)
+    idle_port    smtpd_timeout = 1s (an idle connection gets 421 4.4.2 and is
+                 closed after a second)
+    Recipients reject5xx* get 550 5.1.1, defer4xx* get 450 4.2.1 and
+    greylist* get 450 4.7.1.
     """
 
     DOMAIN = "gsemail.test"
@@ -364,7 +370,8 @@ class Postfix:
         self.etc = os.path.join(self.dir, "etc")
         self.maildir = os.path.join(self.dir, "mail", "all")
         self.port, self.noverp_port, self.limit_port, self.submit_port, \
-            self.smtps_port = (free_port() for _ in range(5))
+            self.smtps_port, self.errlimit_port, self.idle_port = (
+                free_port() for _ in range(7))
         self.pid = None
 
     def start(self):
@@ -463,7 +470,8 @@ class Postfix:
         self.cafile = os.path.join(tls, "ca.pem")
         with open(os.path.join(self.etc, "rcpt_access"), "w") as f:
             f.write("/^reject5xx/  550 5.1.1 test: recipient rejected\n"
-                    "/^defer4xx/   450 4.2.1 test: recipient deferred\n")
+                    "/^defer4xx/   450 4.2.1 test: recipient deferred\n"
+                    "/^greylist/   450 4.7.1 test: greylisted, try again later\n")
         with open(os.path.join(self.etc, "vmailbox"), "w") as f:
             f.write("/@gsemail\\.test$/  all/\n")
         d, etc = self.dir, self.etc
@@ -529,8 +537,13 @@ class Postfix:
               -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
             127.0.0.1:{smtps} inet n - n - - smtpd
               -o smtpd_tls_wrappermode=yes
+            127.0.0.1:{errlimit} inet n - n - - smtpd
+              -o smtpd_hard_error_limit=1
+            127.0.0.1:{idle} inet n - n - - smtpd
+              -o smtpd_timeout=1s
             """).format(port=self.port, noverp=self.noverp_port, limit=self.limit_port,
-                        submit=self.submit_port, smtps=self.smtps_port)
+                        submit=self.submit_port, smtps=self.smtps_port,
+                        errlimit=self.errlimit_port, idle=self.idle_port)
         for line in ("pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
                      "qmgr unix n - n 300 1 qmgr", "tlsmgr unix - - n 1000? 1 tlsmgr",
                      "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
@@ -3373,12 +3386,14 @@ class FailureHandlingTests(Base):
 
         class Connection:
             sock = Peer()
+            esmtp_features = {"auth": "PLAIN"}
 
             def has_extn(self, name):
                 return True
 
-            def login(self, user, password):
-                logins.append(user)
+            def docmd(self, verb, blob):    # AUTH PLAIN, RFC 4616
+                logins.append(base64.b64decode(blob.split()[1]).split(b"\0")[1].decode())
+                return 235, b"2.7.0 Authentication successful"
 
         with self.assertRaises(gsemail.DeliveryError) as cm:
             gsemail.Mailer(config)._login(Connection(), encrypted=False)
@@ -3569,6 +3584,671 @@ class FaultTests(Base):
         wait_for(lambda: server.rcpts, what="the next message")
         self.assertEqual(server.rcpts, ["next@example.org"])
         self.assertTrue(processor.alive)
+
+
+# ---------------------------------------------------------------------------
+# Relays as they really are: the replies of Postfix, Exim and OpenSMTPD, in
+# every position they can come, from the scripted server, a real Postfix and
+# a real aiosmtpd
+# ---------------------------------------------------------------------------
+
+# The exact texts (OpenSMTPD smtp_session.c, Exim smtp_in.c and its docs,
+# Postfix smtpd.c).
+OPENSMTPD_TOO_MANY_RCPTS = "451 4.5.3 Too many recipients: Too many recipients"
+OPENSMTPD_TOO_MANY_MAILS = "452 4.5.3 Too many recipients: Too many messages sent"
+EXIM_TOO_MANY_MAILS = "421 too many messages in this connection"
+EXIM_BAD_AUTH = "535 Incorrect authentication data"
+POSTFIX_IDLE = "421 4.4.2 test.example Error: timeout exceeded"
+POSTFIX_TOO_MANY_ERRORS = "421 4.7.0 test.example Error: too many errors"
+
+
+def per_connection(start):
+    """Rules for the scripted server that count per connection: each
+    connection is served by a thread of its own."""
+    local = threading.local()
+
+    def get():
+        if not hasattr(local, "n"):
+            local.n = dict(start)
+        return local.n
+    return get
+
+
+class IdleClosingServer(SMTPServer):
+    """The scripted server, closing a connection left idle for ``idle``
+    seconds as Postfix does: 421 4.4.2, then the connection is closed."""
+
+    def __init__(self, idle, **kw):
+        self.idle = idle
+        super().__init__(**kw)
+
+    def _session(self, conn, f, number=0):
+        conn.settimeout(self.idle)
+        try:
+            return super()._session(conn, f, number)
+        except socket.timeout:
+            conn.settimeout(5)
+            self._say(conn, POSTFIX_IDLE)
+            return "idle"
+
+
+def non_ascii_ini(path, port, queuepath, user, password):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                "username = %s\npassword = %s\nprocessorthread = no\ntimeout = 5\n"
+                % (port, queuepath, user, password))
+
+
+class RelayReplyTests(Base):
+    """The scripted server replays each real server's reply where it comes."""
+
+    def error_limited(self, refusal, limit):
+        """A server that refuses bad* with refusal and, like Postfix's
+        smtpd_hard_error_limit, answers every command after limit errors on
+        a connection with 421."""
+        count = per_connection({"errors": 0})
+        self.refused = []
+
+        def judge(what, answer=None, addr=None):
+            n = count()
+            if n["errors"] >= limit:
+                return POSTFIX_TOO_MANY_ERRORS
+            if answer:
+                n["errors"] += 1
+                self.refused.append(addr)
+            return answer
+
+        return self.server(rules={
+            "MAIL": lambda a: judge("MAIL"),
+            "RCPT": lambda a: judge("RCPT", refusal if a.startswith("<bad") else None,
+                                    a.strip("<>")),
+            "DATA": lambda a: judge("DATA")})
+
+    def test_error_limit_keeps_the_replies_read_and_delivers_the_good_recipient(self):
+        bad = ["bad%02d@example.org" % i for i in range(10)]
+        for refusal, limit in (("550 5.1.1 no such user", 3), ("550 5.1.1 no such user", 1),
+                               ("450 4.7.1 greylisted", 3), ("450 4.7.1 greylisted", 1)):
+            with self.subTest(refusal=refusal, limit=limit):
+                shutil.rmtree(self.queuepath, True)
+                server = self.error_limited(refusal, limit)
+                config = self.config(server.port)
+                name = self.enqueue(config, rcpts=bad + ["good@example.org"])
+                with self.assertLogs("gsemail", "INFO"):
+                    processor = self.drain(config)
+                # delivered in the first attempt
+                self.assertEqual(server.rcpts, ["good@example.org"])
+                # every bad recipient was refused once in that attempt, and
+                # not asked again once refused
+                self.assertEqual(sorted(self.refused), bad)
+                if refusal.startswith("5"):
+                    text = self.dead_letter_text()
+                    for b in bad:
+                        self.assertIn("X-Gsemail-Failed: <%s> 550 5.1.1 no such user" % b,
+                                      text)
+                    self.assertEqual(processor.stats["dead"], 1)
+                else:
+                    state = self.assertDeferred(name, bad)
+                    self.assertEqual(state["attempts"], 1)
+                    self.assertIn("450 4.7.1 greylisted", state["last_error"])
+
+    def test_an_attempt_that_runs_out_of_connections_leaves_the_unanswered_first(self):
+        # 40 refusals at an error limit of 1: one attempt opens at most 31
+        # connections; the recipients never answered wait, first in line,
+        # and the second attempt delivers the good one.
+        bad = ["bad%02d@example.org" % i for i in range(40)]
+        server = self.error_limited("550 5.1.1 no such user", 1)
+        config = self.config(server.port)
+        name = self.enqueue(config, rcpts=bad + ["good@example.org"])
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, [])
+        self.assertEqual(server.connections, 1 + gsemail._RECONNECTS)
+        state = self.assertDeferred(name, bad[31:] + ["good@example.org"])
+        self.assertEqual(len(state["failed"]), 31)
+        os.utime(os.path.join(self.queuepath, "cur", name), (1, 1))
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["good@example.org"])
+        self.assertEqual(sorted(self.refused), bad)
+        self.assertIn("X-Gsemail-Failed: <bad39@example.org> 550 5.1.1", self.dead_letter_text())
+
+    def test_an_error_limit_reached_by_one_message_does_not_touch_the_next(self):
+        # The first message's refusal (at its dot) uses up the error count
+        # of a Postfix under stress (smtpd_hard_error_limit = 1); the next
+        # message's MAIL, sent with that dot, is answered 421 4.7.0 on a
+        # reused connection: a new connection at once, and no limit learnt.
+        errors, dots = per_connection({"n": 0}), []
+
+        def judge(answer=None):
+            if errors()["n"] >= 1:
+                return POSTFIX_TOO_MANY_ERRORS
+            if answer:
+                errors()["n"] += 1
+            return answer
+
+        def dot(a):     # the first message is refused as spam
+            dots.append(a)
+            return judge("554 5.7.1 rejected as spam" if len(dots) == 1 else None)
+        server = self.server(rules={"MAIL": lambda a: judge(), "RCPT": lambda a: judge(),
+                                    "DOT": dot})
+        config = self.config(server.port)
+        first = self.enqueue(config, rcpts=["spam@example.org"])
+        self.enqueue(config, rcpts=["next@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        self.assertEqual(server.rcpts, ["next@example.org"])
+        self.assertEqual(processor.stats, {"delivered": 1, "deferred": 0, "dead": 1})
+        self.assertTrue(self.dead_letters()[0].endswith(first))
+        self.assertEqual(server.connections, 2)
+        self.assertFalse([line for line in logs.output if "per connection" in line])
+        self.assertTrue(any("4.7.0" in line and "new connection" in line
+                            for line in logs.output), logs.output)
+
+    def test_too_many_recipients_carries_over_on_the_enhanced_code(self):
+        for reply, ehlo in ((OPENSMTPD_TOO_MANY_RCPTS, None),
+                            ("452 4.5.3 Error: too many recipients", None),
+                            ("552 5.5.3 Too many recipients", None),
+                            ("451 4.5.3 Recipient limit reached", None),
+                            ("452 Too many recipients", ("PIPELINING", "8BITMIME")),
+                            ("552 Too many recipients", ("PIPELINING", "8BITMIME"))):
+            with self.subTest(reply=reply):
+                shutil.rmtree(self.queuepath, True)
+                count = per_connection({"rcpts": 0})
+
+                def mail(a, count=count):
+                    count()["rcpts"] = 0
+
+                def rcpt(a, count=count, reply=reply):
+                    count()["rcpts"] += 1
+                    return reply if count()["rcpts"] > 3 else None
+                kw = {"ehlo": ehlo} if ehlo else {}
+                server = self.server(rules={"MAIL": mail, "RCPT": rcpt}, **kw)
+                config = self.config(server.port)
+                rcpts = ["r%d@example.org" % i for i in range(8)]
+                self.enqueue(config, rcpts=rcpts)
+                processor = self.drain(config)
+                self.assertEqual(server.rcpts, rcpts)
+                self.assertEqual([len(t["rcpts"]) for t in server.transactions], [3, 3, 2])
+                self.assertEqual(processor.stats, {"delivered": 1, "deferred": 0, "dead": 0})
+                self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_a_connection_used_up_at_mail_goes_on_a_new_one_and_teaches_the_limit(self):
+        for reply in (OPENSMTPD_TOO_MANY_MAILS, EXIM_TOO_MANY_MAILS):
+            with self.subTest(reply=reply):
+                shutil.rmtree(self.queuepath, True)
+                count = per_connection({"mails": 0})
+
+                def mail(a, count=count, reply=reply):
+                    count()["mails"] += 1
+                    return reply if count()["mails"] > 2 else None
+                server = self.server(rules={"MAIL": mail})
+                config = self.config(server.port)
+                for i in range(7):
+                    self.enqueue(config, rcpts=["r%d@example.org" % i])
+                with self.assertLogs("gsemail", "INFO") as logs:
+                    processor = self.drain(config)
+                self.assertEqual(sorted(server.rcpts), ["r%d@example.org" % i for i in range(7)])
+                self.assertEqual(processor.stats, {"delivered": 7, "deferred": 0, "dead": 0})
+                self.assertEqual(self.listing("new") + self.listing("cur"), [])
+                learned = [line for line in logs.output if "per connection" in line]
+                self.assertEqual(len(learned), 1, logs.output)
+                self.assertIn("2 messages per connection", learned[0])
+                self.assertTrue(learned[0].startswith("WARNING:"), learned[0])
+                # refused once; from then on 2 a connection: 2, 2, 2, 1
+                self.assertEqual(server.connections, 4)
+                self.assertFalse([line for line in logs.output if "deferred" in line])
+
+    def test_used_up_on_a_new_connection_or_auth_refused_on_the_next(self):
+        # 452 4.5.3 to the first MAIL of a new connection is the relay's
+        # answer (a retry later), not a reason to connect again.
+        server = self.server(rules={"MAIL": lambda a: OPENSMTPD_TOO_MANY_MAILS})
+        config = self.config(server.port)
+        name = self.enqueue(config)
+        self.drain(config)
+        self.assertIn("452 4.5.3", self.assertDeferred(name, ["a@example.org"])["last_error"])
+        self.assertEqual(server.connections, 1)
+        # the new connection that replaces a used-up one refuses AUTH (Exim's
+        # 535): the message waits, with the AUTH error, logged as such
+        shutil.rmtree(self.queuepath)
+        count = per_connection({"mails": 0})
+
+        def mail(a):
+            count()["mails"] += 1
+            return OPENSMTPD_TOO_MANY_MAILS if count()["mails"] > 1 else None
+        logins = []
+
+        def auth(blob):
+            logins.append(blob)
+            return EXIM_BAD_AUTH if len(logins) > 1 else None
+        server = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=("user", "pw"),
+                             rules={"MAIL": mail, "AUTH": auth})
+        config = self.config(server.port, username="user", password="pw")
+        self.enqueue(config, rcpts=["one@example.org"])
+        second = self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        self.assertEqual(server.rcpts, ["one@example.org"])
+        self.assertEqual(processor.stats, {"delivered": 1, "deferred": 1, "dead": 0})
+        state = self.assertDeferred(second, ["two@example.org"])
+        self.assertIn("4.7.8 Incorrect authentication data", state["last_error"])
+        self.assertEqual(state["attempts"], 1)
+        self.assertTrue([line for line in logs.output if line.startswith("ERROR:gsemail:4.7.8")],
+                        logs.output)
+
+    def test_an_idle_connection_the_relay_closed_is_no_attempt(self):
+        # Postfix's 421 4.4.2 Error: timeout exceeded came while gsemail was
+        # idle: it answers nothing gsemail sent; reconnect and send.
+        server = IdleClosingServer(idle=0.3)
+        self.addCleanup(server.close)
+        config = self.config(server.port)
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor._close_mailers)
+        self.enqueue(config, rcpts=["one@example.org"])
+        self.assertEqual(processor.run_once(), 1)
+        wait_for(lambda: server.ended.get(1) == "idle", what="the server to time out")
+        name = self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.assertEqual(processor.run_once(), 1)
+        self.assertEqual(server.rcpts, ["one@example.org", "two@example.org"])
+        self.assertEqual(processor.stats, {"delivered": 2, "deferred": 0, "dead": 0})
+        self.assertNotIn(name, self.listing("cur"))
+        self.assertFalse([line for line in logs.output if "per connection" in line])
+        self.assertTrue(any("4.4.2" in line and "new connection" in line
+                            for line in logs.output), logs.output)
+
+    def test_an_idle_connection_closed_by_a_relay_that_then_went_away(self):
+        server = IdleClosingServer(idle=0.3)
+        self.addCleanup(server.close)
+        config = self.config(server.port)
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor._close_mailers)
+        self.enqueue(config, rcpts=["one@example.org"])
+        processor.run_once()
+        wait_for(lambda: server.ended.get(1) == "idle", what="the server to time out")
+        server.close()          # and nothing listens there now
+        name = self.enqueue(config, rcpts=["two@example.org"])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.assertEqual(processor.run_once(), 1)
+        state = self.assertDeferred(name, ["two@example.org"])
+        self.assertIn("4.4.1", state["last_error"])
+        self.assertFalse([line for line in logs.output if "Traceback" in line
+                          or "unexpected" in line], logs.output)
+        self.assertFalse([n for n in self.listing("cur") if n.startswith(".sending-")])
+
+    def test_the_processor_closes_an_idle_connection_before_postfix_would(self):
+        # Postfix under stress closes an idle connection after 10 s; the
+        # processor closes its own first, however long poll_interval is.
+        server = self.server()
+        config = self.config(server.port, poll_interval=60)
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        self.enqueue(config)
+        processor.wake()
+        wait_for(lambda: server.rcpts, what="the message")
+        wait_for(lambda: server.ended.get(1) == "quit", 9.5,
+                 "the idle connection to be closed with QUIT within 10 s")
+
+    def test_a_421_to_the_first_command_on_a_reused_connection_is_no_attempt(self):
+        # The same 421, read as the answer to MAIL (it crossed the command on
+        # the wire): a new connection at once, no attempt, no limit learned.
+        mails = []
+
+        def mail(a):
+            mails.append(a)
+            return POSTFIX_IDLE if len(mails) == 2 else None
+        server = self.server(rules={"MAIL": mail})
+        config = self.config(server.port)
+        for i in range(3):
+            self.enqueue(config, rcpts=["r%d@example.org" % i])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        self.assertEqual(server.rcpts, ["r%d@example.org" % i for i in range(3)])
+        self.assertEqual(processor.stats, {"delivered": 3, "deferred": 0, "dead": 0})
+        self.assertEqual(server.connections, 2)
+        self.assertFalse([line for line in logs.output if "per connection" in line])
+        # ... but a 421 to the first MAIL of a new connection is the relay's answer
+        server = self.server(rules={"MAIL": [POSTFIX_IDLE]})
+        config = self.config(server.port)
+        shutil.rmtree(self.queuepath)
+        name = self.enqueue(config, rcpts=["a@example.org"])
+        self.drain(config)
+        self.assertDeferred(name, ["a@example.org"])
+
+    def test_535_without_an_enhanced_code_is_an_auth_failure(self):
+        server = self.server(ehlo=("PIPELINING", "AUTH PLAIN LOGIN"), auth=("user", "right"),
+                             rules={"AUTH": lambda a: EXIM_BAD_AUTH})
+        config = self.config(server.port, username="user", password="wrong-pw")
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        errors = [line for line in logs.output if line.startswith("ERROR:gsemail:4.7.8 ")]
+        self.assertTrue(errors, logs.output)
+        self.assertIn("535", errors[0])
+        self.assertIn("fix this", errors[0])
+        self.assertFalse([line for line in logs.output if line.startswith("WARNING:")],
+                         logs.output)
+        self.assertIn("4.7.8", self.assertDeferred(name, ["a@example.org"])["last_error"])
+        (result,) = gsemail.Mailer(config).check()
+        self.assertEqual(result.error.status, "5.7.8")
+        self.assertTrue(result.verdict.startswith("5.7.8 "), result.verdict)
+        self.assertIn("username", result.verdict)
+        self.assertNotIn("see the relay's log", result.verdict)
+        self.assertNotIn("wrong-pw", "\n".join(logs.output) + result.verdict)
+
+    def test_check_says_why_auth_was_not_offered(self):
+        server = self.server(ehlo=("PIPELINING", "STARTTLS"))
+        config = self.config(server.port, username="user", password="pw", no_tls=True)
+        (result,) = gsemail.Mailer(config).check()
+        self.assertFalse(result.ok)
+        self.assertNotIn("not configured", result.auth)
+        self.assertIn("not offered", result.auth)
+        self.assertIn("no_tls", result.auth)
+        self.assertIn("no_tls", result.verdict)
+        # without no_tls, and no STARTTLS to blame: the relay offers no AUTH
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port, username="user", password="pw")
+        (result,) = gsemail.Mailer(config).check()
+        self.assertIn("not offered", result.auth)
+        self.assertNotIn("no_tls", result.auth)
+        self.assertIn("username", result.verdict)
+
+    def test_size_is_the_message_without_dot_stuffing_and_the_final_dot(self):
+        limit = 51200
+        head = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: size\r\n\r\n"
+        line = b".dotted line that is stuffed on the wire\r\n"
+        body = line * ((limit - len(head)) // len(line))
+        data = head + body
+        data += b"x" * (limit - len(data) - 2) + b"\r\n"
+        self.assertEqual(len(data), limit)
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SIZE %d" % limit))
+        config = self.config(server.port)
+        queue = gsemail.Queue(config.queuepath)
+        queue.add("s@example.org", ["a@example.org"], data)
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(server.transactions[0]["data"], data)
+        self.assertIn("SIZE=%d" % limit, server.transactions[0]["mail"])
+        # one byte more is too large: a dead letter that gives the size RFC 1870 counts
+        queue.add("s@example.org", ["b@example.org"], data[:-2] + b"y\r\n")
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        self.assertIn("message of %d bytes is larger than the %d" % (limit + 1, limit),
+                      self.dead_letter_text())
+
+    def test_the_log_says_xverp_only_when_it_went_out(self):
+        for ehlo, said in ((("PIPELINING", "XVERP"), True), (("PIPELINING",), False)):
+            with self.subTest(ehlo=ehlo):
+                shutil.rmtree(self.queuepath, True)
+                server = self.server(ehlo=ehlo)
+                config = self.config(server.port)
+                self.enqueue(config, xverp=True)
+                with self.assertLogs("gsemail", "INFO") as logs:
+                    self.drain(config)
+                (line,) = [line for line in logs.output if "delivered to" in line]
+                self.assertEqual("with XVERP" in line, said, line)
+                self.assertEqual("XVERP" in server.transactions[0]["mail"], said)
+
+    def test_non_ascii_username_and_password(self):
+        user, pw = "üser", "pässword"
+        server = self.server(ehlo=("PIPELINING", "AUTH PLAIN LOGIN"), auth=(user, pw))
+        config = self.config(server.port, username=user, password=pw)
+        (result,) = gsemail.Mailer(config).check()
+        self.assertTrue(result.ok, result.verdict)
+        self.enqueue(config)
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        # the command line, as a user runs it: --once delivers, check passes,
+        # and a wrong password is an AUTH failure, never a traceback
+        ini = os.path.join(self.tmp, "gs.ini")
+        for password, code in ((pw, 0), ("wröng", os.EX_TEMPFAIL)):
+            non_ascii_ini(ini, server.port, self.queuepath, user, password)
+            self.enqueue(config, rcpts=["b@example.org"])
+            runs = [subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main"]
+                                   + args, cwd=HERE, capture_output=True, text=True,
+                                   timeout=60, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+                    for args in (["--once", "-v"], ["check"])]
+            self.assertEqual(runs[0].returncode, code, runs[0].stderr)
+            self.assertEqual(runs[1].returncode, 0 if code == 0 else os.EX_UNAVAILABLE,
+                             runs[1].stdout + runs[1].stderr)
+            shown = "".join(r.stdout + r.stderr for r in runs)
+            self.assertNotIn("Traceback", shown)
+            self.assertNotIn(password, shown)
+            self.assertNotIn("UnicodeEncodeError", shown)
+            if code:
+                self.assertIn("4.7.8", runs[0].stderr)
+        self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
+
+
+class PostfixRelayLimitTests(Base):
+    """A real Postfix hangs up after smtpd_hard_error_limit errors (20, or 1
+    under stress) with 421 4.7.0 Error: too many errors, and closes an idle
+    connection after smtpd_timeout (10 s under stress) with 421 4.4.2."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def starve(self, port, pattern):
+        p = "%s-%d-" % (self._testMethodName.replace("_", ""), time.monotonic_ns())
+        bad = ["%s%s%02d@gsemail.test" % (pattern, p, i) for i in range(25)]
+        good = p + "good@gsemail.test"
+        config = self.config(port)
+        name = self.enqueue(config, rcpts=bad + [good], sender="bounces@gsemail.test")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        # the first attempt delivers the good recipient, once
+        (copy,) = self.postfix.wait_delivered(p + "good", 1)
+        self.assertEqual(copy["Delivered-To"], good)
+        self.assertIn("too many errors", self.postfix.log())
+        self.assertTrue(any("4.7.0" in line and "too many errors" in line
+                            for line in logs.output), logs.output)
+        return name, bad, processor
+
+    def test_25_refused_and_one_good_recipient(self):
+        for port in (self.postfix.port, self.postfix.errlimit_port):
+            with self.subTest(port=port):
+                shutil.rmtree(self.queuepath, True)
+                name, bad, processor = self.starve(port, "reject5xx-")
+                self.assertEqual(processor.stats["dead"], 1)
+                text = self.dead_letter_text()
+                for rcpt in bad:       # every refusal read is kept, none asked twice
+                    self.assertIn("X-Gsemail-Failed: <%s> 550 5.1.1" % rcpt, text)
+                self.assertEqual(self.listing("cur"), [])
+
+    def test_25_greylisted_and_one_good_recipient(self):
+        for port in (self.postfix.port, self.postfix.errlimit_port):
+            with self.subTest(port=port):
+                shutil.rmtree(self.queuepath, True)
+                name, bad, processor = self.starve(port, "greylist-")
+                state = self.assertDeferred(name, bad)
+                self.assertEqual(state["attempts"], 1)
+                self.assertIn("450 4.7.1", state["last_error"])
+                self.assertEqual(self.dead_letters(), [])
+
+    def test_an_idle_connection_postfix_timed_out_is_no_attempt(self):
+        p = "%s-%d-" % (self._testMethodName.replace("_", ""), time.monotonic_ns())
+        config = self.config(self.postfix.idle_port)
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor._close_mailers)
+        self.enqueue(config, rcpts=[p + "one@gsemail.test"], sender="bounces@gsemail.test")
+        self.assertEqual(processor.run_once(), 1)
+        wait_for(lambda: "timeout after END-OF-MESSAGE" in self.postfix.log(), 30,
+                 "Postfix to time the connection out")
+        self.enqueue(config, rcpts=[p + "two@gsemail.test"], sender="bounces@gsemail.test")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.assertEqual(processor.run_once(), 1)
+        self.postfix.wait_delivered(p + "two", 1)
+        self.assertEqual(processor.stats, {"delivered": 2, "deferred": 0, "dead": 0})
+        self.assertEqual(self.listing("cur"), [])
+        self.assertTrue(any("4.4.2" in line and "timeout exceeded" in line
+                            for line in logs.output), logs.output)
+
+
+# aiosmtpd (a real SMTP server, from PyPI), started as a subprocess by
+# Aiosmtpd below: argv[1] is the port, argv[2] a JSON object of limits, and
+# argv[3] a file that gets one JSON line per message accepted.  Its handler
+# gives the replies of the servers that have these limits: OpenSMTPD's
+# 451/452 4.5.3 for recipients and messages, Exim's 535 without an enhanced
+# code.
+AIOSMTPD_SERVER = r"""
+import asyncio, json, sys
+from aiosmtpd.smtp import SMTP, AuthResult
+
+port, limits, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+
+
+class Handler:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return responses[:-1] + ["250-PIPELINING"] + responses[-1:]
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        if getattr(session, "mails", 0) >= limits.get("max_mails", 1 << 30):
+            return "452 4.5.3 Too many recipients: Too many messages sent"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if len(envelope.rcpt_tos) >= limits.get("max_rcpt", 1 << 30):
+            return limits.get("rcpt_reply", "451 4.5.3 Too many recipients: Too many recipients")
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        session.mails = getattr(session, "mails", 0) + 1
+        with open(out, "a") as f:
+            f.write(json.dumps({"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                                "options": envelope.mail_options,
+                                "size": len(envelope.original_content),
+                                "peer": list(session.peer)}) + "\n")
+        return "250 2.0.0 Ok: queued"
+
+
+def authenticator(server, session, envelope, mechanism, data):
+    if (data.login, data.password) == (limits["user"].encode(), limits["password"].encode()):
+        return AuthResult(success=True)
+    return AuthResult(success=False, handled=False, message="535 Incorrect authentication data")
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    kw = {"data_size_limit": limits.get("size", 0) or None, "hostname": "aiosmtpd.test"}
+    if "user" in limits:
+        kw.update(authenticator=authenticator, auth_require_tls=False)
+    server = await loop.create_server(lambda: SMTP(Handler(), **kw), "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+class Aiosmtpd:
+    """aiosmtpd running AIOSMTPD_SERVER on 127.0.0.1 and a free port."""
+
+    def __init__(self, workdir, **limits):
+        python = os.environ.get("GSEMAIL_AIOSMTPD_PYTHON")
+        need(python and os.access(python, os.X_OK),
+             "set $GSEMAIL_AIOSMTPD_PYTHON to a Python with aiosmtpd installed")
+        self.port = free_port()
+        self.out = os.path.join(workdir, "aiosmtpd-%d.jsonl" % self.port)
+        self.proc = subprocess.Popen([python, "-c", AIOSMTPD_SERVER, str(self.port),
+                                      json.dumps(limits), self.out],
+                                     stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: Postfix._listening(self.port) or self.proc.poll() is not None,
+                     20, "aiosmtpd on port %d" % self.port)
+        except BaseException:
+            self.stop()
+            raise
+        if self.proc.poll() is not None:
+            raise AssertionError("aiosmtpd exited with %s" % self.proc.returncode)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
+
+    def messages(self):
+        return [json.loads(line) for line in read_text(self.out).splitlines()]
+
+
+class AiosmtpdTests(Base):
+    """A second real server beside Postfix."""
+
+    def aiosmtpd(self, **limits):
+        server = Aiosmtpd(self.tmp, **limits)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_pipelined_messages_within_its_recipient_and_message_limits(self):
+        for rcpt_reply in ("451 4.5.3 Too many recipients: Too many recipients",
+                           "452 4.5.3 Too many recipients"):
+            with self.subTest(rcpt_reply=rcpt_reply):
+                shutil.rmtree(self.queuepath, True)
+                server = self.aiosmtpd(max_rcpt=5, max_mails=10, rcpt_reply=rcpt_reply)
+                config = self.config(server.port)
+                want = []
+                for i in range(25):
+                    rcpts = ["m%02d-r%02d@example.org" % (i, j) for j in range(12)]
+                    want += rcpts
+                    self.enqueue(config, rcpts=rcpts)
+                with self.assertLogs("gsemail", "INFO") as logs:
+                    processor = self.drain(config)
+                got = server.messages()
+                self.assertEqual(sorted(r for m in got for r in m["to"]), sorted(want))
+                self.assertTrue(all(len(m["to"]) <= 5 for m in got))
+                self.assertEqual(processor.stats, {"delivered": 25, "deferred": 0, "dead": 0})
+                self.assertEqual(self.listing("new") + self.listing("cur"), [])
+                learned = [line for line in logs.output if "per connection" in line]
+                self.assertEqual(len(learned), 1, logs.output)
+                # at most 10 messages (of 3 transactions each) per connection
+                per_peer = {}
+                for m in got:
+                    per_peer[tuple(m["peer"])] = per_peer.get(tuple(m["peer"]), 0) + 1
+                self.assertLessEqual(max(per_peer.values()), 10)
+                self.assertGreaterEqual(len(per_peer), 8)
+
+    def test_auth_failure_without_an_enhanced_code(self):
+        server = self.aiosmtpd(user="gsuser", password="pässword")
+        config = self.config(server.port, username="gsuser", password="wrong")
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        errors = [line for line in logs.output if line.startswith("ERROR:gsemail:4.7.8 ")]
+        self.assertTrue(errors, logs.output)
+        self.assertIn("535", errors[0])
+        self.assertDeferred(name, ["a@example.org"])
+        (result,) = gsemail.Mailer(config).check()
+        self.assertTrue(result.verdict.startswith("5.7.8 "), result.verdict)
+        # the right password, not ASCII (RFC 4616: UTF-8), is accepted
+        config = self.config(server.port, username="gsuser", password="pässword")
+        (result,) = gsemail.Mailer(config).check()
+        self.assertTrue(result.ok, result.verdict)
+        os.utime(os.path.join(self.queuepath, "cur", name), (0, 0))
+        self.drain(config)
+        self.assertEqual([m["to"] for m in server.messages()], [["a@example.org"]])
+
+    def test_size_at_the_exact_limit(self):
+        limit = 51200
+        server = self.aiosmtpd(size=limit)
+        head = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: size\r\n\r\n"
+        line = b"x" * 68 + b"\r\n"
+        data = head + line * ((limit - len(head)) // len(line) - 1)
+        data += b"y" * (limit - len(data) - 2) + b"\r\n"
+        self.assertEqual(len(data), limit)
+        config = self.config(server.port)
+        queue = gsemail.Queue(config.queuepath)
+        queue.add("s@example.org", ["a@example.org"], data)
+        queue.add("s@example.org", ["b@example.org"], data[:-2] + b"y\r\n")
+        with self.assertLogs("gsemail", "ERROR"):
+            self.drain(config)
+        (got,) = server.messages()
+        self.assertEqual((got["to"], got["size"]), (["a@example.org"], limit))
+        self.assertIn("SIZE=%d" % limit, got["options"])
+        self.assertIn("message of %d bytes is larger" % (limit + 1), self.dead_letter_text())
 
 
 # ---------------------------------------------------------------------------
