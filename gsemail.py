@@ -3587,20 +3587,43 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     return os.EX_OK
 
 
+def _split_head(data: bytes) -> Tuple[bytes, bytes]:
+    """(header block, rest) of a message as _prepare_message sends it: CRLF
+    line ends whatever they were (CR, LF, mixed), leading blank lines gone.
+    The block ends before the first line that is neither 'Name:' nor a
+    continuation, so _header_addresses and _without_bcc see the same headers."""
+    data = _crlf(data.lstrip(b"\r\n"))
+    at = 0
+    while at < len(data):
+        end = data.find(b"\r\n", at)
+        end = len(data) if end < 0 else end + 2
+        line = data[at:end]
+        if not (_HEADER_LINE.match(line) or (at and line[:1] in (b" ", b"\t"))):
+            break
+        at = end
+    return data[:at], data[at:]
+
+
 def _header_addresses(data: bytes, names: Iterable[str]) -> List[str]:
     """The addresses in the named headers of the message."""
     # Parsed as text, so an 8-bit (SMTPUTF8) address comes out whole.
-    headers = email.parser.HeaderParser().parsestr(data.decode("utf-8", "replace"))
+    head = _split_head(data)[0]
+    headers = email.parser.HeaderParser().parsestr(head.decode("utf-8", "replace"))
     values = [str(v) for name in names for v in headers.get_all(name, [])]
     return [address for _, address in email.utils.getaddresses(values) if address]
 
 
 def _without_bcc(data: bytes) -> bytes:
-    """The message without its Bcc headers (sendmail -t removes them)."""
-    match = re.search(rb"\r?\n\r?\n", data)
-    end = match.end() if match else len(data)
-    head = re.sub(rb"(?im)^bcc:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)", b"", data[:end])
-    return head + data[end:]
+    """The message without its Bcc headers, folded or not (sendmail -t
+    removes them), and with CRLF line ends."""
+    head, rest = _split_head(data)
+    kept, bcc = [], False
+    for line in head.splitlines(keepends=True):
+        if line[:1] not in (b" ", b"\t"):      # a new header, not a continuation
+            bcc = line[:4].lower() == b"bcc:"
+        if not bcc:
+            kept.append(line)
+    return b"".join(kept) + rest
 
 
 if __name__ == "__main__":
