@@ -1567,7 +1567,8 @@ class Queue:
             problem = held.problem
             for address in held.recipients + ([held.sender] if held.sender else []):
                 if not problem and _address_problem(address):
-                    problem = "5.1.3 address <%s> %s" % (address, _address_problem(address))
+                    problem = "5.1.3 address <%s> %s" % (_shown(address),
+                                                         _address_problem(address))
             if problem:
                 raise MessageError("dead letter %s cannot be queued again: %s"
                                    % (entry.id, problem[6:]), status=problem[:5])
@@ -1651,13 +1652,22 @@ _WINDOW = 100               # pipelined commands sent before reading replies
 _TOO_MANY = re.compile(r"4\.5\.3|too many", re.I)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters: C0 (CR, LF, NUL, ...), DEL and C1 (U+0080..U+009F,
+# U+0085 NEL among them), and the line and paragraph separators that
+# str.splitlines() and many log viewers break lines at.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# RFC 5321's Quoted-string local part ("a b"@example.org): any character but
+# a control, '"' and '\', or a quoted pair.
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def _address_problem(address: str) -> Optional[str]:
-    """Why address cannot go in MAIL FROM or RCPT TO, or None if it can."""
+    """Why address cannot go in MAIL FROM or RCPT TO, or None if it can.
+
+    A quoted local part may hold spaces, as RFC 5321 allows and Postfix
+    accepts; anywhere else a space or a '"' is refused."""
     if _CONTROL.search(address):
-        return "contains a control character (CR, LF, NUL, ...)"
+        return "contains a control character (CR, LF, NUL, U+0085, ...)"
     if len(address.encode("utf-8")) > 254:
         return "is longer than 254 octets"
     if "," in address:
@@ -1667,10 +1677,23 @@ def _address_problem(address: str) -> Optional[str]:
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         return "is not of the form local-part@domain"
-    if " " in domain or (" " in local and not (local.startswith('"')
-                                                and local.endswith('"'))):
-        return "contains a space"
+    if " " in domain:
+        return "contains a space in its domain"
+    if local.startswith('"'):
+        if not _QUOTED_LOCAL.fullmatch(local):
+            return "has a local part that is not a whole quoted string (\"...\")"
+    elif " " in local:
+        return "contains a space (outside a quoted local part such as \"a b\"@...)"
+    elif '"' in local:
+        return "contains a '\"' outside a quoted local part"
     return None
+
+
+def _shown(address: str) -> str:
+    """address for a log line or an error, its control characters escaped
+    as Python does, so that none can start a forged line."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), address)
 
 
 def _crlf(data: bytes) -> bytes:
@@ -2195,7 +2218,7 @@ class Mailer:
         offers_utf8 = "smtputf8" in s.features
         problem = _address_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
-            why = (Reply(553, "5.1.7 sender <%s> %s" % (sender, problem)) if problem
+            why = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem)) if problem
                    else Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
                               "offer SMTPUTF8" % (sender, self.where)))
             out.failed = dict.fromkeys(recipients, why)
@@ -2205,7 +2228,8 @@ class Mailer:
         for rcpt in recipients:
             problem = _address_problem(rcpt)
             if problem:
-                out.failed[rcpt] = Reply(553, "5.1.3 recipient <%s> %s" % (rcpt, problem))
+                out.failed[rcpt] = Reply(553, "5.1.3 recipient <%s> %s" % (_shown(rcpt),
+                                                                          problem))
             elif not rcpt.isascii() and not offers_utf8:
                 out.failed[rcpt] = Reply(553, "5.6.7 recipient <%s> is not ASCII and %s "
                                          "does not offer SMTPUTF8" % (rcpt, self.where))
