@@ -2462,7 +2462,11 @@ class QueueProcessor:
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(self.config.claim_timeout if timeout is None else timeout)
+            wait = self.config.claim_timeout if timeout is None else timeout
+            if not wait == wait:            # NaN: the default
+                wait = self.config.claim_timeout
+            # join() takes no more than TIMEOUT_MAX: inf (or 1e100) means that
+            thread.join(min(wait, threading.TIMEOUT_MAX))
 
     @property
     def alive(self) -> bool:

@@ -3707,6 +3707,17 @@ class HugeNumberTests(OperatorBase):
                 time.sleep(0.5)     # the thread is now past its wait
                 self.assertTrue(processor.alive, "the processor thread died")
 
+    def test_shutdown_takes_any_timeout(self):
+        server = self.server()
+        for timeout in (float("inf"), 1e100, float("nan")):
+            with self.subTest(timeout=timeout):
+                config = self.config(server.port, processorthread=True, poll_interval=0.1)
+                gsemail.configure(config)
+                processor = gsemail._processors[config.queuepath]
+                self.assertTrue(processor.alive)
+                gsemail.shutdown(timeout)
+                self.assertFalse(processor.alive)
+
     def test_backoff_of_many_attempts_does_not_overflow(self):
         # min = max backoff of 1 s over a long lifetime: thousands of attempts.
         server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy"})
