@@ -384,7 +384,7 @@ def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
         number = match.group(2) if match.group(1) else match.group(4)
         if number is None:
             found.append((host, port))
-        elif number.isdigit() and 1 <= int(number) <= 65535:
+        elif re.fullmatch(r"[0-9]+", number) and 1 <= int(number) <= 65535:  # ASCII only
             found.append((host, int(number)))
         else:
             raise ValueError("relay %r: the port must be a whole number from 1 to "

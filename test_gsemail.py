@@ -3623,11 +3623,11 @@ class HugeNumberTests(OperatorBase):
         "poll_interval": 3600, "sessions": 100,
     }
 
-    def write_ini(self, extra):
+    def write_ini(self, extra, hostname="127.0.0.1"):
         path = os.path.join(self.tmp, "huge.ini")
-        with open(path, "w") as f:
-            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = 127.0.0.1\n"
-                    "queuepath = %s\n%s" % (self.queuepath, extra))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = %s\n"
+                    "queuepath = %s\n%s" % (hostname, self.queuepath, extra))
         return path
 
     def test_each_option_over_its_bound_names_file_section_option_value_and_bound(self):
@@ -3652,6 +3652,23 @@ class HugeNumberTests(OperatorBase):
                 config = gsemail.load_config(self.write_ini("%s%s = %d\n%s" % (
                     "" if option == "port" else "port = 25\n", option, bound, extra)), "main")
                 self.assertEqual(getattr(config, option), bound)
+
+    def test_numbers_are_written_in_ascii_digits(self):
+        # int() and float() read other scripts' digits: "٢٥" was port 25
+        for option, value in (("port", "\u0662\u0665"), ("sessions", "\u0663"),
+                              ("timeout", "\u0663\u0660"), ("poll_interval", "\u00b2"),
+                              ("messages_per_connection", "1_000"),
+                              ("hostname", "127.0.0.1:\u0662\u0665")):
+            with self.subTest(option=option):
+                if option == "hostname":
+                    path = self.write_ini("port = 25\n", hostname=value)
+                else:
+                    path = self.write_ini("%s%s = %s\n" % ("" if option == "port" else
+                                                          "port = 25\n", option, value))
+                with self.assertRaises(gsemail.ConfigError) as cm:
+                    gsemail.load_config(path, "main")
+                self.assertIn(path, str(cm.exception))
+                self.assertIn(option, str(cm.exception))
 
     def test_direct_smtpconfig_refuses_nan_inf_huge_and_booleans(self):
         for option in ("timeout", "min_backoff_time", "max_backoff_time",
