@@ -55,7 +55,6 @@ import atexit
 import base64
 import configparser
 import dataclasses
-import datetime
 import difflib
 import email.message
 import email.parser
@@ -69,6 +68,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -212,9 +212,32 @@ class TLSError(DeliveryError, RuntimeError):
 # Configuration: GroupServer's gsconfig.ini.
 # ---------------------------------------------------------------------------
 
+# The largest value of each numeric option (README's option table).  port's
+# is 65535, and every lower bound is above zero.
+_LIMITS: Dict[str, float] = {
+    "timeout": 3600.0, "min_backoff_time": 86400.0, "max_backoff_time": 86400.0,
+    "max_queue_lifetime": 30 * 86400.0, "poll_interval": 3600.0,
+    "messages_per_connection": 100000, "recipients_per_transaction": 100000,
+    "sessions": 100,
+}
+
+
+def _whole(value: object) -> Optional[int]:
+    """value if it is an int (not a bool, which is one to Python), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _integer(text: str) -> int:
+    """A whole number written with ASCII digits (int() also takes '1_000' and
+    other scripts' digits)."""
+    if not re.fullmatch(r"\s*[0-9]+\s*", text):
+        raise ValueError(text)
+    return int(text)
+
+
 def _duration(text: str) -> float:
-    """'90', '90s', '5m', '1h', '5d' or '1w' as seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    """'90', '90s', '5m', '1h', '5d' or '1w' as seconds (ASCII digits only)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*", text.lower())
     if not match:
         raise ValueError(text)
     scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -267,8 +290,9 @@ class SMTPConfig:
 
         if not isinstance(self.hostname, str) or not self.hostname.strip():
             raise bad("hostname", self.hostname, "a host name or address is required")
-        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise bad("port", self.port, "must be a whole number from 1 to 65535")
+        if _whole(self.port) is None or not 1 <= self.port <= 65535:
+            raise bad("port", self.port, "must be a whole number of at least 1 and at "
+                      "most 65535")
         try:
             _relays(self.hostname, self.port)
         except ValueError as e:
@@ -289,15 +313,21 @@ class SMTPConfig:
                            os.path.abspath(os.path.expanduser(self.queuepath)))
         if self.cafile is not None and not os.path.isfile(self.cafile):
             raise bad("cafile", self.cafile, "no such file")
+        # Every number has an upper bound (README's option table): a huge
+        # value would otherwise fail later, at a socket or a wait, where it
+        # can only defer mail or stop a processor.
         for name in ("timeout", "min_backoff_time", "max_backoff_time",
                      "max_queue_lifetime", "poll_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise bad(name, value, "must be a duration above zero")
+            value, most = getattr(self, name), _LIMITS[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 < value <= most:      # NaN fails this too
+                raise bad(name, value, "must be a duration above zero and at most %d "
+                          "(%s)" % (most, _age(most)))
         for name in ("messages_per_connection", "recipients_per_transaction", "sessions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise bad(name, value, "must be a whole number of at least 1")
+            value, most = getattr(self, name), _LIMITS[name]
+            if _whole(value) is None or not 1 <= value <= most:
+                raise bad(name, value, "must be a whole number of at least 1 and at "
+                          "most %d" % most)
         if self.max_backoff_time < self.min_backoff_time:
             raise bad("max_backoff_time", self.max_backoff_time,
                       "must not be less than min_backoff_time")
@@ -357,7 +387,7 @@ def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
         number = match.group(2) if match.group(1) else match.group(4)
         if number is None:
             found.append((host, port))
-        elif number.isdigit() and 1 <= int(number) <= 65535:
+        elif re.fullmatch(r"[0-9]+", number) and 1 <= int(number) <= 65535:  # ASCII only
             found.append((host, int(number)))
         else:
             raise ValueError("relay %r: the port must be a whole number from 1 to "
@@ -373,14 +403,15 @@ def _where(host: str, port: int) -> str:
 # gs.email's; the rest are ours.
 _BOOLEAN = "boolean"
 _OPTIONS = {
-    "hostname": str, "port": int, "username": str, "password": str,
+    "hostname": str, "port": _integer, "username": str, "password": str,
     "no_tls": _BOOLEAN, "force_tls": _BOOLEAN, "queuepath": str,
     "processorthread": _BOOLEAN, "xverp": _BOOLEAN,
     "timeout": _duration, "implicit_tls": _BOOLEAN, "tls_verify": _BOOLEAN,
-    "cafile": str, "ehlo_name": str, "messages_per_connection": int,
-    "recipients_per_transaction": int, "min_backoff_time": _duration,
+    "cafile": str, "ehlo_name": str, "messages_per_connection": _integer,
+    "recipients_per_transaction": _integer, "min_backoff_time": _duration,
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
-    "poll_interval": _duration, "sessions": int, "password_env": str, "password_file": str,
+    "poll_interval": _duration, "sessions": _integer, "password_env": str,
+    "password_file": str,
 }
 _REQUIRED = ("hostname", "port")
 _SECRET_OPTIONS = ("password", "password_env", "password_file")
@@ -469,7 +500,8 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
                 values[option] = kind(value)
             except ValueError:
                 shown = "(hidden)" if option == "password" else repr(value)
-                what = "whole number" if kind is int else "duration such as 60, 5m, 1h or 5d"
+                what = "whole number" if kind is _integer else \
+                    "duration such as 60, 5m, 1h or 5d"
                 raise ConfigError("%s: option %s = %s is not a %s"
                                   % (where, option, shown, what)) from None
     if "port" not in values and "hostname" in values:
@@ -777,28 +809,99 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _iso(when: float) -> str:
-    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+# Stored times (file mtimes, state and status files) can be anything: tmpfs
+# keeps an mtime in the year 97036, and a damaged state file may hold NaN.
+# datetime stops at the year 9999, so times become text here, with integer
+# arithmetic that takes any year.
+
+def _civil(days: int) -> Tuple[int, int, int]:
+    """(year, month, day) of a day counted from 1970-01-01, in the proleptic
+    Gregorian calendar, for any year (H. Hinnant's civil_from_days)."""
+    z = days + 719468
+    era, doe = divmod(z, 146097)
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, doy - (153 * mp + 2) // 5 + 1
+
+
+def _days(year: int, month: int, day: int) -> int:
+    """The inverse of _civil (days_from_civil)."""
+    year -= month <= 2
+    era, yoe = divmod(year, 400)
+    doy = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _iso(when: object) -> str:
+    """A Unix time as ISO 8601 UTC text to the second, whatever it is: a year
+    outside 0000-9999 has a sign (ISO 8601's expanded years, "+97036-..."),
+    and what is no time (NaN, infinite) says so."""
+    try:
+        seconds = math.floor(when)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return "(not a time: %r)" % (when,)
+    days, rest = divmod(seconds, 86400)
+    year, month, day = _civil(days)
+    return "%s-%02d-%02dT%02d:%02d:%02dZ" % (
+        "%04d" % year if 0 <= year <= 9999 else "%+05d" % year, month, day,
+        rest // 3600, rest % 3600 // 60, rest % 60)
 
 
 def _parse_iso(text: str) -> Optional[float]:
+    """What _iso wrote, as a Unix time; None for anything else."""
+    match = re.fullmatch(r"\s*([+-][0-9]{4,}|[0-9]{4})-([0-9]{2})-([0-9]{2})"
+                         r"T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\s*", str(text))
+    if not match:
+        return None
+    year, month, day, hour, minute, second = map(int, match.groups())
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and
+            second < 60) or _civil(_days(year, month, day)) != (year, month, day):
+        return None     # 2026-02-30, 25:00 and the like
     try:
-        return datetime.datetime.strptime(text.strip(), "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=datetime.timezone.utc).timestamp()
-    except ValueError:
+        return float(_days(year, month, day) * 86400 + hour * 3600 + minute * 60 + second)
+    except OverflowError:
+        return None
+
+
+def _stored_time(value: object) -> Optional[float]:
+    """A time from a state or status file (a number, or _iso's text) if it is
+    one; None for NaN, infinities and anything else."""
+    if isinstance(value, str):
+        return _parse_iso(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _whole_seconds(value: float) -> Optional[int]:
+    """A number of seconds as an int; None when it is no number (NaN, inf)."""
+    try:
+        return math.floor(value)
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
 def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
     """When a message was first queued: its state says, else its name (a
     Maildir name starts with the time), else its file's mtime."""
-    try:
-        return float(state["first_queued"])  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
-        pass
-    match = re.match(r"(?:\.rejected-)?(\d{9,})\.", name)
-    return float(match.group(1)) if match else mtime
+    if isinstance(state.get("first_queued"), (int, float)):
+        found = _stored_time(state["first_queued"])
+    else:   # an older state file may hold it as text
+        try:
+            found = _stored_time(float(state["first_queued"]))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            found = None
+    if found is not None:
+        return found
+    match = re.match(r"(?:\.rejected-)?([0-9]{9,})\.", name)
+    found = _stored_time(float(match.group(1))) if match else None
+    return mtime if found is None else found
 
 
 _HISTORY = 10       # attempts and operator actions kept in a message's state
@@ -840,7 +943,9 @@ class QueuedMessage:
 
     @property
     def attempts(self) -> int:
-        return int(self.state.get("attempts", 0))  # type: ignore[arg-type]
+        found = self.state.get("attempts", 0)
+        # whatever a damaged state file says: a count, or none
+        return found if _whole(found) is not None and found > 0 else 0  # type: ignore
 
     def heartbeat(self) -> None:
         """Show that the claim's owner is alive (for claims seen over NFS)."""
@@ -915,8 +1020,10 @@ class Queue:
         self.xverp = xverp
         self._claimer_lock = threading.Lock()
         self._claimer_file: Optional[tuple] = None   # (pid, fd, path)
-        self._cur_scan_at = 0.0     # when cur/ must be read again
-        self._cur_scanned = 0.0     # when it was last read
+        # The rescan schedule is on the monotonic clock, so a step of the
+        # wall clock (NTP, a VM restore) neither stops nor floods it.
+        self._cur_scan_at = -math.inf   # when cur/ must be read again (monotonic)
+        self._cur_scanned = -math.inf   # when it was last read (monotonic)
         self._cur_seen: object = None   # its mtime then
         self._setup(create)
 
@@ -1030,18 +1137,28 @@ class Queue:
     # -- finding and claiming -------------------------------------------------
 
     def due(self, now: Optional[float] = None) -> List[str]:
-        """Paths of messages that may be sent now, oldest first."""
-        now = time.time() if now is None else now
+        """Paths of messages that may be sent now, oldest first.
+
+        ``now`` (a Unix time) asks what is due at another time: cur/'s
+        mtimes are compared with it, and the rescan schedule moves as far.
+        """
+        # Wall-clock time only against the stored times (the mtimes); the
+        # schedule itself runs on the monotonic clock (``clock``).
+        clock = time.monotonic()
+        if now is None:
+            now = time.time()
+        else:
+            clock += now - time.time()
         found = sorted(entry.path for entry in self._scan("new"))
         due_cur: List[str] = []
         # Reading all of cur/ costs a stat per deferred message (0.3 CPU s
         # for 100,000), so it is read only when the soonest deferred message
         # is due, when another process or an operator may have changed it
         # (its mtime moved), and every _CUR_RESCAN as a safety net.
-        rescan = now >= self._cur_scan_at or (
-            now - self._cur_scanned >= _CUR_CHANGED and self._cur_stamp() != self._cur_seen)
+        rescan = clock >= self._cur_scan_at or (
+            clock - self._cur_scanned >= _CUR_CHANGED and self._cur_stamp() != self._cur_seen)
         if rescan:
-            self._cur_seen, self._cur_scanned = self._cur_stamp(), now
+            self._cur_seen, self._cur_scanned = self._cur_stamp(), clock
             soonest = now + _CUR_RESCAN
             for entry in self._scan("cur"):
                 try:
@@ -1052,7 +1169,7 @@ class Queue:
                     due_cur.append(entry.path)
                 else:
                     soonest = min(soonest, mtime)
-            self._cur_scan_at = soonest
+            self._cur_scan_at = clock + (soonest - now)
         if not due_cur:
             return found
         # Each list sorts by name (one directory each); merging them by name
@@ -1325,7 +1442,8 @@ class Queue:
             raise self._error("cannot defer %s" % msg.name, e) from None
         msg.recipients, msg.state = list(recipients), state
         msg.path = cur
-        self._cur_scan_at = min(self._cur_scan_at, next_attempt)
+        self._cur_scan_at = min(self._cur_scan_at,
+                                time.monotonic() + (next_attempt - time.time()))
         msg.release()
 
     def dead_letter(self, msg: QueuedMessage, failures: Dict[str, str],
@@ -1679,7 +1797,8 @@ class Queue:
                                if _NO_RECIPIENT in head.failed else ""))
             for address in held.recipients + ([held.sender] if held.sender else []):
                 if not problem and _address_problem(address):
-                    problem = "5.1.3 address <%s> %s" % (address, _address_problem(address))
+                    problem = "5.1.3 address <%s> %s" % (_shown(address),
+                                                         _address_problem(address))
             if problem:
                 raise MessageError("dead letter %s cannot be queued again: %s"
                                    % (entry.id, problem[6:]), status=problem[:5])
@@ -1789,13 +1908,22 @@ def _too_many(reply: Reply) -> bool:
             and bool(_TOO_MANY_TEXT.search(reply.text)))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters: C0 (CR, LF, NUL, ...), DEL and C1 (U+0080..U+009F,
+# U+0085 NEL among them), and the line and paragraph separators that
+# str.splitlines() and many log viewers break lines at.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# RFC 5321's Quoted-string local part ("a b"@example.org): any character but
+# a control, '"' and '\', or a quoted pair.
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def _address_problem(address: str) -> Optional[str]:
-    """Why address cannot go in MAIL FROM or RCPT TO, or None if it can."""
+    """Why address cannot go in MAIL FROM or RCPT TO, or None if it can.
+
+    A quoted local part may hold spaces, as RFC 5321 allows and Postfix
+    accepts; anywhere else a space or a '"' is refused."""
     if _CONTROL.search(address):
-        return "contains a control character (CR, LF, NUL, ...)"
+        return "contains a control character (CR, LF, NUL, U+0085, ...)"
     if len(address.encode("utf-8")) > 254:
         return "is longer than 254 octets"
     if "," in address:
@@ -1805,10 +1933,23 @@ def _address_problem(address: str) -> Optional[str]:
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         return "is not of the form local-part@domain"
-    if " " in domain or (" " in local and not (local.startswith('"')
-                                                and local.endswith('"'))):
-        return "contains a space"
+    if " " in domain:
+        return "contains a space in its domain"
+    if local.startswith('"'):
+        if not _QUOTED_LOCAL.fullmatch(local):
+            return "has a local part that is not a whole quoted string (\"...\")"
+    elif " " in local:
+        return "contains a space (outside a quoted local part such as \"a b\"@...)"
+    elif '"' in local:
+        return "contains a '\"' outside a quoted local part"
     return _envelope_problem(address)
+
+
+def _shown(address: str) -> str:
+    """address for a log line or an error, its control characters escaped
+    as Python does, so that none can start a forged line."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), address)
 
 
 def _crlf(data: bytes) -> bytes:
@@ -2504,7 +2645,7 @@ class Mailer:
         offers_utf8 = "smtputf8" in s.features
         problem = _address_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
-            why = (Reply(553, "5.1.7 sender <%s> %s" % (sender, problem)) if problem
+            why = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem)) if problem
                    else Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
                               "offer SMTPUTF8" % (sender, self.where)))
             out.failed = dict.fromkeys(recipients, why)
@@ -2514,7 +2655,8 @@ class Mailer:
         for rcpt in recipients:
             problem = _address_problem(rcpt)
             if problem:
-                out.failed[rcpt] = Reply(553, "5.1.3 recipient <%s> %s" % (rcpt, problem))
+                out.failed[rcpt] = Reply(553, "5.1.3 recipient <%s> %s" % (_shown(rcpt),
+                                                                          problem))
             elif not rcpt.isascii() and not offers_utf8:
                 out.failed[rcpt] = Reply(553, "5.6.7 recipient <%s> is not ASCII and %s "
                                          "does not offer SMTPUTF8" % (rcpt, self.where))
@@ -2802,6 +2944,16 @@ def _group(replies: Dict[str, Reply], limit: int = 5) -> List[str]:
     return lines
 
 
+def _pause(seconds: object) -> float:
+    """poll_interval as a wait that cannot fail, whatever got past
+    SMTPConfig's check: above zero, at most its bound; else 1 s."""
+    try:
+        value = float(seconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 1.0
+    return min(value, _LIMITS["poll_interval"]) if value > 0 else 1.0   # NaN: 1 s
+
+
 class QueueProcessor:
     """Delivers a queue: in a background thread (``start``/``stop``), in
     the foreground (``run``), or until nothing is due (``drain``).
@@ -2825,7 +2977,7 @@ class QueueProcessor:
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._unsettled: List[tuple] = []     # (message, queue change to retry)
-        self._maintained = 0.0
+        self._maintained = -math.inf    # monotonic: maintain() at the first pass
         self._last_used = 0.0
         self._facts: Dict[str, object] = {}  # for Queue.note, saved every few seconds
         self._noted = 0.0
@@ -2855,7 +3007,11 @@ class QueueProcessor:
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(self.config.claim_timeout if timeout is None else timeout)
+            wait = self.config.claim_timeout if timeout is None else timeout
+            if not wait == wait:            # NaN: the default
+                wait = self.config.claim_timeout
+            # join() takes no more than TIMEOUT_MAX: inf (or 1e100) means that
+            thread.join(min(wait, threading.TIMEOUT_MAX))
 
     @property
     def alive(self) -> bool:
@@ -2871,21 +3027,27 @@ class QueueProcessor:
         # relay seldom closes one first (Mailer.deliver copes if it does).
         idle = min(5.0, self.config.timeout)
         while not self._stopping.is_set():
-            self._wake.clear()
-            wait = self.config.poll_interval
+            # Everything, the waits too, inside the try: whatever a value
+            # or a pass raises, the thread logs it and goes on.
             try:
+                self._wake.clear()
+                wait = _pause(self.config.poll_interval)
                 if not self.run_once() and time.monotonic() - self._last_used > idle:
                     self._close_mailers()     # do not hold an idle connection open
                 elif any(m._session is not None for m in self._mailers):
                     # wake in time to close it, whatever poll_interval is
                     wait = min(wait, max(0.05, self._last_used + idle - time.monotonic()
                                          + 0.01))
+                self._wake.wait(wait)
             except Exception:
-                log.exception("4.3.0 queue processor for %s: unexpected error, "
-                              "going on", self.queue.path)
-                self._close_mailers()
-                self._stopping.wait(self.config.poll_interval)
-            self._wake.wait(wait)
+                log.exception("4.3.0 queue processor for %s: unexpected error, going "
+                              "on", self.queue.path)
+                try:
+                    self._close_mailers()
+                except Exception:
+                    log.exception("4.3.0 queue processor for %s: cannot close its "
+                                  "connections, going on", self.queue.path)
+                self._stopping.wait(_pause(self.config.poll_interval))
         self._close_mailers()
         self._finish()
         log.info("2.0.0 queue processor for %s stopped", self.queue.path)
@@ -2921,7 +3083,7 @@ class QueueProcessor:
 
     def run_once(self) -> int:
         """One pass over the due messages; returns how many were handled."""
-        now = time.time()
+        now = time.monotonic()      # every hour of running, whatever the wall clock does
         if now - self._maintained > 3600:
             self._maintained = now
             try:
@@ -3108,7 +3270,10 @@ class QueueProcessor:
             age = now - msg.first_queued
             if age < self.config.max_queue_lifetime:
                 c = self.config
-                delay = min(c.max_backoff_time, c.min_backoff_time * 2 ** (attempts - 1))
+                # 2 ** 64 times any min_backoff_time is past any max_backoff_time;
+                # more would overflow a float after a thousand attempts.
+                delay = min(c.max_backoff_time,
+                            c.min_backoff_time * 2.0 ** min(attempts - 1, 64))
                 delay *= random.uniform(0.8, 1.2)
                 state.update(last_error=str(last), next_attempt=now + delay)
                 for line in _group(out.deferred):
@@ -3395,12 +3560,46 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="log each attempt (-vv: debug messages too)")
 
 
+# The command line's numbers, bounded as the config's are: a threshold of
+# 1e20 or NaN, or purge --dead-older-than -1 (every dead letter), is a typo.
+_MOST_SECONDS = 3650 * 86400.0      # ten years
+_MOST_DAYS = 36500.0                # a hundred years
+_MOST_COUNT = 10 ** 9
+
+
 def _duration_option(text: str) -> float:
     try:
-        return _duration(text)
+        value = _duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a duration such as 90, 30m, 4h "
                                          "or 2d" % text) from None
+    if value > _MOST_SECONDS:
+        raise argparse.ArgumentTypeError("%r is more than the %dd allowed"
+                                         % (text, _MOST_SECONDS // 86400))
+    return value
+
+
+def _count_option(text: str) -> int:
+    try:
+        value = _integer(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number of 0 or more"
+                                         % text) from None
+    if value > _MOST_COUNT:
+        raise argparse.ArgumentTypeError("%r is more than the %d allowed"
+                                         % (text, _MOST_COUNT))
+    return value
+
+
+def _days_option(text: str) -> float:
+    try:
+        value = float(text) if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]*)?\s*", text) else -1.0
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= _MOST_DAYS:
+        raise argparse.ArgumentTypeError("%r is not a number of days from 0 to %d"
+                                         % (text, _MOST_DAYS))
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -3455,13 +3654,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--critical-age", type=_duration_option, default=4 * 3600.0,
                    metavar="AGE", help="critical when a message has waited this long "
                    "(default: 4h)")
-    p.add_argument("--warning-queue", type=int, default=500, metavar="N",
+    p.add_argument("--warning-queue", type=_count_option, default=500, metavar="N",
                    help="warn when N messages wait (default: %(default)s)")
-    p.add_argument("--critical-queue", type=int, default=5000, metavar="N",
+    p.add_argument("--critical-queue", type=_count_option, default=5000, metavar="N",
                    help="critical when N messages wait (default: %(default)s)")
-    p.add_argument("--warning-dead", type=int, default=1, metavar="N",
+    p.add_argument("--warning-dead", type=_count_option, default=1, metavar="N",
                    help="warn when there are N dead letters (default: %(default)s)")
-    p.add_argument("--critical-dead", type=int, default=0, metavar="N",
+    p.add_argument("--critical-dead", type=_count_option, default=0, metavar="N",
                    help="critical when there are N dead letters (default: off)")
 
     p = command("flush", _cmd_flush, "make deferred messages due now (postqueue -f)",
@@ -3481,7 +3680,7 @@ def _parser() -> argparse.ArgumentParser:
                 "each before it goes.  Messages being sent are left alone (exit 75).  "
                 "Python: Queue.purge().")
     p.add_argument("ids", nargs="*", metavar="ID", help="the messages to delete")
-    p.add_argument("--dead-older-than", type=float, metavar="DAYS",
+    p.add_argument("--dead-older-than", type=_days_option, metavar="DAYS",
                    help="every dead letter that died more than DAYS days ago")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="print what would go, and delete nothing")
@@ -3631,8 +3830,11 @@ def _open_queue(config: SMTPConfig) -> Queue:
 
 
 def _age(seconds: float) -> str:
-    """45s, 12m, 3h05m, 2d04h."""
-    s = max(0, int(seconds))
+    """45s, 12m, 3h05m, 2d04h; '?' for what is no number of seconds."""
+    s = _whole_seconds(seconds)
+    if s is None:
+        return "?"
+    s = max(0, s)
     if s < 60:
         return "%ds" % s
     if s < 3600:
@@ -3663,7 +3865,7 @@ def _entry_json(e: QueueEntry, now: float) -> Dict[str, object]:
         "id": e.id, "state": e.state, "path": e.path, "size": e.size,
         "sender": e.sender, "recipients": e.recipients,
         "recipient_count": len(e.recipients), "queued": _iso(e.queued),
-        "age": int(now - e.queued), "attempts": e.attempts,
+        "age": _whole_seconds(now - e.queued), "attempts": e.attempts,
         "next_attempt": (_iso(e.next_attempt) if e.next_attempt is not None
                          and e.state in ("new", "deferred") else None),
         "last_error": e.last_error or None, "xverp": e.xverp, "claim": e.claim or None,
@@ -3755,8 +3957,8 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
     now = time.time()
     counts: Dict[str, int] = facts["counts"]  # type: ignore[assignment]
     waiting: int = facts["waiting"]  # type: ignore[assignment]
-    oldest = facts["oldest_queued"]
-    oldest_age = now - float(oldest) if oldest is not None else None  # type: ignore[arg-type]
+    oldest = _stored_time(facts["oldest_queued"])
+    oldest_age = now - oldest if oldest is not None else None
     problems: List[Tuple[int, str]] = []
 
     def judge(value: Optional[float], warning: float, critical: float, what: str,
@@ -3776,10 +3978,11 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
     label = ("ok", "warning", "critical")[level]
 
     def when(key: str) -> Tuple[Optional[str], Optional[int]]:
-        value = facts.get(key)
+        # status.json is anyone's to edit: what is no time is not recorded
+        value = _stored_time(facts.get(key))
         if value is None:
             return None, None
-        return _iso(float(value)), int(now - float(value))  # type: ignore[arg-type]
+        return _iso(value), _whole_seconds(now - value)
 
     delivered, delivered_age = when("delivered_at")
     error_at, error_age = when("error_at")
@@ -3789,8 +3992,8 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
             "queue": facts["queue"], "counts": counts, "waiting": waiting,
             "due": facts["due"], "dead": counts["dead"],
             "oldest_id": facts["oldest_id"],
-            "oldest_queued": _iso(float(oldest)) if oldest is not None else None,  # type: ignore[arg-type]
-            "oldest_age": int(oldest_age) if oldest_age is not None else None,
+            "oldest_queued": _iso(oldest) if oldest is not None else None,
+            "oldest_age": _whole_seconds(oldest_age) if oldest_age is not None else None,
             "last_delivery": delivered, "last_delivery_age": delivered_age,
             "last_delivery_id": facts["delivered_id"],
             "last_delivery_via": facts["delivered_via"],
@@ -3813,8 +4016,8 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
     print("queue          %s" % facts["queue"])
     print("due now        %d" % facts["due"])  # type: ignore[str-format]
     if oldest_age is not None:
-        print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(float(
-            oldest)), _age(oldest_age)))  # type: ignore[arg-type]
+        print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(oldest),
+                                                          _age(oldest_age)))
     print("last delivery  %s" % ("%s (%s ago): %s via %s" % (
         delivered, _age(delivered_age or 0), facts["delivered_id"], facts["delivered_via"])
         if delivered else "none recorded"))
@@ -3996,20 +4199,43 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     return os.EX_OK
 
 
+def _split_head(data: bytes) -> Tuple[bytes, bytes]:
+    """(header block, rest) of a message as _prepare_message sends it: CRLF
+    line ends whatever they were (CR, LF, mixed), leading blank lines gone.
+    The block ends before the first line that is neither 'Name:' nor a
+    continuation, so _header_addresses and _without_bcc see the same headers."""
+    data = _crlf(data.lstrip(b"\r\n"))
+    at = 0
+    while at < len(data):
+        end = data.find(b"\r\n", at)
+        end = len(data) if end < 0 else end + 2
+        line = data[at:end]
+        if not (_HEADER_LINE.match(line) or (at and line[:1] in (b" ", b"\t"))):
+            break
+        at = end
+    return data[:at], data[at:]
+
+
 def _header_addresses(data: bytes, names: Iterable[str]) -> List[str]:
     """The addresses in the named headers of the message."""
     # Parsed as text, so an 8-bit (SMTPUTF8) address comes out whole.
-    headers = email.parser.HeaderParser().parsestr(data.decode("utf-8", "replace"))
+    head = _split_head(data)[0]
+    headers = email.parser.HeaderParser().parsestr(head.decode("utf-8", "replace"))
     values = [str(v) for name in names for v in headers.get_all(name, [])]
     return [address for _, address in email.utils.getaddresses(values) if address]
 
 
 def _without_bcc(data: bytes) -> bytes:
-    """The message without its Bcc headers (sendmail -t removes them)."""
-    match = re.search(rb"\r?\n\r?\n", data)
-    end = match.end() if match else len(data)
-    head = re.sub(rb"(?im)^bcc:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)", b"", data[:end])
-    return head + data[end:]
+    """The message without its Bcc headers, folded or not (sendmail -t
+    removes them), and with CRLF line ends."""
+    head, rest = _split_head(data)
+    kept, bcc = [], False
+    for line in head.splitlines(keepends=True):
+        if line[:1] not in (b" ", b"\t"):      # a new header, not a continuation
+            bcc = line[:4].lower() == b"bcc:"
+        if not bcc:
+            kept.append(line)
+    return b"".join(kept) + rest
 
 
 if __name__ == "__main__":

@@ -4727,6 +4727,484 @@ class BadInputTests(Base):
         self.assertEqual(server.rcpts, accepted, "accepted before the disk filled, not sent")
 
 
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+# A queue processor (python -m gsemail's main) whose cur/ schedule is short,
+# so a test need not wait the 5 minutes of the real one.
+SHORT_RESCAN_PROCESSOR = """
+import sys, gsemail
+gsemail._CUR_RESCAN, gsemail._CUR_CHANGED = 3.0, 1.0
+sys.exit(gsemail.main(sys.argv[1:]))
+"""
+
+# Another process defers a message into cur/, due now by its clock, as
+# Queue.defer leaves one: written in tmp/, mtime set to the next attempt,
+# renamed into cur/.  Prints its clock.
+DEFER_DUE_NOW = """
+import os, sys, time
+queue, name, rcpt = sys.argv[1:4]
+tmp = os.path.join(queue, "tmp", name)
+with open(tmp, "xb") as f:
+    f.write(("X-Zope-From: s@example.org\\nX-Zope-To: %s\\nFrom: s@example.org\\r\\n"
+             "Subject: deferred by another process\\r\\n\\r\\nlate\\r\\n" % rcpt).encode())
+now = time.time()
+os.utime(tmp, (now, now))
+os.rename(tmp, os.path.join(queue, "cur", name))
+print(now)
+"""
+
+
+def mount_tmpfs(test, size="4m"):
+    """A private tmpfs (it keeps any file time; ext4 clamps at 2446), gone
+    at the end of the test."""
+    need(os.geteuid() == 0 and shutil.which("mount"), "mounting a tmpfs needs root")
+    mountpoint = os.path.join(test.tmp, "tmpfs")
+    os.mkdir(mountpoint)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
+                              "tmpfs", mountpoint], capture_output=True, text=True)
+    need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+    # lazy: a Queue of this process may still hold its claimer file open
+    test.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
+    return mountpoint
+
+
+class HugeNumberTests(OperatorBase):
+    """Every numeric option has a documented upper bound, checked when the
+    config is made; the CLI's numbers are checked as arguments; and no value
+    kills the processor thread."""
+
+    BOUNDS = {      # option: (largest allowed, as written in gsconfig.ini)
+        "port": 65535, "timeout": 3600, "messages_per_connection": 100000,
+        "recipients_per_transaction": 100000, "min_backoff_time": 86400,
+        "max_backoff_time": 86400, "max_queue_lifetime": 30 * 86400,
+        "poll_interval": 3600, "sessions": 100,
+    }
+
+    def write_ini(self, extra, hostname="127.0.0.1"):
+        path = os.path.join(self.tmp, "huge.ini")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = %s\n"
+                    "queuepath = %s\n%s" % (hostname, self.queuepath, extra))
+        return path
+
+    def test_each_option_over_its_bound_names_file_section_option_value_and_bound(self):
+        for option, bound in self.BOUNDS.items():
+            for value in (bound + 1, 10 ** 11, 10 ** 20, int("9" * 400)):
+                with self.subTest(option=option, value=str(value)[:20]):
+                    extra = "max_backoff_time = 1d\n" if option == "min_backoff_time" else ""
+                    path = self.write_ini("%s%s = %d\n%s" % (
+                        "" if option == "port" else "port = 25\n", option, value, extra))
+                    with self.assertRaises(gsemail.ConfigError) as cm:
+                        gsemail.load_config(path, "main")
+                    text = str(cm.exception)
+                    self.assertIn(path, text)
+                    self.assertIn("[smtp-out]", text)
+                    self.assertIn("option %s = " % option, text)
+                    if value < 10 ** 20:
+                        self.assertIn(str(value), text.replace(".0", ""))
+                    self.assertIn("at most %d" % bound, text)
+                    self.assertEqual(cm.exception.exit_code, os.EX_CONFIG)
+            with self.subTest(option=option, value="the bound itself"):
+                extra = "max_backoff_time = 1d\n" if option == "min_backoff_time" else ""
+                config = gsemail.load_config(self.write_ini("%s%s = %d\n%s" % (
+                    "" if option == "port" else "port = 25\n", option, bound, extra)), "main")
+                self.assertEqual(getattr(config, option), bound)
+
+    def test_numbers_are_written_in_ascii_digits(self):
+        # int() and float() read other scripts' digits: "٢٥" was port 25
+        for option, value in (("port", "\u0662\u0665"), ("sessions", "\u0663"),
+                              ("timeout", "\u0663\u0660"), ("poll_interval", "\u00b2"),
+                              ("messages_per_connection", "1_000"),
+                              ("hostname", "127.0.0.1:\u0662\u0665")):
+            with self.subTest(option=option):
+                if option == "hostname":
+                    path = self.write_ini("port = 25\n", hostname=value)
+                else:
+                    path = self.write_ini("%s%s = %s\n" % ("" if option == "port" else
+                                                          "port = 25\n", option, value))
+                with self.assertRaises(gsemail.ConfigError) as cm:
+                    gsemail.load_config(path, "main")
+                self.assertIn(path, str(cm.exception))
+                self.assertIn(option, str(cm.exception))
+
+    def test_direct_smtpconfig_refuses_nan_inf_huge_and_booleans(self):
+        for option in ("timeout", "min_backoff_time", "max_backoff_time",
+                       "max_queue_lifetime", "poll_interval"):
+            for value in (float("nan"), float("inf"), -float("inf"), 1e11):
+                with self.subTest(option=option, value=value):
+                    with self.assertRaises(gsemail.ConfigError) as cm:
+                        self.config(25, **{option: value})
+                    self.assertIn("option %s = %r" % (option, value), str(cm.exception))
+        for option in ("port", "messages_per_connection", "recipients_per_transaction",
+                       "sessions"):
+            for value in (10 ** 20, True, 2.0):
+                with self.subTest(option=option, value=value):
+                    kw = {option: value} if option != "port" else {}
+                    with self.assertRaises(gsemail.ConfigError) as cm:
+                        self.config(value if option == "port" else 25, **kw)
+                    self.assertIn("option %s = %r" % (option, value), str(cm.exception))
+
+    def test_huge_values_stop_the_processor_at_start_not_later(self):
+        # Before: timeout deferred every message with "451 4.3.0 OverflowError",
+        # and sessions = 10**20 hung --once.
+        server = self.server()
+        name = self.enqueue(self.ini(server.port))
+        for option in ("timeout = 100000000000", "sessions = %d" % 10 ** 20,
+                       "poll_interval = 100000000000"):
+            with self.subTest(option):
+                self.ini_path = self.write_ini("port = %d\n%s\n" % (server.port, option))
+                run = self.gsemail("--once", timeout=60)
+                self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+                self.assertRegex(run.stderr, r"^4\.3\.5 option %s = \S+ in %s \[smtp-out\]: "
+                                 r"must be .* at most " % (option.split()[0],
+                                                        re.escape(self.ini_path)))
+        self.assertEqual(server.connections, 0)
+        self.assertEqual(self.listing("new"), [name])
+
+    def test_the_processor_thread_survives_a_wait_it_cannot_make(self):
+        # However a value got past the check (here forced into the frozen
+        # config), the thread logs it and goes on delivering.
+        server = self.server()
+        config = self.config(server.port, poll_interval=0.1)
+        processor = gsemail.QueueProcessor(config)
+        object.__setattr__(config, "poll_interval", 1e11)
+        self.addCleanup(processor.stop, 10)
+        for value in (1e11, float("nan"), -1.0):
+            with self.subTest(value=value):
+                object.__setattr__(config, "poll_interval", value)
+                if not processor.alive:
+                    processor.start()
+                rcpt = "r%d@example.org" % len(server.rcpts)
+                self.enqueue(config, rcpts=[rcpt])
+                processor.wake()
+                wait_for(lambda r=rcpt: server.rcpts[-1:] == [r], 30, "delivery to " + rcpt)
+                time.sleep(0.5)     # the thread is now past its wait
+                self.assertTrue(processor.alive, "the processor thread died")
+
+    def test_shutdown_takes_any_timeout(self):
+        server = self.server()
+        for timeout in (float("inf"), 1e100, float("nan")):
+            with self.subTest(timeout=timeout):
+                config = self.config(server.port, processorthread=True, poll_interval=0.1)
+                gsemail.configure(config)
+                processor = gsemail._processors[config.queuepath]
+                self.assertTrue(processor.alive)
+                gsemail.shutdown(timeout)
+                self.assertFalse(processor.alive)
+
+    def test_backoff_of_many_attempts_does_not_overflow(self):
+        # min = max backoff of 1 s over a long lifetime: thousands of attempts.
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy"})
+        config = self.config(server.port, min_backoff_time=1.0, max_backoff_time=1.0)
+        name = self.enqueue(config)
+        with open(os.path.join(self.queuepath, "state", name), "w") as f:
+            json.dump({"attempts": 5000, "first_queued": time.time()}, f)
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        state = self.state(name)
+        self.assertEqual(state["attempts"], 5001)
+        self.assertLess(state["next_attempt"], time.time() + 2)
+        self.assertEqual(self.listing("cur"), [name])
+
+    def test_cli_numbers_are_usage_errors(self):
+        server = self.scripted()
+        names = self.fill(server)
+        dead = os.path.join(self.queuepath, "new", ".rejected-" + names["dead"])
+        for args in (["purge", "--dead-older-than", "-1"],
+                     ["purge", "--dead-older-than", "nan"],
+                     ["purge", "--dead-older-than", "inf"],
+                     ["purge", "--dead-older-than", "1e400"],
+                     ["purge", "--dead-older-than", "1e20"],
+                     ["status", "--warning-age", "9" * 400],
+                     ["status", "--critical-age", "1e20"],
+                     ["status", "--warning-queue", "-1"],
+                     ["status", "--critical-queue", "1" + "0" * 30],
+                     ["status", "--warning-dead", "-5"],
+                     ["status", "--critical-dead", "x"]):
+            with self.subTest(args):
+                run = self.gsemail(*args)
+                self.assertEqual(run.returncode, os.EX_USAGE, run.stdout + run.stderr)
+                self.assertRegex(run.stderr, r"(?m)^5\.5\.4 gsemail %s: argument %s: "
+                                 % (args[0], re.escape(args[1])))
+                self.assertEqual(run.stdout, "")
+                self.assertTrue(os.path.exists(dead), "a dead letter was purged")
+        # the documented bounds themselves are fine
+        self.ok("purge", "--dead-older-than", "36500", "--dry-run")
+        self.ok("status", "--warning-age", "3650d", "--critical-age", "3650d",
+                "--warning-queue", "1000000000", "--warning-dead", "0")
+
+
+class SteppedClockTests(OperatorBase):
+    """A processor's own intervals use the monotonic clock: a step of the
+    wall clock (NTP, a VM restore) changes none of them."""
+
+    def test_processor_reads_cur_again_after_the_clock_steps_back(self):
+        need(os.path.exists(FAKETIME_LIB), "Debian's libfaketime is needed (apt install "
+             "faketime)")
+        server = self.server()
+        self.ini(server.port)
+        clock = os.path.join(self.tmp, "faketime")
+        with open(clock, "w") as f:
+            f.write("+0\n")
+        # FAKETIME_DONT_FAKE_MONOTONIC: only the wall clock steps, as with NTP.
+        # (With it, libfaketime 0.9.10 breaks time.sleep(), not Event.wait().)
+        env = dict(os.environ, LD_PRELOAD=FAKETIME_LIB, FAKETIME_TIMESTAMP_FILE=clock,
+                   FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+        proc = subprocess.Popen([sys.executable, "-c", SHORT_RESCAN_PROCESSOR, "-c",
+                                 self.ini_path, "-i", "main", "-v"], cwd=HERE, env=env,
+                                stderr=subprocess.PIPE, text=True)
+
+        def stop():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+            proc.stderr.close()
+        self.addCleanup(stop)
+        config = gsemail.load_config(self.ini_path, "main")
+        self.enqueue(config, rcpts=["before@example.org"])
+        wait_for(lambda: server.rcpts == ["before@example.org"], 60, "first delivery")
+        time.sleep(0.5)     # it has read cur/ (empty) and set its next reading
+        with open(clock, "w") as f:
+            f.write("-1d\n")
+        name = "%d.M1P1Q1.otherhost" % time.time()
+        run = subprocess.run([sys.executable, "-c", DEFER_DUE_NOW, self.queuepath, name,
+                              "late@example.org"], env=env, capture_output=True,
+                             text=True, check=True, timeout=60)
+        stepped = float(run.stdout)
+        self.assertLess(abs(time.time() - 86400 - stepped), 60, "the clock did not step")
+        self.assertEqual(os.listdir(os.path.join(self.queuepath, "cur")), [name])
+        # The short schedule says within 3 s (README: 5 minutes); before the
+        # fix it waited for the wall clock to catch up: a day.
+        wait_for(lambda: server.rcpts == ["before@example.org", "late@example.org"], 60,
+                 "the message deferred by another process after the step")
+        self.assertIsNone(proc.poll(), "the processor stopped")
+        stop()
+        self.assertEqual(proc.returncode, 0)
+
+    def test_due_schedule_follows_the_monotonic_clock(self):
+        # Queue.due's rescan schedule lives on the monotonic clock: when the
+        # wall clock steps back a day, the soonest deferred message and the
+        # 5-minute safety net still come round on time.
+        config = self.config(25)
+        mine, other = gsemail.Queue(self.queuepath), gsemail.Queue(self.queuepath)
+        wall, mono = time.time(), time.monotonic()
+        self.assertEqual(mine.due(), [])
+        name = self.enqueue(config)
+        msg = other.claim(os.path.join(self.queuepath, "new", name))
+        stepped = wall - 86400
+        other.defer(msg, msg.recipients, {"attempts": 1}, stepped)   # due now, after the step
+        with unittest.mock.patch("time.time", lambda: stepped + time.monotonic() - mono), \
+                unittest.mock.patch.object(gsemail, "_CUR_CHANGED", 0.5), \
+                unittest.mock.patch.object(gsemail, "_CUR_RESCAN", 2.0):
+            self.assertEqual([os.path.basename(p) for p in
+                              wait_for(lambda: mine.due(), 30, "the deferred message")],
+                             [name])
+
+
+class TimeTextTests(OperatorBase):
+    """Every stored time becomes text, whatever it is: beyond year 9999,
+    before year 1, NaN or infinite in a state file."""
+
+    def test_list_show_and_status_survive_any_file_time(self):
+        server = self.scripted()
+        self.queuepath = os.path.join(mount_tmpfs(self), "queue")
+        names = self.fill(server)
+        deferred = os.path.join(self.queuepath, "cur", names["deferred"])
+        dead = os.path.join(self.queuepath, "new", ".rejected-" + names["dead"])
+        for when, year in ((3e12, "+97036-"), (-2e11, "-4368-"), (1e15, "+31690708-")):
+            with self.subTest(when=when):
+                os.utime(deferred, (when, when))
+                os.utime(dead, (when, when))
+                self.assertEqual(os.stat(deferred).st_mtime, when)
+                listing = json.loads(self.ok("list", "--json"))
+                entry = {e["id"]: e for e in listing}[names["deferred"]]
+                self.assertTrue(entry["next_attempt"].startswith(year), entry)
+                self.assertRegex(entry["next_attempt"], r"^[+-]\d{4,}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+                self.assertIn(names["deferred"], self.ok("list"))
+                shown = self.ok("show", names["deferred"])
+                self.assertIn("(%s" % year, shown)
+                self.ok("show", names["dead"])     # its time is in its header
+                for args in (["status"], ["status", "--json"]):
+                    run = self.gsemail(*args)      # 1: the dead letter is a warning
+                    self.assertEqual(run.returncode, 1, run.stdout + run.stderr)
+                json.loads(run.stdout)
+
+    def test_expanded_years_read_back_as_written(self):
+        for when in (3e12, -2e11, 0.0, 1e9, 253402300799.0, 253402300800.0,
+                     -62135596800.0, -62135596801.0, 1e15):
+            with self.subTest(when=when):
+                text = gsemail._iso(when)
+                self.assertEqual(gsemail._parse_iso(text), when, text)
+        self.assertEqual(gsemail._iso(253402300800.0), "+10000-01-01T00:00:00Z")
+        self.assertEqual(gsemail._iso(-62135596801.0), "0000-12-31T23:59:59Z")
+
+    def test_nan_and_infinite_times_in_state_and_status_files(self):
+        server = self.scripted()
+        names = self.fill(server)
+        state_path = os.path.join(self.queuepath, "state", names["deferred"])
+        with open(state_path) as f:
+            state = json.load(f)
+        for value in ("NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400, "-1e300"):
+            with self.subTest(value=value):
+                text = json.dumps(dict(state, first_queued=0, history=[
+                    {"at": 0, "event": "x"}]))
+                text = text.replace('"first_queued": 0', '"first_queued": ' + value)
+                text = text.replace('"at": 0', '"at": ' + value)
+                with open(state_path, "w") as f:
+                    f.write(text)
+                with open(os.path.join(self.queuepath, "status.json"), "w") as f:
+                    f.write('{"delivered_at": %s, "delivered_id": "x", "delivered_via": "y",'
+                            ' "error_at": %s, "error": "4.0.0 z", "error_id": "x"}'
+                            % (value, value))
+                listing = json.loads(self.ok("list", "--json"))
+                self.assertEqual(len(listing), 3)
+                self.ok("list")
+                self.assertIn("history", self.ok("show", names["deferred"]))
+                run = self.gsemail("status")
+                self.assertIn(run.returncode, (0, 1, 2), run.stderr)
+                self.assertTrue(run.stdout.startswith("GSEMAIL "), run.stdout)
+                run = self.gsemail("status", "--json")
+                self.assertIn(run.returncode, (0, 1, 2), run.stderr)
+                json.loads(run.stdout)
+
+
+class SendBccLineEndTests(OperatorBase):
+    """send -t removes every Bcc header, whatever the line ends."""
+
+    def send_t(self, raw):
+        server = self.server()
+        self.ini(server.port)
+        path = os.path.join(self.tmp, "message.eml")
+        with open(path, "wb") as f:
+            f.write(raw)
+        self.ok("send", "-t", "--file", path)
+        self.ok("--once")
+        (txn,) = server.transactions
+        return sorted(txn["rcpts"]), txn["data"]
+
+    def test_bcc_removed_with_any_line_ends(self):
+        head = [b"From: owner@example.org", b"To: a@example.org", b"Bcc: hidden@example.org,",
+                b"  folded@example.org", b"bcc: second@example.org", b"Subject: bcc"]
+        cases = {"CR": b"\r", "LF": b"\n", "CRLF": b"\r\n"}
+        raws = {name: end.join(head) + end + end + b"Body." + end + b"Bcc: in the body"
+                + end for name, end in cases.items()}
+        raws["mixed"] = (b"From: owner@example.org\r\nTo: a@example.org\rBcc: hidden@example.org,"
+                         b"\n  folded@example.org\r\nbcc: second@example.org\rSubject: bcc"
+                         b"\n\r\nBody.\rBcc: in the body\n")
+        raws["leading blank line"] = b"\n" + raws["LF"]
+        for what, raw in raws.items():
+            with self.subTest(what):
+                rcpts, data = self.send_t(raw)
+                self.assertEqual(rcpts, ["a@example.org", "folded@example.org",
+                                         "hidden@example.org", "second@example.org"])
+                head_sent, _, body = data.partition(b"\r\n\r\n")
+                self.assertNotIn(b"hidden", head_sent)
+                self.assertNotIn(b"folded", head_sent)
+                self.assertNotIn(b"second", head_sent)
+                self.assertNotRegex(head_sent, rb"(?im)^bcc")
+                self.assertIn(b"To: a@example.org\r\n", head_sent)
+                self.assertIn(b"Subject: bcc", head_sent)
+                self.assertEqual(body, b"Body.\r\nBcc: in the body\r\n")
+                shutil.rmtree(self.queuepath)
+
+
+ADDRESSES_ACCEPTED = [
+    '"a b"@example.org',            # RFC 5321 Quoted-string: Postfix takes it
+    '"a\\"b"@example.org',          # a quoted-pair
+    '" "@example.org',
+    "caf\u00e9@example.org",        # SMTPUTF8
+]
+ADDRESSES_REFUSED = [       # (address, what the error says)
+    ("a\u0085b@example.org", "control character"),
+    ("a@exam\u009fple.org", "control character"),
+    ("a\u0080@example.org", "control character"),
+    ("a\u2028b@example.org", "control character"),
+    ("a b@example.org", "space"),
+    ("a@exa mple.org", "space"),
+    ('"a b@example.org', "quoted"),
+    ('"a"b"@example.org', "quoted"),
+    ('"a\\"@example.org', "quoted"),
+    ('a"b c"@example.org', "space"),
+]
+
+
+class AddressFormTests(Base):
+    """Quoted local parts (RFC 5321) are accepted and go over the wire
+    exactly; control characters (C0, DEL, C1, line separators) and
+    unquoted spaces are refused with the address named."""
+
+    def test_accepted_forms_go_over_the_wire_exactly(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SMTPUTF8"))
+        config = self.config(server.port)
+        gsemail.configure(config)
+        gsemail.send_email('"s b"@example.org', ADDRESSES_ACCEPTED, message())
+        self.drain(config)
+        (txn,) = server.transactions
+        self.assertEqual(txn["rcpts"], ADDRESSES_ACCEPTED)
+        self.assertTrue(txn["mail"].startswith('<"s b"@example.org>'), txn["mail"])
+        rcpt_lines = [c for c in server.commands if c.startswith("RCPT")]
+        self.assertEqual(rcpt_lines, ["RCPT TO:<%s>" % a for a in ADDRESSES_ACCEPTED])
+
+    def test_refused_forms_are_refused_everywhere_with_the_address_named(self):
+        gsemail.configure(self.config(1))
+        server = self.server(ehlo=("PIPELINING", "8BITMIME", "SMTPUTF8"))
+        mailer = gsemail.Mailer(self.config(server.port))
+        self.addCleanup(mailer.close)
+        mailer.open()
+        for address, fragment in ADDRESSES_REFUSED:
+            with self.subTest(address):
+                with self.assertRaises(gsemail.MessageError) as cm:
+                    gsemail.send_email("s@example.org", [address], message())
+                self.assertIn(repr(address), str(cm.exception))
+                self.assertIn(fragment, str(cm.exception))
+                self.assertEqual(cm.exception.status, "5.1.3")
+                with self.assertRaises(gsemail.MessageError) as cm:
+                    gsemail.send_email(address, ["a@example.org"], message())
+                self.assertIn(repr(address), str(cm.exception))
+                self.assertEqual(cm.exception.status, "5.1.7")
+                out = mailer.deliver("s@example.org", [address, "ok@example.org"],
+                                     gsemail._prepare_message(message()))
+                mailer.wait()
+                self.assertEqual(list(out.failed), [address])
+                reply = str(out.failed[address])
+                # named, with its controls escaped: no forged log line
+                self.assertIn("<%s>" % address.encode("ascii", "backslashreplace").decode(),
+                              reply)
+                self.assertIsNone(re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", reply))
+                self.assertIn(fragment, reply)
+                self.assertTrue(reply.startswith("553 5.1.3 "), reply)
+        self.assertEqual(self.listing("new"), [])
+        self.assertNotIn("a b@example.org", server.rcpts)
+        self.assertEqual(server.rcpts, ["ok@example.org"] * len(ADDRESSES_REFUSED))
+
+    def test_retry_refuses_a_dead_letter_with_a_c1_address(self):
+        os.makedirs(os.path.join(self.queuepath, "new"), exist_ok=True)
+        gsemail.Queue(self.queuepath)
+        name = "1700000000.M1P1Q1.host"
+        with open(os.path.join(self.queuepath, "new", ".rejected-" + name), "wb") as f:
+            f.write("X-Zope-From: s@example.org\nX-Zope-To: a\u0085b@example.org\n"
+                    "X-Gsemail-Dead-Letter: 2026-01-01T00:00:00Z; attempts=1\n"
+                    "Subject: x\r\n\r\nbody\r\n".encode("utf-8"))
+        queue = gsemail.Queue(self.queuepath)
+        (entry,) = queue.entries()
+        with self.assertRaises(gsemail.MessageError) as cm:
+            queue.retry(entry)
+        self.assertIn("<a\\x85b@example.org>", str(cm.exception))
+        self.assertIn("control character", str(cm.exception))
+        self.assertEqual(self.listing("new"), [".rejected-" + name])
+
+    def test_postfix_accepts_a_quoted_local_part(self):
+        pf = postfix()
+        prefix = '"q %d' % time.monotonic_ns()
+        config = self.config(pf.port)
+        gsemail.configure(config)
+        gsemail.send_email("bounces@gsemail.test", [prefix + ' x"@gsemail.test'], message())
+        self.drain(config)
+        (copy,) = pf.wait_delivered(prefix, 1)
+        self.assertEqual(copy["Delivered-To"], prefix + ' x"@gsemail.test')
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+
 # ---------------------------------------------------------------------------
 # Randomised input through the public API (the seed is printed; set
 # GSEMAIL_FUZZ_SEED to repeat a run)
