@@ -606,7 +606,7 @@ def _unsafe_dir(st: os.stat_result) -> Optional[str]:
     """Why a user other than root and us could rename or replace what is in
     the directory (and so swap the queue for their own), or None."""
     if st.st_uid not in (0, os.geteuid()):
-        return "it is owned by %s (uid %d)" % (_user_name(st.st_uid), st.st_uid)
+        return "it is owned by uid %d (%s)" % (st.st_uid, _user_name(st.st_uid))
     if st.st_mode & stat.S_ISVTX:
         return None     # sticky, as /tmp: others cannot rename or remove what is ours
     mode = stat.S_IMODE(st.st_mode)
@@ -1027,10 +1027,10 @@ class Queue:
         if st.st_uid != os.geteuid() and not self.readonly:
             # Root too: a queue root wrote would lock its owner out (and root
             # has no business sending another user's mail with its rights).
-            raise QueueError("queue %s is owned by %s (uid %d), not by this user (uid %d): "
+            raise QueueError("queue %s is owned by uid %d (%s), not by this user (uid %d): "
                              "refusing to write a queue another user can read or fill; run "
                              "the command as the queue's owner: %s"
-                             % (self.path, _user_name(st.st_uid), st.st_uid, os.geteuid(),
+                             % (self.path, st.st_uid, _user_name(st.st_uid), os.geteuid(),
                                 _as_user(st.st_uid)))
 
     def _check_parents(self) -> None:

@@ -3962,8 +3962,8 @@ class QueueDirectoryTests(Base):
                                                  input=message())
                 self.assertFalse(hung)
                 self.assertEqual(code, os.EX_CANTCREAT, err)
-                self.assertRegex(err, r"^4\.3\.0 queue %s is owned by nobody" % re.escape(
-                    queuepath))
+                self.assertRegex(err, r"^4\.3\.0 queue %s is owned by uid %d \(nobody\)" % (
+                    re.escape(queuepath), NOBODY.pw_uid))
                 self.assertIn("sudo -u nobody ", err)
         self.assertEqual(self.tree(queuepath), before)
         # a new queue in a directory the service user owns: root would make
@@ -4003,7 +4003,8 @@ class QueueTakeoverTests(Base):
         cases = {   # parent mode, owner, group -> what the error must say
             "world-writable": (0o777, 0, 0, "writable by every user"),
             "group-writable": (0o775, 0, nogroup, "writable by group"),
-            "owned by nobody": (0o755, NOBODY.pw_uid, 0, "owned by nobody"),
+            "owned by nobody": (0o755, NOBODY.pw_uid, 0, "owned by uid %d (nobody)"
+                                % NOBODY.pw_uid),
             "world-writable grandparent": (0o777, 0, 0, "writable by every user"),
         }
         for what, (mode, uid, gid, why) in cases.items():
