@@ -4316,3 +4316,58 @@ class SystemdUnitTests(unittest.TestCase):
                          % (user, service["Group"], re.escape(queuepath)))
         self.assertIn("/tmp/mailqueue", steps)
         self.assertIn("processorthread = False", config)
+
+    def test_readme_steps_make_a_queue_the_service_user_drains(self):
+        """The steps, run under a temporary root, with the service user
+        nobody (groupserver does not exist here) and runuser for sudo (not
+        installed here); the ``list`` step is run by the test itself, as
+        root, because the test's Python may not be runnable by nobody."""
+        need(os.geteuid() == 0 and shutil.which("runuser"), "needs root and runuser")
+        root = tempfile.mkdtemp(prefix="gsemail-steps-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.chmod(root, 0o755)
+        # gs.email's queue as the web application left it, with a zope claim
+        old = os.path.join(root, "tmp", "mailqueue")
+        for sub in ("new", "cur", "tmp"):
+            os.makedirs(os.path.join(old, sub))
+        name = "%d.1234.5678.example.org" % time.time()
+        path = os.path.join(old, "new", name)
+        with open(path, "wb") as f:
+            f.write(b"X-Zope-From: s@example.org\nX-Zope-To: moved@example.org\n"
+                    + message(subject="moved").encode().replace(b"\n", b"\r\n"))
+        os.link(path, os.path.join(old, "new", ".sending-" + name))
+        subprocess.run(["chown", "-R", "nobody:nogroup", os.path.join(root, "tmp")],
+                       check=True)
+        steps = readme_block("on a fresh Debian, as root::")
+        lines = [line for line in steps.splitlines() if " -m gsemail " not in line]
+        script = "\n".join(lines).replace("/var/spool/gsemail", root + "/var/spool/gsemail") \
+            .replace("/tmp/mailqueue", old).replace("sudo -u groupserver", "runuser -u nobody --") \
+            .replace("-o groupserver -g groupserver", "-o nobody -g nogroup")
+        os.makedirs(os.path.join(root, "var", "spool"), 0o755)
+        run = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True,
+                             timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr + "\n" + script)
+        queuepath = os.path.join(root, "var", "spool", "gsemail", "main")
+        self.assertFalse(os.path.exists(old))
+        st = os.stat(queuepath)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode) & 0o077), (NOBODY.pw_uid, 0))
+        for top, dirs, files in os.walk(queuepath):
+            for entry in [top] + [os.path.join(top, n) for n in dirs + files]:
+                self.assertEqual(os.stat(entry).st_mode & 0o077, 0, entry)
+        # root may read it (list), the service user sends it
+        server = SMTPServer()
+        self.addCleanup(server.close)
+        ini = os.path.join(root, "gsconfig.ini")
+        with open(ini, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "processorthread = False\n" % (server.port, queuepath))
+        code, err, out, hung = run_gsemail(["-c", ini, "-i", "main", "list"])
+        self.assertEqual((code, hung), (0, False), err)
+        self.assertIn(name, out)
+        self.assertRegex(out, r"(?m)^%s +new " % re.escape(name),
+                         "not due now (a copied claim would hold it)")
+        config = gsemail.load_config(ini, "main")
+        "x".encode("idna")  # smtplib needs the codec; nobody may not read /root/.pyenv
+        result = in_child_as(lambda: gsemail.QueueProcessor(config).drain())
+        self.assertEqual(result, "returned None")
+        self.assertEqual(server.rcpts, ["moved@example.org"])
