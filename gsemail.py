@@ -1027,11 +1027,15 @@ class Queue:
         if st.st_uid != os.geteuid() and not self.readonly:
             # Root too: a queue root wrote would lock its owner out (and root
             # has no business sending another user's mail with its rights).
+            advice = "run the command as the queue's owner: %s" % _as_user(st.st_uid)
+            if st.st_uid == 0:
+                advice = ("root made it, probably by running gsemail as root first: if "
+                          "it holds no mail (gsemail list), remove it, and it is made "
+                          "again by this user")
             raise QueueError("queue %s is owned by uid %d (%s), not by this user (uid %d): "
-                             "refusing to write a queue another user can read or fill; run "
-                             "the command as the queue's owner: %s"
+                             "refusing to write a queue another user can read or fill; %s"
                              % (self.path, st.st_uid, _user_name(st.st_uid), os.geteuid(),
-                                _as_user(st.st_uid)))
+                                advice))
 
     def _check_parents(self) -> None:
         """Refuse a queue that another user could rename away and replace

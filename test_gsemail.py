@@ -3979,6 +3979,15 @@ class QueueDirectoryTests(Base):
         self.assertIn(home, err)
         self.assertIn("sudo -u nobody ", err)
         self.assertFalse(os.path.lexists(new))
+        # the other way round: the service user finds a queue root made
+        made = os.path.join(self.tmp, "spool", "made-by-root")
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            gsemail.Queue(made)
+        self.assertIn("owned by root (a web application running as another user cannot "
+                      "use it)", logs.output[0])
+        result = in_child_as(lambda: gsemail.Queue(made))
+        self.assertRegex(result, r"^4\.3\.0 73 queue %s is owned by uid 0 \(root\).*root "
+                         r"made it, probably by running gsemail as root first" % re.escape(made))
 
 
 class QueueTakeoverTests(Base):
