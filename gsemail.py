@@ -945,6 +945,7 @@ class Queue:
             raise self._error("cannot look at the queue directory", e) from None
         if st is not None:
             self._check_dir(st)
+        st_before = st
         self._check_parents()
         made = st is None
         if made:
@@ -991,10 +992,11 @@ class Queue:
             # Never silent: a wrong queuepath, or a process that sees another
             # /tmp than the web application (systemd's PrivateTmp=), would
             # otherwise deliver an empty queue and report all well.
-            log.warning("4.3.0 queue %s did not exist: created it, empty, owned by %s%s. If "
-                        "mail should be waiting there, queuepath is wrong or this process "
-                        "sees another /tmp than the application (systemd's PrivateTmp=)",
-                        self.path, _user_name(os.geteuid()),
+            log.warning("4.3.0 queue %s %s, empty, owned by %s%s. If mail should be waiting "
+                        "there, queuepath is wrong or this process sees another /tmp than "
+                        "the application (systemd's PrivateTmp=)", self.path,
+                        "did not exist: created it" if st_before is None else
+                        "was an empty directory: made it a queue", _user_name(os.geteuid()),
                         " (a web application running as another user cannot use it)"
                         if os.geteuid() == 0 else "")
         if not os.access(os.path.join(self.path, "new"), os.W_OK | os.X_OK):
@@ -1882,8 +1884,7 @@ class Queue:
                     self._break_stale_claim(os.path.join(head, n))
         for entry in os.scandir(os.path.join(self.path, "state")):
             try:
-                if entry.name not in names and \
-                        now - entry.stat(follow_symlinks=False).st_mtime > 3600:
+                if entry.name not in names and now - entry.stat().st_mtime > 3600:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
