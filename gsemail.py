@@ -62,6 +62,7 @@ import email.utils
 import errno
 import fcntl
 import functools
+import grp
 import heapq
 import hmac
 import io
@@ -70,9 +71,11 @@ import json
 import logging
 import math
 import os
+import pwd
 import random
 import re
 import select
+import shlex
 import signal
 import smtplib
 import socket
@@ -428,15 +431,18 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
         interpolation=configparser.BasicInterpolation(), strict=True)
     parser.optionxform = str    # option names as written, like gs.config
     try:
-        with open(path, encoding="utf-8") as f:
+        # A link to the config is fine (configuration management makes
+        # them); what it leads to must be a regular file: a FIFO would hang
+        # every command.  utf-8-sig: Windows editors start the file with a BOM.
+        with open(_open_regular(path, follow=True), encoding="utf-8-sig") as f:
             parser.read_file(f, source=path)
     except FileNotFoundError:
         raise ConfigError("%s: no such config file" % path) from None
+    except _NotRegular as e:
+        raise ConfigError("%s: is %s, not a config file" % (path, e.what)) from None
     except PermissionError:
         raise ConfigError("%s: cannot read the config file (permission "
                           "denied)" % path) from None
-    except IsADirectoryError:
-        raise ConfigError("%s: is a directory, not a config file" % path) from None
     except UnicodeDecodeError as e:
         raise ConfigError("%s: not a UTF-8 text file (byte %d)"
                           % (path, e.start)) from None
@@ -540,15 +546,22 @@ def _password_from_file(path: str, where: str) -> str:
     """The password in the file at path: one line, not world-readable."""
     bad = "%s: option password_file = %r: " % (where, path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # A symbolic link to the secret is followed: Kubernetes mounts each
+        # secret as a link (NAME -> ..data/NAME) and Docker's and systemd's
+        # credentials may be links too.  That gives no one more than the
+        # file itself does: the file opened must be a regular file (checked
+        # on the open file, not on the name) that is not world-readable, and
+        # reading it needs the same permissions, link or not.  O_NONBLOCK: a
+        # FIFO (or a link to one) must be refused, not wait for a writer.
+        fd = _open_regular(path, follow=True)
     except FileNotFoundError:
         raise ConfigError(bad + "no such file") from None
+    except _NotRegular as e:
+        raise ConfigError(bad + "it is %s, not a regular file" % e.what) from None
     except OSError as e:
         raise ConfigError(bad + "cannot read it: %s" % e.strerror) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(bad + "not a regular file")
         if st.st_mode & stat.S_IROTH:
             # A secret every local user can read is no secret: refuse to use it.
             raise ConfigError(bad + "the file is readable by every user (mode %04o): "
@@ -601,10 +614,164 @@ _STALE_TMP = 36 * 3600      # Maildir's rule for abandoned tmp/ files
 _CUR_RESCAN = 300.0         # read all of cur/ at least this often (as Postfix's
                             # queue_run_delay), and within _CUR_CHANGED of a change
 _CUR_CHANGED = 60.0
+_cli: Optional[List[str]] = None     # the command line main() runs, for "sudo -u" advice
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return "gid %d" % gid
+
+
+def _as_user(uid: int) -> str:
+    """The command to run instead, as the user uid."""
+    command = " ".join(shlex.quote(a) for a in _cli) if _cli else "python3 -m gsemail ..."
+    return "sudo -u %s %s" % (shlex.quote(_user_name(uid)), command)
+
+
+def _unsafe_dir(st: os.stat_result) -> Optional[str]:
+    """Why a user other than root and us could rename or replace what is in
+    the directory (and so swap the queue for their own), or None."""
+    if st.st_uid not in (0, os.geteuid()):
+        return "it is owned by uid %d (%s)" % (st.st_uid, _user_name(st.st_uid))
+    if st.st_mode & stat.S_ISVTX:
+        return None     # sticky, as /tmp: others cannot rename or remove what is ours
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        return "it is writable by every user (mode %04o, without the sticky bit)" % mode
+    if mode & stat.S_IWGRP:
+        return "it is writable by group %s (mode %04o, without the sticky bit)" % (
+            _group_name(st.st_gid), mode)
+    return None
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _chmod_dir(path: str) -> None:
+    """Make the directory we have just made mode 0700, whatever the umask."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: str) -> None:
+    """Make path and its missing parents, each mode 0700 whatever the umask
+    (os.makedirs gives the parents the umask's mode: 0777 under umask 0)."""
+    missing = []
+    head = path
+    while True:
+        try:
+            st = os.stat(head)
+        except FileNotFoundError:
+            parent = os.path.dirname(head)
+            if parent == head:
+                raise
+            missing.append(head)
+            head = parent
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), head)
+        break
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if os.path.isdir(d):
+                continue    # made by a process beside us
+            raise           # a dangling link, say: nothing can be made here
+        _chmod_dir(d)
+
+
+def _identity(st: os.stat_result) -> Tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_uid, st.st_mode)
+
+
+def _describe(identity: Tuple[int, int, int, int]) -> str:
+    dev, ino, uid, mode = identity
+    return "device %d inode %d, %s owned by %s, mode %04o" % (
+        dev, ino, "a directory" if stat.S_ISDIR(mode) else _kind(mode), _user_name(uid),
+        stat.S_IMODE(mode))
+
+
+class _NotRegular(OSError):
+    """A queue, config or secret file that is not a regular file: a FIFO
+    (which would block the open or the read), a link, a directory."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(errno.EINVAL, "%s is %s, not a regular file" % (path, what), path)
+        self.what = what
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _open_regular(path: str, follow: bool = False) -> int:
+    """A read-only fd on the regular file at path, or _NotRegular.
+
+    O_NONBLOCK, so that opening a FIFO returns at once instead of waiting
+    for a writer (SIGTERM would not end that wait); O_NOFOLLOW unless
+    follow, so that no link in the queue leads outside it.  The check is
+    fstat on what was opened, so a file swapped after a look cannot pass.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        # ELOOP (a link, with O_NOFOLLOW), ENXIO (a socket): say what it is
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(path, _kind(st.st_mode)) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _NotRegular(path, _kind(st.st_mode))
+    return fd
+
+
+def _open_file(path: str) -> io.BufferedReader:
+    """The regular file at path, open for reading (see _open_regular)."""
+    return os.fdopen(_open_regular(path), "rb")
+
+
+# The flags of every file gsemail creates: a new file only (O_EXCL), never
+# through a symbolic link (O_NOFOLLOW; O_EXCL refuses a link as well).
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
@@ -613,9 +780,19 @@ def _fsync_dir(path: str) -> None:
 
 def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False,
                   sync: bool = True) -> None:
-    """Write chunks to a new file of mode 0600 (whatever the umask) and fsync it."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
+    """Write chunks to a new file of mode 0600 (whatever the umask) and fsync it.
+
+    The file is always created new (O_EXCL|O_NOFOLLOW), so nothing is ever
+    written through a link or into a file that was there.  Not exclusive:
+    whatever has the name (a crash's leftover, a planted link) is unlinked
+    first; unlink removes a link, never what it points to.
+    """
+    if not exclusive:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    fd = os.open(path, _CREATE, 0o600)
     try:
         os.fchmod(fd, 0o600)
         written = os.writev(fd, chunks)     # one system call for the usual case
@@ -1008,16 +1185,29 @@ class Queue:
     With ``create=False`` (the operator's commands) a queue that does not
     exist is an error, so a wrong queuepath is not reported as an empty
     queue.  ``xverp`` is the config's: then every message with a sender is
-    claimed (and listed) with XVERP, whoever queued it.
+    claimed (and listed) with XVERP, whoever queued it.  With
+    ``readonly=True`` (``list``, ``show``, ``status``) any user who can read
+    the queue may open it; nothing is created or written.
+
+    A queue that another user could replace is refused: it must be a real
+    directory owned by this user, and no parent directory may be writable
+    by a user other than root and this one (unless it has the sticky bit,
+    as /tmp).  The directory's identity (device, inode, owner, mode) is
+    taken when it is opened, and ``check()`` (before each processor pass
+    and each ``add``) refuses a queue that is no longer the one opened.
     """
 
     def __init__(self, path: str, claim_timeout: float = 240.0,
-                 create: bool = True, xverp: bool = False) -> None:
+                 create: bool = True, xverp: bool = False,
+                 readonly: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.claim_timeout = claim_timeout
         #: the config's xverp: every message with a sender goes with XVERP,
         #: whoever queued it (see _wants_xverp)
         self.xverp = xverp
+        self.readonly = readonly
+        self._identity: Tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._odd: set = set()      # non-regular files reported (once each)
         self._claimer_lock = threading.Lock()
         self._claimer_file: Optional[tuple] = None   # (pid, fd, path)
         # The rescan schedule is on the monotonic clock, so a step of the
@@ -1031,50 +1221,180 @@ class Queue:
         if not create and not os.path.lexists(self.path):
             raise QueueError("queue %s does not exist: is queuepath right, and has "
                              "gsemail run there yet?" % self.path, exit_code=os.EX_NOINPUT)
+        if self.readonly:
+            self._open_readonly()
+            return
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        except OSError as e:
-            raise self._error("cannot create the parent of the queue", e) from None
-        try:
-            st = os.lstat(self.path)
+            st: Optional[os.stat_result] = os.lstat(self.path)
         except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise self._error("cannot look at the queue directory", e) from None
+        if st is not None:
+            self._check_dir(st)
+        st_before = st
+        self._check_parents()
+        made = st is None
+        if made:
+            try:
+                _make_dirs(os.path.dirname(self.path))
+            except OSError as e:
+                raise self._error("cannot create the parent of the queue", e) from None
             try:
                 os.mkdir(self.path, 0o700)
             except FileExistsError:
-                pass    # made by a process beside us
+                made = False    # made by a process beside us
             except OSError as e:
                 raise self._error("cannot create the queue directory", e) from None
+        # The directory itself, not whatever the name leads to: its identity
+        # is what check() compares with from now on.
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                self._check_dir(os.lstat(self.path))
+            raise self._error("cannot open the queue directory", e) from None
+        try:
+            st = os.fstat(fd)
+            self._check_dir(st)
+            if stat.S_IMODE(st.st_mode) & 0o077 or (made and stat.S_IMODE(st.st_mode) != 0o700):
+                os.fchmod(fd, 0o700)
+                st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self._identity = _identity(st)
+        made_new = False
+        for sub in ("new", "cur", "tmp", "state"):
+            full = os.path.join(self.path, sub)
+            try:
+                os.mkdir(full, 0o700)
+                _chmod_dir(full)
+                made_new = made_new or sub == "new"
+            except FileExistsError:
+                if not os.path.isdir(full) or os.path.islink(full):
+                    raise QueueError("queue %s: %s is not a directory" % (self.path, full))
+            except OSError as e:
+                raise self._error("cannot create %s" % full, e) from None
+        if made_new:
+            # Never silent: a wrong queuepath, or a process that sees another
+            # /tmp than the web application (systemd's PrivateTmp=), would
+            # otherwise deliver an empty queue and report all well.
+            log.warning("4.3.0 queue %s %s, empty, owned by %s%s. If mail should be waiting "
+                        "there, queuepath is wrong or this process sees another /tmp than "
+                        "the application (systemd's PrivateTmp=)", self.path,
+                        "did not exist: created it" if st_before is None else
+                        "was an empty directory: made it a queue", _user_name(os.geteuid()),
+                        " (a web application running as another user cannot use it)"
+                        if os.geteuid() == 0 else "")
+        if not os.access(os.path.join(self.path, "new"), os.W_OK | os.X_OK):
+            raise QueueError("queue %s: new/ is not writable by this user" % self.path)
+
+    def _open_readonly(self) -> None:
+        """For list, show and status: any user who can read the queue."""
+        try:
             st = os.lstat(self.path)
+        except OSError as e:
+            raise self._error("cannot look at the queue directory", e) from None
+        self._check_dir(st)
+        for sub in ("new", "cur"):
+            full = os.path.join(self.path, sub)
+            if not os.path.isdir(full) or os.path.islink(full):
+                raise QueueError("queue %s: %s is not a directory" % (self.path, full))
+            if not os.access(full, os.R_OK | os.X_OK):
+                raise QueueError("queue %s: %s/ cannot be read by this user: run the "
+                                 "command as the queue's owner: %s"
+                                 % (self.path, sub, _as_user(st.st_uid)))
+        self._identity = _identity(st)
+
+    def _check_dir(self, st: os.stat_result) -> None:
         if stat.S_ISLNK(st.st_mode):
             raise QueueError("queue %s is a symbolic link: refusing it (another "
                              "user could point it anywhere); give the real "
                              "directory as queuepath" % self.path)
         if not stat.S_ISDIR(st.st_mode):
             raise QueueError("queue %s exists and is not a directory" % self.path)
-        if st.st_uid != os.geteuid():
-            raise QueueError("queue %s is owned by uid %d, not by this user (uid "
-                             "%d): refusing a queue another user can read or fill"
-                             % (self.path, st.st_uid, os.geteuid()))
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.chmod(self.path, 0o700)
-        for sub in ("new", "cur", "tmp", "state"):
-            full = os.path.join(self.path, sub)
-            try:
-                os.mkdir(full, 0o700)
-            except FileExistsError:
-                if not os.path.isdir(full) or os.path.islink(full):
-                    raise QueueError("queue %s: %s is not a directory" % (self.path, full))
-            except OSError as e:
-                raise self._error("cannot create %s" % full, e) from None
-        if not os.access(os.path.join(self.path, "new"), os.W_OK | os.X_OK):
-            raise QueueError("queue %s: new/ is not writable by this user" % self.path)
+        if st.st_uid != os.geteuid() and not self.readonly:
+            # Root too: a queue root wrote would lock its owner out (and root
+            # has no business sending another user's mail with its rights).
+            advice = "run the command as the queue's owner: %s" % _as_user(st.st_uid)
+            if st.st_uid == 0:
+                advice = ("root made it, probably by running gsemail as root first: if "
+                          "it holds no mail (gsemail list), remove it, and it is made "
+                          "again by this user")
+            raise QueueError("queue %s is owned by uid %d (%s), not by this user (uid %d): "
+                             "refusing to write a queue another user can read or fill; %s"
+                             % (self.path, st.st_uid, _user_name(st.st_uid), os.geteuid(),
+                                advice))
+
+    def _check_parents(self) -> None:
+        """Refuse a queue that another user could rename away and replace
+        with their own: a parent directory that such a user can write."""
+        seen = set()
+        parent = os.path.dirname(self.path)
+        for top in (parent, os.path.realpath(parent)):    # the path as given, and its links'
+            for d in _ancestors(top):
+                if d in seen:
+                    continue
+                seen.add(d)
+                try:
+                    st = os.stat(d)
+                except OSError:
+                    continue    # to be made by us (or the open says what is wrong)
+                why = _unsafe_dir(st)
+                if why is None:
+                    continue
+                if st.st_uid not in (0, os.geteuid()):
+                    advice = ("make and use the queue as that user: %s" % _as_user(st.st_uid)
+                              if os.geteuid() == 0 else "choose a queuepath in a directory "
+                              "that only root or this user can write")
+                else:
+                    advice = ("remove that write permission (chmod go-w %s) or choose "
+                              "another queuepath" % shlex.quote(d))
+                raise QueueError("queue %s: refusing it, as its parent directory %s is not "
+                                 "safe: %s, so another user could rename the queue away and "
+                                 "put their own in its place; %s"
+                                 % (self.path, d, why, advice))
+
+    def check(self) -> None:
+        """Raise QueueError unless the queue directory is still the one this
+        object opened (device, inode, owner and mode) and no other user can
+        replace it.  Called before each processor pass and in add()."""
+        self._check_identity()
+        if not self.readonly:
+            self._check_parents()
+
+    def _check_identity(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except OSError as e:
+            raise QueueError("queue %s has gone (%s): nothing is read from or written to "
+                             "that path until the queue that was opened is back"
+                             % (self.path, e.strerror)) from None
+        if _identity(st) != self._identity:
+            raise QueueError("queue %s has been replaced or changed since it was opened (%s; "
+                             "now %s): refusing it, nothing is read from or written to it; "
+                             "put the real queue back, or restart if it was replaced on "
+                             "purpose" % (self.path, _describe(self._identity),
+                                          _describe(_identity(st))))
+
+    def _report_odd(self, path: str, what: str) -> None:
+        """Log, once per path, a non-regular file where a message would be."""
+        if path in self._odd:
+            return
+        self._odd.add(path)
+        log.error("4.3.0 queue %s: %s is %s, not a regular file: it is not a message and is "
+                  "left alone (remove it)", self.path, path, what)
 
     def _error(self, what: str, e: OSError) -> QueueError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return QueueError("queue %s: %s: %s" % (self.path, what, e.strerror),
                               status="4.3.1", exit_code=os.EX_TEMPFAIL)
-        code = os.EX_CANTCREAT if e.errno in (errno.EACCES, errno.EPERM,
-                                              errno.EROFS) else os.EX_IOERR
+        # Every errno that means "nothing can be made here" (a file where a
+        # directory should be, a dangling or looping link, no permission, a
+        # read-only file system) is EX_CANTCREAT, as README says.
+        code = os.EX_CANTCREAT if e.errno in (
+            errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+            errno.ELOOP) else os.EX_IOERR
         return QueueError("queue %s: %s: %s" % (self.path, what, e.strerror),
                           exit_code=code)
 
@@ -1087,8 +1407,10 @@ class Queue:
         ``data`` must already have CRLF line ends.  When this returns, the
         file is fsynced and renamed into new/ and new/ is fsynced.  A
         ``state`` is written first, so a processor never sees the message
-        without it.
+        without it.  Raises QueueError, queuing nothing, when the queue
+        has been replaced since it was opened (see check).
         """
+        self.check()
         for address in [sender] * bool(sender) + list(recipients):
             problem = _address_problem(address)
             if problem:     # the envelope could not be read back as it was given
@@ -1192,8 +1514,19 @@ class Queue:
             raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
         with it:
             for entry in it:
-                if not entry.name.startswith("."):
-                    yield entry
+                if entry.name.startswith("."):
+                    continue
+                # d_type, no system call: a FIFO, link or directory is no
+                # message, and must not hold up the messages after it.
+                if not entry.is_file(follow_symlinks=False):
+                    try:
+                        mode = os.lstat(entry.path).st_mode
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISREG(mode):
+                        self._report_odd(entry.path, _kind(mode))
+                        continue
+                yield entry
 
     def count(self) -> int:
         """How many messages wait (new and deferred, not dead letters)."""
@@ -1207,11 +1540,15 @@ class Queue:
         if msg is None:
             return None
         try:
-            with open(path, "rb") as f:
+            with _open_file(path) as f:
                 st = os.fstat(f.fileno())
                 raw = f.read()
         except FileNotFoundError:
             msg.release()       # delivered by someone else meanwhile
+            return None
+        except _NotRegular as e:
+            msg.release()       # a FIFO would block, a link lead anywhere
+            self._report_odd(path, e.what)
             return None
         except BaseException:
             msg.release()
@@ -1233,6 +1570,7 @@ class Queue:
 
     def _take(self, path: str) -> Optional[QueuedMessage]:
         """The claim on path, unread, or None if someone else holds it."""
+        self._check_identity()  # one lstat: no claim, so no sending, in a replaced queue
         head, name = os.path.split(path)
         claim_path = os.path.join(head, ".sending-" + name)
         fd = self._make_claim(claim_path)
@@ -1272,7 +1610,7 @@ class Queue:
                 return made[1], made[2]
             private = os.path.join(self.path, "tmp", ".claimer-%s-%d-%d" % (
                 _HOST, os.getpid(), next(_counter)))
-            fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
@@ -1316,9 +1654,14 @@ class Queue:
         has not been touched for claim_timeout seconds.
         """
         try:
-            fd = os.open(claim_path, os.O_RDONLY)
+            fd = _open_regular(claim_path)
         except FileNotFoundError:
             return True
+        except _NotRegular as e:
+            # No claim anyone makes (ours and zope's are links to regular
+            # files): say so, and leave its message alone.
+            self._report_odd(claim_path, e.what)
+            return False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1374,8 +1717,8 @@ class Queue:
     def _state_or_none(self, name: str) -> Optional[Dict[str, object]]:
         """The message's state; None when it has no state file."""
         try:
-            with open(self._state_path(name), encoding="utf-8") as f:
-                state = json.load(f)
+            with _open_file(self._state_path(name)) as f:
+                state = json.loads(f.read())
             return state if isinstance(state, dict) else {}
         except FileNotFoundError:
             return None
@@ -1387,13 +1730,8 @@ class Queue:
     def _write_state(self, name: str, state: Dict[str, object], sync: bool) -> None:
         path = self._state_path(name)
         tmp = os.path.join(self.path, "tmp", ".state-" + name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(state, sort_keys=True).encode("utf-8"))
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        # A new file (O_EXCL|O_NOFOLLOW), never through what is at the name
+        _write_synced(tmp, [json.dumps(state, sort_keys=True).encode("utf-8")], sync=sync)
         os.rename(tmp, path)
 
     # -- settling -----------------------------------------------------------
@@ -1426,7 +1764,7 @@ class Queue:
                 # (zope.sendmail included) sends twice to those done.
                 tmp = os.path.join(self.path, "tmp", msg.name)
                 _write_synced(tmp, [_envelope(msg.sender, recipients), msg.data])
-                os.utime(tmp, (next_attempt, next_attempt))
+                os.utime(tmp, (next_attempt, next_attempt), follow_symlinks=False)
                 # Replace in place, then move: a crash between the two
                 # leaves the shorter list due early, never the longer one.
                 os.rename(tmp, msg.path)
@@ -1435,7 +1773,7 @@ class Queue:
                     _fsync_dir(os.path.dirname(msg.path))
                 _fsync_dir(os.path.join(self.path, "cur"))
             else:
-                os.utime(msg.path, (next_attempt, next_attempt))
+                os.utime(msg.path, (next_attempt, next_attempt), follow_symlinks=False)
                 if msg.path != cur:
                     os.rename(msg.path, cur)
         except OSError as e:
@@ -1571,7 +1909,23 @@ class Queue:
     def _entry(self, path: str, state: str) -> Optional["QueueEntry"]:
         name = os.path.basename(path)
         try:
-            with open(path, "rb") as f:
+            f = _open_file(path)
+        except FileNotFoundError:
+            return None
+        except _NotRegular as e:
+            # Shown, so that list and status say what is there (and never
+            # wait on a FIFO): not a message, to be removed by hand.
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None
+            return QueueEntry(
+                id=name[10:] if state == "dead" else name, state=state, path=path, size=0,
+                sender="", recipients=[], queued=st.st_mtime, attempts=0,
+                next_attempt=st.st_mtime, xverp=False,
+                last_error="4.3.0 %s: not a message; remove it" % e)
+        try:
+            with f:
                 st = os.fstat(f.fileno())
                 head = _read_head(f.readline, name)     # as delivery reads it
         except FileNotFoundError:
@@ -1614,9 +1968,11 @@ class Queue:
     def _claim_owner(self, claim_path: str) -> str:
         """Who holds a claim, and whether they still live, in words."""
         try:
-            fd = os.open(claim_path, os.O_RDONLY)
+            fd = _open_regular(claim_path)
         except FileNotFoundError:
             return "nobody now (the claim has just gone)"
+        except _NotRegular as e:
+            return "no process: %s (remove it)" % e
         try:
             st = os.fstat(fd)
             head = os.pread(fd, 200, 0)
@@ -1667,8 +2023,10 @@ class Queue:
         own lines (a file without an envelope: all of its bytes).  Raises
         QueueError if it has left meanwhile."""
         try:
-            with open(entry.path, "rb") as f:
+            with _open_file(entry.path) as f:
                 raw = f.read()
+        except _NotRegular as e:
+            raise QueueError("%s: %s" % (entry.id, e), exit_code=os.EX_DATAERR) from None
         except FileNotFoundError:
             raise QueueError("%s has left %s meanwhile (sent, deferred or purged): look "
                              "again" % (entry.id, os.path.dirname(entry.path)),
@@ -1708,8 +2066,8 @@ class Queue:
 
     def _read_status(self) -> Dict[str, object]:
         try:
-            with open(os.path.join(self.path, "status.json"), encoding="utf-8") as f:
-                recorded = json.load(f)
+            with _open_file(os.path.join(self.path, "status.json")) as f:
+                recorded = json.loads(f.read())
             return recorded if isinstance(recorded, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -1718,6 +2076,11 @@ class Queue:
         """Record the last delivery (``delivered_at``, ``_id``, ``_via``) or
         error (``error_at``, ``error``, ``error_id``) for ``status``.  The
         newer record wins, whichever processor made it."""
+        try:
+            self._check_identity()      # nothing of ours goes into a replaced queue
+        except QueueError as e:
+            log.warning("4.3.0 cannot record the status: %s", e)
+            return
         recorded = self._read_status()
         for group in ("delivered", "error"):
             if float(facts.get(group + "_at") or 0) > float(recorded.get(group + "_at") or 0):
@@ -1725,7 +2088,8 @@ class Queue:
         tmp = os.path.join(self.path, "tmp", ".status-%d-%d" % (os.getpid(), next(_counter)))
         try:
             # Not fsynced: a crash may lose the last record, never a message.
-            _write_synced(tmp, [json.dumps(recorded, sort_keys=True).encode()], sync=False)
+            _write_synced(tmp, [json.dumps(recorded, sort_keys=True).encode()],
+                          exclusive=True, sync=False)
             os.rename(tmp, os.path.join(self.path, "status.json"))
         except OSError as e:
             log.warning("4.3.0 queue %s: cannot record the status: %s", self.path, e.strerror)
@@ -1759,7 +2123,7 @@ class Queue:
             info.update(next_attempt=now, history=_history(
                 info, {"at": now, "event": "made due now by an operator (flush)"}))
             self._write_state(entry.id, info, sync=False)
-            os.utime(entry.path, (now, now))
+            os.utime(entry.path, (now, now), follow_symlinks=False)
             os.rename(entry.path, os.path.join(self.path, "new", entry.id))
         except OSError as e:
             raise self._error("cannot flush %s" % entry.id, e) from None
@@ -1783,10 +2147,13 @@ class Queue:
             return None
         try:
             try:
-                with open(entry.path, "rb") as f:
+                with _open_file(entry.path) as f:
                     raw = f.read()
             except FileNotFoundError:
                 return None
+            except _NotRegular as e:
+                raise MessageError("dead letter %s cannot be queued again: %s"
+                                   % (entry.id, e), status="5.3.0") from None
             head = self._parse(held, raw)
             problem = held.problem
             if not held.recipients:
@@ -1855,7 +2222,7 @@ class Queue:
             os.utime(made[1])   # ours is alive, however old: keep it off the list
         for entry in os.scandir(os.path.join(self.path, "tmp")):
             try:
-                if now - entry.stat().st_mtime > _STALE_TMP:
+                if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TMP:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
@@ -2976,6 +3343,7 @@ class QueueProcessor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._refused = ("", 0.0)   # the queue's last QueueError in run(), and when logged
         self._unsettled: List[tuple] = []     # (message, queue change to retry)
         self._maintained = -math.inf    # monotonic: maintain() at the first pass
         self._last_used = 0.0
@@ -3039,6 +3407,16 @@ class QueueProcessor:
                     wait = min(wait, max(0.05, self._last_used + idle - time.monotonic()
                                          + 0.01))
                 self._wake.wait(wait)
+            except QueueError as e:
+                # The queue has gone, been replaced or become unsafe: nothing
+                # is sent from whatever is at its path, and the thread lives
+                # on to look again at the next poll (logged once in 5 minutes).
+                self._close_mailers()
+                text, logged = self._refused
+                if str(e) != text or time.monotonic() - logged > 300:
+                    log.error("%s queue processor: %s", e.status, e)
+                    self._refused = (str(e), time.monotonic())
+                self._wake.wait(_pause(self.config.poll_interval))
             except Exception:
                 log.exception("4.3.0 queue processor for %s: unexpected error, going "
                               "on", self.queue.path)
@@ -3082,7 +3460,10 @@ class QueueProcessor:
             mailer.close()
 
     def run_once(self) -> int:
-        """One pass over the due messages; returns how many were handled."""
+        """One pass over the due messages; returns how many were handled.
+        Raises QueueError, touching nothing, when the queue has been
+        replaced or has become unsafe (Queue.check)."""
+        self.queue.check()
         now = time.monotonic()      # every hour of running, whatever the wall clock does
         if now - self._maintained > 3600:
             self._maintained = now
@@ -3767,6 +4148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.once and args.command:
         parser.error("--once is for running the processor, not for %s" % args.command)
 
+    global _cli
+    _cli = [sys.executable, "-m", "gsemail"] + list(sys.argv[1:] if argv is None else argv)
     handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -3788,6 +4171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return os.EX_OK
     finally:
         log.removeHandler(handler)
+        _cli = None
 
 
 def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
@@ -3825,8 +4209,9 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
     return os.EX_OK
 
 
-def _open_queue(config: SMTPConfig) -> Queue:
-    return Queue(config.queuepath, config.claim_timeout, create=False, xverp=config.xverp)
+def _open_queue(config: SMTPConfig, readonly: bool = False) -> Queue:
+    return Queue(config.queuepath, config.claim_timeout, create=False, xverp=config.xverp,
+                 readonly=readonly)
 
 
 def _age(seconds: float) -> str:
@@ -3875,7 +4260,7 @@ def _entry_json(e: QueueEntry, now: float) -> Dict[str, object]:
 
 
 def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
-    queue = _open_queue(config)
+    queue = _open_queue(config, readonly=True)
     entries = queue.entries()
     now = time.time()
     if args.json:
@@ -3903,7 +4288,7 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
-    queue = _open_queue(config)
+    queue = _open_queue(config, readonly=True)
     now = time.time()
     for i, e in enumerate(queue.find([args.id])):
         data = queue.read_message(e)
@@ -3952,7 +4337,7 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
-    queue = _open_queue(config)
+    queue = _open_queue(config, readonly=True)
     facts = queue.status()
     now = time.time()
     counts: Dict[str, int] = facts["counts"]  # type: ignore[assignment]

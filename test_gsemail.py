@@ -1699,7 +1699,7 @@ class CLITests(Base):
         with open(path, "a") as f:
             f.write("[smtp-bad]\nhostname = h\nport = 25\nqueuepath = %s/file/q\n" % self.tmp)
         run = self.gsemail("--config", path, "--instance", "bad", "--once")
-        self.assertIn(run.returncode, (os.EX_CANTCREAT, os.EX_IOERR))
+        self.assertEqual(run.returncode, os.EX_CANTCREAT, run.stderr)
         self.assertTrue(run.stderr.startswith("4.3.0 "), run.stderr)
 
     def test_help_and_version(self):
@@ -3089,6 +3089,7 @@ class PostfixTests(Base):
     def test_without_xverp_authorisation_delivers_plain(self):
         p = self.prefix()
         config = self.config(self.postfix.noverp_port)
+        gsemail.Queue(config.queuepath)     # its "created" WARNING is not the one tested
         with self.assertLogs("gsemail", "WARNING") as logs:
             self.send(config, [p + "a@gsemail.test"], xverp=True)
         (copy,) = self.postfix.wait_delivered(p, 1)
@@ -5418,3 +5419,599 @@ class SecurityTests(Base):
         self.assertEqual(server.rcpts, ["good@example.org", "good@example.org"])
         self.assertFalse([c for c in server.commands if "evil" in c], server.commands)
         self.assertIn("5.1.3", self.dead_letter_text())
+
+
+# ---------------------------------------------------------------------------
+# Files and directories: modes, ownership, takeover, FIFOs and links, the unit
+# ---------------------------------------------------------------------------
+
+def in_child_as(function, user="nobody"):
+    """What function() returns or raises (a GsEmailError as "STATUS EXIT
+    message", anything else as "raised ...") when run as user, in a forked
+    child, for tests that need a second real user beside root."""
+    need(os.geteuid() == 0, "run as root to test as a second user (nobody)")
+    entry = pwd.getpwnam(user)
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)    # fork with threads
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(entry.pw_gid)
+            os.setgroups([])
+            os.setuid(entry.pw_uid)
+            try:
+                result = "returned %r" % (function(),)
+            except gsemail.GsEmailError as e:
+                result = "%s %d %s" % (e.status, e.exit_code, e)
+            except BaseException as e:      # noqa: B902 - reported to the parent
+                result = "raised %s: %s" % (type(e).__name__, e)
+            os.write(write, result.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        result = f.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
+def run_gsemail(args, timeout=60, input=None):
+    """python -m gsemail args, stopped by SIGTERM then SIGKILL if it hangs:
+    returns (returncode, stderr, stdout, hung)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gsemail"] + list(args), cwd=HERE,
+                            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+        return proc.returncode, err, out, False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=10)
+            return proc.returncode, err, out, "hung; stopped by SIGTERM"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            return proc.returncode, err, out, "hung; SIGTERM did not stop it"
+
+
+class QueueDirectoryTests(Base):
+    """Issue 11 defect 6, issue 12 defects 9 (the warning), 10 and 13."""
+
+    def ini(self, queuepath, port=25, extra=""):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "timeout = 5\nprocessorthread = no\n%s" % (port, queuepath, extra))
+        os.chmod(path, 0o644)
+        return path
+
+    def test_parents_are_made_0700_whatever_the_umask(self):
+        for umask in (0, 0o022, 0o277):
+            with self.subTest(umask=oct(umask)):
+                top = os.path.join(self.tmp, "u%o" % umask)
+                path = os.path.join(top, "a", "b", "queue")
+                old = os.umask(umask)
+                try:
+                    gsemail.Queue(path)
+                finally:
+                    os.umask(old)
+                for d in (top, os.path.join(top, "a"), os.path.join(top, "a", "b"), path,
+                          os.path.join(path, "new"), os.path.join(path, "tmp")):
+                    self.assertEqual(stat.S_IMODE(os.stat(d).st_mode), 0o700, d)
+
+    def test_creating_a_queue_is_logged_as_a_warning(self):
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            gsemail.Queue(self.queuepath)
+        self.assertTrue([line for line in logs.output
+                         if line.startswith("WARNING") and self.queuepath in line], logs.output)
+        # opening it again says nothing
+        with self.assertLogs("gsemail", "DEBUG") as logs:
+            gsemail.Queue(self.queuepath)
+            gsemail.log.debug("end")
+        self.assertEqual([line for line in logs.output if "WARNING" in line], [])
+        # the processor does it too: --once on a queue that is not there
+        queuepath = os.path.join(self.tmp, "private-tmp", "mailqueue")
+        code, err, _, hung = run_gsemail(["-c", self.ini(queuepath), "-i", "main", "--once"])
+        self.assertFalse(hung)
+        self.assertEqual(code, 0, err)
+        self.assertRegex(err, r"(?m)^4\.3\.0 queue %s did not exist: created it"
+                         % re.escape(queuepath))
+
+    def test_every_cannot_create_errno_exits_73(self):
+        with open(os.path.join(self.tmp, "file"), "w"):
+            pass
+        os.symlink(os.path.join(self.tmp, "nowhere"), os.path.join(self.tmp, "dangling"))
+        os.symlink("loop", os.path.join(self.tmp, "loop"))
+        cases = {"ENOTDIR": os.path.join(self.tmp, "file", "q"),
+                 "EEXIST": os.path.join(self.tmp, "dangling", "q"),
+                 "ELOOP": os.path.join(self.tmp, "loop", "q")}
+        if os.geteuid() == 0 and shutil.which("mount"):
+            ro = os.path.join(self.tmp, "ro")
+            os.mkdir(ro)
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", ro],
+                                     capture_output=True, text=True)
+            need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+            self.addCleanup(subprocess.run, ["umount", ro], check=True)
+            cases["EROFS"] = os.path.join(ro, "q")
+        for what, queuepath in cases.items():
+            with self.subTest(what):
+                code, err, _, hung = run_gsemail(["-c", self.ini(queuepath), "-i", "main",
+                                                  "--once"])
+                self.assertFalse(hung)
+                self.assertEqual(code, os.EX_CANTCREAT, err)
+                self.assertTrue(err.startswith("4.3.0 queue "), err)
+        # as a user who may not write the parent (EACCES)
+        os.chmod(self.tmp, 0o755)
+        result = in_child_as(lambda: gsemail.Queue(os.path.join(self.tmp, "q")))
+        self.assertTrue(result.startswith("4.3.0 73 "), result)
+        self.assertIn("Permission denied", result)
+        # EPERM has no file of its own here (mkdir on an immutable
+        # directory needs ext4's chattr): the mapping, for every errno
+        queue = gsemail.Queue(self.queuepath)
+        for name in ("EEXIST", "ENOTDIR", "EACCES", "EPERM", "EROFS", "ELOOP"):
+            code = getattr(errno, name)
+            e = queue._error("cannot create it", OSError(code, os.strerror(code)))
+            self.assertEqual(e.exit_code, os.EX_CANTCREAT, name)
+
+    def service_queue(self):
+        """A queue made as README says, owned by the service user (nobody),
+        with one message queued by it."""
+        need(os.geteuid() == 0, "needs root and nobody")
+        os.chmod(self.tmp, 0o755)
+        spool = os.path.join(self.tmp, "spool")
+        os.mkdir(spool, 0o755)
+        queuepath = os.path.join(spool, "main")
+        os.mkdir(queuepath, 0o700)
+        os.chown(queuepath, NOBODY.pw_uid, NOBODY.pw_gid)
+        data = gsemail._prepare_message(message(), "s@example.org")
+        result = in_child_as(lambda: gsemail.Queue(queuepath).add(
+            "s@example.org", ["r@example.org"], data))
+        self.assertTrue(result.startswith("returned "), result)
+        return queuepath, result.split("'")[1]
+
+    def tree(self, path):
+        return sorted((root, tuple(sorted(files)), os.stat(root).st_uid)
+                      for root, _, files in os.walk(path))
+
+    def test_root_reads_the_service_users_queue(self):
+        queuepath, name = self.service_queue()
+        ini = self.ini(queuepath)
+        before = self.tree(queuepath)
+        for command in (["list"], ["list", "--json"], ["show", name], ["status"]):
+            with self.subTest(command[0]):
+                code, err, out, hung = run_gsemail(["-c", ini, "-i", "main"] + command)
+                self.assertFalse(hung)
+                self.assertIn(code, (0, 1) if command == ["status"] else (0,), err)
+                self.assertIn(name if command[0] != "status" else "1 waiting", out)
+        self.assertEqual(self.tree(queuepath), before, "a read-only command changed the queue")
+
+    def test_root_is_told_to_run_as_the_owner(self):
+        queuepath, name = self.service_queue()
+        ini = self.ini(queuepath)
+        before = self.tree(queuepath)
+        for command in ([], ["--once"], ["flush", name], ["purge", name],
+                        ["send", "-f", "s@example.org", "r@example.org"]):
+            with self.subTest(command):
+                code, err, _, hung = run_gsemail(["-c", ini, "-i", "main"] + command,
+                                                 input=message())
+                self.assertFalse(hung)
+                self.assertEqual(code, os.EX_CANTCREAT, err)
+                self.assertRegex(err, r"^4\.3\.0 queue %s is owned by uid %d \(nobody\)" % (
+                    re.escape(queuepath), NOBODY.pw_uid))
+                self.assertIn("sudo -u nobody ", err)
+        self.assertEqual(self.tree(queuepath), before)
+        # a new queue in a directory the service user owns: root would make
+        # it root's, and lock the service out
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home, 0o700)
+        os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+        new = os.path.join(home, "queue")
+        code, err, _, hung = run_gsemail(["-c", self.ini(new), "-i", "main", "--once"])
+        self.assertFalse(hung)
+        self.assertEqual(code, os.EX_CANTCREAT, err)
+        self.assertIn(home, err)
+        self.assertIn("sudo -u nobody ", err)
+        self.assertFalse(os.path.lexists(new))
+        # the other way round: the service user finds a queue root made
+        made = os.path.join(self.tmp, "spool", "made-by-root")
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            gsemail.Queue(made)
+        self.assertIn("owned by root (a web application running as another user cannot "
+                      "use it)", logs.output[0])
+        result = in_child_as(lambda: gsemail.Queue(made))
+        self.assertRegex(result, r"^4\.3\.0 73 queue %s is owned by uid 0 \(root\).*root "
+                         r"made it, probably by running gsemail as root first" % re.escape(made))
+
+
+class QueueTakeoverTests(Base):
+    """Issue 11 defect 7: nobody else writes through the queue."""
+
+    def setUp(self):
+        super().setUp()
+        need(os.geteuid() == 0, "needs root and nobody")
+        os.chmod(self.tmp, 0o755)
+        # a root-owned file outside the queue that nothing may change
+        self.victim = os.path.join(self.tmp, "victim")
+        with open(self.victim, "w") as f:
+            f.write("precious\n")
+        os.chmod(self.victim, 0o644)
+
+    def assertVictimUnchanged(self):
+        st = os.lstat(self.victim)
+        self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, read_text(self.victim)),
+                         (0o644, 0, "precious\n"), "a root-owned file was written")
+
+    def test_parents_writable_by_another_user_are_refused(self):
+        nogroup = NOBODY.pw_gid
+        cases = {   # parent mode, owner, group -> what the error must say
+            "world-writable": (0o777, 0, 0, "writable by every user"),
+            "group-writable": (0o775, 0, nogroup, "writable by group"),
+            "owned by nobody": (0o755, NOBODY.pw_uid, 0, "owned by uid %d (nobody)"
+                                % NOBODY.pw_uid),
+            "world-writable grandparent": (0o777, 0, 0, "writable by every user"),
+        }
+        for what, (mode, uid, gid, why) in cases.items():
+            with self.subTest(what):
+                parent = os.path.join(self.tmp, what.replace(" ", "-"))
+                os.mkdir(parent)
+                os.chown(parent, uid, gid)
+                os.chmod(parent, mode)
+                unsafe = parent
+                if "grandparent" in what:
+                    parent = os.path.join(parent, "safe")
+                    os.mkdir(parent, 0o755)
+                queuepath = os.path.join(parent, "queue")
+                for attempt in ("new queue", "existing queue"):
+                    if attempt == "existing queue":
+                        os.mkdir(queuepath, 0o700)
+                    with self.assertRaises(gsemail.QueueError) as cm:
+                        gsemail.Queue(queuepath)
+                    self.assertIn(unsafe, str(cm.exception))
+                    self.assertIn(why, str(cm.exception))
+                    self.assertEqual(cm.exception.exit_code, os.EX_CANTCREAT)
+                    self.assertEqual(os.listdir(parent) if attempt == "new queue"
+                                     else os.listdir(queuepath), [], attempt)
+        # fine: root's sticky /tmp (this test's own tmp is in it), a parent
+        # only root can write, and the same for nobody's queue
+        for mode in (0o1777, 0o755):
+            parent = os.path.join(self.tmp, "ok%o" % mode)
+            os.mkdir(parent)
+            os.chmod(parent, mode)
+            gsemail.Queue(os.path.join(parent, "queue"))
+        mine = os.path.join(self.tmp, "ok755", "nobodys")
+        os.mkdir(mine, 0o700)
+        os.chown(mine, NOBODY.pw_uid, NOBODY.pw_gid)
+        self.assertEqual(in_child_as(lambda: gsemail.Queue(mine).path), "returned %r" % mine)
+
+    def test_a_replaced_queue_is_refused_by_the_running_processor(self):
+        spool = os.path.join(self.tmp, "spool")
+        os.mkdir(spool, 0o755)
+        queuepath = os.path.join(spool, "queue")
+        server = self.server(rules={"RCPT": lambda a: "451 4.3.0 later" if "later" in a
+                                    else None})
+        config = self.config(server.port, queuepath=queuepath, poll_interval=3600)
+        processor = gsemail.QueueProcessor(config, gsemail.Queue(queuepath))
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        gsemail.configure(config)           # send_email's queue, opened now
+        gsemail.send_email("s@example.org", ["first@example.org"], message())
+        processor.wake()
+        wait_for(lambda: server.rcpts == ["first@example.org"], 20, "the first delivery")
+        # Mail that waits in the real queue while the processor sleeps.
+        self.enqueue(config, rcpts=["waiting@example.org"])
+        # The operator's mistake: the spool becomes writable by every user.
+        os.chmod(spool, 0o777)
+        evil = "1700000000.M1P1Q1.evil"
+
+        def take_over():
+            os.rename(queuepath, os.path.join(spool, "stolen"))
+            os.mkdir(queuepath, 0o700)
+            for sub in ("new", "cur", "tmp", "state"):
+                os.mkdir(os.path.join(queuepath, sub), 0o700)
+            with open(os.path.join(queuepath, "new", evil), "wb") as f:
+                f.write(b"X-Zope-From: s@example.org\nX-Zope-To: evil@example.org, "
+                        b"later-evil@example.org\n" + message().encode())
+            links = [".state-" + evil, evil, ".rejected-" + evil] + [
+                ".status-%d-%d" % (os.getppid(), n) for n in range(1, 20000)]
+            for name in links:
+                os.symlink(self.victim, os.path.join(queuepath, "tmp", name))
+            os.symlink(self.victim, os.path.join(queuepath, "status.json"))
+            return "taken"
+        self.assertEqual(in_child_as(take_over), "returned 'taken'")
+        with self.assertLogs("gsemail", "ERROR") as logs:
+            processor.wake()
+            wait_for(lambda: [line for line in logs.output if "replaced" in line], 20,
+                     "the processor to refuse the replaced queue")
+        self.assertIn(queuepath, logs.output[0])
+        with self.assertRaises(gsemail.QueueError) as cm:
+            gsemail.send_email("s@example.org", ["second@example.org"], message())
+        self.assertIn("replaced", str(cm.exception))
+        self.assertTrue(processor.alive, "the processor thread died")
+        # The real queue comes back, and the processor goes on with it.
+        self.assertEqual(in_child_as(lambda: (
+            os.rename(queuepath, os.path.join(spool, "impostor")),
+            os.rename(os.path.join(spool, "stolen"), queuepath))), "returned (None, None)")
+        os.chmod(spool, 0o755)
+        processor.wake()
+        wait_for(lambda: "waiting@example.org" in server.rcpts, 20, "the waiting message")
+        self.assertFalse([c for c in server.commands if "evil" in c], server.commands)
+        self.assertVictimUnchanged()
+        for root, dirs, files in os.walk(os.path.join(spool, "impostor")):
+            for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                self.assertEqual(os.lstat(name).st_uid, NOBODY.pw_uid,
+                                 "root wrote %s into the impostor" % name)
+
+    def test_planted_links_in_tmp_are_never_followed(self):
+        server = self.server(rules={"RCPT": lambda a: "550 5.1.1 no" if "dead" in a else
+                                    "451 4.3.0 later" if "later" in a else None})
+        config = self.config(server.port)
+        part = self.enqueue(config, rcpts=["now@example.org", "later@example.org"])
+        dead = self.enqueue(config, rcpts=["dead@example.org"])
+        tmp = os.path.join(self.queuepath, "tmp")
+        for name in (".state-" + part, part, ".rejected-" + dead, ".state-" + dead):
+            os.symlink(self.victim, os.path.join(tmp, name))
+        os.mkfifo(os.path.join(tmp, ".state-fifo"))
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertVictimUnchanged()
+        self.assertEqual(sorted(server.rcpts), ["now@example.org"])
+        self.assertDeferred(part, ["later@example.org"])
+        self.assertIn("dead@example.org", self.dead_letter_text())
+        gsemail.Queue(self.queuepath).note({"error_at": time.time(), "error": "x"})
+        self.assertVictimUnchanged()
+
+
+class NonRegularFileTests(Base):
+    """Issue 11 defect 9: FIFOs, links and other non-regular files."""
+
+    def ini(self, port, extra=""):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "timeout = 5\npoll_interval = 0.1\nprocessorthread = no\n%s"
+                    % (port, self.queuepath, extra))
+        return path
+
+    def plant(self, config):
+        """A good message beside a FIFO in new/ and cur/, a link in new/, a
+        FIFO as the good message's state file, as status.json and as the
+        claim of a message: what each planted thing is called."""
+        good = self.enqueue(config, rcpts=["good@example.org"])
+        held = self.enqueue(config, rcpts=["held@example.org"])
+        outside = os.path.join(self.tmp, "outside")
+        with open(outside, "wb") as f:
+            f.write(b"X-Zope-From: s@example.org\nX-Zope-To: linked@example.org\n"
+                    + message().encode())
+        odd = {"fifo in new": os.path.join(self.queuepath, "new", "0.fifo"),
+               "fifo in cur": os.path.join(self.queuepath, "cur", "0.fifo"),
+               "link in new": os.path.join(self.queuepath, "new", "0.link")}
+        os.mkfifo(odd["fifo in new"])
+        os.mkfifo(odd["fifo in cur"])
+        os.utime(odd["fifo in cur"], (1, 1), follow_symlinks=False)
+        os.symlink(outside, odd["link in new"])
+        os.mkfifo(os.path.join(self.queuepath, "state", good))
+        os.mkfifo(os.path.join(self.queuepath, "status.json"))
+        os.mkfifo(os.path.join(self.queuepath, "new", ".sending-" + held))
+        return good, held, odd
+
+    def test_once_list_and_status_do_not_hang(self):
+        server = self.server()
+        path = self.ini(server.port)
+        good, held, odd = self.plant(gsemail.load_config(path, "main"))
+        # status with status.json a FIFO (--once replaces it)
+        code, err, out, hung = run_gsemail(["-c", path, "-i", "main", "status"], timeout=30)
+        self.assertFalse(hung, err)
+        self.assertIn(code, (0, 1, 2), err)
+        self.assertIn("waiting", out)
+        code, err, _, hung = run_gsemail(["-c", path, "-i", "main", "--once"], timeout=30)
+        self.assertFalse(hung, err)
+        self.assertEqual(server.rcpts, ["good@example.org"], err)
+        self.assertFalse([c for c in server.commands if "linked" in c])
+        for what, planted in odd.items():
+            self.assertRegex(err, r"(?m)^4\.3\.0 .*%s is (a FIFO|a symbolic link)"
+                             % re.escape(planted), what)
+        for command in (["list"], ["list", "--json"], ["status"], ["show", "0.fifo"]):
+            with self.subTest(command):
+                code, err, out, hung = run_gsemail(["-c", path, "-i", "main"] + command,
+                                                   timeout=30)
+                self.assertFalse(hung, err)
+                if command[0] == "list":
+                    self.assertEqual(code, 0, err)
+                    self.assertIn("0.fifo", out)
+                    self.assertIn("FIFO", out)
+                    self.assertIn(held, out)
+                elif command[0] == "status":
+                    self.assertIn(code, (0, 1, 2), err)
+                    self.assertIn("waiting", out)
+                else:
+                    self.assertNotEqual(code, 0)
+                    # 0.fifo names the one in new/ and the one in cur/
+                    self.assertRegex(err, r"^4\.3\.0 0\.fifo: %s/(new|cur)/0\.fifo is a FIFO, "
+                                     % re.escape(self.queuepath))
+
+    def test_sigterm_stops_a_processor_beside_a_fifo(self):
+        server = self.server()
+        path = self.ini(server.port)
+        good, _, odd = self.plant(gsemail.load_config(path, "main"))
+        proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main"],
+                                cwd=HERE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: server.rcpts, 20, "the good message beside the FIFO")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn(odd["fifo in new"], err)
+        # reported once, not at every poll
+        self.assertEqual(err.count(odd["fifo in new"] + " is a FIFO"), 1, err)
+
+    def test_secret_and_config_files_that_are_fifos(self):
+        fifo = os.path.join(self.tmp, "fifo")
+        os.mkfifo(fifo, 0o600)
+        link = os.path.join(self.tmp, "link-to-fifo")
+        os.symlink(fifo, link)
+        secret = os.path.join(self.tmp, "..data-secret")
+        with open(secret, "w") as f:
+            f.write("s3cret\n")
+        os.chmod(secret, 0o600)
+        secret_link = os.path.join(self.tmp, "password")    # as Kubernetes mounts it
+        os.symlink(secret, secret_link)
+        for what, password_file in (("FIFO", fifo), ("link to a FIFO", link)):
+            with self.subTest(what):
+                ini = self.ini(25, "username = u\npassword_file = %s\n" % password_file)
+                code, err, _, hung = run_gsemail(["-c", ini, "-i", "main", "check"],
+                                                 timeout=30)
+                self.assertFalse(hung, err)
+                self.assertEqual(code, os.EX_CONFIG, err)
+                self.assertIn(password_file, err)
+                self.assertIn("FIFO", err)
+        code, err, _, hung = run_gsemail(["-c", link, "-i", "main", "list"], timeout=30)
+        self.assertFalse(hung, err)
+        self.assertEqual(code, os.EX_CONFIG, err)
+        self.assertIn(link, err)
+        self.assertIn("FIFO", err)
+        config = gsemail.load_config(self.ini(25, "username = u\npassword_file = %s\n"
+                                              % secret_link), "main")
+        self.assertEqual(config.password, "s3cret")
+
+
+class ConfigEncodingTests(Base):
+    """Issue 11 defect 16."""
+
+    def test_a_byte_order_mark_is_accepted(self):
+        path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf[smtp-main]\nhostname = relay.example.org\nport = 587\n")
+        config = gsemail.load_config(path, "main")
+        self.assertEqual((config.hostname, config.port), ("relay.example.org", 587))
+        # a BOM anywhere else is still text before the first header
+        with open(path, "wb") as f:
+            f.write(b"\n\xef\xbb\xbf[smtp-main]\nhostname = h\nport = 25\n")
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.load_config(path, "main")
+        self.assertIn("line 2", str(cm.exception))
+
+
+def readme_block(after):
+    """The literal block that follows the README line ending in ``after``."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next(n for n, line in enumerate(lines) if line.rstrip().endswith(after))
+    block = []
+    for line in lines[start + 1:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip() + "\n"
+
+
+class SystemdUnitTests(unittest.TestCase):
+    """Issue 12 defect 9: README's unit and the steps around it."""
+
+    def verify(self, unit):
+        """What systemd-analyze verify says of unit (empty: nothing)."""
+        analyze = shutil.which("systemd-analyze")
+        need(analyze, "systemd-analyze (Debian's systemd package)")
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "gsemail-main.service")
+            with open(path, "w") as f:
+                f.write(unit)
+            run = subprocess.run([analyze, "verify", "--man=no", path], capture_output=True,
+                                 text=True, timeout=60)
+        # verify exits 0 for an unknown key or a bad value ("ignoring"), so
+        # anything it says is a problem too.
+        return ("exit %d: " % run.returncode if run.returncode else "") + run.stdout + \
+            run.stderr
+
+    def test_readme_unit_verifies(self):
+        unit = readme_block("``/etc/systemd/system/gsemail-main.service``::")
+        # Nothing is substituted: verify does not look up User=, and the
+        # ExecStart= python (/usr/bin/python3) is Debian's, as on the servers.
+        self.assertEqual(self.verify(unit), "")
+        # the check can fail: a misspelt key, a bad signal, a missing python
+        for broken in (unit.replace("NoNewPrivileges=", "NoNewPrivilege="),
+                       unit.replace("KillSignal=SIGTERM", "KillSignal=SIGTERMINATE"),
+                       unit.replace("/usr/bin/python3", "/usr/bin/no-such-python")):
+            self.assertNotEqual(broken, unit)
+            self.assertNotEqual(self.verify(broken), "", broken)
+
+    def test_unit_config_and_steps_agree(self):
+        unit = readme_block("``/etc/systemd/system/gsemail-main.service``::")
+        service = dict(line.split("=", 1) for line in unit.splitlines()
+                       if "=" in line and not line.startswith("#"))
+        config = readme_block("``gsconfig.ini``::")    # the unit's
+        queuepath = re.search(r"(?m)^queuepath = (\S+)$", config).group(1)
+        steps = readme_block("on a fresh Debian, as root::")
+        user = service["User"]
+        # The queue is outside /tmp, which PrivateTmp= hides from the unit.
+        self.assertEqual(service.get("PrivateTmp"), "yes")
+        self.assertFalse(queuepath.startswith("/tmp/"), queuepath)
+        # The unit may write it, and says so clearly when it is missing
+        # (ReadWritePaths= alone fails with 226/NAMESPACE).
+        self.assertEqual(service["ReadWritePaths"], queuepath)
+        self.assertEqual(service["AssertPathIsDirectory"], queuepath)
+        # The steps make it, owned by the unit's user, mode 0700.
+        self.assertRegex(steps, r"(?m)^install -d -o %s -g %s -m 0700 %s$"
+                         % (user, service["Group"], re.escape(queuepath)))
+        self.assertIn("/tmp/mailqueue", steps)
+        self.assertIn("processorthread = False", config)
+
+    def test_readme_steps_make_a_queue_the_service_user_drains(self):
+        """The steps, run under a temporary root, with the service user
+        nobody (groupserver does not exist here) and runuser for sudo (not
+        installed here); the ``list`` step is run by the test itself, as
+        root, because the test's Python may not be runnable by nobody."""
+        need(os.geteuid() == 0 and shutil.which("runuser"), "needs root and runuser")
+        root = tempfile.mkdtemp(prefix="gsemail-steps-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.chmod(root, 0o755)
+        # gs.email's queue as the web application left it, with a zope claim
+        old = os.path.join(root, "tmp", "mailqueue")
+        for sub in ("new", "cur", "tmp"):
+            os.makedirs(os.path.join(old, sub))
+        name = "%d.1234.5678.example.org" % time.time()
+        path = os.path.join(old, "new", name)
+        with open(path, "wb") as f:
+            f.write(b"X-Zope-From: s@example.org\nX-Zope-To: moved@example.org\n"
+                    + message(subject="moved").encode().replace(b"\n", b"\r\n"))
+        os.link(path, os.path.join(old, "new", ".sending-" + name))
+        subprocess.run(["chown", "-R", "nobody:nogroup", os.path.join(root, "tmp")],
+                       check=True)
+        steps = readme_block("on a fresh Debian, as root::")
+        lines = [line for line in steps.splitlines() if " -m gsemail " not in line]
+        script = "\n".join(lines).replace("/var/spool/gsemail", root + "/var/spool/gsemail") \
+            .replace("/tmp/mailqueue", old).replace("sudo -u groupserver", "runuser -u nobody --") \
+            .replace("-o groupserver -g groupserver", "-o nobody -g nogroup")
+        os.makedirs(os.path.join(root, "var", "spool"), 0o755)
+        run = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True,
+                             timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr + "\n" + script)
+        queuepath = os.path.join(root, "var", "spool", "gsemail", "main")
+        self.assertFalse(os.path.exists(old))
+        st = os.stat(queuepath)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode) & 0o077), (NOBODY.pw_uid, 0))
+        for top, dirs, files in os.walk(queuepath):
+            for entry in [top] + [os.path.join(top, n) for n in dirs + files]:
+                self.assertEqual(os.stat(entry).st_mode & 0o077, 0, entry)
+        # root may read it (list), the service user sends it
+        server = SMTPServer()
+        self.addCleanup(server.close)
+        ini = os.path.join(root, "gsconfig.ini")
+        with open(ini, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "processorthread = False\n" % (server.port, queuepath))
+        code, err, out, hung = run_gsemail(["-c", ini, "-i", "main", "list"])
+        self.assertEqual((code, hung), (0, False), err)
+        self.assertIn(name, out)
+        self.assertRegex(out, r"(?m)^%s +new " % re.escape(name),
+                         "not due now (a copied claim would hold it)")
+        config = gsemail.load_config(ini, "main")
+        "x".encode("idna")  # smtplib needs the codec; nobody may not read /root/.pyenv
+        result = in_child_as(lambda: gsemail.QueueProcessor(config).drain())
+        self.assertEqual(result, "returned None")
+        self.assertEqual(server.rcpts, ["moved@example.org"])
