@@ -2914,6 +2914,117 @@ class FailureHandlingTests(Base):
 
 
 # ---------------------------------------------------------------------------
+# Records first: no advisory file can stop a delivery from being recorded,
+# and an outcome that cannot be written is never sent again
+# ---------------------------------------------------------------------------
+
+# What an operator's edit or another tool may leave in status.json: the ISO
+# times that ``status --json`` prints, wrong types, NaN, huge numbers, lists,
+# deep nesting, bytes that are not UTF-8.
+GARBAGE_STATUS = [
+    '{"delivered_at": "2026-01-01T09:00:00Z", "delivered_id": "x", "delivered_via": "y",'
+    ' "error_at": "2026-01-01T09:00:01Z", "error": "4.4.1 down", "error_id": "z"}',
+    '{"last_delivery": "2026-01-01T09:00:00Z", "last_error_at": "2026-01-01T09:00:01Z"}',
+    '{"delivered_at": NaN, "error_at": Infinity, "delivered_id": ["a"], "error": {"b": 1}}',
+    '{"delivered_at": 1e400, "error_at": -1e300, "counts": "lots", "queue": 5,'
+    ' "waiting": "x", "due": null, "oldest_queued": "soon", "oldest_id": [1]}',
+    '{"delivered_at": %s, "error_at": [1, 2], "error": "%s"}' % ("9" * 400, "e" * 100000),
+    '{"delivered_at": %s}' % ("9" * 5000),
+    '{"delivered_at": true, "error_at": "1e999", "delivered_id": null, "error_id": 7}',
+    '[1, 2, 3]',
+    '"2026-01-01T09:00:00Z"',
+    "[" * 100000 + "]" * 100000,
+    "\udcff\udcfe{not json",
+]
+
+# The same for a message's state file (attempts, times, refusals, history).
+GARBAGE_STATE = [
+    '{"attempts": "many", "first_queued": NaN, "failed": "x", "history": 5,'
+    ' "last_error": ["x"], "xverp": "no", "next_attempt": "soon"}',
+    '{"attempts": 1000000, "first_queued": "%s", "failed": [["a", "b"]],'
+    ' "last_attempt": 1e400}' % gsemail._iso(time.time() - 3600),
+    '{"attempts": -5, "first_queued": 1e400, "failed": {"x@example.org": 5},'
+    ' "history": [1, "two", {"at": "three"}]}',
+    '{"attempts": %s, "first_queued": %s}' % ("9" * 400, "-" + "9" * 400),
+    '{"attempts": 2.5e300, "first_queued": Infinity}',
+    '[]',
+    "[" * 100000 + "]" * 100000,
+]
+
+
+class RecordFirstTests(OperatorBase):
+    """Advisory files (status.json, state files) are read with tolerance
+    of any content, and only after the delivery is recorded."""
+
+    def once(self):
+        run = self.gsemail("--once")
+        self.assertNotIn("Traceback", run.stderr)
+        return run
+
+    def test_any_status_json_neither_stops_the_record_nor_status(self):
+        server = self.server()
+        config = self.ini(server.port)
+        status = os.path.join(self.queuepath, "status.json")
+        for i, text in enumerate(GARBAGE_STATUS):
+            with self.subTest(status=text[:70]):
+                rcpt = "r%d@example.org" % i
+                name = self.enqueue(config, rcpts=[rcpt])
+                with open(status, "w", encoding="utf-8", errors="surrogateescape") as f:
+                    f.write(text)
+                for _ in range(2):      # the second run finds nothing to send again
+                    run = self.once()
+                    self.assertEqual(run.returncode, 0, run.stderr)
+                self.assertEqual(server.rcpts.count(rcpt), 1, "sent twice: " + run.stderr)
+                self.assertEqual(self.listing("new") + self.listing("cur"), [])
+                # the first run recorded its delivery over whatever was there
+                report = json.loads(self.ok("status", "--json"))
+                self.assertEqual(report["last_delivery_id"], name)
+                self.assertRegex(report["last_delivery"], r"^\d{4}-\d\d-\d\dT")
+                self.assertIn("last delivery  ", self.ok("status"))
+                # and status reads any of it, unchanged by a processor
+                with open(status, "w", encoding="utf-8", errors="surrogateescape") as f:
+                    f.write(text)
+                for args in (("status",), ("status", "--json"), ("list",)):
+                    run = self.gsemail(*args)
+                    self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+                    self.assertNotIn("Traceback", run.stderr)
+                report = json.loads(self.ok("status", "--json"))
+                for key in ("last_delivery", "last_error_at"):
+                    self.assertTrue(report[key] is None or
+                                    re.match(r"^\d{4}-\d\d-\d\dT", report[key]), report)
+                for key in ("last_delivery_id", "last_error", "last_error_id"):
+                    self.assertIsInstance(report[key], (str, type(None)))
+
+    def test_any_state_file_neither_stops_the_record_nor_kills_the_message(self):
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.ini(server.port)
+        for i, text in enumerate(GARBAGE_STATE):
+            with self.subTest(state=text[:70]):
+                now = "now%d@example.org" % i
+                name = self.enqueue(config, rcpts=[now, "later@example.org"])
+                with open(os.path.join(self.queuepath, "state", name), "w") as f:
+                    f.write(text)
+                for _ in range(2):
+                    run = self.once()
+                    self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+                self.assertEqual(server.rcpts.count(now), 1, "sent twice: " + run.stderr)
+                # kept for the deferred recipient (NaN or a far first_queued
+                # must not make it a dead letter), with a state that adds up
+                state = self.assertDeferred(name, ["later@example.org"])
+                self.assertEqual(self.dead_letters(), [])
+                self.assertIsInstance(state["attempts"], int)
+                self.assertGreaterEqual(state["attempts"], 1)
+                self.assertLessEqual(abs(state["first_queued"] - time.time()), 400 * 86400)
+                self.assertIsInstance(state["failed"], dict)
+                for args in (("list",), ("list", "--json"), ("show", name), ("status",)):
+                    run = self.gsemail(*args)
+                    self.assertIn(run.returncode, (0, 1), run.stdout + run.stderr)
+                    self.assertNotIn("Traceback", run.stderr)
+                self.ok("purge", name)
+
+
+# ---------------------------------------------------------------------------
 # Faults: each hits one message; the same processor thread goes on
 # ---------------------------------------------------------------------------
 
