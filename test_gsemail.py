@@ -3024,6 +3024,136 @@ class RecordFirstTests(OperatorBase):
                 self.ok("purge", name)
 
 
+def mount_small_tmpfs(test, size="1m"):
+    """A really small tmpfs of our own (as BadInputTests.test_disk_full),
+    unmounted at cleanup; returns its path."""
+    need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
+    mountpoint = os.path.join(test.tmp, "small")
+    os.mkdir(mountpoint)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
+                              "tmpfs", mountpoint], capture_output=True, text=True)
+    need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+    test.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
+    return mountpoint
+
+
+def fill_disk(path):
+    """Fill the file system of path's directory until ENOSPC; returns a
+    function that frees it again."""
+    filler = os.path.join(os.path.dirname(path), "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        try:
+            f.close()
+        except OSError:
+            pass
+    return lambda: os.unlink(filler)
+
+
+def postfix_accepted(pf, message_id, timeout=60):
+    """Postfix's queue ids for the copies of message_id it accepted, once it
+    has delivered (removed) each of them."""
+    def settled():
+        text = pf.log()
+        ids = re.findall(r": ([0-9A-Za-z]+): message-id=%s" % re.escape(message_id), text)
+        return all(re.search(r": %s: removed" % i, text) for i in ids) and ids
+    return wait_for(settled, timeout, "postfix to settle %s (log: %s)"
+                    % (message_id, pf.log()[-2000:]))
+
+
+class FullDiskRecordTests(OperatorBase):
+    """A full disk while a message is delivered in part: the recipients
+    accepted are never sent again, and claims taken on it name their owner."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def setUp(self):
+        super().setUp()
+        self.queuepath = os.path.join(mount_small_tmpfs(self), "queue")
+
+    def queued(self, name):
+        for sub in ("new", "cur"):
+            path = os.path.join(self.queuepath, sub, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    return f.read()
+        return None
+
+    def test_partly_delivered_on_a_full_disk_is_never_sent_twice(self):
+        p = "fulldisk-%d-" % time.monotonic_ns()
+        ok, later = p + "ok@gsemail.test", "defer4xx-" + p + "@gsemail.test"
+        config = self.ini(self.postfix.port)
+        name = self.enqueue(config, rcpts=[ok, later], sender="bounces@gsemail.test",
+                            msg=message(subject="full disk"))
+        second = self.enqueue(config, rcpts=[p + "second@gsemail.test"],
+                              sender="bounces@gsemail.test", msg=message(subject="second"))
+        message_id = re.search(rb"Message-ID: (<[^>]+>)", self.queued(name)).group(1).decode()
+        free = fill_disk(self.queuepath)
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertNotIn("Traceback", run.stderr)
+        self.assertIn("cannot record the delivery outcome", run.stderr)
+        # what a later run honours: the file lists only the recipient still
+        # to do (zope's rule too: spaces are stripped), no claim is left
+        envelope = self.queued(name).split(b"\n")[1].decode()
+        self.assertEqual(envelope.rstrip(), "X-Zope-To: " + later)
+        self.assertEqual([n for n in self.listing("new") if n.startswith(".")], [])
+        # no new work while an outcome waited: the second message is untouched
+        self.assertIsNotNone(self.queued(second), "sent while an outcome was unrecorded")
+        # the disk is still full: the next run must not send to ok@ again
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertNotIn("Traceback", run.stderr)
+        free()
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertDeferred(name, [later])
+        self.assertIsNone(self.queued(second))
+        self.assertEqual(len(self.postfix.wait_delivered(p + "second", 1)), 1)
+        self.assertEqual(len(postfix_accepted(self.postfix, message_id)), 1,
+                         "Postfix accepted the message more than once")
+        self.assertEqual(len(self.postfix.delivered(ok)), 1)
+        self.assertEqual(self.listing("tmp"), [], "files left behind in tmp/")
+
+    def test_a_claim_taken_on_a_full_disk_names_its_owner(self):
+        config = self.ini(self.postfix.port)
+        name = self.enqueue(config, rcpts=["a@gsemail.test"])
+        path = os.path.join(self.queuepath, "new", name)
+        free = fill_disk(self.queuepath)
+        self.addCleanup(free)
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, self.queuepath, path],
+                                cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        self.assertEqual(proc.stdout.readline().strip(), "held")
+        (claimer,) = self.listing("tmp")
+        self.assertEqual(os.path.getsize(os.path.join(self.queuepath, "tmp", claimer)), 0,
+                         "the disk was not full: the claimer file has content")
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual(listed[0]["claim"], "process %d on this host, running" % proc.pid)
+        queue = gsemail.Queue(self.queuepath, claim_timeout=3600)
+        self.assertIsNone(queue.claim(path), "a live claim was taken")
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertIn("process %d on this host, which has died" % proc.pid, listed[0]["claim"])
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            msg = queue.claim(path)
+        self.assertIsNotNone(msg, "a dead process's claim was kept for claim_timeout")
+        self.assertIn("its process has died", logs.output[0])
+        msg.release()
+        queue.close()
+
+
 # ---------------------------------------------------------------------------
 # Faults: each hits one message; the same processor thread goes on
 # ---------------------------------------------------------------------------
