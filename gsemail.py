@@ -1032,6 +1032,8 @@ class Queue:
             made = self._claimer_file
             if made is not None and made[0] == os.getpid():
                 return made[1], made[2]
+            if made is not None:
+                os.close(made[1])   # a parent's, forked without hooks: see _forget_claimer
             private = os.path.join(self.path, "tmp", ".claimer-%s-%d-%d" % (
                 _HOST, os.getpid(), next(_counter)))
             fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2495,6 +2497,7 @@ class QueueProcessor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._pid = 0       # the process whose thread it is (see alive)
         # Outcomes the queue could not record: (message, queue change to
         # retry, whether its file already keeps a later run from sending to
         # the recipients delivered).  While there are any, no new message
@@ -2511,8 +2514,9 @@ class QueueProcessor:
 
     def start(self) -> None:
         """Run in a daemon thread; the backlog is delivered at once."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.alive:
             self._stopping.clear()
+            self._pid = os.getpid()
             self._thread = threading.Thread(
                 target=self.run, name="gsemail %s" % self.queue.path, daemon=True)
             self._thread.start()
@@ -2530,12 +2534,17 @@ class QueueProcessor:
         self._stopping.set()
         self._wake.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread() and \
+                self._pid == os.getpid():   # in a forked child it does not run
             thread.join(self.config.claim_timeout if timeout is None else timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Its thread runs in this process.  A process forked without
+        Python's fork hooks (uWSGI's workers) has the parent's processor
+        object, whose thread looks alive there but does not exist."""
+        return self._thread is not None and self._pid == os.getpid() and \
+            self._thread.is_alive()
 
     def run(self) -> None:
         """Deliver until stop() is called.  Never dies of an exception."""
@@ -3022,6 +3031,7 @@ def _current_config() -> SMTPConfig:
 
 
 def _queue_for(config: SMTPConfig) -> Queue:
+    _check_fork()
     with _lock:
         queue = _queues.get(config.queuepath)
         if queue is None:
@@ -3061,6 +3071,7 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
 
 def shutdown(timeout: Optional[float] = None) -> None:
     """Stop every processor thread this process started (run at exit)."""
+    _check_fork()
     with _lock:
         processors = list(_processors.values())
         _processors.clear()
@@ -3070,11 +3081,25 @@ def shutdown(timeout: Optional[float] = None) -> None:
 
 def _after_fork() -> None:
     # A child has the parent's queues but none of its threads: start afresh.
-    global _lock
+    global _lock, _pid
+    _pid = os.getpid()
     _lock = threading.Lock()
     _processors.clear()
     for queue in list(_claiming):
         queue._forget_claimer()
+
+
+_pid = os.getpid()      # the process that _processors and _lock belong to
+
+
+def _check_fork() -> None:
+    """Run _after_fork in a child that was forked without Python's fork
+    hooks: uWSGI's master forks its workers with libc's fork() (unless
+    --lazy-apps), so a web application that configured gsemail at import
+    has, in each worker, its master's processors and locks but not their
+    threads.  Every entry point checks the pid first."""
+    if _pid != os.getpid():
+        _after_fork()
 
 
 # At exit, wait a little for the message in flight.  If it is cut short, the

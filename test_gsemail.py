@@ -3154,6 +3154,82 @@ class FullDiskRecordTests(OperatorBase):
         queue.close()
 
 
+# A web server's pre-forking as uWSGI does it (no --lazy-apps): the app
+# configures gsemail at import, in the master, and the master forks its
+# workers with libc's fork(), so none of Python's fork hooks run.  PyDLL
+# keeps the GIL across the call, as uWSGI's master holds it.
+RAW_FORK = textwrap.dedent("""\
+    import ctypes, json, os, sys, time
+    import gsemail
+    port, queuepath = int(sys.argv[1]), sys.argv[2]
+
+    def say(what, **facts):
+        print(json.dumps(dict(facts, what=what, pid=os.getpid())), flush=True)
+
+    def sent(name, timeout=20):
+        deadline = time.monotonic() + timeout
+        while os.path.exists(os.path.join(queuepath, "new", name)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def processor():
+        p = gsemail._processors.get(queuepath)
+        return p is not None and p.alive and p._pid == os.getpid()
+
+    MSG = "From: a@example.org\\nSubject: fork\\n\\nHello.\\n"
+    # poll_interval: the parent's processor looks only when it is woken
+    gsemail.configure(gsemail.SMTPConfig(
+        hostname="127.0.0.1", port=port, queuepath=queuepath, timeout=5,
+        ehlo_name="client.test", poll_interval=3600))
+    gsemail.send_email("s@example.org", ["parent1@example.org"], MSG)
+    name = sorted(os.listdir(os.path.join(queuepath, "new")))[-1:]
+    say("parent1", sent=sent(name[0]) if name else True)
+    started = time.monotonic()
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        # a worker: only its own processor can deliver what it queues
+        gsemail.send_email("s@example.org", ["child@example.org"], MSG)
+        name = [n for n in os.listdir(os.path.join(queuepath, "new"))
+                if not n.startswith(".")]
+        say("child", sent=sent(name[0]) if name else True, own=processor())
+        sys.exit(0)     # atexit: gsemail.shutdown, as a worker that is stopped
+    os.waitpid(pid, 0)
+    say("child exited", seconds=time.monotonic() - started)
+    gsemail.send_email("s@example.org", ["parent2@example.org"], MSG)
+    name = [n for n in os.listdir(os.path.join(queuepath, "new")) if not n.startswith(".")]
+    say("parent2", sent=sent(name[0]) if name else True, own=processor())
+    """)
+
+
+class ForkWithoutHooksTests(Base):
+    """A processor belongs to the process that started it; a process
+    forked without Python's fork hooks starts its own."""
+
+    def test_a_worker_forked_by_libc_fork_delivers_with_its_own_processor(self):
+        server = self.server()
+        run = subprocess.run([sys.executable, "-c", RAW_FORK, str(server.port),
+                              self.queuepath], cwd=HERE, capture_output=True, text=True,
+                             timeout=120)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        said = {d["what"]: d for d in map(json.loads, run.stdout.split("\n")[:-1])}
+        self.assertEqual(set(said), {"parent1", "child", "child exited", "parent2"},
+                         run.stdout + run.stderr)
+        self.assertTrue(said["parent1"]["sent"])
+        self.assertTrue(said["child"]["sent"], "the worker's mail was not delivered by "
+                        "its own processor: " + run.stderr)
+        self.assertTrue(said["child"]["own"], "the worker has no processor of its own")
+        # stopping a worker does not wait for a thread that exists only in
+        # the master (10 s, atexit's bound, or for ever)
+        self.assertLess(said["child exited"]["seconds"], 8, run.stderr)
+        self.assertTrue(said["parent2"]["sent"], "the master's processor was harmed")
+        self.assertTrue(said["parent2"]["own"])
+        self.assertEqual(sorted(server.rcpts), ["child@example.org", "parent1@example.org",
+                                                "parent2@example.org"])
+        self.assertEqual(self.listing("new") + self.listing("cur") + self.listing("tmp"), [])
+
+
 # ---------------------------------------------------------------------------
 # Faults: each hits one message; the same processor thread goes on
 # ---------------------------------------------------------------------------
