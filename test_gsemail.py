@@ -33,6 +33,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.request
 import warnings
 
 import gsemail
@@ -3203,6 +3204,26 @@ RAW_FORK = textwrap.dedent("""\
     """)
 
 
+# A WSGI application as GroupServer's would be: it configures gsemail at
+# import and queues a message per request, answering with its pid.
+UWSGI_APP = textwrap.dedent("""\
+    import os, sys
+    sys.path.insert(0, os.environ["GSEMAIL_DIR"])
+    import gsemail
+    gsemail.configure(gsemail.SMTPConfig(
+        hostname="127.0.0.1", port=int(os.environ["SMTP_PORT"]),
+        queuepath=os.environ["QUEUE"], timeout=5, ehlo_name="client.test",
+        poll_interval=3600))
+
+    def application(environ, start_response):
+        rcpt = environ["PATH_INFO"].strip("/") + "@example.org"
+        gsemail.send_email("s@example.org", [rcpt],
+                           "From: a@example.org\\nSubject: uwsgi\\n\\nHello.\\n")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+    """)
+
+
 class ForkWithoutHooksTests(Base):
     """A processor belongs to the process that started it; a process
     forked without Python's fork hooks starts its own."""
@@ -3228,6 +3249,49 @@ class ForkWithoutHooksTests(Base):
         self.assertEqual(sorted(server.rcpts), ["child@example.org", "parent1@example.org",
                                                 "parent2@example.org"])
         self.assertEqual(self.listing("new") + self.listing("cur") + self.listing("tmp"), [])
+
+    def test_real_uwsgi_prefork_workers_deliver_and_stop(self):
+        # uwsgi --master --processes 2 without --lazy-apps: the app is
+        # imported (and gsemail configured) in the master, which forks.
+        uwsgi = os.environ.get("GSEMAIL_UWSGI")
+        need(uwsgi and os.access(uwsgi, os.X_OK),
+             "set $GSEMAIL_UWSGI to a uwsgi binary (pip install uwsgi in a venv)")
+        server = self.server()
+        app = os.path.join(self.tmp, "app.py")
+        with open(app, "w") as f:
+            f.write(UWSGI_APP)
+        port = free_port()
+        env = dict(os.environ, GSEMAIL_DIR=HERE, SMTP_PORT=str(server.port),
+                   QUEUE=self.queuepath)
+        proc = subprocess.Popen([uwsgi, "--master", "--processes", "2", "--die-on-term",
+                                 "--http-socket", "127.0.0.1:%d" % port, "--wsgi-file", app],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+        def stop():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.addCleanup(stop)
+        wait_for(lambda: Postfix._listening(port), 30, "uwsgi on port %d" % port)
+        workers = set()
+        for i in range(8):
+            with urllib.request.urlopen("http://127.0.0.1:%d/r%d" % (port, i),
+                                        timeout=30) as answer:
+                workers.add(int(answer.read()))
+        self.assertNotIn(proc.pid, workers)
+        # the master's processor only looks when woken: each worker's own
+        # processor delivers what that worker queued
+        wait_for(lambda: len(server.rcpts) == 8, 30, "the workers' mail (%s)" % server.rcpts)
+        self.assertEqual(sorted(server.rcpts), ["r%d@example.org" % i for i in range(8)])
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, out[-3000:])
+        # its workers exit at once (not after atexit's 10 s bound, or never)
+        self.assertLess(time.monotonic() - started, 8, out[-3000:])
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
 
 # ---------------------------------------------------------------------------
