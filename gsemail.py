@@ -690,7 +690,8 @@ def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
     if when is not None:
         return when
     match = re.match(r"(?:\.rejected-)?(\d{9,})\.", name)
-    return float(match.group(1)) if match else mtime
+    when = _when(float(match.group(1))) if match else None
+    return mtime if when is None else when
 
 
 _HISTORY = 10       # attempts and operator actions kept in a message's state
@@ -1229,12 +1230,17 @@ class Queue:
               state: Dict[str, object], next_attempt: float) -> None:
         """Keep the message for the recipients still to do, due again at
         next_attempt, and record state."""
+        cur = os.path.join(self.path, "cur", msg.name)
+        if msg.path != cur and not os.path.lexists(msg.path) and os.path.lexists(cur):
+            # An earlier try of this same change moved it and then failed
+            # (see QueueProcessor._record); we hold its claim, so it is ours.
+            # Writing msg.path again would make a second copy.
+            msg.path = cur
         try:
             # The refused recipients must survive a crash (they go in the dead
             # letter); attempts and times are cheap to lose.
             sync = (state.get("failed") or {}) != (msg.state.get("failed") or {})
             self._write_state(msg.name, state, sync)
-            cur = os.path.join(self.path, "cur", msg.name)
             if recipients != msg.recipients:
                 # Only those left go in X-Zope-To, so no reader of this queue
                 # (zope.sendmail included) sends twice to those done.
@@ -2590,6 +2596,7 @@ class QueueProcessor:
         if self._unsettled and not self._recorded():
             with self._record_lock:
                 unsettled, self._unsettled = self._unsettled, []
+            held = False
             for msg, _, safe in unsettled:
                 if safe:
                     log.error("4.3.0 %s: its delivery outcome could not be recorded; its "
@@ -2608,7 +2615,9 @@ class QueueProcessor:
                     log.critical("4.3.0 %s: its delivery outcome could not be recorded in "
                                  "any way, nor the message set aside: it will be sent "
                                  "again to the recipients it reached", msg.name)
-                    return      # its claim stays with its claimer file
+                    held = True     # its claim stays with its claimer file
+            if held:
+                return
         self.queue.close()      # no claim is held: the claimer file can go
 
     def _close_mailers(self) -> None:
@@ -3481,8 +3490,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
         if e.claim:
             lines.append(("claimed by", e.claim))
         for event in e.history:
-            at = event.get("at")
-            at = _iso(at) if isinstance(at, (int, float)) else "(no time)"
+            at = _when(event.get("at"))
+            at = _iso(at) if at is not None else "(no time)"
             if "event" in event:
                 text = str(event["event"])
             else:

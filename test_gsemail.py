@@ -2953,6 +2953,118 @@ GARBAGE_STATE = [
 ]
 
 
+def mount_small_tmpfs(test, size="1m"):
+    """A really small tmpfs of our own (as BadInputTests.test_disk_full),
+    unmounted at cleanup; returns its path."""
+    need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
+    mountpoint = os.path.join(test.tmp, "small")
+    os.mkdir(mountpoint)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
+                              "tmpfs", mountpoint], capture_output=True, text=True)
+    need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+    test.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
+    return mountpoint
+
+
+def fill_disk(path):
+    """Fill the file system of path's directory until ENOSPC; returns a
+    function that frees it again."""
+    filler = os.path.join(os.path.dirname(path), "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        try:
+            f.close()
+        except OSError:
+            pass
+    return lambda: os.unlink(filler)
+
+
+def postfix_accepted(pf, message_id, timeout=60):
+    """Postfix's queue ids for the copies of message_id it accepted, once it
+    has delivered (removed) each of them."""
+    def settled():
+        text = pf.log()
+        ids = re.findall(r": ([0-9A-Za-z]+): message-id=%s" % re.escape(message_id), text)
+        return all(re.search(r": %s: removed" % i, text) for i in ids) and ids
+    return wait_for(settled, timeout, "postfix to settle %s (log: %s)"
+                    % (message_id, pf.log()[-2000:]))
+
+
+# A web server's pre-forking as uWSGI does it (no --lazy-apps): the app
+# configures gsemail at import, in the master, and the master forks its
+# workers with libc's fork(), so none of Python's fork hooks run.  PyDLL
+# keeps the GIL across the call, as uWSGI's master holds it.
+RAW_FORK = textwrap.dedent("""\
+    import ctypes, json, os, sys, time
+    import gsemail
+    port, queuepath = int(sys.argv[1]), sys.argv[2]
+
+    def say(what, **facts):
+        print(json.dumps(dict(facts, what=what, pid=os.getpid())), flush=True)
+
+    def sent(name, timeout=20):
+        deadline = time.monotonic() + timeout
+        while os.path.exists(os.path.join(queuepath, "new", name)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def processor():
+        p = gsemail._processors.get(queuepath)
+        return p is not None and p.alive and p._pid == os.getpid()
+
+    MSG = "From: a@example.org\\nSubject: fork\\n\\nHello.\\n"
+    # poll_interval: the parent's processor looks only when it is woken
+    gsemail.configure(gsemail.SMTPConfig(
+        hostname="127.0.0.1", port=port, queuepath=queuepath, timeout=5,
+        ehlo_name="client.test", poll_interval=3600))
+    gsemail.send_email("s@example.org", ["parent1@example.org"], MSG)
+    name = sorted(os.listdir(os.path.join(queuepath, "new")))[-1:]
+    say("parent1", sent=sent(name[0]) if name else True)
+    started = time.monotonic()
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        # a worker: only its own processor can deliver what it queues
+        gsemail.send_email("s@example.org", ["child@example.org"], MSG)
+        name = [n for n in os.listdir(os.path.join(queuepath, "new"))
+                if not n.startswith(".")]
+        say("child", sent=sent(name[0]) if name else True, own=processor())
+        sys.exit(0)     # atexit: gsemail.shutdown, as a worker that is stopped
+    os.waitpid(pid, 0)
+    say("child exited", seconds=time.monotonic() - started)
+    gsemail.send_email("s@example.org", ["parent2@example.org"], MSG)
+    name = [n for n in os.listdir(os.path.join(queuepath, "new")) if not n.startswith(".")]
+    say("parent2", sent=sent(name[0]) if name else True, own=processor())
+    """)
+
+
+# A WSGI application as GroupServer's would be: it configures gsemail at
+# import and queues a message per request, answering with its pid.
+UWSGI_APP = textwrap.dedent("""\
+    import os, sys
+    sys.path.insert(0, os.environ["GSEMAIL_DIR"])
+    import gsemail
+    gsemail.configure(gsemail.SMTPConfig(
+        hostname="127.0.0.1", port=int(os.environ["SMTP_PORT"]),
+        queuepath=os.environ["QUEUE"], timeout=5, ehlo_name="client.test",
+        poll_interval=3600))
+
+    def application(environ, start_response):
+        rcpt = environ["PATH_INFO"].strip("/") + "@example.org"
+        gsemail.send_email("s@example.org", [rcpt],
+                           "From: a@example.org\\nSubject: uwsgi\\n\\nHello.\\n")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+    """)
+
+
 class RecordFirstTests(OperatorBase):
     """Advisory files (status.json, state files) are read with tolerance
     of any content, and only after the delivery is recorded."""
@@ -3025,49 +3137,6 @@ class RecordFirstTests(OperatorBase):
                 self.ok("purge", name)
 
 
-def mount_small_tmpfs(test, size="1m"):
-    """A really small tmpfs of our own (as BadInputTests.test_disk_full),
-    unmounted at cleanup; returns its path."""
-    need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
-    mountpoint = os.path.join(test.tmp, "small")
-    os.mkdir(mountpoint)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
-                              "tmpfs", mountpoint], capture_output=True, text=True)
-    need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
-    test.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
-    return mountpoint
-
-
-def fill_disk(path):
-    """Fill the file system of path's directory until ENOSPC; returns a
-    function that frees it again."""
-    filler = os.path.join(os.path.dirname(path), "filler")
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-        try:
-            f.close()
-        except OSError:
-            pass
-    return lambda: os.unlink(filler)
-
-
-def postfix_accepted(pf, message_id, timeout=60):
-    """Postfix's queue ids for the copies of message_id it accepted, once it
-    has delivered (removed) each of them."""
-    def settled():
-        text = pf.log()
-        ids = re.findall(r": ([0-9A-Za-z]+): message-id=%s" % re.escape(message_id), text)
-        return all(re.search(r": %s: removed" % i, text) for i in ids) and ids
-    return wait_for(settled, timeout, "postfix to settle %s (log: %s)"
-                    % (message_id, pf.log()[-2000:]))
-
-
 class FullDiskRecordTests(OperatorBase):
     """A full disk while a message is delivered in part: the recipients
     accepted are never sent again, and claims taken on it name their owner."""
@@ -3124,6 +3193,26 @@ class FullDiskRecordTests(OperatorBase):
         self.assertEqual(len(self.postfix.delivered(ok)), 1)
         self.assertEqual(self.listing("tmp"), [], "files left behind in tmp/")
 
+    def test_an_outcome_that_cannot_be_recorded_at_all_is_set_aside(self):
+        # X-Zope-To beyond the file's first page cannot be struck in one safe
+        # write: at exit the message becomes a dead letter, never sent again
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.ini(server.port)
+        rcpts = ["recipient-with-a-long-name-%03d@example.org" % i for i in range(120)]
+        name = self.enqueue(config, rcpts=rcpts + ["later@example.org"])
+        free = fill_disk(self.queuepath)
+        self.addCleanup(free)
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)     # nothing waits
+        self.assertIn("set aside as dead letter", run.stderr)
+        self.assertEqual(self.listing("new"), [".rejected-" + name])
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(sorted(server.rcpts), rcpts, "sent again")
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual([(e["id"], e["state"]) for e in listed], [(name, "dead")])
+
     def test_a_claim_taken_on_a_full_disk_names_its_owner(self):
         config = self.ini(self.postfix.port)
         name = self.enqueue(config, rcpts=["a@gsemail.test"])
@@ -3153,75 +3242,6 @@ class FullDiskRecordTests(OperatorBase):
         self.assertIn("its process has died", logs.output[0])
         msg.release()
         queue.close()
-
-
-# A web server's pre-forking as uWSGI does it (no --lazy-apps): the app
-# configures gsemail at import, in the master, and the master forks its
-# workers with libc's fork(), so none of Python's fork hooks run.  PyDLL
-# keeps the GIL across the call, as uWSGI's master holds it.
-RAW_FORK = textwrap.dedent("""\
-    import ctypes, json, os, sys, time
-    import gsemail
-    port, queuepath = int(sys.argv[1]), sys.argv[2]
-
-    def say(what, **facts):
-        print(json.dumps(dict(facts, what=what, pid=os.getpid())), flush=True)
-
-    def sent(name, timeout=20):
-        deadline = time.monotonic() + timeout
-        while os.path.exists(os.path.join(queuepath, "new", name)):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
-
-    def processor():
-        p = gsemail._processors.get(queuepath)
-        return p is not None and p.alive and p._pid == os.getpid()
-
-    MSG = "From: a@example.org\\nSubject: fork\\n\\nHello.\\n"
-    # poll_interval: the parent's processor looks only when it is woken
-    gsemail.configure(gsemail.SMTPConfig(
-        hostname="127.0.0.1", port=port, queuepath=queuepath, timeout=5,
-        ehlo_name="client.test", poll_interval=3600))
-    gsemail.send_email("s@example.org", ["parent1@example.org"], MSG)
-    name = sorted(os.listdir(os.path.join(queuepath, "new")))[-1:]
-    say("parent1", sent=sent(name[0]) if name else True)
-    started = time.monotonic()
-    pid = ctypes.PyDLL(None).fork()
-    if pid == 0:
-        # a worker: only its own processor can deliver what it queues
-        gsemail.send_email("s@example.org", ["child@example.org"], MSG)
-        name = [n for n in os.listdir(os.path.join(queuepath, "new"))
-                if not n.startswith(".")]
-        say("child", sent=sent(name[0]) if name else True, own=processor())
-        sys.exit(0)     # atexit: gsemail.shutdown, as a worker that is stopped
-    os.waitpid(pid, 0)
-    say("child exited", seconds=time.monotonic() - started)
-    gsemail.send_email("s@example.org", ["parent2@example.org"], MSG)
-    name = [n for n in os.listdir(os.path.join(queuepath, "new")) if not n.startswith(".")]
-    say("parent2", sent=sent(name[0]) if name else True, own=processor())
-    """)
-
-
-# A WSGI application as GroupServer's would be: it configures gsemail at
-# import and queues a message per request, answering with its pid.
-UWSGI_APP = textwrap.dedent("""\
-    import os, sys
-    sys.path.insert(0, os.environ["GSEMAIL_DIR"])
-    import gsemail
-    gsemail.configure(gsemail.SMTPConfig(
-        hostname="127.0.0.1", port=int(os.environ["SMTP_PORT"]),
-        queuepath=os.environ["QUEUE"], timeout=5, ehlo_name="client.test",
-        poll_interval=3600))
-
-    def application(environ, start_response):
-        rcpt = environ["PATH_INFO"].strip("/") + "@example.org"
-        gsemail.send_email("s@example.org", [rcpt],
-                           "From: a@example.org\\nSubject: uwsgi\\n\\nHello.\\n")
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [str(os.getpid()).encode()]
-    """)
 
 
 class ForkWithoutHooksTests(Base):
