@@ -3094,8 +3094,8 @@ def _after_fork() -> None:
     _pid = os.getpid()
     _lock = threading.Lock()
     _processors.clear()
-    for queue in list(_claiming):
-        queue._forget_claimer()
+    for queue in set(_claiming) | set(_queues.values()):
+        queue._forget_claimer()     # its lock too: a parent's thread may hold it
 
 
 _pid = os.getpid()      # the process that _processors and _lock belong to
@@ -3108,6 +3108,15 @@ def _check_fork() -> None:
     has, in each worker, its master's processors and locks but not their
     threads.  Every entry point checks the pid first."""
     if _pid != os.getpid():
+        # Python's own hooks did not run either: logging's locks may be held
+        # by a thread of the parent's (our processor's, logging as it was
+        # forked), and our processor logs.  This is what those hooks do.
+        reinit = getattr(logging, "_after_at_fork_child_reinit_locks", None)
+        if reinit is not None:
+            try:
+                reinit()
+            except Exception:
+                pass
         _after_fork()
 
 

@@ -2996,6 +2996,26 @@ def postfix_accepted(pf, message_id, timeout=60):
                     % (message_id, pf.log()[-2000:]))
 
 
+def run_in_own_session(args, tmp, timeout):
+    """subprocess.run for a command that forks: in its own session, all of
+    which is killed if it outlives timeout (a child that holds the output
+    pipes could otherwise keep run() waiting for ever)."""
+    with tempfile.TemporaryFile("w+", dir=tmp) as out, \
+            tempfile.TemporaryFile("w+", dir=tmp) as err:
+        proc = subprocess.Popen(args, cwd=HERE, stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
+
+
 # A web server's pre-forking as uWSGI does it (no --lazy-apps): the app
 # configures gsemail at import, in the master, and the master forks its
 # workers with libc's fork(), so none of Python's fork hooks run.  PyDLL
@@ -3250,9 +3270,8 @@ class ForkWithoutHooksTests(Base):
 
     def test_a_worker_forked_by_libc_fork_delivers_with_its_own_processor(self):
         server = self.server()
-        run = subprocess.run([sys.executable, "-c", RAW_FORK, str(server.port),
-                              self.queuepath], cwd=HERE, capture_output=True, text=True,
-                             timeout=120)
+        run = run_in_own_session([sys.executable, "-c", RAW_FORK, str(server.port),
+                                  self.queuepath], self.tmp, timeout=120)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
         said = {d["what"]: d for d in map(json.loads, run.stdout.split("\n")[:-1])}
         self.assertEqual(set(said), {"parent1", "child", "child exited", "parent2"},
@@ -3283,15 +3302,17 @@ class ForkWithoutHooksTests(Base):
         port = free_port()
         env = dict(os.environ, GSEMAIL_DIR=HERE, SMTP_PORT=str(server.port),
                    QUEUE=self.queuepath)
-        proc = subprocess.Popen([uwsgi, "--master", "--processes", "2", "--die-on-term",
-                                 "--http-socket", "127.0.0.1:%d" % port, "--wsgi-file", app],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        logged = os.path.join(self.tmp, "uwsgi.log")
+        with open(logged, "w") as output:
+            proc = subprocess.Popen([uwsgi, "--master", "--processes", "2", "--die-on-term",
+                                     "--http-socket", "127.0.0.1:%d" % port,
+                                     "--wsgi-file", app], env=env, stdout=output,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
         def stop():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)     # the workers too
+            proc.wait()
         self.addCleanup(stop)
         wait_for(lambda: Postfix._listening(port), 30, "uwsgi on port %d" % port)
         workers = set()
@@ -3306,7 +3327,9 @@ class ForkWithoutHooksTests(Base):
         self.assertEqual(sorted(server.rcpts), ["r%d@example.org" % i for i in range(8)])
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        out = read_text(logged)
         self.assertEqual(proc.returncode, 0, out[-3000:])
         # its workers exit at once (not after atexit's 10 s bound, or never)
         self.assertLess(time.monotonic() - started, 8, out[-3000:])
