@@ -3213,6 +3213,30 @@ class FullDiskRecordTests(OperatorBase):
         self.assertEqual(len(self.postfix.delivered(ok)), 1)
         self.assertEqual(self.listing("tmp"), [], "files left behind in tmp/")
 
+    def test_a_running_processor_records_when_space_returns_and_then_goes_on(self):
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.config(server.port, poll_interval=0.1)
+        name = self.enqueue(config, rcpts=["ok@example.org", "later@example.org"])
+        second = self.enqueue(config, rcpts=["second@example.org"])
+        free = fill_disk(self.queuepath)
+        processor = gsemail.QueueProcessor(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor.start()
+            wait_for(lambda: any("cannot record" in line for line in logs.output), 30,
+                     "the outcome that cannot be recorded")
+            time.sleep(0.5)     # several polls: none may send anything more
+            self.assertEqual(server.rcpts, ["ok@example.org"])
+            self.assertTrue(os.path.exists(os.path.join(self.queuepath, "new", second)))
+            free()
+            wait_for(lambda: "second@example.org" in server.rcpts, 30, "the second message")
+            processor.stop(30)
+        self.assertFalse(processor.alive)
+        self.assertTrue(any("recorded now" in line for line in logs.output), logs.output)
+        self.assertEqual(server.rcpts, ["ok@example.org", "second@example.org"])
+        state = self.assertDeferred(name, ["later@example.org"])
+        self.assertEqual(state["attempts"], 1)
+
     def test_an_outcome_that_cannot_be_recorded_at_all_is_set_aside(self):
         # X-Zope-To beyond the file's first page cannot be struck in one safe
         # write: at exit the message becomes a dead letter, never sent again
