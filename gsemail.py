@@ -1042,20 +1042,6 @@ def _parse_iso(text: str) -> Optional[float]:
         return None
 
 
-def _stored_time(value: object) -> Optional[float]:
-    """A time from a state or status file (a number, or _iso's text) if it is
-    one; None for NaN, infinities and anything else."""
-    if isinstance(value, str):
-        return _parse_iso(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _whole_seconds(value: float) -> Optional[int]:
     """A number of seconds as an int; None when it is no number (NaN, inf)."""
     try:
@@ -1064,21 +1050,82 @@ def _whole_seconds(value: float) -> Optional[int]:
         return None
 
 
+_TIME_MAX = 253402300799.0      # 9999-12-31T23:59:59Z, the last time _iso can show
+_ATTEMPTS_MAX = 1000000
+
+
+def _when(value: object) -> Optional[float]:
+    """A time read from an advisory file (status.json, a state file): a Unix
+    time, or an ISO time as ``status --json`` prints them; None for anything
+    else (NaN, a huge number, a list, a bool), so that no such file, however
+    edited, can make a reader raise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()[:64]
+        try:
+            value = float(text)
+        except ValueError:
+            value = _parse_iso(text)
+    if not isinstance(value, (int, float)):
+        return None
+    try:
+        when = float(value)
+    except OverflowError:
+        return None
+    return when if 0.0 <= when <= _TIME_MAX else None     # False for NaN
+
+
+def _attempts(value: object) -> int:
+    """A count of attempts read from a state file: 0 for anything odd."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    try:
+        return max(0, min(int(value), _ATTEMPTS_MAX))
+    except (OverflowError, ValueError):     # inf, NaN
+        return 0
+
+
+def _sane_state(state: object) -> Dict[str, object]:
+    """A message's state as read from its file, each field we use checked:
+    the file is advice (an operator or a tool may have edited it), and its
+    content must never stop a delivery from being recorded.  Fields it does
+    not know are kept as they are."""
+    if not isinstance(state, dict):
+        return {}
+    state = dict(state)
+    if "attempts" in state:
+        state["attempts"] = _attempts(state["attempts"])
+    for key in ("first_queued", "next_attempt", "last_attempt"):
+        if key in state:
+            when = _when(state[key])
+            if when is None:
+                del state[key]
+            else:
+                state[key] = when
+    failed = state.get("failed")
+    if "failed" in state:
+        if isinstance(failed, dict):
+            state["failed"] = {str(k): str(v) for k, v in failed.items()}
+        else:
+            del state["failed"]
+    if "xverp" in state:
+        state["xverp"] = state["xverp"] is True
+    for key in ("last_error", "retried_from"):
+        if key in state and not isinstance(state[key], str):
+            del state[key]
+    return state
+
+
 def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
     """When a message was first queued: its state says, else its name (a
     Maildir name starts with the time), else its file's mtime."""
-    if isinstance(state.get("first_queued"), (int, float)):
-        found = _stored_time(state["first_queued"])
-    else:   # an older state file may hold it as text
-        try:
-            found = _stored_time(float(state["first_queued"]))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError):
-            found = None
-    if found is not None:
-        return found
+    when = _when(state.get("first_queued"))
+    if when is not None:
+        return when
     match = re.match(r"(?:\.rejected-)?([0-9]{9,})\.", name)
-    found = _stored_time(float(match.group(1))) if match else None
-    return mtime if found is None else found
+    when = _when(float(match.group(1))) if match else None
+    return mtime if when is None else when
 
 
 _HISTORY = 10       # attempts and operator actions kept in a message's state
@@ -1120,9 +1167,7 @@ class QueuedMessage:
 
     @property
     def attempts(self) -> int:
-        found = self.state.get("attempts", 0)
-        # whatever a damaged state file says: a count, or none
-        return found if _whole(found) is not None and found > 0 else 0  # type: ignore
+        return _attempts(self.state.get("attempts", 0))
 
     def heartbeat(self) -> None:
         """Show that the claim's owner is alive (for claims seen over NFS)."""
@@ -1608,6 +1653,8 @@ class Queue:
             made = self._claimer_file
             if made is not None and made[0] == os.getpid():
                 return made[1], made[2]
+            if made is not None:
+                os.close(made[1])   # a parent's, forked without hooks: see _forget_claimer
             private = os.path.join(self.path, "tmp", ".claimer-%s-%d-%d" % (
                 _HOST, os.getpid(), next(_counter)))
             fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -1620,8 +1667,8 @@ class Queue:
                     os.unlink(private)
                     raise
                 # A full disk must not stop the sending that empties it: the
-                # claims hold without their owner's name; others just wait
-                # claim_timeout before they take them as stale.
+                # claims hold, and still name their owner by this file's
+                # name, which needs no data block (see _owner).
             self._claimer_file = (os.getpid(), fd, private)
             _claiming.add(self)
             return fd, private
@@ -1673,9 +1720,9 @@ class Queue:
                     return False    # replaced by a new claim meanwhile
             except FileNotFoundError:
                 return True
-            # ours holds "gsemail HOST PID"; zope's is a link to the message
-            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-            ours = len(words) == 3 and words[0] == "gsemail" and words[1] == _HOST
+            # ours names its owner; zope's is a link to the message
+            owner = self._owner(fd, st)
+            ours = owner is not None and owner[0] == _HOST
             # link() and utime() both set ctime: a zope claim's age is its ctime.
             age = time.time() - max(st.st_mtime, st.st_ctime)
             if not ours and age < self.claim_timeout:
@@ -1690,6 +1737,37 @@ class Queue:
             return True
         finally:
             os.close(fd)    # after the unlink: see QueuedMessage.release
+
+    def _owner(self, fd: int, st: os.stat_result) -> Optional[Tuple[str, str]]:
+        """(host, pid) of the gsemail process whose claim fd is, or None
+        (zope.sendmail's claim, or an owner that can no longer be named).
+
+        A claim is a hard link to its owner's claimer file,
+        tmp/.claimer-HOST-PID-N, whose content says "gsemail HOST PID".  On
+        a full disk that content could not be written; the file's name needs
+        no data block, so the owner is also found by name: the claimer file
+        in tmp/ with the claim's inode."""
+        words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+        if len(words) == 3 and words[0] == "gsemail":
+            return words[1], words[2]
+        if st.st_nlink < 2:
+            return None     # its claimer file has gone
+        try:
+            with os.scandir(os.path.join(self.path, "tmp")) as it:
+                for entry in it:
+                    if not entry.name.startswith(".claimer-") or entry.inode() != st.st_ino:
+                        continue
+                    try:
+                        found = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
+                        host, pid, _ = (entry.name[9:].rsplit("-", 2) + ["", ""])[:3]
+                        if host and pid.isdigit():
+                            return host, pid
+        except OSError:
+            pass
+        return None
 
     @staticmethod
     def _parse(msg: QueuedMessage, raw: bytes) -> _Head:
@@ -1719,10 +1797,10 @@ class Queue:
         try:
             with _open_file(self._state_path(name)) as f:
                 state = json.loads(f.read())
-            return state if isinstance(state, dict) else {}
+            return _sane_state(state)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError, MemoryError) as e:
             log.warning("4.3.0 %s: ignoring unreadable state file: %s",
                         self._state_path(name), e)
             return {}
@@ -1731,8 +1809,16 @@ class Queue:
         path = self._state_path(name)
         tmp = os.path.join(self.path, "tmp", ".state-" + name)
         # A new file (O_EXCL|O_NOFOLLOW), never through what is at the name
-        _write_synced(tmp, [json.dumps(state, sort_keys=True).encode("utf-8")], sync=sync)
-        os.rename(tmp, path)
+        try:
+            _write_synced(tmp, [json.dumps(state, sort_keys=True).encode("utf-8")],
+                          sync=sync)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)      # a full disk must not keep a half-written file
+            except OSError:
+                pass
+            raise
 
     # -- settling -----------------------------------------------------------
 
@@ -1753,12 +1839,17 @@ class Queue:
               state: Dict[str, object], next_attempt: float) -> None:
         """Keep the message for the recipients still to do, due again at
         next_attempt, and record state."""
+        cur = os.path.join(self.path, "cur", msg.name)
+        if msg.path != cur and not os.path.lexists(msg.path) and os.path.lexists(cur):
+            # An earlier try of this same change moved it and then failed
+            # (see QueueProcessor._record); we hold its claim, so it is ours.
+            # Writing msg.path again would make a second copy.
+            msg.path = cur
         try:
             # The refused recipients must survive a crash (they go in the dead
             # letter); attempts and times are cheap to lose.
             sync = (state.get("failed") or {}) != (msg.state.get("failed") or {})
             self._write_state(msg.name, state, sync)
-            cur = os.path.join(self.path, "cur", msg.name)
             if recipients != msg.recipients:
                 # Only those left go in X-Zope-To, so no reader of this queue
                 # (zope.sendmail included) sends twice to those done.
@@ -1777,6 +1868,10 @@ class Queue:
                 if msg.path != cur:
                     os.rename(msg.path, cur)
         except OSError as e:
+            try:
+                os.unlink(os.path.join(self.path, "tmp", msg.name))
+            except OSError:
+                pass
             raise self._error("cannot defer %s" % msg.name, e) from None
         msg.recipients, msg.state = list(recipients), state
         msg.path = cur
@@ -1875,6 +1970,73 @@ class Queue:
                 os.unlink(tmp)
                 return path
         raise OSError(errno.EEXIST, "every dead-letter name of %s is taken" % msg.name)
+
+    def strike(self, msg: QueuedMessage, done: Iterable[str]) -> bool:
+        """Take the recipients in done out of the message file's X-Zope-To
+        line in place, padding it with spaces to its old length (gsemail
+        and zope.sendmail both ignore them).  True when the file now lists
+        none of them.
+
+        The fallback when an outcome cannot be recorded (defer and
+        dead_letter write new files): an overwrite of bytes the file
+        already has needs no new disk block, so it works on a full disk, and
+        it keeps the recipients already delivered from being sent again by
+        any later run or by zope.sendmail.  Crash safety: it is one pwrite
+        within the file's first page, which a killed process leaves whole
+        or undone; a power cut in the middle of a line that crosses a disk
+        sector could tear it (at worst a mangled address is refused, or a
+        delivered recipient is sent again, as after any crash before a
+        record).  File systems that copy on write (btrfs, ZFS) may refuse
+        even this when full: then False.
+        """
+        done = set(done)
+        try:
+            fd = os.open(msg.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            head = os.pread(fd, 4096, 0)
+            first = head.find(b"\n") + 1
+            end = head.find(b"\n", first)
+            if first <= 0 or end < 0:
+                return False    # beyond the first page: not one safe write
+            line = head[first:end].rstrip(b"\r")
+            if not line.startswith(b"X-Zope-To: "):
+                return False
+            now = QueuedMessage(msg.path, "", -1)
+            self._parse(now, head[:end + 1])
+            left = [r for r in now.recipients if r not in done]
+            if len(left) == len(now.recipients):
+                return bool(left)   # already struck
+            if not left:
+                return False        # "nobody" cannot be said in X-Zope-To
+            new = ("X-Zope-To: " + ", ".join(left)).encode("utf-8")
+            if len(new) > len(line):
+                return False
+            new += b" " * (len(line) - len(new))
+            if os.pwrite(fd, new, first) != len(new):
+                return False
+            os.fsync(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def set_aside(self, msg: QueuedMessage) -> Optional[str]:
+        """The last resort for a message whose outcome could not be recorded
+        at all, not even by strike: rename it to a dead letter (a rename
+        needs no data block), so no processor sends it again, and release
+        it.  The path, or None when even that failed."""
+        rejected = os.path.join(os.path.dirname(msg.path), ".rejected-" + msg.name)
+        try:
+            os.rename(msg.path, rejected)
+        except OSError:
+            return None
+        msg.release()
+        return rejected
 
     # -- the operator's commands: list, show, status, flush, retry, purge -----
 
@@ -1979,17 +2141,18 @@ class Queue:
             if head.startswith(b"X-Zope-From:"):
                 # zope.sendmail claims with a hard link to the message itself
                 return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime)
-            words = head.decode("utf-8", "replace").split()
-            if len(words) == 3 and words[0] == "gsemail" and words[1] == _HOST:
+            owner = self._owner(fd, st)
+            if owner is not None and owner[0] == _HOST:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:
-                    return "process %s on this host, running" % words[2]
+                    return "process %s on this host, running" % owner[1]
                 return "process %s on this host, which has died (the claim is broken " \
-                       "at the next look)" % words[2]
-            return "%s, touched %d s ago" % (" ".join(words[:3]) or "an owner that left no "
-                                            "name (full disk?)",
-                                            time.time() - max(st.st_mtime, st.st_ctime))
+                       "at the next look)" % owner[1]
+            return "%s, touched %d s ago" % (
+                "process %s on %s" % (owner[1], owner[0]) if owner else
+                "an owner that can no longer be named",
+                time.time() - max(st.st_mtime, st.st_ctime))
         finally:
             os.close(fd)
 
@@ -2064,35 +2227,61 @@ class Queue:
         facts.update(self._read_status())
         return facts
 
+    _STATUS_FACTS = {"delivered": ("delivered_id", "delivered_via"),
+                     "error": ("error", "error_id")}
+
     def _read_status(self) -> Dict[str, object]:
+        """What processors noted in status.json, each fact checked: the file
+        is advice that an operator or another tool may have written (ISO
+        times, wrong types, NaN, anything), so only the facts we know are
+        taken, and only with values we can use."""
         try:
             with _open_file(os.path.join(self.path, "status.json")) as f:
-                recorded = json.loads(f.read())
-            return recorded if isinstance(recorded, dict) else {}
-        except (OSError, ValueError):
+                raw = f.read(1 << 20)
+            recorded = json.loads(raw)
+        except (OSError, ValueError, RecursionError, MemoryError):
             return {}
+        facts: Dict[str, object] = {}
+        if not isinstance(recorded, dict):
+            return facts
+        for group, keys in self._STATUS_FACTS.items():
+            at = _when(recorded.get(group + "_at"))
+            if at is None:
+                continue
+            facts[group + "_at"] = at
+            for key in keys:
+                value = recorded.get(key)
+                facts[key] = _one_line(value)[:1000] if isinstance(value, str) else None
+        return facts
 
     def note(self, facts: Dict[str, object]) -> None:
         """Record the last delivery (``delivered_at``, ``_id``, ``_via``) or
         error (``error_at``, ``error``, ``error_id``) for ``status``.  The
-        newer record wins, whichever processor made it."""
+        newer record wins, whichever processor made it.  Never raises: this
+        is advice, and nothing in it may stop a processor."""
         try:
             self._check_identity()      # nothing of ours goes into a replaced queue
         except QueueError as e:
             log.warning("4.3.0 cannot record the status: %s", e)
             return
-        recorded = self._read_status()
-        for group in ("delivered", "error"):
-            if float(facts.get(group + "_at") or 0) > float(recorded.get(group + "_at") or 0):
-                recorded.update((k, v) for k, v in facts.items() if k.startswith(group))
         tmp = os.path.join(self.path, "tmp", ".status-%d-%d" % (os.getpid(), next(_counter)))
         try:
+            recorded = self._read_status()
+            for group in self._STATUS_FACTS:
+                at = _when(facts.get(group + "_at"))
+                if at is not None and at > float(recorded.get(group + "_at") or 0):  # type: ignore[arg-type]
+                    recorded.update((k, v) for k, v in facts.items() if k.startswith(group))
             # Not fsynced: a crash may lose the last record, never a message.
             _write_synced(tmp, [json.dumps(recorded, sort_keys=True).encode()],
                           exclusive=True, sync=False)
             os.rename(tmp, os.path.join(self.path, "status.json"))
-        except OSError as e:
-            log.warning("4.3.0 queue %s: cannot record the status: %s", self.path, e.strerror)
+        except Exception as e:
+            log.warning("4.3.0 queue %s: cannot record the status: %s", self.path,
+                        getattr(e, "strerror", None) or e)
+            try:
+                os.unlink(tmp)      # on a full disk, leave no empty files behind
+            except OSError:
+                pass
 
     def _hold(self, path: str) -> Optional[QueuedMessage]:
         """Claim path for an operator's command, due or not, so no processor
@@ -2365,6 +2554,14 @@ class _UsedUp(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+class _Held(_ConnectionLost):
+    """Raised by the processor's heartbeat to stop a message before its data
+    goes: the queue could not record an earlier outcome (QueueProcessor._record)."""
+
+
+_HELD = Reply(451, "4.3.0 not sent: the queue could not record an earlier delivery yet")
 
 
 @dataclasses.dataclass
@@ -3344,7 +3541,13 @@ class QueueProcessor:
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._refused = ("", 0.0)   # the queue's last QueueError in run(), and when logged
-        self._unsettled: List[tuple] = []     # (message, queue change to retry)
+        self._pid = 0       # the process whose thread it is (see alive)
+        # Outcomes the queue could not record: (message, queue change to
+        # retry, whether its file already keeps a later run from sending to
+        # the recipients delivered).  While there are any, no new message
+        # is sent; each keeps its claim.
+        self._unsettled: List[tuple] = []
+        self._record_lock = threading.Lock()
         self._maintained = -math.inf    # monotonic: maintain() at the first pass
         self._last_used = 0.0
         self._facts: Dict[str, object] = {}  # for Queue.note, saved every few seconds
@@ -3355,8 +3558,9 @@ class QueueProcessor:
 
     def start(self) -> None:
         """Run in a daemon thread; the backlog is delivered at once."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.alive:
             self._stopping.clear()
+            self._pid = os.getpid()
             self._thread = threading.Thread(
                 target=self.run, name="gsemail %s" % self.queue.path, daemon=True)
             self._thread.start()
@@ -3374,7 +3578,8 @@ class QueueProcessor:
         self._stopping.set()
         self._wake.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread() and \
+                self._pid == os.getpid():   # in a forked child it does not run
             wait = self.config.claim_timeout if timeout is None else timeout
             if not wait == wait:            # NaN: the default
                 wait = self.config.claim_timeout
@@ -3383,7 +3588,11 @@ class QueueProcessor:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Its thread runs in this process.  A process forked without
+        Python's fork hooks (uWSGI's workers) has the parent's processor
+        object, whose thread looks alive there but does not exist."""
+        return self._thread is not None and self._pid == os.getpid() and \
+            self._thread.is_alive()
 
     def run(self) -> None:
         """Deliver until stop() is called.  Never dies of an exception."""
@@ -3448,12 +3657,35 @@ class QueueProcessor:
             self._finish()
 
     def _finish(self) -> None:
-        """At the end of run() or drain(): warn of outcomes not recorded."""
-        for msg, _ in self._unsettled:
-            log.error("4.3.0 %s: its delivery could not be recorded; it will be "
-                      "sent again to the recipients it reached", msg.name)
-        if not self._unsettled:
-            self.queue.close()      # no claim is held: the claimer file can go
+        """At the end of run() or drain(): a last try at the outcomes not
+        recorded; then leave, for each one left, what a later run honours
+        (see _record), and let its claim go."""
+        if self._unsettled and not self._recorded():
+            with self._record_lock:
+                unsettled, self._unsettled = self._unsettled, []
+            held = False
+            for msg, _, safe in unsettled:
+                if safe:
+                    log.error("4.3.0 %s: its delivery outcome could not be recorded; its "
+                              "file lists only the recipients not delivered, so a later "
+                              "run sends to those alone (this attempt's refusals and "
+                              "retry time are not kept)", msg.name)
+                    msg.release()
+                    continue
+                rejected = self.queue.set_aside(msg)
+                if rejected:
+                    log.error("4.3.0 %s: its delivery outcome could not be recorded in "
+                              "any way: set aside as dead letter %s, so that it is not "
+                              "sent again to the recipients it reached (list them with "
+                              "gsemail show before any retry)", msg.name, rejected)
+                else:
+                    log.critical("4.3.0 %s: its delivery outcome could not be recorded in "
+                                 "any way, nor the message set aside: it will be sent "
+                                 "again to the recipients it reached", msg.name)
+                    held = True     # its claim stays with its claimer file
+            if held:
+                return
+        self.queue.close()      # no claim is held: the claimer file can go
 
     def _close_mailers(self) -> None:
         for mailer in self._mailers:
@@ -3471,9 +3703,8 @@ class QueueProcessor:
                 self.queue.maintain()
             except OSError as e:
                 log.warning("4.3.0 queue %s: housekeeping failed: %s", self.queue.path, e)
-        unsettled, self._unsettled = self._unsettled, []
-        for msg, action in unsettled:
-            self._record(msg, action)
+        if not self._recorded():
+            return 0        # no new work while an outcome is not recorded
         try:
             return self._deliver_due()
         finally:
@@ -3520,8 +3751,8 @@ class QueueProcessor:
                 if self._progress and self._done:
                     with self._lock:
                         self._progress(self.stats, total - self._done)
-                if self._stopping.is_set():
-                    break
+                if self._stopping.is_set() or (self._unsettled and not self._recorded()):
+                    break   # see _record: no new work while an outcome waits
                 try:
                     msg = self.queue.claim(path)
                 except OSError as e:
@@ -3551,6 +3782,9 @@ class QueueProcessor:
                     continue
                 outcome = self._attempt(mailer, msg, more=n + 1 < len(paths))
                 self._last_used = time.monotonic()
+                if outcome.final is _HELD and not outcome.delivered:
+                    msg.release()   # stopped before its dot: nothing of it went
+                    break
                 if outcome.waiting:
                     # Its final reply is read with the next message's replies
                     # (Mailer.deliver's more); it is recorded right then,
@@ -3563,16 +3797,25 @@ class QueueProcessor:
             mailer.wait()
         return handled
 
-    @staticmethod
-    def _attempt(mailer: "Mailer", msg: QueuedMessage, more: bool) -> _Outcome:
+    def _attempt(self, mailer: "Mailer", msg: QueuedMessage, more: bool) -> _Outcome:
         """mailer.deliver(msg), never raising.  A connection that failed before
         the server answered anything of the message (a drop after the
         previous message's dot, or a connection the server had closed) is
-        no attempt: the message goes again at once on a new connection."""
+        no attempt: the message goes again at once on a new connection.
+
+        The message is stopped before its data (final _HELD) when the
+        outcome of an earlier one could not be recorded meanwhile: that
+        is read with this message's first replies, when its MAIL, RCPT and
+        DATA are already sent with the earlier dot."""
+        def heartbeat() -> None:
+            if self._unsettled:
+                raise _Held(_HELD)      # the connection is dropped: no dot goes
+            msg.heartbeat()
+
         for again in (True, False):
             try:
                 outcome = mailer.deliver(msg.sender, msg.recipients, msg.data,
-                                         msg.xverp, msg.heartbeat, more=more)
+                                         msg.xverp, heartbeat, more=more)
             except DeliveryError as e:
                 # the connection had to be replaced before anything of the
                 # message was sent (the relay had closed it) and could not be
@@ -3583,7 +3826,7 @@ class QueueProcessor:
                 mailer.close()
                 reply = _internal(e)
                 return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
-            if not (again and outcome.unanswered):
+            if outcome.final is _HELD or not (again and outcome.unanswered):
                 break
             log.info("%s %s: connection lost before the server answered: sending it "
                      "again on a new connection", outcome.final.status, msg.name)  # type: ignore[union-attr]
@@ -3610,15 +3853,39 @@ class QueueProcessor:
 
     def _apply(self, mailer: "Mailer", msg: QueuedMessage, out: _Outcome) -> None:
         """Decide what an attempt means for the message (remove, defer or
-        dead-letter), log it once, and record it in the queue."""
+        dead-letter), record it in the queue, then log it and note it for
+        ``status``.  The record comes first, and nothing advisory can stop
+        it: a state whose content cannot be used is set aside and the
+        decision made without it."""
         now = time.time()
+        try:
+            what, action, lines, notes = self._plan(mailer, msg, out, now)
+        except Exception:
+            log.exception("4.3.0 %s: its state cannot be used: recording this attempt "
+                          "without it", msg.name)
+            msg.state = {}
+            what, action, lines, notes = self._plan(mailer, msg, out, now)
+        self._record(msg, action, out.delivered)
+        for level, text, args in lines:
+            log.log(level, text, *args)
+        self._count(what)
+        self._note(**notes)
+
+    def _plan(self, mailer: "Mailer", msg: QueuedMessage, out: _Outcome, now: float
+              ) -> Tuple[str, Callable[[], object], List[tuple], Dict[str, object]]:
+        """What to do with the message after an attempt: (what to count, the
+        queue change, log lines, facts for status).  Changes nothing but
+        msg.state (for dead_letter)."""
         attempts = msg.attempts + 1
+        lines: List[tuple] = []
+        notes: Dict[str, object] = {}
         if out.delivered:
-            log.info("2.0.0 %s: delivered to %d recipient(s) via %s%s", msg.name,
-                     len(out.delivered), mailer.where,
-                     " with XVERP" if out.xverp else "")
+            lines.append((logging.INFO, "2.0.0 %s: delivered to %d recipient(s) via %s%s",
+                          (msg.name, len(out.delivered), mailer.where,
+                           " with XVERP" if out.xverp else "")))
         for line in _group(out.failed):
-            log.warning("%s %s: refused: %s", Reply.parse(line).status, msg.name, line)
+            lines.append((logging.WARNING, "%s %s: refused: %s",
+                          (Reply.parse(line).status, msg.name, line)))
         failed = dict(msg.state.get("failed") or {})  # type: ignore[call-overload]
         failed.update((r, str(reply)) for r, reply in out.failed.items())
         # What is not yet in the message's dead letter: refusals go in it at
@@ -3634,13 +3901,11 @@ class QueueProcessor:
                                     "deferred": len(out.deferred), "refused": len(out.failed)}
         if trouble is not None:
             event["reply"] = str(trouble)
-            self._note(error_at=now, error=str(trouble), error_id=msg.name)
+            notes.update(error_at=now, error=str(trouble), error_id=msg.name)
         if out.delivered:
-            self._note(delivered_at=now, delivered_id=msg.name, delivered_via=mailer.where)
+            notes.update(delivered_at=now, delivered_id=msg.name, delivered_via=mailer.where)
         if not out.deferred and not fresh:  # done, every refusal already written
-            self._record(msg, functools.partial(self.queue.remove, msg))
-            self._count("delivered")
-            return
+            return "delivered", functools.partial(self.queue.remove, msg), lines, notes
         state: Dict[str, object] = dict(msg.state, attempts=attempts,
                                         first_queued=msg.first_queued, last_attempt=now,
                                         failed=failed, history=_history(msg.state, event))
@@ -3652,35 +3917,34 @@ class QueueProcessor:
             if age < self.config.max_queue_lifetime:
                 c = self.config
                 # 2 ** 64 times any min_backoff_time is past any max_backoff_time;
-                # more would overflow a float after a thousand attempts.
+                # more would overflow a float after a thousand attempts (and
+                # attempts come from a state file).
                 delay = min(c.max_backoff_time,
                             c.min_backoff_time * 2.0 ** min(attempts - 1, 64))
                 delay *= random.uniform(0.8, 1.2)
                 state.update(last_error=str(last), next_attempt=now + delay)
                 for line in _group(out.deferred):
-                    log.info("%s %s: deferred for %d s (attempt %d): %s",
-                             Reply.parse(line).status, msg.name, delay, attempts, line)
+                    lines.append((logging.INFO, "%s %s: deferred for %d s (attempt %d): %s",
+                                  (Reply.parse(line).status, msg.name, delay, attempts,
+                                   line)))
                 if fresh:
                     state["dead_letter"] = True
                     reply = Reply.parse(next(iter(fresh.values())))
-                    log.error("%s %s: dead letter .rejected-%s for %d recipient(s), the "
-                              "others still to do: %s", reply.status, msg.name, msg.name,
-                              len(fresh), reply)
-                self._record(msg, functools.partial(
+                    lines.append((logging.ERROR, "%s %s: dead letter .rejected-%s for %d "
+                                  "recipient(s), the others still to do: %s",
+                                  (reply.status, msg.name, msg.name, len(fresh), reply)))
+                return "deferred", functools.partial(
                     self._refuse_and_defer, msg, fresh, "%d delivered" % len(out.delivered),
-                    attempts, list(out.deferred), state, now + delay))
-                self._count("deferred")
-                return
+                    attempts, list(out.deferred), state, now + delay), lines, notes
             for rcpt, reply in out.deferred.items():
                 fresh[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                     reply, attempts, age / 86400)
         reply = Reply.parse(next(iter(fresh.values())))
-        log.error("%s %s: dead letter .rejected-%s for %d recipient(s): %s", reply.status,
-                  msg.name, msg.name, len(fresh), reply)
+        lines.append((logging.ERROR, "%s %s: dead letter .rejected-%s for %d recipient(s): %s",
+                      (reply.status, msg.name, msg.name, len(fresh), reply)))
         msg.state = state
-        self._record(msg, functools.partial(self.queue.dead_letter, msg, fresh,
-                                            "%d delivered" % len(out.delivered)))
-        self._count("dead")
+        return "dead", functools.partial(self.queue.dead_letter, msg, fresh,
+                                         "%d delivered" % len(out.delivered)), lines, notes
 
     def _refuse_and_defer(self, msg: QueuedMessage, refused: Dict[str, str], summary: str,
                           attempts: int, recipients: List[str], state: Dict[str, object],
@@ -3697,15 +3961,49 @@ class QueueProcessor:
             self.stats[what] += 1
             self._done += 1
 
-    def _record(self, msg: QueuedMessage, action: Callable[[], object]) -> None:
-        """Do a queue change; if it fails, keep it (and the claim) to retry
-        on the next pass.  Holding the claim means nobody sends it again."""
+    def _record(self, msg: QueuedMessage, action: Callable[[], object],
+                delivered: Iterable[str] = ()) -> None:
+        """Do a queue change.  If it fails (a full disk), nothing of it is
+        lost and nothing is sent twice:
+
+        * the change is kept in memory with the message's claim, so no
+          processor sends it meanwhile, and retried on every pass;
+        * no new message is sent until it is recorded (_deliver, _attempt);
+        * the recipients delivered are struck from the file's X-Zope-To in
+          place (Queue.strike needs no new disk block), so that if this
+          process stops first (_finish) or is killed, a later run, ours or
+          zope.sendmail's, sends only to the others.
+        """
         try:
             action()
-        except Exception:
-            log.exception("4.3.0 %s: cannot record the delivery outcome in the "
-                          "queue; will try again", msg.name)
-            self._unsettled.append((msg, action))
+            return
+        except Exception as e:
+            problem = e
+        delivered = list(delivered)
+        safe = not delivered or self.queue.strike(msg, delivered)
+        log.error("4.3.0 %s: cannot record the delivery outcome in the queue: %s; it "
+                  "stays claimed and is recorded as soon as the queue allows; no more "
+                  "mail is sent until then%s", msg.name, problem,
+                  "" if not delivered else
+                  "; its file no longer lists the %d recipient(s) delivered" % len(delivered)
+                  if safe else "; its file could not be changed either")
+        with self._record_lock:
+            self._unsettled.append((msg, action, safe))
+
+    def _recorded(self) -> bool:
+        """Try again the queue changes that could not be made; True when
+        none is left."""
+        with self._record_lock:
+            left = []
+            for msg, action, safe in self._unsettled:
+                try:
+                    action()
+                except Exception:
+                    left.append((msg, action, safe))
+                else:
+                    log.warning("2.0.0 %s: its delivery outcome is recorded now", msg.name)
+            self._unsettled = left
+            return not left
 
 
 # ---------------------------------------------------------------------------
@@ -3838,6 +4136,7 @@ def _current_config() -> SMTPConfig:
 
 
 def _queue_for(config: SMTPConfig) -> Queue:
+    _check_fork()
     with _lock:
         queue = _queues.get(config.queuepath)
         if queue is None:
@@ -3878,6 +4177,7 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
 
 def shutdown(timeout: Optional[float] = None) -> None:
     """Stop every processor thread this process started (run at exit)."""
+    _check_fork()
     with _lock:
         processors = list(_processors.values())
         _processors.clear()
@@ -3887,11 +4187,34 @@ def shutdown(timeout: Optional[float] = None) -> None:
 
 def _after_fork() -> None:
     # A child has the parent's queues but none of its threads: start afresh.
-    global _lock
+    global _lock, _pid
+    _pid = os.getpid()
     _lock = threading.Lock()
     _processors.clear()
-    for queue in list(_claiming):
-        queue._forget_claimer()
+    for queue in set(_claiming) | set(_queues.values()):
+        queue._forget_claimer()     # its lock too: a parent's thread may hold it
+
+
+_pid = os.getpid()      # the process that _processors and _lock belong to
+
+
+def _check_fork() -> None:
+    """Run _after_fork in a child that was forked without Python's fork
+    hooks: uWSGI's master forks its workers with libc's fork() (unless
+    --lazy-apps), so a web application that configured gsemail at import
+    has, in each worker, its master's processors and locks but not their
+    threads.  Every entry point checks the pid first."""
+    if _pid != os.getpid():
+        # Python's own hooks did not run either: logging's locks may be held
+        # by a thread of the parent's (our processor's, logging as it was
+        # forked), and our processor logs.  This is what those hooks do.
+        reinit = getattr(logging, "_after_at_fork_child_reinit_locks", None)
+        if reinit is not None:
+            try:
+                reinit()
+            except Exception:
+                pass
+        _after_fork()
 
 
 # At exit, wait a little for the message in flight.  If it is cut short, the
@@ -4314,8 +4637,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
         if e.claim:
             lines.append(("claimed by", e.claim))
         for event in e.history:
-            at = event.get("at")
-            at = _iso(at) if isinstance(at, (int, float)) else "(no time)"
+            at = _when(event.get("at"))
+            at = _iso(at) if at is not None else "(no time)"
             if "event" in event:
                 text = str(event["event"])
             else:
@@ -4342,7 +4665,7 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
     now = time.time()
     counts: Dict[str, int] = facts["counts"]  # type: ignore[assignment]
     waiting: int = facts["waiting"]  # type: ignore[assignment]
-    oldest = _stored_time(facts["oldest_queued"])
+    oldest = _when(facts["oldest_queued"])
     oldest_age = now - oldest if oldest is not None else None
     problems: List[Tuple[int, str]] = []
 
@@ -4364,7 +4687,7 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
 
     def when(key: str) -> Tuple[Optional[str], Optional[int]]:
         # status.json is anyone's to edit: what is no time is not recorded
-        value = _stored_time(facts.get(key))
+        value = _when(facts.get(key))
         if value is None:
             return None, None
         return _iso(value), _whole_seconds(now - value)

@@ -34,6 +34,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.request
 import warnings
 
 import gsemail
@@ -3404,6 +3405,461 @@ class FailureHandlingTests(Base):
         self.assertEqual(logins, [])
         gsemail.Mailer(config)._login(Connection(), encrypted=True)
         self.assertEqual(logins, ["u"])
+
+
+# ---------------------------------------------------------------------------
+# Records first: no advisory file can stop a delivery from being recorded,
+# and an outcome that cannot be written is never sent again
+# ---------------------------------------------------------------------------
+
+# What an operator's edit or another tool may leave in status.json: the ISO
+# times that ``status --json`` prints, wrong types, NaN, huge numbers, lists,
+# deep nesting, bytes that are not UTF-8.
+GARBAGE_STATUS = [
+    '{"delivered_at": "2026-01-01T09:00:00Z", "delivered_id": "x", "delivered_via": "y",'
+    ' "error_at": "2026-01-01T09:00:01Z", "error": "4.4.1 down", "error_id": "z"}',
+    '{"last_delivery": "2026-01-01T09:00:00Z", "last_error_at": "2026-01-01T09:00:01Z"}',
+    '{"delivered_at": NaN, "error_at": Infinity, "delivered_id": ["a"], "error": {"b": 1}}',
+    '{"delivered_at": 1e400, "error_at": -1e300, "counts": "lots", "queue": 5,'
+    ' "waiting": "x", "due": null, "oldest_queued": "soon", "oldest_id": [1]}',
+    '{"delivered_at": %s, "error_at": [1, 2], "error": "%s"}' % ("9" * 400, "e" * 100000),
+    '{"delivered_at": %s}' % ("9" * 5000),
+    '{"delivered_at": true, "error_at": "1e999", "delivered_id": null, "error_id": 7}',
+    '[1, 2, 3]',
+    '"2026-01-01T09:00:00Z"',
+    "[" * 100000 + "]" * 100000,
+    "\udcff\udcfe{not json",
+]
+
+# The same for a message's state file (attempts, times, refusals, history).
+GARBAGE_STATE = [
+    '{"attempts": "many", "first_queued": NaN, "failed": "x", "history": 5,'
+    ' "last_error": ["x"], "xverp": "no", "next_attempt": "soon"}',
+    '{"attempts": 1000000, "first_queued": "%s", "failed": [["a", "b"]],'
+    ' "last_attempt": 1e400}' % gsemail._iso(time.time() - 3600),
+    '{"attempts": -5, "first_queued": 1e400, "failed": {"x@example.org": 5},'
+    ' "history": [1, "two", {"at": "three"}]}',
+    '{"attempts": %s, "first_queued": %s}' % ("9" * 400, "-" + "9" * 400),
+    '{"attempts": 2.5e300, "first_queued": Infinity}',
+    '[]',
+    "[" * 100000 + "]" * 100000,
+]
+
+
+def mount_small_tmpfs(test, size="1m"):
+    """A really small tmpfs of our own (as BadInputTests.test_disk_full),
+    unmounted at cleanup; returns its path."""
+    need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
+    mountpoint = os.path.join(test.tmp, "small")
+    os.mkdir(mountpoint)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
+                              "tmpfs", mountpoint], capture_output=True, text=True)
+    need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
+    test.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
+    return mountpoint
+
+
+def fill_disk(path):
+    """Fill the file system of path's directory until ENOSPC; returns a
+    function that frees it again."""
+    filler = os.path.join(os.path.dirname(path), "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        try:
+            f.close()
+        except OSError:
+            pass
+    return lambda: os.unlink(filler)
+
+
+def postfix_accepted(pf, message_id, timeout=60):
+    """Postfix's queue ids for the copies of message_id it accepted, once it
+    has delivered (removed) each of them."""
+    def settled():
+        text = pf.log()
+        ids = re.findall(r": ([0-9A-Za-z]+): message-id=%s" % re.escape(message_id), text)
+        return all(re.search(r": %s: removed" % i, text) for i in ids) and ids
+    return wait_for(settled, timeout, "postfix to settle %s (log: %s)"
+                    % (message_id, pf.log()[-2000:]))
+
+
+def run_in_own_session(args, tmp, timeout):
+    """subprocess.run for a command that forks: in its own session, all of
+    which is killed if it outlives timeout (a child that holds the output
+    pipes could otherwise keep run() waiting for ever)."""
+    with tempfile.TemporaryFile("w+", dir=tmp) as out, \
+            tempfile.TemporaryFile("w+", dir=tmp) as err:
+        proc = subprocess.Popen(args, cwd=HERE, stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
+
+
+# A web server's pre-forking as uWSGI does it (no --lazy-apps): the app
+# configures gsemail at import, in the master, and the master forks its
+# workers with libc's fork(), so none of Python's fork hooks run.  PyDLL
+# keeps the GIL across the call, as uWSGI's master holds it.
+RAW_FORK = textwrap.dedent("""\
+    import ctypes, json, os, sys, time
+    import gsemail
+    port, queuepath = int(sys.argv[1]), sys.argv[2]
+
+    def say(what, **facts):
+        print(json.dumps(dict(facts, what=what, pid=os.getpid())), flush=True)
+
+    def sent(name, timeout=20):
+        deadline = time.monotonic() + timeout
+        while os.path.exists(os.path.join(queuepath, "new", name)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def processor():
+        p = gsemail._processors.get(queuepath)
+        return p is not None and p.alive and p._pid == os.getpid()
+
+    MSG = "From: a@example.org\\nSubject: fork\\n\\nHello.\\n"
+    # poll_interval: the parent's processor looks only when it is woken
+    gsemail.configure(gsemail.SMTPConfig(
+        hostname="127.0.0.1", port=port, queuepath=queuepath, timeout=5,
+        ehlo_name="client.test", poll_interval=3600))
+    gsemail.send_email("s@example.org", ["parent1@example.org"], MSG)
+    name = sorted(os.listdir(os.path.join(queuepath, "new")))[-1:]
+    say("parent1", sent=sent(name[0]) if name else True)
+    started = time.monotonic()
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        # a worker: only its own processor can deliver what it queues
+        gsemail.send_email("s@example.org", ["child@example.org"], MSG)
+        name = [n for n in os.listdir(os.path.join(queuepath, "new"))
+                if not n.startswith(".")]
+        say("child", sent=sent(name[0]) if name else True, own=processor())
+        sys.exit(0)     # atexit: gsemail.shutdown, as a worker that is stopped
+    os.waitpid(pid, 0)
+    say("child exited", seconds=time.monotonic() - started)
+    gsemail.send_email("s@example.org", ["parent2@example.org"], MSG)
+    name = [n for n in os.listdir(os.path.join(queuepath, "new")) if not n.startswith(".")]
+    say("parent2", sent=sent(name[0]) if name else True, own=processor())
+    """)
+
+
+# A WSGI application as GroupServer's would be: it configures gsemail at
+# import and queues a message per request, answering with its pid.
+UWSGI_APP = textwrap.dedent("""\
+    import os, sys
+    sys.path.insert(0, os.environ["GSEMAIL_DIR"])
+    import gsemail
+    gsemail.configure(gsemail.SMTPConfig(
+        hostname="127.0.0.1", port=int(os.environ["SMTP_PORT"]),
+        queuepath=os.environ["QUEUE"], timeout=5, ehlo_name="client.test",
+        poll_interval=3600))
+
+    def application(environ, start_response):
+        rcpt = environ["PATH_INFO"].strip("/") + "@example.org"
+        gsemail.send_email("s@example.org", [rcpt],
+                           "From: a@example.org\\nSubject: uwsgi\\n\\nHello.\\n")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+    """)
+
+
+class RecordFirstTests(OperatorBase):
+    """Advisory files (status.json, state files) are read with tolerance
+    of any content, and only after the delivery is recorded."""
+
+    def once(self):
+        run = self.gsemail("--once")
+        self.assertNotIn("Traceback", run.stderr)
+        return run
+
+    def test_any_status_json_neither_stops_the_record_nor_status(self):
+        server = self.server()
+        config = self.ini(server.port)
+        status = os.path.join(self.queuepath, "status.json")
+        for i, text in enumerate(GARBAGE_STATUS):
+            with self.subTest(status=text[:70]):
+                rcpt = "r%d@example.org" % i
+                name = self.enqueue(config, rcpts=[rcpt])
+                with open(status, "w", encoding="utf-8", errors="surrogateescape") as f:
+                    f.write(text)
+                for _ in range(2):      # the second run finds nothing to send again
+                    run = self.once()
+                    self.assertEqual(run.returncode, 0, run.stderr)
+                self.assertEqual(server.rcpts.count(rcpt), 1, "sent twice: " + run.stderr)
+                self.assertEqual(self.listing("new") + self.listing("cur"), [])
+                # the first run recorded its delivery over whatever was there
+                report = json.loads(self.ok("status", "--json"))
+                self.assertEqual(report["last_delivery_id"], name)
+                self.assertRegex(report["last_delivery"], r"^\d{4}-\d\d-\d\dT")
+                self.assertIn("last delivery  ", self.ok("status"))
+                # and status reads any of it, unchanged by a processor
+                with open(status, "w", encoding="utf-8", errors="surrogateescape") as f:
+                    f.write(text)
+                for args in (("status",), ("status", "--json"), ("list",)):
+                    run = self.gsemail(*args)
+                    self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+                    self.assertNotIn("Traceback", run.stderr)
+                report = json.loads(self.ok("status", "--json"))
+                for key in ("last_delivery", "last_error_at"):
+                    self.assertTrue(report[key] is None or
+                                    re.match(r"^\d{4}-\d\d-\d\dT", report[key]), report)
+                for key in ("last_delivery_id", "last_error", "last_error_id"):
+                    self.assertIsInstance(report[key], (str, type(None)))
+
+    def test_any_state_file_neither_stops_the_record_nor_kills_the_message(self):
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.ini(server.port)
+        for i, text in enumerate(GARBAGE_STATE):
+            with self.subTest(state=text[:70]):
+                now = "now%d@example.org" % i
+                name = self.enqueue(config, rcpts=[now, "later@example.org"])
+                with open(os.path.join(self.queuepath, "state", name), "w") as f:
+                    f.write(text)
+                for _ in range(2):
+                    run = self.once()
+                    self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+                self.assertEqual(server.rcpts.count(now), 1, "sent twice: " + run.stderr)
+                # kept for the deferred recipient (NaN or a far first_queued
+                # must not make it a dead letter), with a state that adds up
+                state = self.assertDeferred(name, ["later@example.org"])
+                # A dead letter may name only what the state file says was
+                # refused (x@example.org, written at once as every refusal
+                # is), never this message's own recipients.
+                for dead in self.dead_letters():
+                    with open(dead, encoding="utf-8") as f:
+                        head = f.read().partition("\n\n")[0]
+                    self.assertNotIn(now, head)
+                    self.assertNotIn("<later@example.org>", head)
+                    os.unlink(dead)
+                self.assertIsInstance(state["attempts"], int)
+                self.assertGreaterEqual(state["attempts"], 1)
+                self.assertLessEqual(abs(state["first_queued"] - time.time()), 400 * 86400)
+                self.assertIsInstance(state["failed"], dict)
+                for args in (("list",), ("list", "--json"), ("show", name), ("status",)):
+                    run = self.gsemail(*args)
+                    self.assertIn(run.returncode, (0, 1), run.stdout + run.stderr)
+                    self.assertNotIn("Traceback", run.stderr)
+                self.ok("purge", name)
+
+
+class FullDiskRecordTests(OperatorBase):
+    """A full disk while a message is delivered in part: the recipients
+    accepted are never sent again, and claims taken on it name their owner."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def setUp(self):
+        super().setUp()
+        self.queuepath = os.path.join(mount_small_tmpfs(self), "queue")
+
+    def queued(self, name):
+        for sub in ("new", "cur"):
+            path = os.path.join(self.queuepath, sub, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    return f.read()
+        return None
+
+    def test_partly_delivered_on_a_full_disk_is_never_sent_twice(self):
+        p = "fulldisk-%d-" % time.monotonic_ns()
+        ok, later = p + "ok@gsemail.test", "defer4xx-" + p + "@gsemail.test"
+        config = self.ini(self.postfix.port)
+        name = self.enqueue(config, rcpts=[ok, later], sender="bounces@gsemail.test",
+                            msg=message(subject="full disk"))
+        second = self.enqueue(config, rcpts=[p + "second@gsemail.test"],
+                              sender="bounces@gsemail.test", msg=message(subject="second"))
+        message_id = re.search(rb"Message-ID: (<[^>]+>)", self.queued(name)).group(1).decode()
+        free = fill_disk(self.queuepath)
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertNotIn("Traceback", run.stderr)
+        self.assertIn("cannot record the delivery outcome", run.stderr)
+        # what a later run honours: the file lists only the recipient still
+        # to do (zope's rule too: spaces are stripped), no claim is left
+        envelope = self.queued(name).split(b"\n")[1].decode()
+        self.assertEqual(envelope.rstrip(), "X-Zope-To: " + later)
+        self.assertEqual([n for n in self.listing("new") if n.startswith(".")], [])
+        # no new work while an outcome waited: the second message is untouched
+        self.assertIsNotNone(self.queued(second), "sent while an outcome was unrecorded")
+        # the disk is still full: the next run must not send to ok@ again
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertNotIn("Traceback", run.stderr)
+        free()
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertDeferred(name, [later])
+        self.assertIsNone(self.queued(second))
+        self.assertEqual(len(self.postfix.wait_delivered(p + "second", 1)), 1)
+        self.assertEqual(len(postfix_accepted(self.postfix, message_id)), 1,
+                         "Postfix accepted the message more than once")
+        self.assertEqual(len(self.postfix.delivered(ok)), 1)
+        self.assertEqual(self.listing("tmp"), [], "files left behind in tmp/")
+
+    def test_a_running_processor_records_when_space_returns_and_then_goes_on(self):
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.config(server.port, poll_interval=0.1)
+        name = self.enqueue(config, rcpts=["ok@example.org", "later@example.org"])
+        second = self.enqueue(config, rcpts=["second@example.org"])
+        free = fill_disk(self.queuepath)
+        processor = gsemail.QueueProcessor(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor.start()
+            wait_for(lambda: any("cannot record" in line for line in logs.output), 30,
+                     "the outcome that cannot be recorded")
+            time.sleep(0.5)     # several polls: none may send anything more
+            self.assertEqual(server.rcpts, ["ok@example.org"])
+            self.assertTrue(os.path.exists(os.path.join(self.queuepath, "new", second)))
+            free()
+            wait_for(lambda: "second@example.org" in server.rcpts, 30, "the second message")
+            processor.stop(30)
+        self.assertFalse(processor.alive)
+        self.assertTrue(any("recorded now" in line for line in logs.output), logs.output)
+        self.assertEqual(server.rcpts, ["ok@example.org", "second@example.org"])
+        state = self.assertDeferred(name, ["later@example.org"])
+        self.assertEqual(state["attempts"], 1)
+
+    def test_an_outcome_that_cannot_be_recorded_at_all_is_set_aside(self):
+        # X-Zope-To beyond the file's first page cannot be struck in one safe
+        # write: at exit the message becomes a dead letter, never sent again
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.ini(server.port)
+        rcpts = ["recipient-with-a-long-name-%03d@example.org" % i for i in range(120)]
+        name = self.enqueue(config, rcpts=rcpts + ["later@example.org"])
+        free = fill_disk(self.queuepath)
+        self.addCleanup(free)
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)     # nothing waits
+        self.assertIn("set aside as dead letter", run.stderr)
+        self.assertEqual(self.listing("new"), [".rejected-" + name])
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(sorted(server.rcpts), rcpts, "sent again")
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual([(e["id"], e["state"]) for e in listed], [(name, "dead")])
+
+    def test_a_claim_taken_on_a_full_disk_names_its_owner(self):
+        config = self.ini(self.postfix.port)
+        name = self.enqueue(config, rcpts=["a@gsemail.test"])
+        path = os.path.join(self.queuepath, "new", name)
+        free = fill_disk(self.queuepath)
+        self.addCleanup(free)
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, self.queuepath, path],
+                                cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        self.assertEqual(proc.stdout.readline().strip(), "held")
+        (claimer,) = self.listing("tmp")
+        self.assertEqual(os.path.getsize(os.path.join(self.queuepath, "tmp", claimer)), 0,
+                         "the disk was not full: the claimer file has content")
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual(listed[0]["claim"], "process %d on this host, running" % proc.pid)
+        queue = gsemail.Queue(self.queuepath, claim_timeout=3600)
+        self.assertIsNone(queue.claim(path), "a live claim was taken")
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertIn("process %d on this host, which has died" % proc.pid, listed[0]["claim"])
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            msg = queue.claim(path)
+        self.assertIsNotNone(msg, "a dead process's claim was kept for claim_timeout")
+        self.assertIn("its process has died", logs.output[0])
+        msg.release()
+        queue.close()
+
+
+class ForkWithoutHooksTests(Base):
+    """A processor belongs to the process that started it; a process
+    forked without Python's fork hooks starts its own."""
+
+    def test_a_worker_forked_by_libc_fork_delivers_with_its_own_processor(self):
+        server = self.server()
+        run = run_in_own_session([sys.executable, "-c", RAW_FORK, str(server.port),
+                                  self.queuepath], self.tmp, timeout=120)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        said = {d["what"]: d for d in map(json.loads, run.stdout.split("\n")[:-1])}
+        self.assertEqual(set(said), {"parent1", "child", "child exited", "parent2"},
+                         run.stdout + run.stderr)
+        self.assertTrue(said["parent1"]["sent"])
+        self.assertTrue(said["child"]["sent"], "the worker's mail was not delivered by "
+                        "its own processor: " + run.stderr)
+        self.assertTrue(said["child"]["own"], "the worker has no processor of its own")
+        # stopping a worker does not wait for a thread that exists only in
+        # the master (10 s, atexit's bound, or for ever)
+        self.assertLess(said["child exited"]["seconds"], 8, run.stderr)
+        self.assertTrue(said["parent2"]["sent"], "the master's processor was harmed")
+        self.assertTrue(said["parent2"]["own"])
+        self.assertEqual(sorted(server.rcpts), ["child@example.org", "parent1@example.org",
+                                                "parent2@example.org"])
+        self.assertEqual(self.listing("new") + self.listing("cur") + self.listing("tmp"), [])
+
+    def test_real_uwsgi_prefork_workers_deliver_and_stop(self):
+        # uwsgi --master --processes 2 without --lazy-apps: the app is
+        # imported (and gsemail configured) in the master, which forks.
+        uwsgi = os.environ.get("GSEMAIL_UWSGI")
+        need(uwsgi and os.access(uwsgi, os.X_OK),
+             "set $GSEMAIL_UWSGI to a uwsgi binary (pip install uwsgi in a venv)")
+        server = self.server()
+        app = os.path.join(self.tmp, "app.py")
+        with open(app, "w") as f:
+            f.write(UWSGI_APP)
+        port = free_port()
+        env = dict(os.environ, GSEMAIL_DIR=HERE, SMTP_PORT=str(server.port),
+                   QUEUE=self.queuepath)
+        logged = os.path.join(self.tmp, "uwsgi.log")
+        with open(logged, "w") as output:
+            proc = subprocess.Popen([uwsgi, "--master", "--processes", "2", "--die-on-term",
+                                     "--http-socket", "127.0.0.1:%d" % port,
+                                     "--wsgi-file", app], env=env, stdout=output,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+        def stop():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)     # the workers too
+            proc.wait()
+        self.addCleanup(stop)
+        wait_for(lambda: Postfix._listening(port), 30, "uwsgi on port %d" % port)
+        workers = set()
+        for i in range(8):
+            with urllib.request.urlopen("http://127.0.0.1:%d/r%d" % (port, i),
+                                        timeout=30) as answer:
+                workers.add(int(answer.read()))
+        self.assertNotIn(proc.pid, workers)
+        # the master's processor only looks when woken: each worker's own
+        # processor delivers what that worker queued
+        wait_for(lambda: len(server.rcpts) == 8, 30, "the workers' mail (%s)" % server.rcpts)
+        self.assertEqual(sorted(server.rcpts), ["r%d@example.org" % i for i in range(8)])
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        out = read_text(logged)
+        self.assertEqual(proc.returncode, 0, out[-3000:])
+        # its workers exit at once (not after atexit's 10 s bound, or never)
+        self.assertLess(time.monotonic() - started, 8, out[-3000:])
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
 
 # ---------------------------------------------------------------------------
