@@ -54,6 +54,7 @@ import argparse
 import atexit
 import base64
 import configparser
+import contextlib
 import dataclasses
 import difflib
 import email.message
@@ -2029,14 +2030,27 @@ class Queue:
         """The last resort for a message whose outcome could not be recorded
         at all, not even by strike: rename it to a dead letter (a rename
         needs no data block), so no processor sends it again, and release
-        it.  The path, or None when even that failed."""
-        rejected = os.path.join(os.path.dirname(msg.path), ".rejected-" + msg.name)
-        try:
-            os.rename(msg.path, rejected)
-        except OSError:
-            return None
-        msg.release()
-        return rejected
+        it.  The path, or None when even that failed.  A link, then the
+        unlink of the message: a rename would replace a dead letter already
+        there (ours, written when recipients were refused, or zope's)."""
+        here = os.path.basename(os.path.dirname(msg.path))
+        for pair in self._dead_letter_paths(msg.name, here):
+            for rejected in pair:
+                try:
+                    os.link(msg.path, rejected, follow_symlinks=False)
+                except FileExistsError:
+                    continue
+                except OSError:
+                    return None
+                try:
+                    os.unlink(msg.path)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(rejected)     # not both: it would be sent again
+                    return None
+                msg.release()
+                return rejected
+        return None
 
     # -- the operator's commands: list, show, status, flush, retry, purge -----
 

@@ -3758,6 +3758,28 @@ class FullDiskRecordTests(OperatorBase):
         listed = json.loads(self.ok("list", "--json"))
         self.assertEqual([(e["id"], e["state"]) for e in listed], [(name, "dead")])
 
+    def test_setting_aside_never_replaces_a_dead_letter_already_there(self):
+        # zope.sendmail (or our refusals, written at once) may have a
+        # .rejected-NAME beside the message: the set-aside takes another name
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 busy" if "later@" in a
+                                    else None})
+        config = self.ini(server.port)
+        rcpts = ["recipient-with-a-long-name-%03d@example.org" % i for i in range(120)]
+        name = self.enqueue(config, rcpts=rcpts + ["later@example.org"])
+        theirs = os.path.join(self.queuepath, "new", ".rejected-" + name)
+        with open(theirs, "wb") as f:
+            f.write(b"X-Zope-From: s@example.org\nX-Zope-To: gone@example.org\n\nzope's\n")
+        free = fill_disk(self.queuepath)
+        self.addCleanup(free)
+        run = self.gsemail("--once")
+        self.assertIn("set aside as dead letter", run.stderr)
+        with open(theirs, "rb") as f:
+            self.assertIn(b"zope's", f.read())
+        self.assertEqual(self.listing("new"), [".rejected-" + name])
+        self.assertEqual(self.listing("cur"), [".rejected-" + name])
+        run = self.gsemail("--once")
+        self.assertEqual(sorted(server.rcpts), rcpts, "sent again")
+
     def test_a_claim_taken_on_a_full_disk_names_its_owner(self):
         config = self.ini(self.postfix.port)
         name = self.enqueue(config, rcpts=["a@gsemail.test"])
