@@ -4149,6 +4149,38 @@ def _current_config() -> SMTPConfig:
     return configure(path, instance or "default")
 
 
+def _uwsgi_master() -> object:
+    """uWSGI's ``uwsgi`` module when this is its master loading the
+    application before it forks the workers (no --lazy-apps); else None.
+
+    A thread must not run there: uWSGI forks with libc's fork() and never
+    calls PyOS_AfterFork_Child, so a worker forked while our thread waited
+    for the GIL inherits the GIL's lock and condition mid-use and hangs the
+    first time two of its threads take turns (seen: 1 start in 5 under
+    load, stuck in drop_gil).  Nothing Python can do in the child mends that."""
+    uwsgi = sys.modules.get("uwsgi")
+    try:
+        return uwsgi if uwsgi is not None and uwsgi.worker_id() == 0 else None
+    except Exception:
+        return None
+
+
+_after_uwsgi_fork: Dict[str, SMTPConfig] = {}   # processors that wait for the fork
+
+
+def _start_after_uwsgi_fork() -> None:
+    """uWSGI's post_fork_hook: each worker starts the processors that the
+    master put off, at once, so a backlog is delivered without waiting for
+    the first send_email."""
+    _check_fork()
+    for config in list(_after_uwsgi_fork.values()):
+        try:
+            _queue_for(config)
+        except GsEmailError as e:
+            log.error("%s queue processor for %s not started: %s", e.status,
+                      config.queuepath, e)
+
+
 def _queue_for(config: SMTPConfig) -> Queue:
     _check_fork()
     with _lock:
@@ -4159,6 +4191,20 @@ def _queue_for(config: SMTPConfig) -> Queue:
                                                       xverp=config.xverp)
         processor = _processors.get(config.queuepath)
         if config.processorthread and (processor is None or not processor.alive):
+            uwsgi = _uwsgi_master()
+            if uwsgi is not None:
+                # Started in each worker instead (see _uwsgi_master), chained
+                # after any post_fork_hook the application set.
+                if not _after_uwsgi_fork:
+                    before = getattr(uwsgi, "post_fork_hook", None)
+
+                    def hook() -> None:
+                        if callable(before):
+                            before()
+                        _start_after_uwsgi_fork()
+                    uwsgi.post_fork_hook = hook  # type: ignore[attr-defined]
+                _after_uwsgi_fork[config.queuepath] = config
+                return queue
             processor = QueueProcessor(config, queue)
             _processors[config.queuepath] = processor
             processor.start()

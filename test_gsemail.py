@@ -3868,6 +3868,10 @@ class ForkWithoutHooksTests(Base):
                                         timeout=30) as answer:
                 workers.add(int(answer.read()))
         self.assertNotIn(proc.pid, workers)
+        # no thread in the master: uWSGI forks without PyOS_AfterFork_Child,
+        # and a worker forked while a thread of its master waited for the
+        # GIL hangs (see gsemail._uwsgi_master)
+        self.assertEqual(os.listdir("/proc/%d/task" % proc.pid), [str(proc.pid)])
         # the master's processor only looks when woken: each worker's own
         # processor delivers what that worker queued
         wait_for(lambda: len(server.rcpts) == 8, 30, "the workers' mail (%s)" % server.rcpts)
