@@ -3447,8 +3447,10 @@ GARBAGE_STATE = [
 
 
 def mount_small_tmpfs(test, size="1m"):
-    """A really small tmpfs of our own (as BadInputTests.test_disk_full),
-    unmounted at cleanup; returns its path."""
+    """A small tmpfs of our own (as BadInputTests.test_disk_full: one that
+    fills, and one that keeps any file time, which ext4 clamps at 2446),
+    unmounted at cleanup (lazily: a Queue of this process may still hold its
+    claimer file open); returns its path."""
     need(os.geteuid() == 0 and shutil.which("mount"), "mounting a small tmpfs needs root")
     mountpoint = os.path.join(test.tmp, "small")
     os.mkdir(mountpoint)
@@ -5237,20 +5239,6 @@ print(now)
 """
 
 
-def mount_tmpfs(test, size="4m"):
-    """A private tmpfs (it keeps any file time; ext4 clamps at 2446), gone
-    at the end of the test."""
-    need(os.geteuid() == 0 and shutil.which("mount"), "mounting a tmpfs needs root")
-    mountpoint = os.path.join(test.tmp, "tmpfs")
-    os.mkdir(mountpoint)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
-                              "tmpfs", mountpoint], capture_output=True, text=True)
-    need(mounted.returncode == 0, "cannot mount a tmpfs: " + mounted.stderr)
-    # lazy: a Queue of this process may still hold its claimer file open
-    test.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
-    return mountpoint
-
-
 class HugeNumberTests(OperatorBase):
     """Every numeric option has a documented upper bound, checked when the
     config is made; the CLI's numbers are checked as arguments; and no value
@@ -5490,7 +5478,7 @@ class TimeTextTests(OperatorBase):
 
     def test_list_show_and_status_survive_any_file_time(self):
         server = self.scripted()
-        self.queuepath = os.path.join(mount_tmpfs(self), "queue")
+        self.queuepath = os.path.join(mount_small_tmpfs(self, "4m"), "queue")
         names = self.fill(server)
         deferred = os.path.join(self.queuepath, "cur", names["deferred"])
         dead = os.path.join(self.queuepath, "new", ".rejected-" + names["dead"])
