@@ -955,7 +955,7 @@ def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
         key, _, value = parts.pop(0).partition("=")
         fields[key] = value
     count = fields.get("failed", "")
-    if not (_belongs(fields.get("id", ""), name) and count.isdigit()):
+    if not (_belongs(fields.get("id", ""), name) and count.isascii() and count.isdigit()):
         return
     failed: Dict[str, str] = {}
     size = len(line)
@@ -979,7 +979,7 @@ def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
                  "text": "; ".join(["%s=%s" % kv for kv in fields.items() if kv[0] != "id"]
                                    + parts),
                  "attempts": int(fields["attempts"]) if fields.get(
-                     "attempts", "").isdigit() else None,
+                     "attempts", "").isascii() and fields["attempts"].isdigit() else None,
                  "first_queued": _parse_iso(fields.get("first-queued", ""))}
 
 
@@ -1603,8 +1603,12 @@ class Queue:
         if os.path.basename(head) == "cur" and st.st_mtime > time.time() + 1:
             msg.release()       # deferred again by someone else meanwhile
             return None
-        self._parse(msg, raw)
-        state = self._state_or_none(name)
+        try:
+            self._parse(msg, raw)
+            state = self._state_or_none(name)
+        except BaseException:
+            msg.release()       # never a claim left behind by a file we misread
+            raise
         msg.stateful, msg.state = state is not None, state or {}
         msg.xverp = self._wants_xverp(msg.xverp, msg.sender)
         return msg
@@ -1825,6 +1829,7 @@ class Queue:
 
     def remove(self, msg: QueuedMessage) -> None:
         """The message is done with: delete it and its state."""
+        self._check_identity()  # a record never lands in a queue put in its place
         try:
             os.unlink(msg.path)
         except FileNotFoundError:
@@ -1840,6 +1845,7 @@ class Queue:
               state: Dict[str, object], next_attempt: float) -> None:
         """Keep the message for the recipients still to do, due again at
         next_attempt, and record state."""
+        self._check_identity()
         cur = os.path.join(self.path, "cur", msg.name)
         if msg.path != cur and not os.path.lexists(msg.path) and os.path.lexists(cur):
             # An earlier try of this same change moved it and then failed
@@ -1896,6 +1902,7 @@ class Queue:
         gives up, so ours then goes in the other directory (or as
         ``.rejected-NAME.N``), where link() too never replaces a file.
         """
+        self._check_identity()
         own, held, old = self._own_dead_letter(msg.name)
         try:
             merged = dict(old)
@@ -1948,10 +1955,13 @@ class Queue:
                 if held is None:
                     continue    # not there, or held by an operator's command
                 try:
-                    with open(path, "rb") as f:
+                    with _open_file(path) as f:     # never a FIFO's open, nor a link
                         head = _read_head(f.readline, os.path.basename(path))
-                except FileNotFoundError:
+                except OSError:     # gone, or not a regular file: not ours
                     head = _Head()
+                except BaseException:
+                    held.release()
+                    raise
                 if head.id == name:
                     return path, held, head.failed
                 held.release()  # zope's, or another message's
@@ -1992,6 +2002,7 @@ class Queue:
         """
         done = set(done)
         try:
+            self._check_identity()
             fd = os.open(msg.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return False
@@ -2033,6 +2044,10 @@ class Queue:
         it.  The path, or None when even that failed.  A link, then the
         unlink of the message: a rename would replace a dead letter already
         there (ours, written when recipients were refused, or zope's)."""
+        try:
+            self._check_identity()
+        except QueueError:
+            return None
         here = os.path.basename(os.path.dirname(msg.path))
         for pair in self._dead_letter_paths(msg.name, here):
             for rejected in pair:
@@ -3532,6 +3547,20 @@ def _pause(seconds: object) -> float:
     return min(value, _LIMITS["poll_interval"]) if value > 0 else 1.0   # NaN: 1 s
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether e says the disk (or a quota) is full, which frees up again."""
+    if isinstance(e, QueueError):
+        return e.status == "4.3.1"      # Queue._error's code for ENOSPC, EDQUOT
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _listed(recipients: List[str], limit: int = 10) -> str:
+    """'<a>, <b> and N more'."""
+    shown = ", ".join("<%s>" % _shown(r) for r in recipients[:limit])
+    return shown + (" and %d more" % (len(recipients) - limit)
+                    if len(recipients) > limit else "")
+
+
 class QueueProcessor:
     """Delivers a queue: in a background thread (``start``/``stop``), in
     the foreground (``run``), or until nothing is due (``drain``).
@@ -3561,6 +3590,7 @@ class QueueProcessor:
         # the recipients delivered).  While there are any, no new message
         # is sent; each keeps its claim.
         self._unsettled: List[tuple] = []
+        self._full = False      # one of them failed for a full disk: no new work
         self._record_lock = threading.Lock()
         self._maintained = -math.inf    # monotonic: maintain() at the first pass
         self._last_used = 0.0
@@ -3678,7 +3708,7 @@ class QueueProcessor:
             with self._record_lock:
                 unsettled, self._unsettled = self._unsettled, []
             held = False
-            for msg, _, safe in unsettled:
+            for msg, _, safe, _ in unsettled:
                 if safe:
                     log.error("4.3.0 %s: its delivery outcome could not be recorded; its "
                               "file lists only the recipients not delivered, so a later "
@@ -3717,8 +3747,8 @@ class QueueProcessor:
                 self.queue.maintain()
             except OSError as e:
                 log.warning("4.3.0 queue %s: housekeeping failed: %s", self.queue.path, e)
-        if not self._recorded():
-            return 0        # no new work while an outcome is not recorded
+        if not self._recorded() and self._full:
+            return 0        # no new work while the disk is full (see _record)
         try:
             return self._deliver_due()
         finally:
@@ -3765,8 +3795,9 @@ class QueueProcessor:
                 if self._progress and self._done:
                     with self._lock:
                         self._progress(self.stats, total - self._done)
-                if self._stopping.is_set() or (self._unsettled and not self._recorded()):
-                    break   # see _record: no new work while an outcome waits
+                if self._stopping.is_set() or (self._full and not self._recorded()
+                                               and self._full):   # retried, still full
+                    break   # see _record: no new work while the disk is full
                 try:
                     msg = self.queue.claim(path)
                 except OSError as e:
@@ -3822,7 +3853,11 @@ class QueueProcessor:
         is read with this message's first replies, when its MAIL, RCPT and
         DATA are already sent with the earlier dot."""
         def heartbeat() -> None:
-            if self._unsettled:
+            if self._full:
+                # An earlier message's reply still owed is read (and that
+                # message recorded) first: dropping the connection would
+                # settle it as lost, though its dot may have gone.
+                mailer.wait()
                 raise _Held(_HELD)      # the connection is dropped: no dot goes
             msg.heartbeat()
 
@@ -3995,28 +4030,37 @@ class QueueProcessor:
             problem = e
         delivered = list(delivered)
         safe = not delivered or self.queue.strike(msg, delivered)
+        named = "; delivered to %s" % _listed(delivered) if delivered else ""
+        # Only a full disk stops new work (whose outcomes could not be
+        # recorded either, until space returns).  Any other failure (a
+        # directory at state/NAME, EACCES, EROFS) keeps this message and
+        # retries it, but must not stop all other mail for good.
+        full = _disk_full(problem)
         log.error("4.3.0 %s: cannot record the delivery outcome in the queue: %s; it "
-                  "stays claimed and is recorded as soon as the queue allows; no more "
-                  "mail is sent until then%s", msg.name, problem,
-                  "" if not delivered else
+                  "stays claimed and is recorded as soon as the queue allows; %s%s%s",
+                  msg.name, problem, "no more mail is sent until then" if full else
+                  "other mail goes on", "" if not delivered else
                   "; its file no longer lists the %d recipient(s) delivered" % len(delivered)
-                  if safe else "; its file could not be changed either")
+                  if safe else "; its file could not be changed either", named)
         with self._record_lock:
-            self._unsettled.append((msg, action, safe))
+            self._unsettled.append((msg, action, safe, full))
+            self._full = any(entry[3] for entry in self._unsettled)
 
     def _recorded(self) -> bool:
         """Try again the queue changes that could not be made; True when
         none is left."""
         with self._record_lock:
             left = []
-            for msg, action, safe in self._unsettled:
+            for entry in self._unsettled:
                 try:
-                    action()
+                    entry[1]()
                 except Exception:
-                    left.append((msg, action, safe))
+                    left.append(entry)
                 else:
-                    log.warning("2.0.0 %s: its delivery outcome is recorded now", msg.name)
+                    log.warning("2.0.0 %s: its delivery outcome is recorded now",
+                                entry[0].name)
             self._unsettled = left
+            self._full = any(entry[3] for entry in left)
             return not left
 
 

@@ -6485,3 +6485,78 @@ class SystemdUnitTests(unittest.TestCase):
         result = in_child_as(lambda: gsemail.QueueProcessor(config).drain())
         self.assertEqual(result, "returned None")
         self.assertEqual(server.rcpts, ["moved@example.org"])
+
+
+# ---------------------------------------------------------------------------
+# What a review of the merged hostile-input fixes found
+# ---------------------------------------------------------------------------
+
+class MergedFixReviewTests(OperatorBase):
+    """Three holes a review of the merged fixes found: a FIFO where a dead
+    letter goes, a character that looks like a digit in our own lines, and
+    a record that fails for another reason than a full disk."""
+
+    def server_refusing(self):
+        return self.server(rules={"RCPT": lambda a: "550 5.1.1 no such user" if "gone@" in a
+                                  else "450 4.2.1 later" if "later@" in a else None})
+
+    def test_a_fifo_at_the_dead_letter_name_never_hangs_the_processor(self):
+        server = self.server_refusing()
+        config = self.ini(server.port)
+        name = self.enqueue(config, rcpts=["gone@example.org", "later@example.org",
+                                           "now@example.org"])
+        os.mkfifo(os.path.join(self.queuepath, "new", ".rejected-" + name))
+        run = self.gsemail("--once", timeout=60)
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertEqual(server.rcpts, ["now@example.org"])
+        with open(os.path.join(self.queuepath, "cur", ".rejected-" + name),
+                  encoding="utf-8") as f:
+            self.assertIn("X-Gsemail-Failed: <gone@example.org> 550", f.read())
+        self.assertDeferred(name, ["later@example.org"])
+
+    def test_a_superscript_digit_in_our_lines_neither_crashes_nor_keeps_a_claim(self):
+        server = self.server()
+        config = self.ini(server.port)
+        name = self.enqueue(config, rcpts=["a@example.org"])
+        path = os.path.join(self.queuepath, "new", name)
+        with open(path, "rb") as f:
+            first, second, rest = f.readline(), f.readline(), f.read()
+        with open(path, "wb") as f:
+            f.write(first + second + ("X-Gsemail-Dead-Letter: 2026-11-21T09:12:44Z; id=%s; "
+                                      "attempts=1; failed=\u00b2; x\n" % name).encode() + rest)
+        for args in (("list",), ("list", "--json"), ("status",)):
+            run = self.gsemail(*args)
+            self.assertNotIn("Traceback", run.stderr)
+            self.assertIn(run.returncode, (0, 1), run.stderr)
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(self.listing("new"), [])
+
+    def test_a_record_that_fails_for_one_message_does_not_stop_the_others(self):
+        server = self.server_refusing()
+        config = self.config(server.port)
+        stuck = self.enqueue(config, rcpts=["now@example.org", "later@example.org"])
+        os.mkdir(os.path.join(self.queuepath, "state", stuck))    # defer() cannot write it
+        others = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(3)]
+        processor = gsemail.QueueProcessor(config)
+        self.addCleanup(processor.mailer.close)
+        with self.assertLogs("gsemail", "ERROR") as logs:
+            processor.run_once()
+        self.assertIn("other mail goes on", "\n".join(logs.output))
+        self.assertIn("delivered to <now@example.org>", "\n".join(logs.output))
+        self.assertEqual(sorted(server.rcpts), ["now@example.org", "r0@example.org",
+                                                "r1@example.org", "r2@example.org"])
+        self.assertEqual(len(processor._unsettled), 1)
+        for name in others:
+            self.assertNotIn(name, self.listing("new") + self.listing("cur"))
+        # the kept one still lists only the recipient not delivered
+        with open(os.path.join(self.queuepath, "new", stuck), "rb") as f:
+            f.readline()
+            self.assertEqual(f.readline().split(b",")[0].strip(), b"X-Zope-To: later@example.org")
+        os.rmdir(os.path.join(self.queuepath, "state", stuck))
+        processor.run_once()
+        processor.mailer.close()
+        self.assertEqual(processor._unsettled, [])
+        self.assertDeferred(stuck, ["later@example.org"])
+        self.assertEqual(server.rcpts.count("now@example.org"), 1)
