@@ -3350,6 +3350,17 @@ class Mailer:
                              len(pending), limit)
                     why = self._reconnect()
                 reconnects += 1
+            except Exception as e:
+                # An error of our own in the middle of the message: what is
+                # settled stays settled, so a recipient delivered in an
+                # earlier transaction is never sent again; the rest waits,
+                # and the connection, in a state we do not know, is dropped.
+                log.exception("4.3.0 unexpected error while sending to %s", self.where)
+                s.broken = True
+                self.close()
+                done = set(out.delivered).union(out.failed, out.deferred)
+                pending = [r for r in pending if r not in done]
+                why = _internal(e)
             if why is None:
                 if self._session is s:
                     continue

@@ -6560,3 +6560,24 @@ class MergedFixReviewTests(OperatorBase):
         self.assertEqual(processor._unsettled, [])
         self.assertDeferred(stuck, ["later@example.org"])
         self.assertEqual(server.rcpts.count("now@example.org"), 1)
+
+    def test_an_error_of_ours_mid_message_keeps_what_was_delivered(self):
+        # recipients_per_transaction = 1: a@ goes in the first transaction;
+        # an internal error in the second must not make a@ due again
+        server = self.server()
+        config = self.config(server.port, recipients_per_transaction=1)
+        name = self.enqueue(config, rcpts=["a@example.org", "b@example.org"])
+        real, calls = gsemail.Mailer._transaction, []
+
+        def broken(mailer, *args, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise ZeroDivisionError("a bug of ours")
+            return real(mailer, *args, **kw)
+        with unittest.mock.patch.object(gsemail.Mailer, "_transaction", broken), \
+                self.assertLogs("gsemail", "ERROR") as logs:
+            self.drain(config)
+        self.assertIn("ZeroDivisionError", "\n".join(logs.output))
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        state = self.assertDeferred(name, ["b@example.org"])
+        self.assertIn("4.3.0 internal error: ZeroDivisionError", state["last_error"])
