@@ -3531,6 +3531,24 @@ class Mailer:
 # mailer and records each recipient's fate.
 # ---------------------------------------------------------------------------
 
+_MAINTAIN_EVERY = 3600.0    # s of running between two Queue.maintain() passes
+_NOTE_EVERY = 5.0           # s between two writes of the facts for ``status``
+# An idle connection is closed after 5 s (or the config's timeout, if
+# shorter), safely below the relays' own idle timeouts (Postfix's
+# smtpd_timeout is 10 s under stress, 300 s otherwise; Exim's and
+# OpenSMTPD's 5 minutes), so that the relay seldom closes one first
+# (Mailer.deliver copes if it does).
+_IDLE_CLOSE = 5.0
+_IDLE_WAKE_MIN = 0.05       # s: the shortest wait before closing an idle connection
+_IDLE_WAKE_LATE = 0.01      # s after the idle time is up, so that it is
+_QUEUE_ERROR_EVERY = 300.0  # s: the same QueueError is logged once in 5 minutes
+_JITTER = (0.8, 1.2)        # a retry's delay is spread by this factor
+# 2 ** 64 times any min_backoff_time is past any max_backoff_time; more
+# would overflow a float after a thousand attempts (and attempts come
+# from a state file).
+_DOUBLINGS_MAX = 64
+
+
 def _transient(reply: Reply) -> Reply:
     """The same reason, as a reason to try again later."""
     if not reply.permanent:
@@ -3540,24 +3558,34 @@ def _transient(reply: Reply) -> Reply:
     return Reply(451, "%s %s (was %d)" % (status, text, reply.code))
 
 
-def _group(replies: Dict[str, Reply], limit: int = 5) -> List[str]:
-    """'reply: <a>, <b> and N more' lines, one per distinct reply."""
-    by_reply: Dict[str, List[str]] = {}
+class _Group(NamedTuple):
+    """Recipients that had the same reply (see _by_reply)."""
+
+    reply: Reply
+    recipients: List[str]
+
+    def line(self, limit: int = 5) -> str:
+        """'reply: <a>, <b> and N more', as the log shows it."""
+        shown = ", ".join("<%s>" % r for r in self.recipients[:limit])
+        if len(self.recipients) > limit:
+            shown += " and %d more" % (len(self.recipients) - limit)
+        return "%s: %s" % (self.reply, shown)
+
+
+def _by_reply(replies: Dict[str, Reply]) -> List[_Group]:
+    """The recipients grouped by their reply (as written), in order: one
+    log line per distinct reply, however many recipients had it."""
+    groups: Dict[str, _Group] = {}
     for rcpt, reply in replies.items():
-        by_reply.setdefault(str(reply), []).append(rcpt)
-    lines = []
-    for reply, rcpts in by_reply.items():
-        shown = ", ".join("<%s>" % r for r in rcpts[:limit])
-        if len(rcpts) > limit:
-            shown += " and %d more" % (len(rcpts) - limit)
-        lines.append("%s: %s" % (reply, shown))
-    return lines
+        groups.setdefault(str(reply), _Group(reply, [])).recipients.append(rcpt)
+    return list(groups.values())
 
 
 def _pause(seconds: object) -> float:
     """poll_interval as a wait that cannot fail, whatever got past
     SMTPConfig's check: above zero, at most its bound; else 1 s."""
     try:
+        # type: ignore: seconds may be any object; float() raising is the check
         value = float(seconds)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return 1.0
@@ -3578,17 +3606,176 @@ def _listed(recipients: List[str], limit: int = 10) -> str:
                     if len(recipients) > limit else "")
 
 
+class _Policy(NamedTuple):
+    """The config's numbers that decide what becomes of a message that is
+    not done: how long it waits (doubling from min_backoff_time up to
+    max_backoff_time) and how long it may stay in the queue."""
+
+    min_backoff_time: float
+    max_backoff_time: float
+    max_queue_lifetime: float
+
+    @classmethod
+    def of(cls, config: SMTPConfig) -> "_Policy":
+        return cls(config.min_backoff_time, config.max_backoff_time,
+                   config.max_queue_lifetime)
+
+
+class _LogLine(NamedTuple):
+    """One line for ``log.log(level, text, *args)``."""
+
+    level: int
+    text: str
+    args: Tuple[object, ...]
+
+
+class _Plan(NamedTuple):
+    """What an attempt means for a message (made by _plan, done by
+    QueueProcessor._apply).  ``what`` is one of:
+
+    * ``"delivered"``: nothing left to do or to write: remove the message;
+    * ``"deferred"``: write the dead letter for ``refused`` (if any) and
+      keep the message for ``recipients``, due at ``next_attempt``, with
+      ``state`` (see QueueProcessor._refuse_and_defer);
+    * ``"dead"``: write the dead letter for ``refused`` and remove the
+      message (``state`` is then not written; its ``attempts`` go in the
+      dead letter's header).
+
+    It is also the key of QueueProcessor.stats the message counts in."""
+
+    what: str
+    attempts: int                   # this attempt's number
+    state: Dict[str, object]        # the message's state after this attempt
+    recipients: List[str]           # still to do ("deferred")
+    next_attempt: float             # when they are due ("deferred")
+    refused: Dict[str, str]         # recipient -> reason not yet in its dead letter
+    summary: str                    # for the dead letter's header
+    lines: List[_LogLine]           # to log once it is recorded
+    notes: Dict[str, object]        # facts for ``status`` (QueueProcessor._note)
+
+
+def _first_reason(refused: Dict[str, str], replies: Dict[str, Reply]) -> Reply:
+    """The first of the reasons in refused: its Reply when it is one of
+    this attempt's replies, else read back from its text (a refusal kept
+    in the state, or one with "gave up after" added)."""
+    rcpt, text = next(iter(refused.items()))
+    reply = replies.get(rcpt)
+    return reply if reply is not None and str(reply) == text else Reply.parse(text)
+
+
+def _plan(name: str, state: Dict[str, object], first_queued: float, attempts: int,
+          out: _Outcome, where: str, policy: _Policy, now: float,
+          rng: random.Random) -> _Plan:
+    """What to do with message name after an attempt whose outcome is out,
+    over relay where, at time now.  state, first_queued and attempts (the
+    attempts before this one) are the message's as claimed; rng.uniform
+    spreads the retry's delay.  A pure function: it changes nothing, not
+    even state, and raises (for the caller to decide without the state)
+    when the state's content cannot be used."""
+    attempts += 1
+    lines: List[_LogLine] = []
+    notes: Dict[str, object] = {}
+    if out.delivered:
+        lines.append(_LogLine(logging.INFO, "2.0.0 %s: delivered to %d recipient(s) via %s%s",
+                              (name, len(out.delivered), where,
+                               " with XVERP" if out.xverp else "")))
+    for group in _by_reply(out.failed):
+        lines.append(_LogLine(logging.WARNING, "%s %s: refused: %s",
+                              (group.reply.status, name, group.line())))
+    earlier = state.get("failed") or {}
+    if not isinstance(earlier, dict):
+        raise TypeError("the state's failed is not a mapping: %r" % (earlier,))
+    failed: Dict[str, str] = dict(earlier)
+    failed.update((r, str(reply)) for r, reply in out.failed.items())
+    # What is not yet in the message's dead letter: refusals go in it at
+    # once, not when the message is done, for whoever finishes it may
+    # not be us (zope.sendmail keeps no record of them).
+    fresh = {r: str(reply) for r, reply in out.failed.items()}
+    if not state.get("dead_letter"):
+        fresh = dict(failed)    # refused before dead letters were written early
+    summary = "%d delivered" % len(out.delivered)
+    trouble = out.final if out.final and not out.final.ok else \
+        next(iter({**out.deferred, **out.failed}.values()), None)
+    event: Dict[str, object] = {"at": round(now, 3), "via": where,
+                                "delivered": len(out.delivered),
+                                "deferred": len(out.deferred), "refused": len(out.failed)}
+    if trouble is not None:
+        event["reply"] = str(trouble)
+        notes.update(error_at=now, error=str(trouble), error_id=name)
+    if out.delivered:
+        notes.update(delivered_at=now, delivered_id=name, delivered_via=where)
+    if not out.deferred and not fresh:  # done, every refusal already written
+        return _Plan("delivered", attempts, {}, [], now, {}, summary, lines, notes)
+    new: Dict[str, object] = dict(state, attempts=attempts, first_queued=first_queued,
+                                  last_attempt=now, failed=failed,
+                                  history=_history(state, event))
+    new.pop("xverp", None)      # the name (:2,X) and the config say, nothing else
+    if out.deferred:
+        last = out.final if out.final and not out.final.ok else \
+            next(iter(out.deferred.values()))
+        age = now - first_queued
+        if age < policy.max_queue_lifetime:
+            delay = min(policy.max_backoff_time,
+                        policy.min_backoff_time * 2.0 ** min(attempts - 1, _DOUBLINGS_MAX))
+            delay *= rng.uniform(*_JITTER)
+            new.update(last_error=str(last), next_attempt=now + delay)
+            for group in _by_reply(out.deferred):
+                lines.append(_LogLine(logging.INFO,
+                                      "%s %s: deferred for %d s (attempt %d): %s",
+                                      (group.reply.status, name, delay, attempts,
+                                       group.line())))
+            if fresh:
+                new["dead_letter"] = True
+                reply = _first_reason(fresh, out.failed)
+                lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s for "
+                                      "%d recipient(s), the others still to do: %s",
+                                      (reply.status, name, name, len(fresh), reply)))
+            return _Plan("deferred", attempts, new, list(out.deferred), now + delay, fresh,
+                         summary, lines, notes)
+        for rcpt, reply in out.deferred.items():
+            fresh[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
+                reply, attempts, age / 86400)
+    reply = _first_reason(fresh, out.failed)
+    lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s for %d "
+                          "recipient(s): %s", (reply.status, name, name, len(fresh), reply)))
+    return _Plan("dead", attempts, new, [], now, fresh, summary, lines, notes)
+
+
+class _Unsettled(NamedTuple):
+    """An outcome the queue could not record (see QueueProcessor._record)."""
+
+    msg: QueuedMessage
+    change: Callable[[], object]    # the queue change, tried again on every pass
+    #: its file already keeps a later run from sending to the recipients
+    #: delivered (Queue.strike)
+    safe: bool
+    #: it failed for a full disk: no new work until it is recorded
+    full: bool
+
+
 class QueueProcessor:
     """Delivers a queue: in a background thread (``start``/``stop``), in
     the foreground (``run``), or until nothing is due (``drain``).
 
     Any number of processors, in any number of processes, may work on one
     queue: each message is claimed before it is sent.
+
+    As with ``sched.scheduler(timefunc, delayfunc)``, the clock and the
+    randomness of its decisions can be given: ``timefunc()`` is the time
+    (seconds since the epoch, default ``time.time``) an attempt is
+    recorded at and its retry counted from; ``rng.uniform(a, b)`` spreads
+    each retry's delay (default: a ``random.Random()`` of its own).  Its
+    own intervals (housekeeping, closing an idle connection, notes for
+    ``status``) use ``time.monotonic``, whatever the wall clock does.
     """
 
     def __init__(self, config: SMTPConfig, queue: Optional[Queue] = None,
-                 mailer: Optional[Mailer] = None) -> None:
+                 mailer: Optional[Mailer] = None, *,
+                 timefunc: Callable[[], float] = time.time,
+                 rng: Optional[random.Random] = None) -> None:
         self.config = config
+        self._timefunc = timefunc
+        self._rng = random.Random() if rng is None else rng
         self.queue = queue or Queue(config.queuepath, config.claim_timeout, xverp=config.xverp)
         if config.xverp:    # the config's xverp is for every message, whoever queued it
             self.queue.xverp = True
@@ -3602,11 +3789,9 @@ class QueueProcessor:
         self._thread: Optional[threading.Thread] = None
         self._refused = ("", 0.0)   # the queue's last QueueError in run(), and when logged
         self._pid = 0       # the process whose thread it is (see alive)
-        # Outcomes the queue could not record: (message, queue change to
-        # retry, whether its file already keeps a later run from sending to
-        # the recipients delivered).  While there are any, no new message
-        # is sent; each keeps its claim.
-        self._unsettled: List[tuple] = []
+        # Outcomes the queue could not record.  While there are any, no new
+        # message is sent; each keeps its claim.
+        self._unsettled: List[_Unsettled] = []
         self._full = False      # one of them failed for a full disk: no new work
         self._record_lock = threading.Lock()
         self._maintained = -math.inf    # monotonic: maintain() at the first pass
@@ -3659,11 +3844,7 @@ class QueueProcessor:
         """Deliver until stop() is called.  Never dies of an exception."""
         log.info("2.0.0 queue processor for %s started (relay %s)", self.queue.path,
                  ", ".join(_where(*r) for r in self.config.relays))
-        # An idle connection is closed after 5 s, safely below the relays'
-        # own idle timeouts (Postfix's smtpd_timeout is 10 s under stress,
-        # 300 s otherwise; Exim's and OpenSMTPD's 5 minutes), so that the
-        # relay seldom closes one first (Mailer.deliver copes if it does).
-        idle = min(5.0, self.config.timeout)
+        idle = min(_IDLE_CLOSE, self.config.timeout)    # see _IDLE_CLOSE
         while not self._stopping.is_set():
             # Everything, the waits too, inside the try: whatever a value
             # or a pass raises, the thread logs it and goes on.
@@ -3674,8 +3855,8 @@ class QueueProcessor:
                     self._close_mailers()     # do not hold an idle connection open
                 elif any(m._session is not None for m in self._mailers):
                     # wake in time to close it, whatever poll_interval is
-                    wait = min(wait, max(0.05, self._last_used + idle - time.monotonic()
-                                         + 0.01))
+                    wait = min(wait, max(_IDLE_WAKE_MIN, self._last_used + idle
+                                         - time.monotonic() + _IDLE_WAKE_LATE))
                 self._wake.wait(wait)
             except QueueError as e:
                 # The queue has gone, been replaced or become unsafe: nothing
@@ -3683,7 +3864,7 @@ class QueueProcessor:
                 # on to look again at the next poll (logged once in 5 minutes).
                 self._close_mailers()
                 text, logged = self._refused
-                if str(e) != text or time.monotonic() - logged > 300:
+                if str(e) != text or time.monotonic() - logged > _QUEUE_ERROR_EVERY:
                     log.error("%s queue processor: %s", e.status, e)
                     self._refused = (str(e), time.monotonic())
                 self._wake.wait(_pause(self.config.poll_interval))
@@ -3725,8 +3906,9 @@ class QueueProcessor:
             with self._record_lock:
                 unsettled, self._unsettled = self._unsettled, []
             held = False
-            for msg, _, safe, _ in unsettled:
-                if safe:
+            for entry in unsettled:
+                msg = entry.msg
+                if entry.safe:
                     log.error("4.3.0 %s: its delivery outcome could not be recorded; its "
                               "file lists only the recipients not delivered, so a later "
                               "run sends to those alone (this attempt's refusals and "
@@ -3758,7 +3940,7 @@ class QueueProcessor:
         replaced or has become unsafe (Queue.check)."""
         self.queue.check()
         now = time.monotonic()      # every hour of running, whatever the wall clock does
-        if now - self._maintained > 3600:
+        if now - self._maintained > _MAINTAIN_EVERY:
             self._maintained = now
             try:
                 self.queue.maintain()
@@ -3907,11 +4089,13 @@ class QueueProcessor:
         """Log that no relay can be used; the Reply to defer mail with."""
         return _relay_trouble(mailer.where, e)
 
-    def _note(self, force: bool = False, **facts: object) -> None:
+    def _note(self, facts: Optional[Dict[str, object]] = None, force: bool = False
+              ) -> None:
         """Keep facts for ``status``; write them at most every few seconds."""
         with self._lock:
-            self._facts.update(facts)
-            if not self._facts or not (force or time.monotonic() - self._noted > 5):
+            self._facts.update(facts or {})
+            if not self._facts or not (force or
+                                       time.monotonic() - self._noted > _NOTE_EVERY):
                 return
             self._noted = time.monotonic()
             facts, self._facts = self._facts, {}
@@ -3919,108 +4103,47 @@ class QueueProcessor:
 
     def _apply(self, mailer: "Mailer", msg: QueuedMessage, out: _Outcome) -> None:
         """Decide what an attempt means for the message (remove, defer or
-        dead-letter), record it in the queue, then log it and note it for
-        ``status``.  The record comes first, and nothing advisory can stop
-        it: a state whose content cannot be used is set aside and the
-        decision made without it."""
-        now = time.time()
+        dead-letter: _plan), record it in the queue, then log it and note
+        it for ``status``.  The record comes first, and nothing advisory
+        can stop it: a state whose content cannot be used is set aside and
+        the decision made without it."""
+        now = self._timefunc()
+        policy = _Policy.of(self.config)
         try:
-            what, action, lines, notes = self._plan(mailer, msg, out, now)
+            plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
+                         mailer.where, policy, now, self._rng)
         except Exception:
             log.exception("4.3.0 %s: its state cannot be used: recording this attempt "
                           "without it", msg.name)
             msg.state = {}
-            what, action, lines, notes = self._plan(mailer, msg, out, now)
-        self._record(msg, action, out.delivered)
-        for level, text, args in lines:
-            log.log(level, text, *args)
-        self._count(what)
-        self._note(**notes)
+            plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
+                         mailer.where, policy, now, self._rng)
+        self._record(msg, self._change(msg, plan), out.delivered)
+        for line in plan.lines:
+            log.log(line.level, line.text, *line.args)
+        self._count(plan.what)
+        self._note(plan.notes)
 
-    def _plan(self, mailer: "Mailer", msg: QueuedMessage, out: _Outcome, now: float
-              ) -> Tuple[str, Callable[[], object], List[tuple], Dict[str, object]]:
-        """What to do with the message after an attempt: (what to count, the
-        queue change, log lines, facts for status).  Changes nothing but
-        msg.state (for dead_letter)."""
-        attempts = msg.attempts + 1
-        lines: List[tuple] = []
-        notes: Dict[str, object] = {}
-        if out.delivered:
-            lines.append((logging.INFO, "2.0.0 %s: delivered to %d recipient(s) via %s%s",
-                          (msg.name, len(out.delivered), mailer.where,
-                           " with XVERP" if out.xverp else "")))
-        for line in _group(out.failed):
-            lines.append((logging.WARNING, "%s %s: refused: %s",
-                          (Reply.parse(line).status, msg.name, line)))
-        failed = dict(msg.state.get("failed") or {})  # type: ignore[call-overload]
-        failed.update((r, str(reply)) for r, reply in out.failed.items())
-        # What is not yet in the message's dead letter: refusals go in it at
-        # once, not when the message is done, for whoever finishes it may
-        # not be us (zope.sendmail keeps no record of them).
-        fresh = {r: str(reply) for r, reply in out.failed.items()}
-        if not msg.state.get("dead_letter"):
-            fresh = dict(failed)    # refused before dead letters were written early
-        trouble = out.final if out.final and not out.final.ok else \
-            next(iter({**out.deferred, **out.failed}.values()), None)
-        event: Dict[str, object] = {"at": round(now, 3), "via": mailer.where,
-                                    "delivered": len(out.delivered),
-                                    "deferred": len(out.deferred), "refused": len(out.failed)}
-        if trouble is not None:
-            event["reply"] = str(trouble)
-            notes.update(error_at=now, error=str(trouble), error_id=msg.name)
-        if out.delivered:
-            notes.update(delivered_at=now, delivered_id=msg.name, delivered_via=mailer.where)
-        if not out.deferred and not fresh:  # done, every refusal already written
-            return "delivered", functools.partial(self.queue.remove, msg), lines, notes
-        state: Dict[str, object] = dict(msg.state, attempts=attempts,
-                                        first_queued=msg.first_queued, last_attempt=now,
-                                        failed=failed, history=_history(msg.state, event))
-        state.pop("xverp", None)    # the name (:2,X) and the config say, nothing else
-        if out.deferred:
-            last = out.final if out.final and not out.final.ok else \
-                next(iter(out.deferred.values()))
-            age = now - msg.first_queued
-            if age < self.config.max_queue_lifetime:
-                c = self.config
-                # 2 ** 64 times any min_backoff_time is past any max_backoff_time;
-                # more would overflow a float after a thousand attempts (and
-                # attempts come from a state file).
-                delay = min(c.max_backoff_time,
-                            c.min_backoff_time * 2.0 ** min(attempts - 1, 64))
-                delay *= random.uniform(0.8, 1.2)
-                state.update(last_error=str(last), next_attempt=now + delay)
-                for line in _group(out.deferred):
-                    lines.append((logging.INFO, "%s %s: deferred for %d s (attempt %d): %s",
-                                  (Reply.parse(line).status, msg.name, delay, attempts,
-                                   line)))
-                if fresh:
-                    state["dead_letter"] = True
-                    reply = Reply.parse(next(iter(fresh.values())))
-                    lines.append((logging.ERROR, "%s %s: dead letter .rejected-%s for %d "
-                                  "recipient(s), the others still to do: %s",
-                                  (reply.status, msg.name, msg.name, len(fresh), reply)))
-                return "deferred", functools.partial(
-                    self._refuse_and_defer, msg, fresh, "%d delivered" % len(out.delivered),
-                    attempts, list(out.deferred), state, now + delay), lines, notes
-            for rcpt, reply in out.deferred.items():
-                fresh[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
-                    reply, attempts, age / 86400)
-        reply = Reply.parse(next(iter(fresh.values())))
-        lines.append((logging.ERROR, "%s %s: dead letter .rejected-%s for %d recipient(s): %s",
-                      (reply.status, msg.name, msg.name, len(fresh), reply)))
-        msg.state = state
-        return "dead", functools.partial(self.queue.dead_letter, msg, fresh,
-                                         "%d delivered" % len(out.delivered)), lines, notes
+    def _change(self, msg: QueuedMessage, plan: _Plan) -> Callable[[], object]:
+        """The queue change that records plan (done, or kept to try again,
+        by _record)."""
+        if plan.what == "delivered":
+            return functools.partial(self.queue.remove, msg)
+        if plan.what == "deferred":
+            return functools.partial(self._refuse_and_defer, msg, plan)
+        # the header counts the attempts as the message's state would read
+        # them back (_attempts: at most _ATTEMPTS_MAX)
+        return functools.partial(self.queue.dead_letter, msg, plan.refused, plan.summary,
+                                 attempts=_attempts(plan.attempts))
 
-    def _refuse_and_defer(self, msg: QueuedMessage, refused: Dict[str, str], summary: str,
-                          attempts: int, recipients: List[str], state: Dict[str, object],
-                          next_attempt: float) -> None:
+    def _refuse_and_defer(self, msg: QueuedMessage, plan: _Plan) -> None:
         """The dead letter for those refused first (durably), then the
         deferral of the rest: a crash between them sends the refused ones
         a RCPT again, which is refused again and merged, never lost."""
-        if refused:
-            self.queue.dead_letter(msg, refused, summary, keep=True, attempts=attempts)
-        self.queue.defer(msg, recipients, state, next_attempt)
+        if plan.refused:
+            self.queue.dead_letter(msg, plan.refused, plan.summary, keep=True,
+                                   attempts=plan.attempts)
+        self.queue.defer(msg, plan.recipients, plan.state, plan.next_attempt)
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -4060,8 +4183,8 @@ class QueueProcessor:
                   "; its file no longer lists the %d recipient(s) delivered" % len(delivered)
                   if safe else "; its file could not be changed either", named)
         with self._record_lock:
-            self._unsettled.append((msg, action, safe, full))
-            self._full = any(entry[3] for entry in self._unsettled)
+            self._unsettled.append(_Unsettled(msg, action, safe, full))
+            self._full = any(entry.full for entry in self._unsettled)
 
     def _recorded(self) -> bool:
         """Try again the queue changes that could not be made; True when
@@ -4070,14 +4193,14 @@ class QueueProcessor:
             left = []
             for entry in self._unsettled:
                 try:
-                    entry[1]()
+                    entry.change()
                 except Exception:
                     left.append(entry)
                 else:
                     log.warning("2.0.0 %s: its delivery outcome is recorded now",
-                                entry[0].name)
+                                entry.msg.name)
             self._unsettled = left
-            self._full = any(entry[3] for entry in left)
+            self._full = any(entry.full for entry in left)
             return not left
 
 
