@@ -6581,3 +6581,235 @@ class MergedFixReviewTests(OperatorBase):
         self.assertEqual(server.rcpts, ["a@example.org"])
         state = self.assertDeferred(name, ["b@example.org"])
         self.assertIn("4.3.0 internal error: ZeroDivisionError", state["last_error"])
+
+
+# ---------------------------------------------------------------------------
+# The processor's decision for an outcome (_plan): a pure function, tested
+# table-driven, in microseconds.
+# ---------------------------------------------------------------------------
+
+class Scripted(random.Random):
+    """A random source whose uniform(a, b) returns, in turn, the factors
+    given ("low": a, "high": b, a number: that), and notes each call."""
+
+    def __init__(self, *factors):
+        super().__init__(0)
+        self.factors = list(factors)
+        self.calls = []
+
+    def uniform(self, a, b):
+        self.calls.append((a, b))
+        factor = self.factors.pop(0) if len(self.factors) > 1 else self.factors[0]
+        return a if factor == "low" else b if factor == "high" else factor
+
+
+class PlanTests(unittest.TestCase):
+    """gsemail._plan: what an attempt means for a message, from its facts,
+    the outcome, the relay, the policy, the time and a random source."""
+
+    POLICY = gsemail._Policy(min_backoff_time=60.0, max_backoff_time=3600.0,
+                             max_queue_lifetime=5 * 86400.0)
+    NOW = 1800000000.0
+    NAME = "1799999000.123.host"
+    WHERE = "relay.test:25"
+    BUSY = gsemail.Reply(451, "4.2.1 mailbox busy")
+    GONE = gsemail.Reply(550, "5.1.1 no such user")
+
+    def plan(self, out, state=None, attempts=0, first_queued=None, rng=None,
+             policy=None):
+        state = {} if state is None else state
+        before = json.dumps(state, sort_keys=True)
+        plan = gsemail._plan(self.NAME, state, self.NOW - 60 if first_queued is None
+                             else first_queued, attempts, out, self.WHERE,
+                             policy or self.POLICY, self.NOW, rng or Scripted(1.0))
+        self.assertEqual(json.dumps(state, sort_keys=True), before, "_plan changed the state")
+        return plan
+
+    def deferred(self, *rcpts, reply=None):
+        return gsemail._Outcome(deferred=dict.fromkeys(rcpts, reply or self.BUSY),
+                                final=reply or self.BUSY)
+
+    def texts(self, plan):
+        """The log lines, as (level name, text)."""
+        return [(gsemail.logging.getLevelName(level), text % args)
+                for level, text, args in plan.lines]
+
+    def test_backoff_doubles_from_min_to_max(self):
+        for before, delay in [(0, 60), (1, 120), (2, 240), (3, 480), (4, 960), (5, 1920),
+                              (6, 3600), (7, 3600), (100, 3600)]:
+            with self.subTest(attempts=before):
+                plan = self.plan(self.deferred("a@example.org"), attempts=before)
+                self.assertEqual(plan.what, "deferred")
+                self.assertEqual(plan.attempts, before + 1)
+                self.assertEqual(plan.next_attempt, self.NOW + delay)
+                self.assertEqual(plan.state["next_attempt"], self.NOW + delay)
+                self.assertIn(("INFO", "4.2.1 %s: deferred for %d s (attempt %d): "
+                               "451 4.2.1 mailbox busy: <a@example.org>"
+                               % (self.NAME, delay, before + 1)), self.texts(plan))
+
+    def test_jitter_spreads_the_delay_by_a_fifth_either_way(self):
+        rng = Scripted("low", "high")
+        for attempts, factor in [(0, 0.8), (0, 1.2)]:
+            with self.subTest(factor=factor):
+                plan = self.plan(self.deferred("a@example.org"), attempts=attempts, rng=rng)
+                self.assertAlmostEqual(plan.next_attempt - self.NOW, 60 * factor)
+        self.assertEqual(rng.calls, [(0.8, 1.2), (0.8, 1.2)])
+        # the jitter goes on top of max_backoff_time
+        plan = self.plan(self.deferred("a@example.org"), attempts=50, rng=Scripted("high"))
+        self.assertAlmostEqual(plan.next_attempt - self.NOW, 3600 * 1.2)
+
+    def test_lifetime_boundary(self):
+        life = self.POLICY.max_queue_lifetime
+        for age, what in [(life - 1, "deferred"), (life - 0.001, "deferred"),
+                          (life, "dead"), (life + 1, "dead"), (life * 10, "dead")]:
+            with self.subTest(age=age):
+                rng = Scripted(1.0)
+                plan = self.plan(self.deferred("a@example.org", "b@example.org"),
+                                 attempts=6, first_queued=self.NOW - age, rng=rng)
+                self.assertEqual(plan.what, what)
+                if what == "deferred":
+                    self.assertEqual(plan.refused, {})
+                    self.assertEqual(plan.recipients, ["a@example.org", "b@example.org"])
+                    continue
+                self.assertEqual(rng.calls, [], "no delay drawn for a message given up")
+                why = "451 4.2.1 mailbox busy (gave up after 7 attempts in %.1f days)" % (
+                    age / 86400)
+                self.assertEqual(plan.refused, {"a@example.org": why, "b@example.org": why})
+                self.assertEqual(plan.summary, "0 delivered")
+                self.assertEqual(plan.attempts, 7)
+                self.assertIn(("ERROR", "4.2.1 %s: dead letter .rejected-%s for 2 "
+                               "recipient(s): %s" % (self.NAME, self.NAME, why)),
+                              self.texts(plan))
+
+    def test_delivered_only_removes(self):
+        for xverp, via in [(False, ""), (True, " with XVERP")]:
+            with self.subTest(xverp=xverp):
+                out = gsemail._Outcome(delivered=["a@example.org", "b@example.org"],
+                                       final=gsemail.Reply(250, "2.0.0 ok"), xverp=xverp)
+                plan = self.plan(out)
+                self.assertEqual((plan.what, plan.refused, plan.state), ("delivered", {}, {}))
+                self.assertEqual(self.texts(plan), [
+                    ("INFO", "2.0.0 %s: delivered to 2 recipient(s) via %s%s"
+                     % (self.NAME, self.WHERE, via))])
+                self.assertEqual(plan.notes, {"delivered_at": self.NOW,
+                                              "delivered_id": self.NAME,
+                                              "delivered_via": self.WHERE})
+
+    def test_refused_only_is_a_dead_letter_with_every_refusal(self):
+        rcpts = ["r%d@example.org" % i for i in range(7)]
+        other = gsemail.Reply(553, "5.7.1 relaying denied")
+        failed = dict.fromkeys(rcpts, self.GONE)
+        failed["x@example.org"] = other
+        for dead_letter in (False, True):
+            with self.subTest(dead_letter_written_before=dead_letter):
+                plan = self.plan(gsemail._Outcome(failed=failed, final=self.GONE),
+                                 state={"dead_letter": True} if dead_letter else {})
+                self.assertEqual(plan.what, "dead")
+                self.assertEqual(plan.refused, {r: str(why) for r, why in failed.items()})
+                self.assertEqual(plan.attempts, 1)
+                self.assertEqual(self.texts(plan), [
+                    ("WARNING", "5.1.1 %s: refused: 550 5.1.1 no such user: <r0@example"
+                     ".org>, <r1@example.org>, <r2@example.org>, <r3@example.org>, <r4@examp"
+                     "le.org> and 2 more" % self.NAME),
+                    ("WARNING", "5.7.1 %s: refused: 553 5.7.1 relaying denied: "
+                     "<x@example.org>" % self.NAME),
+                    ("ERROR", "5.1.1 %s: dead letter .rejected-%s for 8 recipient(s): "
+                     "550 5.1.1 no such user" % (self.NAME, self.NAME))])
+                self.assertEqual(plan.notes, {"error_at": self.NOW, "error_id": self.NAME,
+                                              "error": "550 5.1.1 no such user"})
+
+    def test_mixed_refuses_then_defers(self):
+        out = gsemail._Outcome(delivered=["ok@example.org"],
+                               failed={"gone@example.org": self.GONE},
+                               deferred={"later@example.org": self.BUSY},
+                               final=gsemail.Reply(250, "2.0.0 ok"))
+        first = self.NOW - 3600
+        plan = self.plan(out, state={"xverp": True, "custom": "kept"}, attempts=2,
+                         first_queued=first, rng=Scripted("high"))
+        delay = 240 * 1.2
+        self.assertEqual(plan.what, "deferred")
+        self.assertEqual(plan.refused, {"gone@example.org": "550 5.1.1 no such user"})
+        self.assertEqual(plan.recipients, ["later@example.org"])
+        self.assertEqual(plan.summary, "1 delivered")
+        self.assertAlmostEqual(plan.next_attempt, self.NOW + delay)
+        self.assertEqual(plan.state, {
+            "custom": "kept", "attempts": 3, "first_queued": first, "last_attempt": self.NOW,
+            "failed": {"gone@example.org": "550 5.1.1 no such user"},
+            "history": [{"at": self.NOW, "via": self.WHERE, "delivered": 1, "deferred": 1,
+                         "refused": 1, "reply": "451 4.2.1 mailbox busy"}],
+            "last_error": "451 4.2.1 mailbox busy", "next_attempt": plan.next_attempt,
+            "dead_letter": True})
+        self.assertEqual([level for level, _ in self.texts(plan)],
+                         ["INFO", "WARNING", "INFO", "ERROR"])
+        self.assertEqual(self.texts(plan)[-1], (
+            "ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s), the "
+            "others still to do: 550 5.1.1 no such user" % (self.NAME, self.NAME)))
+        self.assertEqual(plan.notes["delivered_via"], self.WHERE)
+        self.assertEqual(plan.notes["error"], "451 4.2.1 mailbox busy")
+
+    def test_huge_attempts_from_a_state_file(self):
+        for before in (64, 65, 1000, gsemail._ATTEMPTS_MAX, 10 ** 400):
+            with self.subTest(attempts=before):
+                plan = self.plan(self.deferred("a@example.org"), attempts=before)
+                self.assertEqual(plan.next_attempt, self.NOW + 3600)
+                self.assertEqual(plan.state["attempts"], before + 1)
+
+    def test_earlier_refusals_are_merged(self):
+        old = {"old@example.org": "550 5.1.1 left long ago"}
+        out = gsemail._Outcome(failed={"new@example.org": self.GONE},
+                               deferred={"later@example.org": self.BUSY}, final=self.BUSY)
+        for written, fresh in [(True, ["new@example.org"]),
+                               (False, ["old@example.org", "new@example.org"])]:
+            with self.subTest(dead_letter_written=written):
+                state = {"failed": dict(old), "attempts": 1}
+                if written:
+                    state["dead_letter"] = True
+                plan = self.plan(out, state=state, attempts=1)
+                self.assertEqual(plan.what, "deferred")
+                self.assertEqual(plan.state["failed"], {
+                    "old@example.org": "550 5.1.1 left long ago",
+                    "new@example.org": "550 5.1.1 no such user"})
+                self.assertEqual(list(plan.refused), fresh)
+        # every refusal already in the dead letter and nothing left: done
+        plan = self.plan(gsemail._Outcome(delivered=["a@example.org"]),
+                         state={"failed": dict(old), "dead_letter": True})
+        self.assertEqual(plan.what, "delivered")
+        # ... but refusals kept from before early dead letters still go in one
+        plan = self.plan(gsemail._Outcome(delivered=["a@example.org"]),
+                         state={"failed": dict(old)})
+        self.assertEqual((plan.what, plan.refused), ("dead", old))
+        self.assertIn(("ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s): "
+                       "550 5.1.1 left long ago" % (self.NAME, self.NAME)), self.texts(plan))
+
+    def test_a_state_it_cannot_use_raises_for_the_caller(self):
+        for failed in ("x", 5, [["a", "b"]]):
+            with self.subTest(failed=failed), self.assertRaises(TypeError):
+                self.plan(self.deferred("a@example.org"), state={"failed": failed})
+
+    def test_history_is_capped(self):
+        state = {"history": [{"at": i} for i in range(gsemail._HISTORY + 5)]}
+        plan = self.plan(self.deferred("a@example.org"), state=state)
+        self.assertEqual(len(plan.state["history"]), gsemail._HISTORY)
+        self.assertEqual(plan.state["history"][-1]["at"], self.NOW)
+
+
+class InjectedClockTests(Base):
+    """QueueProcessor(timefunc=, rng=): the time an attempt is recorded at
+    and the retry's spread come from them."""
+
+    def test_deferred_message_is_due_at_injected_now_plus_scripted_delay(self):
+        server = self.server(rules={"RCPT": lambda a: "451 4.2.1 mailbox busy"})
+        config = self.config(server.port)
+        name = self.enqueue(config)
+        now = float(int(time.time()) + 1000)
+        rng = Scripted("high")
+        processor = gsemail.QueueProcessor(config, timefunc=lambda: now, rng=rng)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor.drain()
+        self.assertIn("deferred for 72 s (attempt 1)", "\n".join(logs.output))
+        self.assertEqual(rng.calls, [(0.8, 1.2)])
+        state = self.assertDeferred(name, ["a@example.org"])
+        self.assertAlmostEqual(os.stat(os.path.join(self.queuepath, "cur", name)).st_mtime,
+                               now + 72, places=3)
+        self.assertEqual((state["last_attempt"], state["next_attempt"]), (now, now + 72))
+        self.assertEqual(state["history"][-1]["at"], now)
