@@ -3540,7 +3540,7 @@ _NOTE_EVERY = 5.0           # s between two writes of the facts for ``status``
 # (Mailer.deliver copes if it does).
 _IDLE_CLOSE = 5.0
 _IDLE_WAKE_MIN = 0.05       # s: the shortest wait before closing an idle connection
-_IDLE_WAKE_LATE = 0.01      # s after the idle time is up, so that it is
+_IDLE_WAKE_LATE = 0.01      # s: woken this much past the idle time, it is up
 _QUEUE_ERROR_EVERY = 300.0  # s: the same QueueError is logged once in 5 minutes
 _JITTER = (0.8, 1.2)        # a retry's delay is spread by this factor
 # 2 ** 64 times any min_backoff_time is past any max_backoff_time; more
@@ -3585,7 +3585,7 @@ def _pause(seconds: object) -> float:
     """poll_interval as a wait that cannot fail, whatever got past
     SMTPConfig's check: above zero, at most its bound; else 1 s."""
     try:
-        # type: ignore: seconds may be any object; float() raising is the check
+        # seconds may be any object (hence the ignore): float() raising is the check
         value = float(seconds)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return 1.0
