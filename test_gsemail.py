@@ -12,6 +12,7 @@ $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
 
 import base64
 import contextlib
+import dataclasses
 import email
 import email.message
 import email.policy
@@ -652,6 +653,60 @@ class Base(unittest.TestCase):
         with open(os.path.join(self.queuepath, "state", name)) as f:
             return json.load(f)
 
+    def claim(self, queue, name):
+        """queue's claim on the message called name in new/."""
+        return queue.claim(os.path.join(self.queuepath, "new", name))
+
+    def write(self, text, name="gsconfig.ini"):
+        """Write text (dedented) to the file name in the test's directory: its path."""
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    # What ini_file() writes: the head up to the instance's section, and the
+    # section's options after the relay and the queue.  By default instance
+    # "main" is named through [config-main], as an installation with several
+    # instances writes it, with a short timeout and a poll interval short
+    # enough that a processor notices new mail at once; a class sets its own.
+    INI_HEAD = "[config-main]\nsmtp = out\n\n[smtp-out]\n"
+    INI_OPTIONS = "timeout = 5\npoll_interval = 0.1\n"
+
+    def ini_file(self, port, extra="", hostname="127.0.0.1", queuepath=None):
+        """Write gsconfig.ini, instance "main"'s configuration, in the test's
+        directory and return its path (also self.ini_path, which gsemail()
+        passes).  The relay is hostname:port (no port line if port is None or
+        0), the queue queuepath or self.queuepath; extra ends the section."""
+        self.ini_path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(self.ini_path, "w") as f:
+            f.write("%shostname = %s\n%squeuepath = %s\n%s%s"
+                    % (self.INI_HEAD, hostname, "port = %d\n" % port if port else "",
+                       queuepath or self.queuepath, self.INI_OPTIONS, extra))
+        return self.ini_path
+
+    def ini(self, port, extra="", hostname="127.0.0.1"):
+        """ini_file(), loaded: instance "main"'s SMTPConfig."""
+        return gsemail.load_config(self.ini_file(port, extra, hostname), "main")
+
+    # gsemail() runs python -m gsemail with -c self.ini_path -i main before
+    # its arguments; a class whose tests name their own sets this False.
+    RUN_WITH_INI = True
+
+    def gsemail(self, *args, **kw):
+        """python -m gsemail args, as a user runs it: the CompletedProcess."""
+        kw.setdefault("timeout", 90)
+        head = ["-c", self.ini_path, "-i", "main"] if self.RUN_WITH_INI else []
+        return subprocess.run([sys.executable, "-m", "gsemail"] + head + list(args),
+                              cwd=HERE, capture_output=True, text=True, **kw)
+
+    def zope(self, code, *args):
+        """Run code (dedented) with args in the Python that has zope.sendmail."""
+        python = zope_python()
+        run = subprocess.run([python, "-c", textwrap.dedent(code)] + list(args),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return run
+
     def assertDeferred(self, name, recipients):
         """The message waits in cur/ for recipients, its next attempt in the future."""
         path = os.path.join(self.queuepath, "cur", name)
@@ -670,12 +725,6 @@ class Base(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class ConfigTests(Base):
-    def write(self, text, name="gsconfig.ini"):
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(text))
-        return path
-
     def assertConfigError(self, text, *fragments, instance="default"):
         path = text if os.path.exists(text) else self.write(text)
         with self.assertRaises(gsemail.ConfigError) as cm:
@@ -920,7 +969,7 @@ class QueueTests(Base):
         config = self.config(25)
         name = self.enqueue(config, rcpts=["a@example.org", "b@example.org"], xverp=True)
         queue = gsemail.Queue(self.queuepath)
-        msg = queue.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(queue, name)
         self.assertTrue(msg.xverp)
         queue.defer(msg, ["b@example.org"], {"attempts": 1, "last_error": "451 4.4.1 x",
                                              "first_queued": 1.0, "xverp": True},
@@ -946,7 +995,7 @@ class QueueTests(Base):
         now = time.time()
         self.assertEqual(mine.due(now), [])
         name = self.enqueue(config)
-        msg = other.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(other, name)
         other.defer(msg, msg.recipients, {"attempts": 1}, now + 120)
         self.assertEqual(mine.due(now + 30), [])
         time.sleep(0.01)
@@ -989,7 +1038,7 @@ class QueueTests(Base):
             os.utime(path, (old, old))
         # This process's claimer file is as old, but alive: it stays.
         name = self.enqueue(self.config(25))
-        queue.claim(os.path.join(self.queuepath, "new", name)).release()
+        self.claim(queue, name).release()
         (claimer,) = [os.path.join(self.queuepath, "tmp", n)
                       for n in os.listdir(os.path.join(self.queuepath, "tmp"))
                       if n.startswith(".claimer-")]
@@ -1566,7 +1615,7 @@ class SendEmailTests(Base):
         self.assertEqual(len(names), 3)
         self.assertEqual(sum(n.endswith(":2,X") for n in names), 1)
         queue = gsemail.Queue(self.queuepath)
-        msgs = [queue.claim(os.path.join(self.queuepath, "new", n)) for n in names]
+        msgs = [self.claim(queue, n) for n in names]
         self.assertEqual([m.recipients for m in msgs],
                          [["a@example.org", "b@example.org"], ["c@example.org"],
                           ["d@example.org"]])
@@ -1574,7 +1623,7 @@ class SendEmailTests(Base):
         self.assertEqual(gsemail._processors, {})
 
     def test_config_xverp_applies_except_to_bounces(self):
-        gsemail.configure(dataclasses_replace(self.cfg, xverp=True))
+        gsemail.configure(dataclasses.replace(self.cfg, xverp=True))
         gsemail.send_email("s@example.org", "a@example.org", message())
         gsemail.send_email("", "a@example.org", message())
         self.assertEqual(sorted(n.endswith(":2,X") for n in self.listing("new")),
@@ -1625,11 +1674,6 @@ class SendEmailTests(Base):
             self.assertEqual(len(os.listdir(os.path.join(self.tmp, "other", "new"))), 1)
 
 
-def dataclasses_replace(config, **changes):
-    import dataclasses
-    return dataclasses.replace(config, **changes)
-
-
 @contextlib.contextmanager
 def mock_environ(env):
     saved = dict(os.environ)
@@ -1647,21 +1691,11 @@ def mock_environ(env):
 # ---------------------------------------------------------------------------
 
 class CLITests(Base):
-    def ini(self, port, extra=""):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = 127.0.0.1\n"
-                    "port = %d\nqueuepath = %s\ntimeout = 5\npoll_interval = 0.1\n%s"
-                    % (port, self.queuepath, extra))
-        return path
-
-    def gsemail(self, *args, **kw):
-        return subprocess.run([sys.executable, "-m", "gsemail"] + list(args), cwd=HERE,
-                              capture_output=True, text=True, timeout=60, **kw)
+    RUN_WITH_INI = False        # each test names its own configuration, or none
 
     def test_once_delivers_and_exits_0(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         config = gsemail.load_config(path, "main")
         for i in range(3):
             self.enqueue(config, rcpts=["r%d@example.org" % i])
@@ -1675,7 +1709,7 @@ class CLITests(Base):
         self.assertIn("delivered to 1 recipient(s)", run.stderr)
 
     def test_once_exits_75_when_mail_waits(self):
-        path = self.ini(free_port())
+        path = self.ini_file(free_port())
         self.enqueue(gsemail.load_config(path, "main"))
         run = self.gsemail("-c", path, "-i", "main", "--once")
         self.assertEqual(run.returncode, os.EX_TEMPFAIL)
@@ -1696,7 +1730,7 @@ class CLITests(Base):
         self.assertIn("--config", run.stderr)
         with open(os.path.join(self.tmp, "file"), "w"):
             pass
-        path = self.ini(25, "")
+        path = self.ini_file(25, "")
         with open(path, "a") as f:
             f.write("[smtp-bad]\nhostname = h\nport = 25\nqueuepath = %s/file/q\n" % self.tmp)
         run = self.gsemail("--config", path, "--instance", "bad", "--once")
@@ -1713,7 +1747,7 @@ class CLITests(Base):
 
     def test_foreground_runs_until_sigterm(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main",
                                  "-v"], cwd=HERE, stderr=subprocess.PIPE, text=True)
         try:
@@ -1747,12 +1781,6 @@ HOLD_CLAIM = textwrap.dedent("""\
 
 
 class RelayAndSecretConfigTests(Base):
-    def write(self, text):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(text))
-        return path
-
     def config_error(self, text, env=None):
         with mock_environ(dict(os.environ, **(env or {}))), \
                 self.assertRaises(gsemail.ConfigError) as cm:
@@ -1841,20 +1869,6 @@ class RelayAndSecretConfigTests(Base):
 class OperatorBase(Base):
     """Runs python -m gsemail against a real queue in a temporary directory."""
 
-    def ini(self, port, extra="", hostname="127.0.0.1"):
-        self.ini_path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(self.ini_path, "w") as f:
-            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = %s\n%s"
-                    "queuepath = %s\ntimeout = 5\npoll_interval = 0.1\n%s"
-                    % (hostname, "port = %d\n" % port if port else "", self.queuepath, extra))
-        return gsemail.load_config(self.ini_path, "main")
-
-    def gsemail(self, *args, **kw):
-        kw.setdefault("timeout", 90)
-        return subprocess.run([sys.executable, "-m", "gsemail", "-c", self.ini_path,
-                               "-i", "main"] + list(args), cwd=HERE, capture_output=True,
-                              text=True, **kw)
-
     def ok(self, *args, **kw):
         run = self.gsemail(*args, **kw)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
@@ -1872,7 +1886,7 @@ class OperatorBase(Base):
         names["dead"] = self.enqueue(config, rcpts=["gone@example.org"],
                                      sender="owner@example.org")
         for name in (names["deferred"], names["dead"]):
-            msg = processor.queue.claim(os.path.join(self.queuepath, "new", name))
+            msg = self.claim(processor.queue, name)
             processor.mailer.open()
             out = processor.mailer.deliver(msg.sender, msg.recipients, msg.data)
             with self.assertLogs("gsemail", "INFO"):
@@ -2437,7 +2451,7 @@ class ZopeRetryTests(OperatorBase):
         self.assertEqual(len(self.dead_letters()), 1)
         self.ok("retry", "--all-dead")
         server.rules.clear()
-        ZopeCompatibilityTests.zope(self, ZOPE_DRAIN, self.queuepath, str(server.port))
+        self.zope(ZOPE_DRAIN, self.queuepath, str(server.port))
         self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
         self.assertIn(b"Subject: test", server.transactions[-1]["data"])
         self.assertNotIn(b"X-Gsemail-", server.transactions[-1]["data"])
@@ -2537,13 +2551,6 @@ class PostfixOperatorTests(OperatorBase):
 # ---------------------------------------------------------------------------
 
 class ZopeCompatibilityTests(Base):
-    def zope(self, code, *args):
-        python = zope_python()
-        run = subprocess.run([python, "-c", textwrap.dedent(code)] + list(args),
-                             capture_output=True, text=True, timeout=60)
-        self.assertEqual(run.returncode, 0, run.stderr)
-        return run
-
     def test_gsemail_drains_a_zope_queue(self):
         self.zope("""
             import sys, transaction
@@ -2568,7 +2575,7 @@ class ZopeCompatibilityTests(Base):
         # and a deferred one, whose X-Zope-To lists only the recipients left
         name = self.enqueue(config, rcpts=["c@example.org", "d@example.org"])
         queue = gsemail.Queue(self.queuepath)
-        msg = queue.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(queue, name)
         queue.defer(msg, ["d@example.org"], {"attempts": 1}, time.time() + 60)
         self.zope(ZOPE_DRAIN, self.queuepath, str(server.port))
         self.assertEqual(sorted(server.rcpts), ["a@example.org", "b@example.org",
@@ -2604,7 +2611,7 @@ def zope_queue(test, queuepath, messages):
 
 
 def zope_drain(test, queuepath, port):
-    ZopeCompatibilityTests.zope(test, ZOPE_DRAIN, queuepath, str(port))
+    test.zope(ZOPE_DRAIN, queuepath, str(port))
 
 
 def same_text(data):
@@ -4937,13 +4944,8 @@ class ConcurrencyTests(Base):
             ids.add("<%s.%d@crash.test>" % (tag, i))
         return ids
 
-    def ini(self, port):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
-                    "processorthread = false\nehlo_name = client.test\n"
-                    % (port, self.queuepath))
-        return path
+    INI_HEAD = "[smtp-main]\n"
+    INI_OPTIONS = "processorthread = false\nehlo_name = client.test\n"
 
     def assertEachOnce(self, server, ids):
         counts = {}
@@ -4959,7 +4961,7 @@ class ConcurrencyTests(Base):
     def test_four_processes_and_a_thread_on_one_queue_send_each_message_once(self):
         server = self.server()
         ids = self.fill(10000, "c")
-        ini = self.ini(server.port)
+        ini = self.ini_file(server.port)
         processor = gsemail.QueueProcessor(self.config(server.port, poll_interval=0.2))
         processor.start()
         self.addCleanup(processor.stop, 10)
@@ -4982,7 +4984,7 @@ class ConcurrencyTests(Base):
         python = zope_python()
         server = self.server()
         ids = self.fill(1000, "z")
-        ini = self.ini(server.port)
+        ini = self.ini_file(server.port)
         zope = subprocess.Popen([python, "-c", ZOPE_DRAIN, self.queuepath, str(server.port)],
                                 stderr=subprocess.PIPE)
         ours = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
@@ -5461,7 +5463,7 @@ class SteppedClockTests(OperatorBase):
         wall, mono = time.time(), time.monotonic()
         self.assertEqual(mine.due(), [])
         name = self.enqueue(config)
-        msg = other.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(other, name)
         stepped = wall - 86400
         other.defer(msg, msg.recipients, {"attempts": 1}, stepped)   # due now, after the step
         with unittest.mock.patch("time.time", lambda: stepped + time.monotonic() - mono), \
@@ -5949,11 +5951,12 @@ def run_gsemail(args, timeout=60, input=None):
 class QueueDirectoryTests(Base):
     """Issue 11 defect 6, issue 12 defects 9 (the warning), 10 and 13."""
 
-    def ini(self, queuepath, port=25, extra=""):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
-                    "timeout = 5\nprocessorthread = no\n%s" % (port, queuepath, extra))
+    INI_HEAD = "[smtp-main]\n"
+    INI_OPTIONS = "timeout = 5\nprocessorthread = no\n"
+
+    def queue_ini(self, queuepath):
+        """ini_file() for the queue at queuepath, readable by every user."""
+        path = self.ini_file(25, queuepath=queuepath)
         os.chmod(path, 0o644)
         return path
 
@@ -5983,7 +5986,7 @@ class QueueDirectoryTests(Base):
         self.assertEqual([line for line in logs.output if "WARNING" in line], [])
         # the processor does it too: --once on a queue that is not there
         queuepath = os.path.join(self.tmp, "private-tmp", "mailqueue")
-        code, err, _, hung = run_gsemail(["-c", self.ini(queuepath), "-i", "main", "--once"])
+        code, err, _, hung = run_gsemail(["-c", self.queue_ini(queuepath), "-i", "main", "--once"])
         self.assertFalse(hung)
         self.assertEqual(code, 0, err)
         self.assertRegex(err, r"(?m)^4\.3\.0 queue %s did not exist: created it"
@@ -6007,7 +6010,7 @@ class QueueDirectoryTests(Base):
             cases["EROFS"] = os.path.join(ro, "q")
         for what, queuepath in cases.items():
             with self.subTest(what):
-                code, err, _, hung = run_gsemail(["-c", self.ini(queuepath), "-i", "main",
+                code, err, _, hung = run_gsemail(["-c", self.queue_ini(queuepath), "-i", "main",
                                                   "--once"])
                 self.assertFalse(hung)
                 self.assertEqual(code, os.EX_CANTCREAT, err)
@@ -6047,7 +6050,7 @@ class QueueDirectoryTests(Base):
 
     def test_root_reads_the_service_users_queue(self):
         queuepath, name = self.service_queue()
-        ini = self.ini(queuepath)
+        ini = self.queue_ini(queuepath)
         before = self.tree(queuepath)
         for command in (["list"], ["list", "--json"], ["show", name], ["status"]):
             with self.subTest(command[0]):
@@ -6059,7 +6062,7 @@ class QueueDirectoryTests(Base):
 
     def test_root_is_told_to_run_as_the_owner(self):
         queuepath, name = self.service_queue()
-        ini = self.ini(queuepath)
+        ini = self.queue_ini(queuepath)
         before = self.tree(queuepath)
         for command in ([], ["--once"], ["flush", name], ["purge", name],
                         ["send", "-f", "s@example.org", "r@example.org"]):
@@ -6078,7 +6081,7 @@ class QueueDirectoryTests(Base):
         os.mkdir(home, 0o700)
         os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
         new = os.path.join(home, "queue")
-        code, err, _, hung = run_gsemail(["-c", self.ini(new), "-i", "main", "--once"])
+        code, err, _, hung = run_gsemail(["-c", self.queue_ini(new), "-i", "main", "--once"])
         self.assertFalse(hung)
         self.assertEqual(code, os.EX_CANTCREAT, err)
         self.assertIn(home, err)
@@ -6236,13 +6239,8 @@ class QueueTakeoverTests(Base):
 class NonRegularFileTests(Base):
     """Issue 11 defect 9: FIFOs, links and other non-regular files."""
 
-    def ini(self, port, extra=""):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
-                    "timeout = 5\npoll_interval = 0.1\nprocessorthread = no\n%s"
-                    % (port, self.queuepath, extra))
-        return path
+    INI_HEAD = "[smtp-main]\n"
+    INI_OPTIONS = "timeout = 5\npoll_interval = 0.1\nprocessorthread = no\n"
 
     def plant(self, config):
         """A good message beside a FIFO in new/ and cur/, a link in new/, a
@@ -6268,7 +6266,7 @@ class NonRegularFileTests(Base):
 
     def test_once_list_and_status_do_not_hang(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         good, held, odd = self.plant(gsemail.load_config(path, "main"))
         # status with status.json a FIFO (--once replaces it)
         code, err, out, hung = run_gsemail(["-c", path, "-i", "main", "status"], timeout=30)
@@ -6303,7 +6301,7 @@ class NonRegularFileTests(Base):
 
     def test_sigterm_stops_a_processor_beside_a_fifo(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         good, _, odd = self.plant(gsemail.load_config(path, "main"))
         proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main"],
                                 cwd=HERE, stderr=subprocess.PIPE, text=True)
@@ -6333,7 +6331,7 @@ class NonRegularFileTests(Base):
         os.symlink(secret, secret_link)
         for what, password_file in (("FIFO", fifo), ("link to a FIFO", link)):
             with self.subTest(what):
-                ini = self.ini(25, "username = u\npassword_file = %s\n" % password_file)
+                ini = self.ini_file(25, "username = u\npassword_file = %s\n" % password_file)
                 code, err, _, hung = run_gsemail(["-c", ini, "-i", "main", "check"],
                                                  timeout=30)
                 self.assertFalse(hung, err)
@@ -6345,7 +6343,7 @@ class NonRegularFileTests(Base):
         self.assertEqual(code, os.EX_CONFIG, err)
         self.assertIn(link, err)
         self.assertIn("FIFO", err)
-        config = gsemail.load_config(self.ini(25, "username = u\npassword_file = %s\n"
+        config = gsemail.load_config(self.ini_file(25, "username = u\npassword_file = %s\n"
                                               % secret_link), "main")
         self.assertEqual(config.password, "s3cret")
 
