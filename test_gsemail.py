@@ -605,9 +605,7 @@ class Base(unittest.TestCase):
         self.queuepath = os.path.join(self.tmp, "queue")
 
     def tearDown(self):
-        gsemail.shutdown(10)
-        gsemail._config = None
-        gsemail._queues.clear()
+        gsemail._reset_for_tests(10)
 
     def config(self, port, **kw):
         kw.setdefault("processorthread", False)
@@ -1652,7 +1650,7 @@ class SendEmailTests(Base):
         self.assertEqual(self.listing("new") + self.listing("tmp"), [])
 
     def test_config_from_environment(self):
-        gsemail._config = None
+        gsemail._reset_for_tests()
         ini = os.path.join(self.tmp, "etc", "gsconfig.ini")
         os.makedirs(os.path.dirname(ini))
         with open(ini, "w") as f:
@@ -1668,7 +1666,7 @@ class SendEmailTests(Base):
             os.environ["INSTANCE_HOME"] = self.tmp
             gsemail.send_email("s@example.org", "a@example.org", message())
             self.assertEqual(len(self.listing("new")), 1)
-            gsemail._config = None
+            gsemail._reset_for_tests()
             os.environ.update(GSEMAIL_CONFIG=ini, GSEMAIL_INSTANCE="other")
             gsemail.send_email("s@example.org", "a@example.org", message())
             self.assertEqual(len(os.listdir(os.path.join(self.tmp, "other", "new"))), 1)
