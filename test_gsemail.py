@@ -718,6 +718,203 @@ class Base(unittest.TestCase):
         return self.state(name)
 
 
+class PureHelperTests(unittest.TestCase):
+    """The pure helpers, one table each: no files, no sockets, no threads."""
+
+    def test_reply_parse(self):
+        R = gsemail.Reply
+        for line, reply in (
+                ("250 2.0.0 Ok", R(250, "2.0.0 Ok")),
+                ("  550 5.1.1 no such user\r\n", R(550, "5.1.1 no such user")),
+                ("535 Incorrect authentication data", R(535, "Incorrect authentication data")),
+                ("421 4.4.2 one\nand two", R(421, "4.4.2 one\nand two")),    # re.S
+                ("garbage", R(451, "4.3.0 garbage")),
+                ("250", R(451, "4.3.0 250")),          # no text
+                ("250 ", R(451, "4.3.0 250")),         # stripped, so no text either
+                ("25 x", R(451, "4.3.0 25 x")),
+                ("2500 x", R(451, "4.3.0 2500 x")),
+                ("", R(451, "4.3.0 "))):
+            with self.subTest(line=line):
+                self.assertEqual(R.parse(line), reply)
+
+    def test_reply_str_and_round_trip(self):
+        R = gsemail.Reply
+        for reply, text in (
+                (R(250, "2.0.0 Ok"), "250 2.0.0 Ok"),
+                (R(535, "Incorrect authentication data"),
+                 "535 5.0.0 Incorrect authentication data"),      # Exim: no enhanced code
+                (R(421, "too many messages in this connection"),
+                 "421 4.0.0 too many messages in this connection"),
+                (R(250, "Ok"), "250 2.0.0 Ok"),
+                (R(421, "4.4.2"), "421 4.4.2"),
+                # an enhanced code of another class is kept as written
+                (R(550, "4.1.1 odd"), "550 4.1.1 odd")):
+            with self.subTest(reply=reply):
+                self.assertEqual(str(reply), text)
+                again = R.parse(str(reply))
+                self.assertEqual((again.code, again.status), (reply.code, reply.status))
+                if reply.text == text[4:]:
+                    self.assertEqual(again, reply)
+
+    def test_reply_status_ok_permanent(self):
+        R = gsemail.Reply
+        for code, text, status, ok, permanent in (
+                (250, "2.1.5 Ok", "2.1.5", True, False),
+                (250, "Ok", "2.0.0", True, False),             # no enhanced code
+                (200, "fine", "2.0.0", True, False),
+                (299, "2.0.0 fine", "2.0.0", True, False),
+                (354, "End data with <CR><LF>.<CR><LF>", "3.0.0", False, False),
+                (421, "4.4.2", "4.4.2", False, False),         # the code alone
+                (451, "4.3.0 try later", "4.3.0", False, False),
+                (452, "4.5.3 Too many recipients", "4.5.3", False, False),
+                (499, "whatever", "4.0.0", False, False),
+                (500, "5.5.2 syntax", "5.5.2", False, True),
+                (550, "5.1.1 <x@example.org>: no such user", "5.1.1", False, True),
+                (535, "Incorrect authentication data", "5.0.0", False, True),
+                (550, "2.0.0 of another class", "5.0.0", False, True),
+                (550, "5.1.1x glued to a word", "5.0.0", False, True),
+                (550, "5.1234.1 too many digits", "5.0.0", False, True),
+                (550, "no code 5.1.1 until later", "5.0.0", False, True)):
+            with self.subTest(code=code, text=text):
+                reply = R(code, text)
+                self.assertEqual((reply.status, reply.ok, reply.permanent),
+                                 (status, ok, permanent))
+
+    def test_relays(self):
+        for hostname, relays in (
+                ("a.example.org", [("a.example.org", 25)]),
+                (" a.example.org , b.example.org:2525 ",
+                 [("a.example.org", 25), ("b.example.org", 2525)]),
+                ("127.0.0.1:1", [("127.0.0.1", 1)]),
+                ("mx:65535", [("mx", 65535)]),
+                ("[2001:db8::1]:26", [("2001:db8::1", 26)]),
+                ("[2001:db8::1]", [("2001:db8::1", 25)]),
+                ("2001:db8::1", [("2001:db8::1", 25)]),        # bare IPv6: the port option's
+                ("::1, [::1]:2", [("::1", 25), ("::1", 2)])):
+            with self.subTest(hostname=hostname):
+                self.assertEqual(gsemail._relays(hostname, 25), relays)
+        for hostname, fragment in (
+                ("a:0", "from 1 to 65535"),
+                ("a:65536", "from 1 to 65535"),
+                ("a:x", "from 1 to 65535"),
+                ("a:", "from 1 to 65535"),
+                ("a:\u0662\u0665", "from 1 to 65535"),          # Arabic-Indic 25
+                ("[::1]:x", "from 1 to 65535"),
+                ("a b", "is not HOST or HOST:PORT"),
+                ("", "is not HOST or HOST:PORT"),
+                ("a,,b", "is not HOST or HOST:PORT"),
+                ("a,", "is not HOST or HOST:PORT"),
+                ("mx:25:26", "is not HOST or HOST:PORT")):
+            with self.subTest(hostname=hostname):
+                with self.assertRaises(ValueError) as cm:
+                    gsemail._relays(hostname, 25)
+                self.assertIn(fragment, str(cm.exception))
+
+    def test_duration(self):
+        for text, seconds in (
+                ("90", 90.0), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0),
+                ("5d", 432000.0), ("1w", 604800.0), (" 2H ", 7200.0), ("1.5m", 90.0),
+                ("5 m", 300.0), ("0", 0.0)):
+            with self.subTest(text=text):
+                self.assertEqual(gsemail._duration(text), seconds)
+        for text in ("", "m", "-5", "5x", "5mm", "1e3", ".5", "5.", "\u0665",
+                     "5 minutes", "inf", "nan"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                gsemail._duration(text)
+
+    def test_wire(self):
+        for data, payload, size in (
+                (b"a\r\n", b"a\r\n.\r\n", 3),
+                (b"a", b"a\r\n.\r\n", 3),                      # CRLF added at the end
+                (b"", b"\r\n.\r\n", 2),
+                (b"a\nb\n", b"a\r\nb\r\n.\r\n", 6),             # bare LF
+                (b"a\rb", b"a\r\nb\r\n.\r\n", 6),               # bare CR
+                (b"a\r\n\r\n", b"a\r\n\r\n.\r\n", 5),
+                (b".x\r\n", b"..x\r\n.\r\n", 4),                # size before dot-stuffing
+                (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n", 9),
+                (b"a\n.b", b"a\r\n..b\r\n.\r\n", 7),
+                (b"..\r\n", b"...\r\n.\r\n", 4),
+                (b"a.b\r\n", b"a.b\r\n.\r\n", 5)):              # a dot inside a line stays
+            with self.subTest(data=data):
+                self.assertEqual(gsemail._wire(data), (payload, size))
+
+    def test_address_problem(self):
+        for address in ("a@example.org", "a+tag@example.org", '"a b"@example.org',
+                        '"a\\"b"@example.org', "x" * 242 + "@example.org"):   # 254 octets
+            with self.subTest(address=address):
+                self.assertIsNone(gsemail._address_problem(address))
+        for address, fragment in (
+                ("a\r\n@example.org", "control character"),
+                ("a\0@example.org", "control character"),
+                ("a\x85@example.org", "control character"),      # NEL
+                ("a\u2028@example.org", "control character"),
+                ("x" * 243 + "@example.org", "longer than 254 octets"),
+                # octets, not characters: 122 of them are 244 octets
+                ("\u00e9" * 122 + "@example.org", "longer than 254 octets"),
+                ("a@example.org,b@example.org", "contains a comma"),
+                ("Name <a@example.org>", "contains < or >"),
+                ("", "local-part@domain"),
+                ("example.org", "local-part@domain"),
+                ("@example.org", "local-part@domain"),
+                ("a@", "local-part@domain"),
+                ("a@exa mple.org", "space in its domain"),
+                ('"a b@example.org', "not a whole quoted string"),
+                ("a b@example.org", "contains a space (outside"),
+                ('a"b@example.org', "outside a quoted local part")):
+            with self.subTest(address=address[:40]):
+                self.assertIn(fragment, gsemail._address_problem(address) or "")
+
+    def test_too_many(self):
+        R = gsemail.Reply
+        for reply, limit in (
+                (R(452, "4.5.3 Too many recipients"), True),
+                (R(451, "4.5.3 Too many recipients: Too many recipients"), True),   # OpenSMTPD
+                (R(452, "4.5.3 Too many recipients: Too many messages sent"), True),
+                (R(552, "5.5.3 Too many recipients"), True),
+                (R(550, "5.5.3 recipient limit"), True),        # the enhanced code decides
+                (R(452, "Too many recipients"), True),          # RFC 5321, no enhanced code
+                (R(552, "too many recipients"), True),
+                (R(452, "4.2.2 mailbox full, too many messages"), False),
+                (R(452, "2.5.3 of another class, too many"), False),
+                (R(452, "insufficient system storage"), False),
+                (R(452, "toomany"), False),
+                (R(421, "too many messages in this connection"), False),   # Exim: a drop
+                (R(550, "too many recipients"), False),
+                (R(250, "2.0.0 Ok"), False)):
+            with self.subTest(reply=str(reply)):
+                self.assertIs(gsemail._too_many(reply), limit)
+
+    def test_iso_and_parse_iso(self):
+        for when, text in (
+                (0, "1970-01-01T00:00:00Z"),
+                (1.9, "1970-01-01T00:00:01Z"),                  # to the second, down
+                (-1, "1969-12-31T23:59:59Z"),
+                (1e9, "2001-09-09T01:46:40Z"),
+                (951782400, "2000-02-29T00:00:00Z"),
+                (-62167219200, "0000-01-01T00:00:00Z"),
+                (-62167219201, "-0001-12-31T23:59:59Z"),
+                (253402300799, "9999-12-31T23:59:59Z"),
+                (253402300800, "+10000-01-01T00:00:00Z")):
+            with self.subTest(when=when):
+                self.assertEqual(gsemail._iso(when), text)
+                self.assertEqual(gsemail._parse_iso(text), float(int(when // 1)))
+        for when, text in ((float("nan"), "(not a time: nan)"),
+                           (float("inf"), "(not a time: inf)"),
+                           (None, "(not a time: None)"), ("x", "(not a time: 'x')")):
+            with self.subTest(when=when):
+                self.assertEqual(gsemail._iso(when), text)
+        self.assertEqual(gsemail._parse_iso(" 1970-01-01T00:00:00Z\n"), 0.0)
+        self.assertEqual(gsemail._parse_iso("2024-02-29T00:00:00Z"), 1709164800.0)
+        for text in ("2023-02-29T00:00:00Z", "2026-02-30T00:00:00Z", "2026-13-01T00:00:00Z",
+                     "2026-00-01T00:00:00Z", "2026-01-01T24:00:00Z", "2026-01-01T00:60:00Z",
+                     "2026-01-01T00:00:60Z", "2026-01-01 00:00:00Z", "2026-01-01T00:00:00",
+                     "2026-01-01T00:00:00.5Z", "10000-01-01T00:00:00Z", "", 42,
+                     "\u0662\u0660\u0662\u0666-01-01T00:00:00Z",
+                     "+" + "9" * 400 + "-01-01T00:00:00Z"):       # past a float
+            with self.subTest(text=str(text)[:30]):
+                self.assertIsNone(gsemail._parse_iso(text))
+
+
 # ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
