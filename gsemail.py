@@ -4429,6 +4429,23 @@ def shutdown(timeout: Optional[float] = None) -> None:
         processor.stop(timeout)
 
 
+def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
+    """Put send_email back as a fresh import leaves it: for test suites only.
+
+    Stops every processor thread as shutdown() does, then forgets the
+    configuration and the queues, so that the next send_email() configures
+    itself again (from $GSEMAIL_CONFIG or $INSTANCE_HOME) and opens its
+    queue anew.  Tests call this instead of writing _config, _queues or
+    _processors themselves, so those names can change with the code.
+    """
+    global _config
+    shutdown(timeout)
+    with _lock:
+        _config = None
+        _queues.clear()
+        _processors.clear()
+
+
 def _after_fork() -> None:
     # A child has the parent's queues but none of its threads: start afresh.
     global _lock, _pid

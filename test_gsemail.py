@@ -12,6 +12,7 @@ $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
 
 import base64
 import contextlib
+import dataclasses
 import email
 import email.message
 import email.policy
@@ -604,9 +605,7 @@ class Base(unittest.TestCase):
         self.queuepath = os.path.join(self.tmp, "queue")
 
     def tearDown(self):
-        gsemail.shutdown(10)
-        gsemail._config = None
-        gsemail._queues.clear()
+        gsemail._reset_for_tests(10)
 
     def config(self, port, **kw):
         kw.setdefault("processorthread", False)
@@ -652,6 +651,60 @@ class Base(unittest.TestCase):
         with open(os.path.join(self.queuepath, "state", name)) as f:
             return json.load(f)
 
+    def claim(self, queue, name):
+        """queue's claim on the message called name in new/."""
+        return queue.claim(os.path.join(self.queuepath, "new", name))
+
+    def write(self, text, name="gsconfig.ini"):
+        """Write text (dedented) to the file name in the test's directory: its path."""
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    # What ini_file() writes: the head up to the instance's section, and the
+    # section's options after the relay and the queue.  By default instance
+    # "main" is named through [config-main], as an installation with several
+    # instances writes it, with a short timeout and a poll interval short
+    # enough that a processor notices new mail at once; a class sets its own.
+    INI_HEAD = "[config-main]\nsmtp = out\n\n[smtp-out]\n"
+    INI_OPTIONS = "timeout = 5\npoll_interval = 0.1\n"
+
+    def ini_file(self, port, extra="", hostname="127.0.0.1", queuepath=None):
+        """Write gsconfig.ini, instance "main"'s configuration, in the test's
+        directory and return its path (also self.ini_path, which gsemail()
+        passes).  The relay is hostname:port (no port line if port is None or
+        0), the queue queuepath or self.queuepath; extra ends the section."""
+        self.ini_path = os.path.join(self.tmp, "gsconfig.ini")
+        with open(self.ini_path, "w") as f:
+            f.write("%shostname = %s\n%squeuepath = %s\n%s%s"
+                    % (self.INI_HEAD, hostname, "port = %d\n" % port if port else "",
+                       queuepath or self.queuepath, self.INI_OPTIONS, extra))
+        return self.ini_path
+
+    def ini(self, port, extra="", hostname="127.0.0.1"):
+        """ini_file(), loaded: instance "main"'s SMTPConfig."""
+        return gsemail.load_config(self.ini_file(port, extra, hostname), "main")
+
+    # gsemail() runs python -m gsemail with -c self.ini_path -i main before
+    # its arguments; a class whose tests name their own sets this False.
+    RUN_WITH_INI = True
+
+    def gsemail(self, *args, **kw):
+        """python -m gsemail args, as a user runs it: the CompletedProcess."""
+        kw.setdefault("timeout", 90)
+        head = ["-c", self.ini_path, "-i", "main"] if self.RUN_WITH_INI else []
+        return subprocess.run([sys.executable, "-m", "gsemail"] + head + list(args),
+                              cwd=HERE, capture_output=True, text=True, **kw)
+
+    def zope(self, code, *args):
+        """Run code (dedented) with args in the Python that has zope.sendmail."""
+        python = zope_python()
+        run = subprocess.run([python, "-c", textwrap.dedent(code)] + list(args),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return run
+
     def assertDeferred(self, name, recipients):
         """The message waits in cur/ for recipients, its next attempt in the future."""
         path = os.path.join(self.queuepath, "cur", name)
@@ -665,17 +718,208 @@ class Base(unittest.TestCase):
         return self.state(name)
 
 
+class PureHelperTests(unittest.TestCase):
+    """The pure helpers, one table each: no files, no sockets, no threads."""
+
+    def test_reply_parse(self):
+        R = gsemail.Reply
+        for line, reply in (
+                ("250 2.0.0 Ok", R(250, "2.0.0 Ok")),
+                ("  550 5.1.1 no such user\r\n", R(550, "5.1.1 no such user")),
+                ("535 Incorrect authentication data", R(535, "Incorrect authentication data")),
+                ("421 4.4.2 one\nand two", R(421, "4.4.2 one\nand two")),    # re.S
+                ("garbage", R(451, "4.3.0 garbage")),
+                ("250", R(451, "4.3.0 250")),          # no text
+                ("250 ", R(451, "4.3.0 250")),         # stripped, so no text either
+                ("25 x", R(451, "4.3.0 25 x")),
+                ("2500 x", R(451, "4.3.0 2500 x")),
+                ("", R(451, "4.3.0 "))):
+            with self.subTest(line=line):
+                self.assertEqual(R.parse(line), reply)
+
+    def test_reply_str_and_round_trip(self):
+        R = gsemail.Reply
+        for reply, text in (
+                (R(250, "2.0.0 Ok"), "250 2.0.0 Ok"),
+                (R(535, "Incorrect authentication data"),
+                 "535 5.0.0 Incorrect authentication data"),      # Exim: no enhanced code
+                (R(421, "too many messages in this connection"),
+                 "421 4.0.0 too many messages in this connection"),
+                (R(250, "Ok"), "250 2.0.0 Ok"),
+                (R(421, "4.4.2"), "421 4.4.2"),
+                # an enhanced code of another class is kept as written
+                (R(550, "4.1.1 odd"), "550 4.1.1 odd")):
+            with self.subTest(reply=reply):
+                self.assertEqual(str(reply), text)
+                again = R.parse(str(reply))
+                self.assertEqual((again.code, again.status), (reply.code, reply.status))
+                if reply.text == text[4:]:
+                    self.assertEqual(again, reply)
+
+    def test_reply_status_ok_permanent(self):
+        R = gsemail.Reply
+        for code, text, status, ok, permanent in (
+                (250, "2.1.5 Ok", "2.1.5", True, False),
+                (250, "Ok", "2.0.0", True, False),             # no enhanced code
+                (200, "fine", "2.0.0", True, False),
+                (299, "2.0.0 fine", "2.0.0", True, False),
+                (354, "End data with <CR><LF>.<CR><LF>", "3.0.0", False, False),
+                (421, "4.4.2", "4.4.2", False, False),         # the code alone
+                (451, "4.3.0 try later", "4.3.0", False, False),
+                (452, "4.5.3 Too many recipients", "4.5.3", False, False),
+                (499, "whatever", "4.0.0", False, False),
+                (500, "5.5.2 syntax", "5.5.2", False, True),
+                (550, "5.1.1 <x@example.org>: no such user", "5.1.1", False, True),
+                (535, "Incorrect authentication data", "5.0.0", False, True),
+                (550, "2.0.0 of another class", "5.0.0", False, True),
+                (550, "5.1.1x glued to a word", "5.0.0", False, True),
+                (550, "5.1234.1 too many digits", "5.0.0", False, True),
+                (550, "no code 5.1.1 until later", "5.0.0", False, True)):
+            with self.subTest(code=code, text=text):
+                reply = R(code, text)
+                self.assertEqual((reply.status, reply.ok, reply.permanent),
+                                 (status, ok, permanent))
+
+    def test_relays(self):
+        for hostname, relays in (
+                ("a.example.org", [("a.example.org", 25)]),
+                (" a.example.org , b.example.org:2525 ",
+                 [("a.example.org", 25), ("b.example.org", 2525)]),
+                ("127.0.0.1:1", [("127.0.0.1", 1)]),
+                ("mx:65535", [("mx", 65535)]),
+                ("[2001:db8::1]:26", [("2001:db8::1", 26)]),
+                ("[2001:db8::1]", [("2001:db8::1", 25)]),
+                ("2001:db8::1", [("2001:db8::1", 25)]),        # bare IPv6: the port option's
+                ("::1, [::1]:2", [("::1", 25), ("::1", 2)])):
+            with self.subTest(hostname=hostname):
+                self.assertEqual(gsemail._relays(hostname, 25), relays)
+        for hostname, fragment in (
+                ("a:0", "from 1 to 65535"),
+                ("a:65536", "from 1 to 65535"),
+                ("a:x", "from 1 to 65535"),
+                ("a:", "from 1 to 65535"),
+                ("a:\u0662\u0665", "from 1 to 65535"),          # Arabic-Indic 25
+                ("[::1]:x", "from 1 to 65535"),
+                ("a b", "is not HOST or HOST:PORT"),
+                ("", "is not HOST or HOST:PORT"),
+                ("a,,b", "is not HOST or HOST:PORT"),
+                ("a,", "is not HOST or HOST:PORT"),
+                ("mx:25:26", "is not HOST or HOST:PORT")):
+            with self.subTest(hostname=hostname):
+                with self.assertRaises(ValueError) as cm:
+                    gsemail._relays(hostname, 25)
+                self.assertIn(fragment, str(cm.exception))
+
+    def test_duration(self):
+        for text, seconds in (
+                ("90", 90.0), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0),
+                ("5d", 432000.0), ("1w", 604800.0), (" 2H ", 7200.0), ("1.5m", 90.0),
+                ("5 m", 300.0), ("0", 0.0)):
+            with self.subTest(text=text):
+                self.assertEqual(gsemail._duration(text), seconds)
+        for text in ("", "m", "-5", "5x", "5mm", "1e3", ".5", "5.", "\u0665",
+                     "5 minutes", "inf", "nan"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                gsemail._duration(text)
+
+    def test_wire(self):
+        for data, payload, size in (
+                (b"a\r\n", b"a\r\n.\r\n", 3),
+                (b"a", b"a\r\n.\r\n", 3),                      # CRLF added at the end
+                (b"", b"\r\n.\r\n", 2),
+                (b"a\nb\n", b"a\r\nb\r\n.\r\n", 6),             # bare LF
+                (b"a\rb", b"a\r\nb\r\n.\r\n", 6),               # bare CR
+                (b"a\r\n\r\n", b"a\r\n\r\n.\r\n", 5),
+                (b".x\r\n", b"..x\r\n.\r\n", 4),                # size before dot-stuffing
+                (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n", 9),
+                (b"a\n.b", b"a\r\n..b\r\n.\r\n", 7),
+                (b"..\r\n", b"...\r\n.\r\n", 4),
+                (b"a.b\r\n", b"a.b\r\n.\r\n", 5)):              # a dot inside a line stays
+            with self.subTest(data=data):
+                self.assertEqual(gsemail._wire(data), (payload, size))
+
+    def test_address_problem(self):
+        for address in ("a@example.org", "a+tag@example.org", '"a b"@example.org',
+                        '"a\\"b"@example.org', "x" * 242 + "@example.org"):   # 254 octets
+            with self.subTest(address=address):
+                self.assertIsNone(gsemail._address_problem(address))
+        for address, fragment in (
+                ("a\r\n@example.org", "control character"),
+                ("a\0@example.org", "control character"),
+                ("a\x85@example.org", "control character"),      # NEL
+                ("a\u2028@example.org", "control character"),
+                ("x" * 243 + "@example.org", "longer than 254 octets"),
+                # octets, not characters: 122 of them are 244 octets
+                ("\u00e9" * 122 + "@example.org", "longer than 254 octets"),
+                ("a@example.org,b@example.org", "contains a comma"),
+                ("Name <a@example.org>", "contains < or >"),
+                ("", "local-part@domain"),
+                ("example.org", "local-part@domain"),
+                ("@example.org", "local-part@domain"),
+                ("a@", "local-part@domain"),
+                ("a@exa mple.org", "space in its domain"),
+                ('"a b@example.org', "not a whole quoted string"),
+                ("a b@example.org", "contains a space (outside"),
+                ('a"b@example.org', "outside a quoted local part")):
+            with self.subTest(address=address[:40]):
+                self.assertIn(fragment, gsemail._address_problem(address) or "")
+
+    def test_too_many(self):
+        R = gsemail.Reply
+        for reply, limit in (
+                (R(452, "4.5.3 Too many recipients"), True),
+                (R(451, "4.5.3 Too many recipients: Too many recipients"), True),   # OpenSMTPD
+                (R(452, "4.5.3 Too many recipients: Too many messages sent"), True),
+                (R(552, "5.5.3 Too many recipients"), True),
+                (R(550, "5.5.3 recipient limit"), True),        # the enhanced code decides
+                (R(452, "Too many recipients"), True),          # RFC 5321, no enhanced code
+                (R(552, "too many recipients"), True),
+                (R(452, "4.2.2 mailbox full, too many messages"), False),
+                (R(452, "2.5.3 of another class, too many"), False),
+                (R(452, "insufficient system storage"), False),
+                (R(452, "toomany"), False),
+                (R(421, "too many messages in this connection"), False),   # Exim: a drop
+                (R(550, "too many recipients"), False),
+                (R(250, "2.0.0 Ok"), False)):
+            with self.subTest(reply=str(reply)):
+                self.assertIs(gsemail._too_many(reply), limit)
+
+    def test_iso_and_parse_iso(self):
+        for when, text in (
+                (0, "1970-01-01T00:00:00Z"),
+                (1.9, "1970-01-01T00:00:01Z"),                  # to the second, down
+                (-1, "1969-12-31T23:59:59Z"),
+                (1e9, "2001-09-09T01:46:40Z"),
+                (951782400, "2000-02-29T00:00:00Z"),
+                (-62167219200, "0000-01-01T00:00:00Z"),
+                (-62167219201, "-0001-12-31T23:59:59Z"),
+                (253402300799, "9999-12-31T23:59:59Z"),
+                (253402300800, "+10000-01-01T00:00:00Z")):
+            with self.subTest(when=when):
+                self.assertEqual(gsemail._iso(when), text)
+                self.assertEqual(gsemail._parse_iso(text), float(int(when // 1)))
+        for when, text in ((float("nan"), "(not a time: nan)"),
+                           (float("inf"), "(not a time: inf)"),
+                           (None, "(not a time: None)"), ("x", "(not a time: 'x')")):
+            with self.subTest(when=when):
+                self.assertEqual(gsemail._iso(when), text)
+        self.assertEqual(gsemail._parse_iso(" 1970-01-01T00:00:00Z\n"), 0.0)
+        self.assertEqual(gsemail._parse_iso("2024-02-29T00:00:00Z"), 1709164800.0)
+        for text in ("2023-02-29T00:00:00Z", "2026-02-30T00:00:00Z", "2026-13-01T00:00:00Z",
+                     "2026-00-01T00:00:00Z", "2026-01-01T24:00:00Z", "2026-01-01T00:60:00Z",
+                     "2026-01-01T00:00:60Z", "2026-01-01 00:00:00Z", "2026-01-01T00:00:00",
+                     "2026-01-01T00:00:00.5Z", "10000-01-01T00:00:00Z", "", 42,
+                     "\u0662\u0660\u0662\u0666-01-01T00:00:00Z",
+                     "+" + "9" * 400 + "-01-01T00:00:00Z"):       # past a float
+            with self.subTest(text=str(text)[:30]):
+                self.assertIsNone(gsemail._parse_iso(text))
+
+
 # ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
 
 class ConfigTests(Base):
-    def write(self, text, name="gsconfig.ini"):
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(text))
-        return path
-
     def assertConfigError(self, text, *fragments, instance="default"):
         path = text if os.path.exists(text) else self.write(text)
         with self.assertRaises(gsemail.ConfigError) as cm:
@@ -920,7 +1164,7 @@ class QueueTests(Base):
         config = self.config(25)
         name = self.enqueue(config, rcpts=["a@example.org", "b@example.org"], xverp=True)
         queue = gsemail.Queue(self.queuepath)
-        msg = queue.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(queue, name)
         self.assertTrue(msg.xverp)
         queue.defer(msg, ["b@example.org"], {"attempts": 1, "last_error": "451 4.4.1 x",
                                              "first_queued": 1.0, "xverp": True},
@@ -946,7 +1190,7 @@ class QueueTests(Base):
         now = time.time()
         self.assertEqual(mine.due(now), [])
         name = self.enqueue(config)
-        msg = other.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(other, name)
         other.defer(msg, msg.recipients, {"attempts": 1}, now + 120)
         self.assertEqual(mine.due(now + 30), [])
         time.sleep(0.01)
@@ -989,7 +1233,7 @@ class QueueTests(Base):
             os.utime(path, (old, old))
         # This process's claimer file is as old, but alive: it stays.
         name = self.enqueue(self.config(25))
-        queue.claim(os.path.join(self.queuepath, "new", name)).release()
+        self.claim(queue, name).release()
         (claimer,) = [os.path.join(self.queuepath, "tmp", n)
                       for n in os.listdir(os.path.join(self.queuepath, "tmp"))
                       if n.startswith(".claimer-")]
@@ -1566,7 +1810,7 @@ class SendEmailTests(Base):
         self.assertEqual(len(names), 3)
         self.assertEqual(sum(n.endswith(":2,X") for n in names), 1)
         queue = gsemail.Queue(self.queuepath)
-        msgs = [queue.claim(os.path.join(self.queuepath, "new", n)) for n in names]
+        msgs = [self.claim(queue, n) for n in names]
         self.assertEqual([m.recipients for m in msgs],
                          [["a@example.org", "b@example.org"], ["c@example.org"],
                           ["d@example.org"]])
@@ -1574,7 +1818,7 @@ class SendEmailTests(Base):
         self.assertEqual(gsemail._processors, {})
 
     def test_config_xverp_applies_except_to_bounces(self):
-        gsemail.configure(dataclasses_replace(self.cfg, xverp=True))
+        gsemail.configure(dataclasses.replace(self.cfg, xverp=True))
         gsemail.send_email("s@example.org", "a@example.org", message())
         gsemail.send_email("", "a@example.org", message())
         self.assertEqual(sorted(n.endswith(":2,X") for n in self.listing("new")),
@@ -1603,7 +1847,7 @@ class SendEmailTests(Base):
         self.assertEqual(self.listing("new") + self.listing("tmp"), [])
 
     def test_config_from_environment(self):
-        gsemail._config = None
+        gsemail._reset_for_tests()
         ini = os.path.join(self.tmp, "etc", "gsconfig.ini")
         os.makedirs(os.path.dirname(ini))
         with open(ini, "w") as f:
@@ -1619,15 +1863,10 @@ class SendEmailTests(Base):
             os.environ["INSTANCE_HOME"] = self.tmp
             gsemail.send_email("s@example.org", "a@example.org", message())
             self.assertEqual(len(self.listing("new")), 1)
-            gsemail._config = None
+            gsemail._reset_for_tests()
             os.environ.update(GSEMAIL_CONFIG=ini, GSEMAIL_INSTANCE="other")
             gsemail.send_email("s@example.org", "a@example.org", message())
             self.assertEqual(len(os.listdir(os.path.join(self.tmp, "other", "new"))), 1)
-
-
-def dataclasses_replace(config, **changes):
-    import dataclasses
-    return dataclasses.replace(config, **changes)
 
 
 @contextlib.contextmanager
@@ -1647,21 +1886,11 @@ def mock_environ(env):
 # ---------------------------------------------------------------------------
 
 class CLITests(Base):
-    def ini(self, port, extra=""):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = 127.0.0.1\n"
-                    "port = %d\nqueuepath = %s\ntimeout = 5\npoll_interval = 0.1\n%s"
-                    % (port, self.queuepath, extra))
-        return path
-
-    def gsemail(self, *args, **kw):
-        return subprocess.run([sys.executable, "-m", "gsemail"] + list(args), cwd=HERE,
-                              capture_output=True, text=True, timeout=60, **kw)
+    RUN_WITH_INI = False        # each test names its own configuration, or none
 
     def test_once_delivers_and_exits_0(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         config = gsemail.load_config(path, "main")
         for i in range(3):
             self.enqueue(config, rcpts=["r%d@example.org" % i])
@@ -1675,7 +1904,7 @@ class CLITests(Base):
         self.assertIn("delivered to 1 recipient(s)", run.stderr)
 
     def test_once_exits_75_when_mail_waits(self):
-        path = self.ini(free_port())
+        path = self.ini_file(free_port())
         self.enqueue(gsemail.load_config(path, "main"))
         run = self.gsemail("-c", path, "-i", "main", "--once")
         self.assertEqual(run.returncode, os.EX_TEMPFAIL)
@@ -1696,7 +1925,7 @@ class CLITests(Base):
         self.assertIn("--config", run.stderr)
         with open(os.path.join(self.tmp, "file"), "w"):
             pass
-        path = self.ini(25, "")
+        path = self.ini_file(25, "")
         with open(path, "a") as f:
             f.write("[smtp-bad]\nhostname = h\nport = 25\nqueuepath = %s/file/q\n" % self.tmp)
         run = self.gsemail("--config", path, "--instance", "bad", "--once")
@@ -1713,7 +1942,7 @@ class CLITests(Base):
 
     def test_foreground_runs_until_sigterm(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main",
                                  "-v"], cwd=HERE, stderr=subprocess.PIPE, text=True)
         try:
@@ -1747,12 +1976,6 @@ HOLD_CLAIM = textwrap.dedent("""\
 
 
 class RelayAndSecretConfigTests(Base):
-    def write(self, text):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(text))
-        return path
-
     def config_error(self, text, env=None):
         with mock_environ(dict(os.environ, **(env or {}))), \
                 self.assertRaises(gsemail.ConfigError) as cm:
@@ -1841,20 +2064,6 @@ class RelayAndSecretConfigTests(Base):
 class OperatorBase(Base):
     """Runs python -m gsemail against a real queue in a temporary directory."""
 
-    def ini(self, port, extra="", hostname="127.0.0.1"):
-        self.ini_path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(self.ini_path, "w") as f:
-            f.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = %s\n%s"
-                    "queuepath = %s\ntimeout = 5\npoll_interval = 0.1\n%s"
-                    % (hostname, "port = %d\n" % port if port else "", self.queuepath, extra))
-        return gsemail.load_config(self.ini_path, "main")
-
-    def gsemail(self, *args, **kw):
-        kw.setdefault("timeout", 90)
-        return subprocess.run([sys.executable, "-m", "gsemail", "-c", self.ini_path,
-                               "-i", "main"] + list(args), cwd=HERE, capture_output=True,
-                              text=True, **kw)
-
     def ok(self, *args, **kw):
         run = self.gsemail(*args, **kw)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
@@ -1872,7 +2081,7 @@ class OperatorBase(Base):
         names["dead"] = self.enqueue(config, rcpts=["gone@example.org"],
                                      sender="owner@example.org")
         for name in (names["deferred"], names["dead"]):
-            msg = processor.queue.claim(os.path.join(self.queuepath, "new", name))
+            msg = self.claim(processor.queue, name)
             processor.mailer.open()
             out = processor.mailer.deliver(msg.sender, msg.recipients, msg.data)
             with self.assertLogs("gsemail", "INFO"):
@@ -2437,7 +2646,7 @@ class ZopeRetryTests(OperatorBase):
         self.assertEqual(len(self.dead_letters()), 1)
         self.ok("retry", "--all-dead")
         server.rules.clear()
-        ZopeCompatibilityTests.zope(self, ZOPE_DRAIN, self.queuepath, str(server.port))
+        self.zope(ZOPE_DRAIN, self.queuepath, str(server.port))
         self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
         self.assertIn(b"Subject: test", server.transactions[-1]["data"])
         self.assertNotIn(b"X-Gsemail-", server.transactions[-1]["data"])
@@ -2537,13 +2746,6 @@ class PostfixOperatorTests(OperatorBase):
 # ---------------------------------------------------------------------------
 
 class ZopeCompatibilityTests(Base):
-    def zope(self, code, *args):
-        python = zope_python()
-        run = subprocess.run([python, "-c", textwrap.dedent(code)] + list(args),
-                             capture_output=True, text=True, timeout=60)
-        self.assertEqual(run.returncode, 0, run.stderr)
-        return run
-
     def test_gsemail_drains_a_zope_queue(self):
         self.zope("""
             import sys, transaction
@@ -2568,7 +2770,7 @@ class ZopeCompatibilityTests(Base):
         # and a deferred one, whose X-Zope-To lists only the recipients left
         name = self.enqueue(config, rcpts=["c@example.org", "d@example.org"])
         queue = gsemail.Queue(self.queuepath)
-        msg = queue.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(queue, name)
         queue.defer(msg, ["d@example.org"], {"attempts": 1}, time.time() + 60)
         self.zope(ZOPE_DRAIN, self.queuepath, str(server.port))
         self.assertEqual(sorted(server.rcpts), ["a@example.org", "b@example.org",
@@ -2604,7 +2806,7 @@ def zope_queue(test, queuepath, messages):
 
 
 def zope_drain(test, queuepath, port):
-    ZopeCompatibilityTests.zope(test, ZOPE_DRAIN, queuepath, str(port))
+    test.zope(ZOPE_DRAIN, queuepath, str(port))
 
 
 def same_text(data):
@@ -4937,13 +5139,8 @@ class ConcurrencyTests(Base):
             ids.add("<%s.%d@crash.test>" % (tag, i))
         return ids
 
-    def ini(self, port):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
-                    "processorthread = false\nehlo_name = client.test\n"
-                    % (port, self.queuepath))
-        return path
+    INI_HEAD = "[smtp-main]\n"
+    INI_OPTIONS = "processorthread = false\nehlo_name = client.test\n"
 
     def assertEachOnce(self, server, ids):
         counts = {}
@@ -4959,7 +5156,7 @@ class ConcurrencyTests(Base):
     def test_four_processes_and_a_thread_on_one_queue_send_each_message_once(self):
         server = self.server()
         ids = self.fill(10000, "c")
-        ini = self.ini(server.port)
+        ini = self.ini_file(server.port)
         processor = gsemail.QueueProcessor(self.config(server.port, poll_interval=0.2))
         processor.start()
         self.addCleanup(processor.stop, 10)
@@ -4982,7 +5179,7 @@ class ConcurrencyTests(Base):
         python = zope_python()
         server = self.server()
         ids = self.fill(1000, "z")
-        ini = self.ini(server.port)
+        ini = self.ini_file(server.port)
         zope = subprocess.Popen([python, "-c", ZOPE_DRAIN, self.queuepath, str(server.port)],
                                 stderr=subprocess.PIPE)
         ours = subprocess.run([sys.executable, "-m", "gsemail", "-c", ini, "-i", "main",
@@ -5461,7 +5658,7 @@ class SteppedClockTests(OperatorBase):
         wall, mono = time.time(), time.monotonic()
         self.assertEqual(mine.due(), [])
         name = self.enqueue(config)
-        msg = other.claim(os.path.join(self.queuepath, "new", name))
+        msg = self.claim(other, name)
         stepped = wall - 86400
         other.defer(msg, msg.recipients, {"attempts": 1}, stepped)   # due now, after the step
         with unittest.mock.patch("time.time", lambda: stepped + time.monotonic() - mono), \
@@ -5949,11 +6146,12 @@ def run_gsemail(args, timeout=60, input=None):
 class QueueDirectoryTests(Base):
     """Issue 11 defect 6, issue 12 defects 9 (the warning), 10 and 13."""
 
-    def ini(self, queuepath, port=25, extra=""):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
-                    "timeout = 5\nprocessorthread = no\n%s" % (port, queuepath, extra))
+    INI_HEAD = "[smtp-main]\n"
+    INI_OPTIONS = "timeout = 5\nprocessorthread = no\n"
+
+    def queue_ini(self, queuepath):
+        """ini_file() for the queue at queuepath, readable by every user."""
+        path = self.ini_file(25, queuepath=queuepath)
         os.chmod(path, 0o644)
         return path
 
@@ -5983,7 +6181,7 @@ class QueueDirectoryTests(Base):
         self.assertEqual([line for line in logs.output if "WARNING" in line], [])
         # the processor does it too: --once on a queue that is not there
         queuepath = os.path.join(self.tmp, "private-tmp", "mailqueue")
-        code, err, _, hung = run_gsemail(["-c", self.ini(queuepath), "-i", "main", "--once"])
+        code, err, _, hung = run_gsemail(["-c", self.queue_ini(queuepath), "-i", "main", "--once"])
         self.assertFalse(hung)
         self.assertEqual(code, 0, err)
         self.assertRegex(err, r"(?m)^4\.3\.0 queue %s did not exist: created it"
@@ -6007,7 +6205,7 @@ class QueueDirectoryTests(Base):
             cases["EROFS"] = os.path.join(ro, "q")
         for what, queuepath in cases.items():
             with self.subTest(what):
-                code, err, _, hung = run_gsemail(["-c", self.ini(queuepath), "-i", "main",
+                code, err, _, hung = run_gsemail(["-c", self.queue_ini(queuepath), "-i", "main",
                                                   "--once"])
                 self.assertFalse(hung)
                 self.assertEqual(code, os.EX_CANTCREAT, err)
@@ -6047,7 +6245,7 @@ class QueueDirectoryTests(Base):
 
     def test_root_reads_the_service_users_queue(self):
         queuepath, name = self.service_queue()
-        ini = self.ini(queuepath)
+        ini = self.queue_ini(queuepath)
         before = self.tree(queuepath)
         for command in (["list"], ["list", "--json"], ["show", name], ["status"]):
             with self.subTest(command[0]):
@@ -6059,7 +6257,7 @@ class QueueDirectoryTests(Base):
 
     def test_root_is_told_to_run_as_the_owner(self):
         queuepath, name = self.service_queue()
-        ini = self.ini(queuepath)
+        ini = self.queue_ini(queuepath)
         before = self.tree(queuepath)
         for command in ([], ["--once"], ["flush", name], ["purge", name],
                         ["send", "-f", "s@example.org", "r@example.org"]):
@@ -6078,7 +6276,7 @@ class QueueDirectoryTests(Base):
         os.mkdir(home, 0o700)
         os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
         new = os.path.join(home, "queue")
-        code, err, _, hung = run_gsemail(["-c", self.ini(new), "-i", "main", "--once"])
+        code, err, _, hung = run_gsemail(["-c", self.queue_ini(new), "-i", "main", "--once"])
         self.assertFalse(hung)
         self.assertEqual(code, os.EX_CANTCREAT, err)
         self.assertIn(home, err)
@@ -6236,13 +6434,8 @@ class QueueTakeoverTests(Base):
 class NonRegularFileTests(Base):
     """Issue 11 defect 9: FIFOs, links and other non-regular files."""
 
-    def ini(self, port, extra=""):
-        path = os.path.join(self.tmp, "gsconfig.ini")
-        with open(path, "w") as f:
-            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
-                    "timeout = 5\npoll_interval = 0.1\nprocessorthread = no\n%s"
-                    % (port, self.queuepath, extra))
-        return path
+    INI_HEAD = "[smtp-main]\n"
+    INI_OPTIONS = "timeout = 5\npoll_interval = 0.1\nprocessorthread = no\n"
 
     def plant(self, config):
         """A good message beside a FIFO in new/ and cur/, a link in new/, a
@@ -6268,7 +6461,7 @@ class NonRegularFileTests(Base):
 
     def test_once_list_and_status_do_not_hang(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         good, held, odd = self.plant(gsemail.load_config(path, "main"))
         # status with status.json a FIFO (--once replaces it)
         code, err, out, hung = run_gsemail(["-c", path, "-i", "main", "status"], timeout=30)
@@ -6303,7 +6496,7 @@ class NonRegularFileTests(Base):
 
     def test_sigterm_stops_a_processor_beside_a_fifo(self):
         server = self.server()
-        path = self.ini(server.port)
+        path = self.ini_file(server.port)
         good, _, odd = self.plant(gsemail.load_config(path, "main"))
         proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main"],
                                 cwd=HERE, stderr=subprocess.PIPE, text=True)
@@ -6333,7 +6526,7 @@ class NonRegularFileTests(Base):
         os.symlink(secret, secret_link)
         for what, password_file in (("FIFO", fifo), ("link to a FIFO", link)):
             with self.subTest(what):
-                ini = self.ini(25, "username = u\npassword_file = %s\n" % password_file)
+                ini = self.ini_file(25, "username = u\npassword_file = %s\n" % password_file)
                 code, err, _, hung = run_gsemail(["-c", ini, "-i", "main", "check"],
                                                  timeout=30)
                 self.assertFalse(hung, err)
@@ -6345,7 +6538,7 @@ class NonRegularFileTests(Base):
         self.assertEqual(code, os.EX_CONFIG, err)
         self.assertIn(link, err)
         self.assertIn("FIFO", err)
-        config = gsemail.load_config(self.ini(25, "username = u\npassword_file = %s\n"
+        config = gsemail.load_config(self.ini_file(25, "username = u\npassword_file = %s\n"
                                               % secret_link), "main")
         self.assertEqual(config.password, "s3cret")
 
