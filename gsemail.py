@@ -86,7 +86,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn,
+                    Optional, TextIO, Tuple, Union)
 
 __version__ = "1.0.0"
 __all__ = [
@@ -255,6 +256,32 @@ def _fqdn() -> str:
     return socket.getfqdn() or "localhost"
 
 
+def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
+    """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
+    pairs; an entry without a port has the port option's.  Raises ValueError
+    saying what is wrong."""
+    found = []
+    for entry in hostname.split(","):
+        entry = entry.strip()
+        match = re.fullmatch(r"\[([^\]]+)\](?::(\w*))?|([^:\s\[\]]+)(?::(\w*))?", entry)
+        if not match:
+            if entry.count(":") > 1 and re.fullmatch(r"[0-9A-Fa-f:.]+", entry):
+                found.append((entry, port))     # a bare IPv6 address
+                continue
+            raise ValueError("relay %r is not HOST or HOST:PORT (write an IPv6 address "
+                             "as [ADDRESS]:PORT)" % entry)
+        host = match.group(1) or match.group(3)
+        number = match.group(2) if match.group(1) else match.group(4)
+        if number is None:
+            found.append((host, port))
+        elif re.fullmatch(r"[0-9]+", number) and 1 <= int(number) <= 65535:  # ASCII only
+            found.append((host, int(number)))
+        else:
+            raise ValueError("relay %r: the port must be a whole number from 1 to "
+                             "65535" % entry)
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class SMTPConfig:
     """How to reach the relay and where the queue lives.
@@ -285,6 +312,11 @@ class SMTPConfig:
     poll_interval: float = 1.0
     sessions: int = 1
     source: str = dataclasses.field(default="", compare=False)
+    # hostname parsed, once, by __post_init__: not an argument, and left out
+    # of comparison and repr (hostname says it); dataclasses.replace makes a
+    # new instance, so a new hostname is parsed anew.
+    _relay_list: Tuple[Tuple[str, int], ...] = dataclasses.field(
+        default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         where = (" in %s" % self.source) if self.source else ""
@@ -298,9 +330,10 @@ class SMTPConfig:
             raise bad("port", self.port, "must be a whole number of at least 1 and at "
                       "most 65535")
         try:
-            _relays(self.hostname, self.port)
+            relays = tuple(_relays(self.hostname, self.port))
         except ValueError as e:
             raise bad("hostname", self.hostname, str(e)) from None
+        object.__setattr__(self, "_relay_list", relays)     # hostname is frozen
         if bool(self.username) != bool(self.password):
             option = "password" if self.username else "username"
             raise ConfigError("option %s is missing%s: username and password go "
@@ -339,7 +372,7 @@ class SMTPConfig:
     @property
     def relays(self) -> List[Tuple[str, int]]:
         """The relays in hostname, in the order they are tried, as (host, port)."""
-        return _relays(self.hostname, self.port)
+        return list(self._relay_list)
 
     @property
     def use_implicit_tls(self) -> bool:
@@ -373,98 +406,104 @@ class SMTPConfig:
         return 3 * self.timeout + 60
 
 
-def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
-    """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
-    pairs; an entry without a port has the port option's.  Raises ValueError
-    saying what is wrong."""
-    found = []
-    for entry in hostname.split(","):
-        entry = entry.strip()
-        match = re.fullmatch(r"\[([^\]]+)\](?::(\w*))?|([^:\s\[\]]+)(?::(\w*))?", entry)
-        if not match:
-            if entry.count(":") > 1 and re.fullmatch(r"[0-9A-Fa-f:.]+", entry):
-                found.append((entry, port))     # a bare IPv6 address
-                continue
-            raise ValueError("relay %r is not HOST or HOST:PORT (write an IPv6 address "
-                             "as [ADDRESS]:PORT)" % entry)
-        host = match.group(1) or match.group(3)
-        number = match.group(2) if match.group(1) else match.group(4)
-        if number is None:
-            found.append((host, port))
-        elif re.fullmatch(r"[0-9]+", number) and 1 <= int(number) <= 65535:  # ASCII only
-            found.append((host, int(number)))
-        else:
-            raise ValueError("relay %r: the port must be a whole number from 1 to "
-                             "65535" % entry)
-    return found
-
-
 def _where(host: str, port: int) -> str:
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
+def _boolean(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0, as configparser reads them."""
+    state = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
+    if state is None:
+        raise ValueError(text)
+    return state
+
+
 # Options, their parser and whether they are required.  The first nine are
 # gs.email's; the rest are ours.
-_BOOLEAN = "boolean"
-_OPTIONS = {
+_OPTIONS: Dict[str, Callable[[str], object]] = {
     "hostname": str, "port": _integer, "username": str, "password": str,
-    "no_tls": _BOOLEAN, "force_tls": _BOOLEAN, "queuepath": str,
-    "processorthread": _BOOLEAN, "xverp": _BOOLEAN,
-    "timeout": _duration, "implicit_tls": _BOOLEAN, "tls_verify": _BOOLEAN,
+    "no_tls": _boolean, "force_tls": _boolean, "queuepath": str,
+    "processorthread": _boolean, "xverp": _boolean,
+    "timeout": _duration, "implicit_tls": _boolean, "tls_verify": _boolean,
     "cafile": str, "ehlo_name": str, "messages_per_connection": _integer,
     "recipients_per_transaction": _integer, "min_backoff_time": _duration,
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
     "poll_interval": _duration, "sessions": _integer, "password_env": str,
     "password_file": str,
 }
+# What a value that its parser refuses should have been.
+_WANTED: Dict[Callable[[str], object], str] = {
+    _boolean: "boolean (use true/false, yes/no, on/off or 1/0)",
+    _integer: "whole number",
+    _duration: "duration such as 60, 5m, 1h or 5d",
+}
 _REQUIRED = ("hostname", "port")
 _SECRET_OPTIONS = ("password", "password_env", "password_file")
 
 
-def load_config(path: str, instance: str = "default") -> SMTPConfig:
-    """Read the SMTP settings of ``instance`` from the gsconfig.ini at path.
+class _IniParser(configparser.ConfigParser):
+    """gsconfig.ini as gs.config reads it: strict, with % interpolation."""
 
-    ``[config-<instance>]`` with ``smtp = NAME`` selects ``[smtp-NAME]``;
-    without a ``[config-<instance>]`` section ``[smtp-<instance>]`` is used.
-    Raises ConfigError naming the file, section and option at fault.
-    """
-    parser = configparser.ConfigParser(
-        interpolation=configparser.BasicInterpolation(), strict=True)
-    parser.optionxform = str    # option names as written, like gs.config
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr    # option names as written, like gs.config
+
+
+def _read_ini(path: str) -> configparser.ConfigParser:
+    """The parsed file at path; ConfigError saying why it cannot be read."""
+    parser = _IniParser(interpolation=configparser.BasicInterpolation(), strict=True)
     try:
         # A link to the config is fine (configuration management makes
         # them); what it leads to must be a regular file: a FIFO would hang
         # every command.  utf-8-sig: Windows editors start the file with a BOM.
         with open(_open_regular(path, follow=True), encoding="utf-8-sig") as f:
             parser.read_file(f, source=path)
-    except FileNotFoundError:
-        raise ConfigError("%s: no such config file" % path) from None
-    except _NotRegular as e:
-        raise ConfigError("%s: is %s, not a config file" % (path, e.what)) from None
-    except PermissionError:
-        raise ConfigError("%s: cannot read the config file (permission "
-                          "denied)" % path) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError("%s: not a UTF-8 text file (byte %d)"
-                          % (path, e.start)) from None
-    except configparser.DuplicateSectionError as e:
-        raise ConfigError("%s, line %s: section [%s] appears twice"
-                          % (path, e.lineno, e.section)) from None
-    except configparser.DuplicateOptionError as e:
-        raise ConfigError("%s, line %s: option %s appears twice in [%s]"
-                          % (path, e.lineno, e.option, e.section)) from None
-    except configparser.MissingSectionHeaderError as e:
-        raise ConfigError("%s, line %s: text before the first [section] header"
-                          % (path, e.lineno)) from None
-    except configparser.ParsingError as e:
+    except (OSError, UnicodeDecodeError, configparser.DuplicateSectionError,
+            configparser.DuplicateOptionError, configparser.ParsingError) as e:
+        raise _unreadable(path, e) from None
+    return parser
+
+
+def _unreadable(path: str, e: Exception) -> ConfigError:
+    """The ConfigError for an error reading the config file at path."""
+    if isinstance(e, FileNotFoundError):
+        return ConfigError("%s: no such config file" % path)
+    if isinstance(e, _NotRegular):
+        return ConfigError("%s: is %s, not a config file" % (path, e.what))
+    if isinstance(e, PermissionError):
+        return ConfigError("%s: cannot read the config file (permission "
+                           "denied)" % path)
+    if isinstance(e, UnicodeDecodeError):
+        return ConfigError("%s: not a UTF-8 text file (byte %d)" % (path, e.start))
+    if isinstance(e, configparser.DuplicateSectionError):
+        return ConfigError("%s, line %s: section [%s] appears twice"
+                           % (path, e.lineno, e.section))
+    if isinstance(e, configparser.DuplicateOptionError):
+        return ConfigError("%s, line %s: option %s appears twice in [%s]"
+                           % (path, e.lineno, e.option, e.section))
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return ConfigError("%s, line %s: text before the first [section] header"
+                           % (path, e.lineno))
+    if isinstance(e, configparser.ParsingError):
         # Lines are not quoted: they might hold a password.
         lines = ", ".join(str(n) for n, _ in e.errors)
-        raise ConfigError("%s: cannot parse line %s (not 'option = value')"
-                          % (path, lines)) from None
-    except OSError as e:
-        raise ConfigError("%s: cannot read the config file: %s"
-                          % (path, e.strerror)) from None
+        return ConfigError("%s: cannot parse line %s (not 'option = value')"
+                           % (path, lines))
+    return ConfigError("%s: cannot read the config file: %s"
+                       % (path, getattr(e, "strerror", None)))
 
+
+def _get(parser: configparser.ConfigParser, path: str, section: str,
+         option: str) -> str:
+    try:
+        return parser.get(section, option)
+    except configparser.InterpolationError:
+        raise ConfigError("%s [%s]: option %s has a lone %%: write %%%% for a "
+                          "literal %%" % (path, section, option)) from None
+
+
+def _smtp_section(parser: configparser.ConfigParser, path: str, instance: str) -> str:
+    """The [smtp-NAME] section of instance: the one its [config-INSTANCE]
+    names, or else [smtp-INSTANCE]."""
     pointer = "config-%s" % instance
     if parser.has_section(pointer):
         if not parser.has_option(pointer, "smtp"):
@@ -479,13 +518,19 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
         if not parser.has_section(section):
             raise ConfigError("%s: neither section [%s] nor [%s] exists (instance "
                               "%r)" % (path, pointer, section, instance))
+    return section
 
-    where = "%s [%s]" % (path, section)
-    values: Dict[str, object] = {"source": where}
+
+def _option_values(parser: configparser.ConfigParser, path: str, section: str,
+                   where: str) -> Dict[str, Any]:
+    """SMTPConfig's arguments from the options set in section, each
+    converted by its parser (SMTPConfig checks them); unknown options are
+    skipped, with a warning when they look like a known one mistyped."""
+    values: Dict[str, Any] = {"source": where}
     for option in parser.options(section):
-        kind = _OPTIONS.get(option)
+        convert = _OPTIONS.get(option)
         raw = _get(parser, path, section, option)
-        if kind is None:
+        if convert is None:
             close = difflib.get_close_matches(option, _OPTIONS, n=1, cutoff=0.8)
             if close:
                 log.warning("4.3.5 %s: option %s is not known; did you mean %s?",
@@ -494,45 +539,28 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
         value = raw.strip()
         if option in ("username", "cafile", "ehlo_name") + _SECRET_OPTIONS and not value:
             continue    # empty means unset, as in gs.email
-        if kind is _BOOLEAN:
-            state = configparser.ConfigParser.BOOLEAN_STATES.get(value.lower())
-            if state is None:
-                raise ConfigError("%s: option %s = %r is not a boolean (use true/"
-                                  "false, yes/no, on/off or 1/0)" % (where, option, value))
-            values[option] = state
-        elif kind is str:
+        if convert is str:
             values[option] = raw if option == "password" else value
-        else:
-            try:
-                values[option] = kind(value)
-            except ValueError:
-                shown = "(hidden)" if option == "password" else repr(value)
-                what = "whole number" if kind is _integer else \
-                    "duration such as 60, 5m, 1h or 5d"
-                raise ConfigError("%s: option %s = %s is not a %s"
-                                  % (where, option, shown, what)) from None
-    if "port" not in values and "hostname" in values:
-        # Not needed when every relay in hostname names its port.
+            continue
         try:
-            ports = {p for _, p in _relays(str(values["hostname"]), 0)}
+            values[option] = convert(value)
         except ValueError:
-            ports = {0}
-        if 0 not in ports:
-            values["port"] = _relays(str(values["hostname"]), 0)[0][1]
-    for option in _REQUIRED:
-        if option not in values:
-            raise ConfigError("%s: required option %s is missing" % (where, option))
-    given = [o for o in _SECRET_OPTIONS if o in values]
-    if len(given) > 1:
-        raise ConfigError("%s: options %s are all set: give the password in one of "
-                          "them only" % (where, " and ".join(given)))
-    if "password_env" in values:
-        values["password"] = _password_from_env(str(values.pop("password_env")), where)
-    elif "password_file" in values:
-        values["password"] = _password_from_file(
-            os.path.join(os.path.dirname(os.path.abspath(path)),
-                         os.path.expanduser(str(values.pop("password_file")))), where)
-    return SMTPConfig(**values)  # type: ignore[arg-type]
+            shown = "(hidden)" if option == "password" else repr(value)
+            raise ConfigError("%s: option %s = %s is not a %s"
+                              % (where, option, shown, _WANTED[convert])) from None
+    return values
+
+
+def _port_of_relays(hostname: str) -> Optional[int]:
+    """The first relay's port when every relay in hostname names its own
+    (then the port option is not needed); else None."""
+    try:
+        relays = _relays(hostname, 0)   # 0: no port given
+    except ValueError:
+        return None     # SMTPConfig says what is wrong with it
+    if any(port == 0 for _, port in relays):
+        return None
+    return relays[0][1]
 
 
 def _password_from_env(name: str, where: str) -> str:
@@ -581,14 +609,42 @@ def _password_from_file(path: str, where: str) -> str:
                           "goes in it)")
     return secret
 
+def _resolve_password(values: Dict[str, Any], path: str, where: str) -> None:
+    """Replace password_env or password_file in values by the password it
+    names (a file relative to the config at path); only one of the three
+    may be given."""
+    given = [o for o in _SECRET_OPTIONS if o in values]
+    if len(given) > 1:
+        raise ConfigError("%s: options %s are all set: give the password in one of "
+                          "them only" % (where, " and ".join(given)))
+    if "password_env" in values:
+        values["password"] = _password_from_env(str(values.pop("password_env")), where)
+    elif "password_file" in values:
+        values["password"] = _password_from_file(
+            os.path.join(os.path.dirname(os.path.abspath(path)),
+                         os.path.expanduser(str(values.pop("password_file")))), where)
 
-def _get(parser: configparser.ConfigParser, path: str, section: str,
-         option: str) -> str:
-    try:
-        return parser.get(section, option)
-    except configparser.InterpolationError:
-        raise ConfigError("%s [%s]: option %s has a lone %%: write %%%% for a "
-                          "literal %%" % (path, section, option)) from None
+
+def load_config(path: str, instance: str = "default") -> SMTPConfig:
+    """Read the SMTP settings of ``instance`` from the gsconfig.ini at path.
+
+    ``[config-<instance>]`` with ``smtp = NAME`` selects ``[smtp-NAME]``;
+    without a ``[config-<instance>]`` section ``[smtp-<instance>]`` is used.
+    Raises ConfigError naming the file, section and option at fault.
+    """
+    parser = _read_ini(path)
+    section = _smtp_section(parser, path, instance)
+    where = "%s [%s]" % (path, section)
+    values = _option_values(parser, path, section, where)
+    if "port" not in values and "hostname" in values:
+        port = _port_of_relays(str(values["hostname"]))
+        if port is not None:
+            values["port"] = port
+    for option in _REQUIRED:
+        if option not in values:
+            raise ConfigError("%s: required option %s is missing" % (where, option))
+    _resolve_password(values, path, where)
+    return SMTPConfig(**values)
 
 
 # ---------------------------------------------------------------------------
