@@ -86,8 +86,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, NoReturn,
-                    Optional, TextIO, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
+                    NamedTuple, NoReturn, Optional, TextIO, Tuple, TypedDict, Union)
 
 __version__ = "1.0.0"
 __all__ = [
@@ -1281,6 +1281,46 @@ class QueueEntry:
     dead_since: Optional[float] = None
 
 
+# The states of a message, as QueueEntry.state gives them, in the order the
+# commands count them.
+_STATES = ("new", "deferred", "sending", "dead")
+
+
+def _by_state(entries: Iterable[QueueEntry]) -> Dict[str, int]:
+    """How many of entries are in each of the states, all four named."""
+    counts = dict.fromkeys(_STATES, 0)
+    for e in entries:
+        counts[e.state] += 1
+    return counts
+
+
+class _Recorded(TypedDict, total=False):
+    """What processors noted in status.json (see Queue.note), as checked:
+    a group is there with its time, or not at all."""
+    delivered_at: float
+    delivered_id: Optional[str]
+    delivered_via: Optional[str]
+    error_at: float
+    error: Optional[str]
+    error_id: Optional[str]
+
+
+class _StatusFacts(TypedDict):
+    """Queue.status(): the queue's health, for ``gsemail status``."""
+    queue: str
+    counts: Dict[str, int]
+    waiting: int
+    due: int
+    oldest_id: Optional[str]
+    oldest_queued: Optional[float]
+    delivered_at: Optional[float]
+    delivered_id: Optional[str]
+    delivered_via: Optional[str]
+    error_at: Optional[float]
+    error: Optional[str]
+    error_id: Optional[str]
+
+
 class Queue:
     """The durable Maildir queue at ``path``.
 
@@ -2289,7 +2329,7 @@ class Queue:
         self._parse(msg, raw)
         return _crlf(msg.data)
 
-    def status(self) -> Dict[str, object]:
+    def status(self) -> _StatusFacts:
         """Facts for monitoring, as ``gsemail status`` shows them.
 
         ``counts`` (messages per state), ``waiting`` (not dead), ``due``
@@ -2300,28 +2340,26 @@ class Queue:
         """
         now = time.time()
         entries = self.entries()
-        counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
-        for e in entries:
-            counts[e.state] += 1
         waiting = [e for e in entries if e.state != "dead"]
         oldest = min(waiting, key=lambda e: e.queued, default=None)
-        facts: Dict[str, object] = {
-            "queue": self.path, "counts": counts, "waiting": len(waiting),
+        recorded = self._read_status()
+        return {
+            "queue": self.path, "counts": _by_state(entries), "waiting": len(waiting),
             "due": sum(1 for e in waiting if e.state != "sending" and
                        (e.next_attempt or 0) <= now),
             "oldest_id": oldest.id if oldest else None,
             "oldest_queued": oldest.queued if oldest else None,
+            "delivered_at": recorded.get("delivered_at"),
+            "delivered_id": recorded.get("delivered_id"),
+            "delivered_via": recorded.get("delivered_via"),
+            "error_at": recorded.get("error_at"), "error": recorded.get("error"),
+            "error_id": recorded.get("error_id"),
         }
-        for key in ("delivered_at", "delivered_id", "delivered_via", "error_at", "error",
-                    "error_id"):
-            facts[key] = None
-        facts.update(self._read_status())
-        return facts
 
     _STATUS_FACTS = {"delivered": ("delivered_id", "delivered_via"),
                      "error": ("error", "error_id")}
 
-    def _read_status(self) -> Dict[str, object]:
+    def _read_status(self) -> _Recorded:
         """What processors noted in status.json, each fact checked: the file
         is advice that an operator or another tool may have written (ISO
         times, wrong types, NaN, anything), so only the facts we know are
@@ -2332,20 +2370,28 @@ class Queue:
             recorded = json.loads(raw)
         except (OSError, ValueError, RecursionError, MemoryError):
             return {}
-        facts: Dict[str, object] = {}
+        facts: _Recorded = {}
         if not isinstance(recorded, dict):
             return facts
-        for group, keys in self._STATUS_FACTS.items():
-            at = _when(recorded.get(group + "_at"))
-            if at is None:
-                continue
-            facts[group + "_at"] = at
-            for key in keys:
-                value = recorded.get(key)
-                facts[key] = _one_line(value)[:1000] if isinstance(value, str) else None
+
+        def text(key: str) -> Optional[str]:
+            value = recorded.get(key)
+            return _one_line(value)[:1000] if isinstance(value, str) else None
+
+        # The groups of _STATUS_FACTS, each whole or not at all.
+        at = _when(recorded.get("delivered_at"))
+        if at is not None:
+            facts["delivered_at"] = at
+            facts["delivered_id"] = text("delivered_id")
+            facts["delivered_via"] = text("delivered_via")
+        at = _when(recorded.get("error_at"))
+        if at is not None:
+            facts["error_at"] = at
+            facts["error"] = text("error")
+            facts["error_id"] = text("error_id")
         return facts
 
-    def note(self, facts: Dict[str, object]) -> None:
+    def note(self, facts: Mapping[str, object]) -> None:
         """Record the last delivery (``delivered_at``, ``_id``, ``_via``) or
         error (``error_at``, ``error``, ``error_id``) for ``status``.  The
         newer record wins, whichever processor made it.  Never raises: this
@@ -2357,10 +2403,10 @@ class Queue:
             return
         tmp = os.path.join(self.path, "tmp", ".status-%d-%d" % (os.getpid(), next(_counter)))
         try:
-            recorded = self._read_status()
+            recorded: Dict[str, object] = dict(self._read_status())
             for group in self._STATUS_FACTS:
                 at = _when(facts.get(group + "_at"))
-                if at is not None and at > float(recorded.get(group + "_at") or 0):  # type: ignore[arg-type]
+                if at is not None and at > (_when(recorded.get(group + "_at")) or 0):
                     recorded.update((k, v) for k, v in facts.items() if k.startswith(group))
             # Not fsynced: a crash may lose the last record, never a message.
             _write_synced(tmp, [json.dumps(recorded, sort_keys=True).encode()],
@@ -4266,7 +4312,7 @@ def _current_config() -> SMTPConfig:
     return configure(path, instance or "default")
 
 
-def _uwsgi_master() -> object:
+def _uwsgi_master() -> Any:     # the uwsgi module, which has no types
     """uWSGI's ``uwsgi`` module when this is its master loading the
     application before it forks the workers (no --lazy-apps); else None.
 
@@ -4319,7 +4365,7 @@ def _queue_for(config: SMTPConfig) -> Queue:
                         if callable(before):
                             before()
                         _start_after_uwsgi_fork()
-                    uwsgi.post_fork_hook = hook  # type: ignore[attr-defined]
+                    uwsgi.post_fork_hook = hook
                 _after_uwsgi_fork[config.queuepath] = config
                 return queue
             processor = QueueProcessor(config, queue)
@@ -4408,7 +4454,7 @@ if hasattr(os, "register_at_fork"):
 # ---------------------------------------------------------------------------
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(os.EX_USAGE, "5.5.4 %s: %s\n" % (self.prog, message))
 
@@ -4591,7 +4637,7 @@ def _parser() -> argparse.ArgumentParser:
 class _Progress:
     """How a --once drain goes, on one self-rewriting terminal line."""
 
-    def __init__(self, stream: "TextIO") -> None:  # type: ignore[name-defined]  # noqa: F821
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.started = time.monotonic()
         self.shown_at: Optional[float] = None
@@ -4628,7 +4674,13 @@ class _Progress:
         self.stream.flush()
 
 
-class _LogHandler(logging.StreamHandler):
+if TYPE_CHECKING:   # generic in typeshed; subscriptable at run time only from 3.11
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:
+    _StreamHandler = logging.StreamHandler
+
+
+class _LogHandler(_StreamHandler):
     """Log lines to stderr, clearing the progress line first."""
 
     progress: Optional[_Progress] = None
@@ -4657,7 +4709,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.propagate = False
     try:
         config = load_config(args.config, args.instance)
-        return args.run(config, args)
+        run: Callable[[SMTPConfig, argparse.Namespace], int] = args.run
+        return run(config, args)
     except GsEmailError as e:
         print("%s %s" % (e.status, e), file=sys.stderr)
         return e.exit_code
@@ -4814,8 +4867,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
         if e.claim:
             lines.append(("claimed by", e.claim))
         for event in e.history:
-            at = _when(event.get("at"))
-            at = _iso(at) if at is not None else "(no time)"
+            when = _when(event.get("at"))
+            at = _iso(when) if when is not None else "(no time)"
             if "event" in event:
                 text = str(event["event"])
             else:
@@ -4836,12 +4889,22 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
     return os.EX_OK
 
 
-def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
-    queue = _open_queue(config, readonly=True)
-    facts = queue.status()
-    now = time.time()
-    counts: Dict[str, int] = facts["counts"]  # type: ignore[assignment]
-    waiting: int = facts["waiting"]  # type: ignore[assignment]
+_LEVELS = ("ok", "warning", "critical")     # status's verdicts, by exit code
+
+
+class _StatusReport(NamedTuple):
+    """``gsemail status``: the queue's facts, judged by the thresholds."""
+    facts: _StatusFacts
+    now: float
+    oldest_age: Optional[float]         # of the oldest waiting message, None if none
+    problems: List[Tuple[int, str]]     # (level, what) for each threshold passed
+    level: int                          # the worst: 0 ok, 1 warning, 2 critical; the exit code
+
+
+def _status_report(facts: _StatusFacts, args: argparse.Namespace, now: float
+                   ) -> _StatusReport:
+    """The facts judged by the thresholds in args (a threshold of 0 is off)."""
+    counts, waiting = facts["counts"], facts["waiting"]
     oldest = _when(facts["oldest_queued"])
     oldest_age = now - oldest if oldest is not None else None
     problems: List[Tuple[int, str]] = []
@@ -4860,56 +4923,79 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
     judge(counts["dead"], args.warning_dead, args.critical_dead, "dead",
           "%d dead letter(s)" % counts["dead"])
     level = max((p[0] for p in problems), default=0)
-    label = ("ok", "warning", "critical")[level]
+    return _StatusReport(facts, now, oldest_age, problems, level)
 
-    def when(key: str) -> Tuple[Optional[str], Optional[int]]:
-        # status.json is anyone's to edit: what is no time is not recorded
-        value = _when(facts.get(key))
-        if value is None:
-            return None, None
-        return _iso(value), _whole_seconds(now - value)
 
-    delivered, delivered_age = when("delivered_at")
-    error_at, error_age = when("error_at")
-    if args.json:
-        print(json.dumps({
-            "status": label, "exit_code": level, "problems": [p[1] for p in problems],
-            "queue": facts["queue"], "counts": counts, "waiting": waiting,
-            "due": facts["due"], "dead": counts["dead"],
-            "oldest_id": facts["oldest_id"],
-            "oldest_queued": _iso(oldest) if oldest is not None else None,
-            "oldest_age": _whole_seconds(oldest_age) if oldest_age is not None else None,
-            "last_delivery": delivered, "last_delivery_age": delivered_age,
-            "last_delivery_id": facts["delivered_id"],
-            "last_delivery_via": facts["delivered_via"],
-            "last_error": facts["error"], "last_error_at": error_at,
-            "last_error_age": error_age, "last_error_id": facts["error_id"],
-            "thresholds": {k: getattr(args, k) for k in (
-                "warning_age", "critical_age", "warning_queue", "critical_queue",
-                "warning_dead", "critical_dead")},
-        }, indent=1))
-        return level
+def _recorded_at(value: Optional[float], now: float) -> Tuple[Optional[str], Optional[int]]:
+    """A time status.json recorded, as ISO and as seconds ago; (None, None)
+    for what is no time (status.json is anyone's to edit)."""
+    when = _when(value)
+    if when is None:
+        return None, None
+    return _iso(when), _whole_seconds(now - when)
+
+
+def _print_status_json(report: _StatusReport, args: argparse.Namespace) -> None:
+    facts, counts, now = report.facts, report.facts["counts"], report.now
+    oldest = _when(facts["oldest_queued"])
+    delivered, delivered_age = _recorded_at(facts["delivered_at"], now)
+    error_at, error_age = _recorded_at(facts["error_at"], now)
+    print(json.dumps({
+        "status": _LEVELS[report.level], "exit_code": report.level,
+        "problems": [p[1] for p in report.problems],
+        "queue": facts["queue"], "counts": counts, "waiting": facts["waiting"],
+        "due": facts["due"], "dead": counts["dead"],
+        "oldest_id": facts["oldest_id"],
+        "oldest_queued": _iso(oldest) if oldest is not None else None,
+        "oldest_age": (_whole_seconds(report.oldest_age) if report.oldest_age is not None
+                       else None),
+        "last_delivery": delivered, "last_delivery_age": delivered_age,
+        "last_delivery_id": facts["delivered_id"],
+        "last_delivery_via": facts["delivered_via"],
+        "last_error": facts["error"], "last_error_at": error_at,
+        "last_error_age": error_age, "last_error_id": facts["error_id"],
+        "thresholds": {k: getattr(args, k) for k in (
+            "warning_age", "critical_age", "warning_queue", "critical_queue",
+            "warning_dead", "critical_dead")},
+    }, indent=1))
+
+
+def _print_status_text(report: _StatusReport, args: argparse.Namespace) -> None:
+    """A Nagios plugin's line (verdict | performance data), then the facts."""
+    facts, counts, now = report.facts, report.facts["counts"], report.now
+    waiting, oldest_age = facts["waiting"], report.oldest_age
     print("GSEMAIL %s: %d waiting (%d new, %d deferred, %d sending), %d dead%s | "
           "waiting=%d;%s;%s dead=%d;%s;%s oldest=%ds;%d;%d" % (
-              label.upper(), waiting, counts["new"], counts["deferred"], counts["sending"],
-              counts["dead"], "; oldest %s" % _age(oldest_age) if oldest_age is not None
-              else "", waiting, args.warning_queue or "", args.critical_queue or "",
+              _LEVELS[report.level].upper(), waiting, counts["new"], counts["deferred"],
+              counts["sending"], counts["dead"],
+              "; oldest %s" % _age(oldest_age) if oldest_age is not None else "",
+              waiting, args.warning_queue or "", args.critical_queue or "",
               counts["dead"], args.warning_dead or "", args.critical_dead or "",
               oldest_age or 0, args.warning_age, args.critical_age))
-    for level_of, text in problems:
-        print("%s: %s" % (("ok", "warning", "critical")[level_of], text))
+    for level, text in report.problems:
+        print("%s: %s" % (_LEVELS[level], text))
     print("queue          %s" % facts["queue"])
-    print("due now        %d" % facts["due"])  # type: ignore[str-format]
-    if oldest_age is not None:
+    print("due now        %d" % facts["due"])
+    oldest = _when(facts["oldest_queued"])
+    if oldest_age is not None and oldest is not None:
         print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(oldest),
                                                           _age(oldest_age)))
+    delivered, delivered_age = _recorded_at(facts["delivered_at"], now)
     print("last delivery  %s" % ("%s (%s ago): %s via %s" % (
         delivered, _age(delivered_age or 0), facts["delivered_id"], facts["delivered_via"])
         if delivered else "none recorded"))
+    error_at, error_age = _recorded_at(facts["error_at"], now)
     print("last error     %s" % ("%s (%s ago): %s: %s" % (
         error_at, _age(error_age or 0), facts["error_id"], facts["error"])
         if error_at else "none recorded"))
-    return level
+
+
+def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
+    queue = _open_queue(config, readonly=True)
+    facts = queue.status()
+    report = _status_report(facts, args, time.time())
+    (_print_status_json if args.json else _print_status_text)(report, args)
+    return report.level
 
 
 def _cmd_flush(config: SMTPConfig, args: argparse.Namespace) -> int:
@@ -5001,6 +5087,8 @@ def _cmd_purge(config: SMTPConfig, args: argparse.Namespace) -> int:
     return status
 
 
+# The capabilities that check reports, in its order, and what it means
+# for our mail when a relay does not offer one.
 _MEANING = {
     "SIZE": "no size limit announced",
     "XVERP": "not offered to this client: bounces of mail sent with xverp will not "
@@ -5021,7 +5109,7 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
         if r.offered:
             print("  %-11s %s" % ("TLS", r.tls))
             print("  %-11s %s" % ("AUTH", r.auth))
-            for name in ("SIZE", "XVERP", "PIPELINING", "SMTPUTF8", "8BITMIME", "STARTTLS"):
+            for name, meaning in _MEANING.items():
                 offered = r.offered_before_tls if name == "STARTTLS" else r.offered
                 if name == "STARTTLS" and config.use_implicit_tls:
                     value = "not needed: TLS from the first byte"
@@ -5029,10 +5117,9 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
                     value = "yes" + (", %s bytes" % offered[name] if name == "SIZE" and
                                      offered[name] else "")
                 else:
-                    value = "no: " + _MEANING[name]
+                    value = "no: " + meaning
                 print("  %-11s %s" % (name, value))
-            others = sorted(set(r.offered) - {"SIZE", "XVERP", "PIPELINING", "SMTPUTF8",
-                                              "8BITMIME", "STARTTLS"})
+            others = sorted(set(r.offered) - set(_MEANING))
             if others:
                 print("  %-11s %s" % ("also", ", ".join(others)))
         print("verdict: %s" % r.verdict)
@@ -5043,10 +5130,11 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
             "4.4.1" if down else "2.0.0", usable[0].relay,
             "; cannot use %s" % ", ".join(down) if down else
             ", the first relay; the others stand by"))
-    if usable:
+    first = results[0].error    # None when the first relay can be used
+    if usable or first is None:
         return os.EX_OK
-    error = DeliveryError(results[0].error)  # type: ignore[arg-type]
-    print("%s no relay can be used: %s" % (error.status, results[0].error), file=sys.stderr)
+    error = DeliveryError(first)
+    print("%s no relay can be used: %s" % (error.status, first), file=sys.stderr)
     return error.exit_code
 
 
