@@ -3611,13 +3611,13 @@ class Mailer:
              xverp: bool = False) -> Dict[str, Reply]:
         """Send one message now, without the queue.
 
-        Returns the recipients that were not delivered, each with its
-        Reply.  Raises DeliveryError when no recipient was delivered and
-        TLSError (a RuntimeError) when TLS was required and not had.
+        The message is checked and prepared as send_email's is (its
+        Message-ID, when it has none, takes the sender's domain).  Returns
+        the recipients that were not delivered, each with its Reply.
+        Raises DeliveryError when no recipient was delivered and TLSError
+        (a RuntimeError) when TLS was required and not had.
         """
-        rcpts = _check_recipients(recipients)
-        _check_sender(sender, xverp)
-        data = _prepare_message(message)
+        rcpts, data = _prepared(sender, recipients, message, xverp)
         self.open()
         out = self.deliver(sender, rcpts, data, xverp=xverp)
         refused = dict(out.failed)
@@ -4281,6 +4281,36 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
     return data
 
 
+class _Prepared(NamedTuple):
+    """A message checked and ready to queue or send."""
+    recipients: List[str]       # stripped, each once, in the order given
+    data: bytes                 # CRLF line ends, with Date and Message-ID
+
+
+def _prepared(sender: str, recipients: Union[str, Iterable[str]],
+              message: Union[bytes, str, email.message.Message],
+              xverp: bool) -> _Prepared:
+    """The one way a message is checked and prepared, for send_email,
+    ``gsemail send`` and Mailer.send alike: recipients, then sender, then the
+    message, whose Message-ID (when it has none) takes the sender's domain."""
+    rcpts = _check_recipients(recipients)
+    _check_sender(sender, xverp)
+    return _Prepared(rcpts, _prepare_message(message, sender))
+
+
+def _queued_with_xverp(xverp: bool, sender: str, config: SMTPConfig) -> bool:
+    """Whether a message is queued asking for XVERP: when the caller or the
+    config asks, and never for the empty sender.  (A processor decides
+    again, with its own config, when it claims the message: Queue._wants_xverp.)"""
+    return bool((xverp or config.xverp) and sender)
+
+
+def _queue_from(config: SMTPConfig, create: bool = True, readonly: bool = False) -> Queue:
+    """A Queue opened as config says (queuepath, claim_timeout, xverp)."""
+    return Queue(config.queuepath, config.claim_timeout, create=create, xverp=config.xverp,
+                 readonly=readonly)
+
+
 def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTPConfig:
     """Set the configuration send_email uses in this process.
 
@@ -4349,9 +4379,7 @@ def _queue_for(config: SMTPConfig) -> Queue:
     with _lock:
         queue = _queues.get(config.queuepath)
         if queue is None:
-            queue = _queues[config.queuepath] = Queue(config.queuepath,
-                                                      config.claim_timeout,
-                                                      xverp=config.xverp)
+            queue = _queues[config.queuepath] = _queue_from(config)
         processor = _processors.get(config.queuepath)
         if config.processorthread and (processor is None or not processor.alive):
             uwsgi = _uwsgi_master()
@@ -4386,12 +4414,10 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     bad address or message, ConfigError or QueueError when it cannot be
     queued; nothing is queued when it raises.
     """
-    rcpts = _check_recipients(recipients)
-    _check_sender(sender, xverp)
-    data = _prepare_message(email, sender)
+    rcpts, data = _prepared(sender, recipients, email, xverp)
     config = _current_config()
     queue = _queue_for(config)
-    name = queue.add(sender, rcpts, data, xverp=bool((xverp or config.xverp) and sender))
+    name = queue.add(sender, rcpts, data, xverp=_queued_with_xverp(xverp, sender, config))
     log.debug("2.0.0 %s: queued for %d recipient(s) in %s", name, len(rcpts), queue.path)
     processor = _processors.get(config.queuepath)
     if processor is not None:
@@ -4763,8 +4789,8 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 
 def _open_queue(config: SMTPConfig, readonly: bool = False) -> Queue:
-    return Queue(config.queuepath, config.claim_timeout, create=False, xverp=config.xverp,
-                 readonly=readonly)
+    """The queue an operator's command works on: it must exist already."""
+    return _queue_from(config, create=False, readonly=readonly)
 
 
 def _age(seconds: float) -> str:
@@ -5163,11 +5189,10 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
                                "header)", status="5.1.7", exit_code=os.EX_USAGE)
         sender = found[0]
     sender = sender.strip().strip("<>")
-    rcpts = _check_recipients(recipients)
-    _check_sender(sender, args.xverp)
-    data = _prepare_message(data, sender)
-    queue = Queue(config.queuepath, config.claim_timeout)
-    name = queue.add(sender, rcpts, data, xverp=bool((args.xverp or config.xverp) and sender))
+    rcpts, data = _prepared(sender, recipients, data, args.xverp)
+    queue = _queue_from(config)
+    name = queue.add(sender, rcpts, data,
+                     xverp=_queued_with_xverp(args.xverp, sender, config))
     print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
     return os.EX_OK
 
