@@ -609,6 +609,7 @@ def _password_from_file(path: str, where: str) -> str:
                           "goes in it)")
     return secret
 
+
 def _resolve_password(values: Dict[str, Any], path: str, where: str) -> None:
     """Replace password_env or password_file in values by the password it
     names (a file relative to the config at path); only one of the three
@@ -637,6 +638,7 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
     where = "%s [%s]" % (path, section)
     values = _option_values(parser, path, section, where)
     if "port" not in values and "hostname" in values:
+        # Not needed when every relay in hostname names its port.
         port = _port_of_relays(str(values["hostname"]))
         if port is not None:
             values["port"] = port
@@ -4857,9 +4859,7 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-    counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
-    for e in entries:
-        counts[e.state] += 1
+    counts = _by_state(entries)
     print("-- %d message(s), %s bytes: %s" % (
         len(entries), format(sum(e.size for e in entries), ","),
         ", ".join("%d %s" % (n, s) for s, n in counts.items())))
@@ -4922,7 +4922,8 @@ class _StatusReport(NamedTuple):
     """``gsemail status``: the queue's facts, judged by the thresholds."""
     facts: _StatusFacts
     now: float
-    oldest_age: Optional[float]         # of the oldest waiting message, None if none
+    oldest: Optional[float]             # when the oldest waiting message was queued
+    oldest_age: Optional[float]         # and how long ago; None if none waits
     problems: List[Tuple[int, str]]     # (level, what) for each threshold passed
     level: int                          # the worst: 0 ok, 1 warning, 2 critical; the exit code
 
@@ -4949,7 +4950,7 @@ def _status_report(facts: _StatusFacts, args: argparse.Namespace, now: float
     judge(counts["dead"], args.warning_dead, args.critical_dead, "dead",
           "%d dead letter(s)" % counts["dead"])
     level = max((p[0] for p in problems), default=0)
-    return _StatusReport(facts, now, oldest_age, problems, level)
+    return _StatusReport(facts, now, oldest, oldest_age, problems, level)
 
 
 def _recorded_at(value: Optional[float], now: float) -> Tuple[Optional[str], Optional[int]]:
@@ -4962,8 +4963,8 @@ def _recorded_at(value: Optional[float], now: float) -> Tuple[Optional[str], Opt
 
 
 def _print_status_json(report: _StatusReport, args: argparse.Namespace) -> None:
-    facts, counts, now = report.facts, report.facts["counts"], report.now
-    oldest = _when(facts["oldest_queued"])
+    """The report and the thresholds as one JSON object, for scripts."""
+    facts, counts, now, oldest = report.facts, report.facts["counts"], report.now, report.oldest
     delivered, delivered_age = _recorded_at(facts["delivered_at"], now)
     error_at, error_age = _recorded_at(facts["error_at"], now)
     print(json.dumps({
@@ -4988,7 +4989,7 @@ def _print_status_json(report: _StatusReport, args: argparse.Namespace) -> None:
 
 def _print_status_text(report: _StatusReport, args: argparse.Namespace) -> None:
     """A Nagios plugin's line (verdict | performance data), then the facts."""
-    facts, counts, now = report.facts, report.facts["counts"], report.now
+    facts, counts, now, oldest = report.facts, report.facts["counts"], report.now, report.oldest
     waiting, oldest_age = facts["waiting"], report.oldest_age
     print("GSEMAIL %s: %d waiting (%d new, %d deferred, %d sending), %d dead%s | "
           "waiting=%d;%s;%s dead=%d;%s;%s oldest=%ds;%d;%d" % (
@@ -5002,7 +5003,6 @@ def _print_status_text(report: _StatusReport, args: argparse.Namespace) -> None:
         print("%s: %s" % (_LEVELS[level], text))
     print("queue          %s" % facts["queue"])
     print("due now        %d" % facts["due"])
-    oldest = _when(facts["oldest_queued"])
     if oldest_age is not None and oldest is not None:
         print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(oldest),
                                                           _age(oldest_age)))
