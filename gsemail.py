@@ -86,7 +86,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
+                    NamedTuple, NoReturn, Optional, TextIO, Tuple, TypedDict, Union)
 
 __version__ = "1.0.0"
 __all__ = [
@@ -255,6 +256,32 @@ def _fqdn() -> str:
     return socket.getfqdn() or "localhost"
 
 
+def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
+    """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
+    pairs; an entry without a port has the port option's.  Raises ValueError
+    saying what is wrong."""
+    found = []
+    for entry in hostname.split(","):
+        entry = entry.strip()
+        match = re.fullmatch(r"\[([^\]]+)\](?::(\w*))?|([^:\s\[\]]+)(?::(\w*))?", entry)
+        if not match:
+            if entry.count(":") > 1 and re.fullmatch(r"[0-9A-Fa-f:.]+", entry):
+                found.append((entry, port))     # a bare IPv6 address
+                continue
+            raise ValueError("relay %r is not HOST or HOST:PORT (write an IPv6 address "
+                             "as [ADDRESS]:PORT)" % entry)
+        host = match.group(1) or match.group(3)
+        number = match.group(2) if match.group(1) else match.group(4)
+        if number is None:
+            found.append((host, port))
+        elif re.fullmatch(r"[0-9]+", number) and 1 <= int(number) <= 65535:  # ASCII only
+            found.append((host, int(number)))
+        else:
+            raise ValueError("relay %r: the port must be a whole number from 1 to "
+                             "65535" % entry)
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class SMTPConfig:
     """How to reach the relay and where the queue lives.
@@ -285,6 +312,11 @@ class SMTPConfig:
     poll_interval: float = 1.0
     sessions: int = 1
     source: str = dataclasses.field(default="", compare=False)
+    # hostname parsed, once, by __post_init__: not an argument, and left out
+    # of comparison and repr (hostname says it); dataclasses.replace makes a
+    # new instance, so a new hostname is parsed anew.
+    _relay_list: Tuple[Tuple[str, int], ...] = dataclasses.field(
+        default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         where = (" in %s" % self.source) if self.source else ""
@@ -298,9 +330,10 @@ class SMTPConfig:
             raise bad("port", self.port, "must be a whole number of at least 1 and at "
                       "most 65535")
         try:
-            _relays(self.hostname, self.port)
+            relays = tuple(_relays(self.hostname, self.port))
         except ValueError as e:
             raise bad("hostname", self.hostname, str(e)) from None
+        object.__setattr__(self, "_relay_list", relays)     # hostname is frozen
         if bool(self.username) != bool(self.password):
             option = "password" if self.username else "username"
             raise ConfigError("option %s is missing%s: username and password go "
@@ -339,7 +372,7 @@ class SMTPConfig:
     @property
     def relays(self) -> List[Tuple[str, int]]:
         """The relays in hostname, in the order they are tried, as (host, port)."""
-        return _relays(self.hostname, self.port)
+        return list(self._relay_list)
 
     @property
     def use_implicit_tls(self) -> bool:
@@ -373,98 +406,104 @@ class SMTPConfig:
         return 3 * self.timeout + 60
 
 
-def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
-    """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
-    pairs; an entry without a port has the port option's.  Raises ValueError
-    saying what is wrong."""
-    found = []
-    for entry in hostname.split(","):
-        entry = entry.strip()
-        match = re.fullmatch(r"\[([^\]]+)\](?::(\w*))?|([^:\s\[\]]+)(?::(\w*))?", entry)
-        if not match:
-            if entry.count(":") > 1 and re.fullmatch(r"[0-9A-Fa-f:.]+", entry):
-                found.append((entry, port))     # a bare IPv6 address
-                continue
-            raise ValueError("relay %r is not HOST or HOST:PORT (write an IPv6 address "
-                             "as [ADDRESS]:PORT)" % entry)
-        host = match.group(1) or match.group(3)
-        number = match.group(2) if match.group(1) else match.group(4)
-        if number is None:
-            found.append((host, port))
-        elif re.fullmatch(r"[0-9]+", number) and 1 <= int(number) <= 65535:  # ASCII only
-            found.append((host, int(number)))
-        else:
-            raise ValueError("relay %r: the port must be a whole number from 1 to "
-                             "65535" % entry)
-    return found
-
-
 def _where(host: str, port: int) -> str:
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
+def _boolean(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0, as configparser reads them."""
+    state = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
+    if state is None:
+        raise ValueError(text)
+    return state
+
+
 # Options, their parser and whether they are required.  The first nine are
 # gs.email's; the rest are ours.
-_BOOLEAN = "boolean"
-_OPTIONS = {
+_OPTIONS: Dict[str, Callable[[str], object]] = {
     "hostname": str, "port": _integer, "username": str, "password": str,
-    "no_tls": _BOOLEAN, "force_tls": _BOOLEAN, "queuepath": str,
-    "processorthread": _BOOLEAN, "xverp": _BOOLEAN,
-    "timeout": _duration, "implicit_tls": _BOOLEAN, "tls_verify": _BOOLEAN,
+    "no_tls": _boolean, "force_tls": _boolean, "queuepath": str,
+    "processorthread": _boolean, "xverp": _boolean,
+    "timeout": _duration, "implicit_tls": _boolean, "tls_verify": _boolean,
     "cafile": str, "ehlo_name": str, "messages_per_connection": _integer,
     "recipients_per_transaction": _integer, "min_backoff_time": _duration,
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
     "poll_interval": _duration, "sessions": _integer, "password_env": str,
     "password_file": str,
 }
+# What a value that its parser refuses should have been.
+_WANTED: Dict[Callable[[str], object], str] = {
+    _boolean: "boolean (use true/false, yes/no, on/off or 1/0)",
+    _integer: "whole number",
+    _duration: "duration such as 60, 5m, 1h or 5d",
+}
 _REQUIRED = ("hostname", "port")
 _SECRET_OPTIONS = ("password", "password_env", "password_file")
 
 
-def load_config(path: str, instance: str = "default") -> SMTPConfig:
-    """Read the SMTP settings of ``instance`` from the gsconfig.ini at path.
+class _IniParser(configparser.ConfigParser):
+    """gsconfig.ini as gs.config reads it: strict, with % interpolation."""
 
-    ``[config-<instance>]`` with ``smtp = NAME`` selects ``[smtp-NAME]``;
-    without a ``[config-<instance>]`` section ``[smtp-<instance>]`` is used.
-    Raises ConfigError naming the file, section and option at fault.
-    """
-    parser = configparser.ConfigParser(
-        interpolation=configparser.BasicInterpolation(), strict=True)
-    parser.optionxform = str    # option names as written, like gs.config
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr    # option names as written, like gs.config
+
+
+def _read_ini(path: str) -> configparser.ConfigParser:
+    """The parsed file at path; ConfigError saying why it cannot be read."""
+    parser = _IniParser(interpolation=configparser.BasicInterpolation(), strict=True)
     try:
         # A link to the config is fine (configuration management makes
         # them); what it leads to must be a regular file: a FIFO would hang
         # every command.  utf-8-sig: Windows editors start the file with a BOM.
         with open(_open_regular(path, follow=True), encoding="utf-8-sig") as f:
             parser.read_file(f, source=path)
-    except FileNotFoundError:
-        raise ConfigError("%s: no such config file" % path) from None
-    except _NotRegular as e:
-        raise ConfigError("%s: is %s, not a config file" % (path, e.what)) from None
-    except PermissionError:
-        raise ConfigError("%s: cannot read the config file (permission "
-                          "denied)" % path) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError("%s: not a UTF-8 text file (byte %d)"
-                          % (path, e.start)) from None
-    except configparser.DuplicateSectionError as e:
-        raise ConfigError("%s, line %s: section [%s] appears twice"
-                          % (path, e.lineno, e.section)) from None
-    except configparser.DuplicateOptionError as e:
-        raise ConfigError("%s, line %s: option %s appears twice in [%s]"
-                          % (path, e.lineno, e.option, e.section)) from None
-    except configparser.MissingSectionHeaderError as e:
-        raise ConfigError("%s, line %s: text before the first [section] header"
-                          % (path, e.lineno)) from None
-    except configparser.ParsingError as e:
+    except (OSError, UnicodeDecodeError, configparser.DuplicateSectionError,
+            configparser.DuplicateOptionError, configparser.ParsingError) as e:
+        raise _unreadable(path, e) from None
+    return parser
+
+
+def _unreadable(path: str, e: Exception) -> ConfigError:
+    """The ConfigError for an error reading the config file at path."""
+    if isinstance(e, FileNotFoundError):
+        return ConfigError("%s: no such config file" % path)
+    if isinstance(e, _NotRegular):
+        return ConfigError("%s: is %s, not a config file" % (path, e.what))
+    if isinstance(e, PermissionError):
+        return ConfigError("%s: cannot read the config file (permission "
+                           "denied)" % path)
+    if isinstance(e, UnicodeDecodeError):
+        return ConfigError("%s: not a UTF-8 text file (byte %d)" % (path, e.start))
+    if isinstance(e, configparser.DuplicateSectionError):
+        return ConfigError("%s, line %s: section [%s] appears twice"
+                           % (path, e.lineno, e.section))
+    if isinstance(e, configparser.DuplicateOptionError):
+        return ConfigError("%s, line %s: option %s appears twice in [%s]"
+                           % (path, e.lineno, e.option, e.section))
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return ConfigError("%s, line %s: text before the first [section] header"
+                           % (path, e.lineno))
+    if isinstance(e, configparser.ParsingError):
         # Lines are not quoted: they might hold a password.
         lines = ", ".join(str(n) for n, _ in e.errors)
-        raise ConfigError("%s: cannot parse line %s (not 'option = value')"
-                          % (path, lines)) from None
-    except OSError as e:
-        raise ConfigError("%s: cannot read the config file: %s"
-                          % (path, e.strerror)) from None
+        return ConfigError("%s: cannot parse line %s (not 'option = value')"
+                           % (path, lines))
+    return ConfigError("%s: cannot read the config file: %s"
+                       % (path, getattr(e, "strerror", None)))
 
+
+def _get(parser: configparser.ConfigParser, path: str, section: str,
+         option: str) -> str:
+    try:
+        return parser.get(section, option)
+    except configparser.InterpolationError:
+        raise ConfigError("%s [%s]: option %s has a lone %%: write %%%% for a "
+                          "literal %%" % (path, section, option)) from None
+
+
+def _smtp_section(parser: configparser.ConfigParser, path: str, instance: str) -> str:
+    """The [smtp-NAME] section of instance: the one its [config-INSTANCE]
+    names, or else [smtp-INSTANCE]."""
     pointer = "config-%s" % instance
     if parser.has_section(pointer):
         if not parser.has_option(pointer, "smtp"):
@@ -479,13 +518,19 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
         if not parser.has_section(section):
             raise ConfigError("%s: neither section [%s] nor [%s] exists (instance "
                               "%r)" % (path, pointer, section, instance))
+    return section
 
-    where = "%s [%s]" % (path, section)
-    values: Dict[str, object] = {"source": where}
+
+def _option_values(parser: configparser.ConfigParser, path: str, section: str,
+                   where: str) -> Dict[str, Any]:
+    """SMTPConfig's arguments from the options set in section, each
+    converted by its parser (SMTPConfig checks them); unknown options are
+    skipped, with a warning when they look like a known one mistyped."""
+    values: Dict[str, Any] = {"source": where}
     for option in parser.options(section):
-        kind = _OPTIONS.get(option)
+        convert = _OPTIONS.get(option)
         raw = _get(parser, path, section, option)
-        if kind is None:
+        if convert is None:
             close = difflib.get_close_matches(option, _OPTIONS, n=1, cutoff=0.8)
             if close:
                 log.warning("4.3.5 %s: option %s is not known; did you mean %s?",
@@ -494,45 +539,28 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
         value = raw.strip()
         if option in ("username", "cafile", "ehlo_name") + _SECRET_OPTIONS and not value:
             continue    # empty means unset, as in gs.email
-        if kind is _BOOLEAN:
-            state = configparser.ConfigParser.BOOLEAN_STATES.get(value.lower())
-            if state is None:
-                raise ConfigError("%s: option %s = %r is not a boolean (use true/"
-                                  "false, yes/no, on/off or 1/0)" % (where, option, value))
-            values[option] = state
-        elif kind is str:
+        if convert is str:
             values[option] = raw if option == "password" else value
-        else:
-            try:
-                values[option] = kind(value)
-            except ValueError:
-                shown = "(hidden)" if option == "password" else repr(value)
-                what = "whole number" if kind is _integer else \
-                    "duration such as 60, 5m, 1h or 5d"
-                raise ConfigError("%s: option %s = %s is not a %s"
-                                  % (where, option, shown, what)) from None
-    if "port" not in values and "hostname" in values:
-        # Not needed when every relay in hostname names its port.
+            continue
         try:
-            ports = {p for _, p in _relays(str(values["hostname"]), 0)}
+            values[option] = convert(value)
         except ValueError:
-            ports = {0}
-        if 0 not in ports:
-            values["port"] = _relays(str(values["hostname"]), 0)[0][1]
-    for option in _REQUIRED:
-        if option not in values:
-            raise ConfigError("%s: required option %s is missing" % (where, option))
-    given = [o for o in _SECRET_OPTIONS if o in values]
-    if len(given) > 1:
-        raise ConfigError("%s: options %s are all set: give the password in one of "
-                          "them only" % (where, " and ".join(given)))
-    if "password_env" in values:
-        values["password"] = _password_from_env(str(values.pop("password_env")), where)
-    elif "password_file" in values:
-        values["password"] = _password_from_file(
-            os.path.join(os.path.dirname(os.path.abspath(path)),
-                         os.path.expanduser(str(values.pop("password_file")))), where)
-    return SMTPConfig(**values)  # type: ignore[arg-type]
+            shown = "(hidden)" if option == "password" else repr(value)
+            raise ConfigError("%s: option %s = %s is not a %s"
+                              % (where, option, shown, _WANTED[convert])) from None
+    return values
+
+
+def _port_of_relays(hostname: str) -> Optional[int]:
+    """The first relay's port when every relay in hostname names its own
+    (then the port option is not needed); else None."""
+    try:
+        relays = _relays(hostname, 0)   # 0: no port given
+    except ValueError:
+        return None     # SMTPConfig says what is wrong with it
+    if any(port == 0 for _, port in relays):
+        return None
+    return relays[0][1]
 
 
 def _password_from_env(name: str, where: str) -> str:
@@ -582,13 +610,43 @@ def _password_from_file(path: str, where: str) -> str:
     return secret
 
 
-def _get(parser: configparser.ConfigParser, path: str, section: str,
-         option: str) -> str:
-    try:
-        return parser.get(section, option)
-    except configparser.InterpolationError:
-        raise ConfigError("%s [%s]: option %s has a lone %%: write %%%% for a "
-                          "literal %%" % (path, section, option)) from None
+def _resolve_password(values: Dict[str, Any], path: str, where: str) -> None:
+    """Replace password_env or password_file in values by the password it
+    names (a file relative to the config at path); only one of the three
+    may be given."""
+    given = [o for o in _SECRET_OPTIONS if o in values]
+    if len(given) > 1:
+        raise ConfigError("%s: options %s are all set: give the password in one of "
+                          "them only" % (where, " and ".join(given)))
+    if "password_env" in values:
+        values["password"] = _password_from_env(str(values.pop("password_env")), where)
+    elif "password_file" in values:
+        values["password"] = _password_from_file(
+            os.path.join(os.path.dirname(os.path.abspath(path)),
+                         os.path.expanduser(str(values.pop("password_file")))), where)
+
+
+def load_config(path: str, instance: str = "default") -> SMTPConfig:
+    """Read the SMTP settings of ``instance`` from the gsconfig.ini at path.
+
+    ``[config-<instance>]`` with ``smtp = NAME`` selects ``[smtp-NAME]``;
+    without a ``[config-<instance>]`` section ``[smtp-<instance>]`` is used.
+    Raises ConfigError naming the file, section and option at fault.
+    """
+    parser = _read_ini(path)
+    section = _smtp_section(parser, path, instance)
+    where = "%s [%s]" % (path, section)
+    values = _option_values(parser, path, section, where)
+    if "port" not in values and "hostname" in values:
+        # Not needed when every relay in hostname names its port.
+        port = _port_of_relays(str(values["hostname"]))
+        if port is not None:
+            values["port"] = port
+    for option in _REQUIRED:
+        if option not in values:
+            raise ConfigError("%s: required option %s is missing" % (where, option))
+    _resolve_password(values, path, where)
+    return SMTPConfig(**values)
 
 
 # ---------------------------------------------------------------------------
@@ -1223,6 +1281,46 @@ class QueueEntry:
     failed: Dict[str, str] = dataclasses.field(default_factory=dict)
     history: List[Dict[str, object]] = dataclasses.field(default_factory=list)
     dead_since: Optional[float] = None
+
+
+# The states of a message, as QueueEntry.state gives them, in the order the
+# commands count them.
+_STATES = ("new", "deferred", "sending", "dead")
+
+
+def _by_state(entries: Iterable[QueueEntry]) -> Dict[str, int]:
+    """How many of entries are in each of the states, all four named."""
+    counts = dict.fromkeys(_STATES, 0)
+    for e in entries:
+        counts[e.state] += 1
+    return counts
+
+
+class _Recorded(TypedDict, total=False):
+    """What processors noted in status.json (see Queue.note), as checked:
+    a group is there with its time, or not at all."""
+    delivered_at: float
+    delivered_id: Optional[str]
+    delivered_via: Optional[str]
+    error_at: float
+    error: Optional[str]
+    error_id: Optional[str]
+
+
+class _StatusFacts(TypedDict):
+    """Queue.status(): the queue's health, for ``gsemail status``."""
+    queue: str
+    counts: Dict[str, int]
+    waiting: int
+    due: int
+    oldest_id: Optional[str]
+    oldest_queued: Optional[float]
+    delivered_at: Optional[float]
+    delivered_id: Optional[str]
+    delivered_via: Optional[str]
+    error_at: Optional[float]
+    error: Optional[str]
+    error_id: Optional[str]
 
 
 class Queue:
@@ -2233,7 +2331,7 @@ class Queue:
         self._parse(msg, raw)
         return _crlf(msg.data)
 
-    def status(self) -> Dict[str, object]:
+    def status(self) -> _StatusFacts:
         """Facts for monitoring, as ``gsemail status`` shows them.
 
         ``counts`` (messages per state), ``waiting`` (not dead), ``due``
@@ -2244,28 +2342,26 @@ class Queue:
         """
         now = time.time()
         entries = self.entries()
-        counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
-        for e in entries:
-            counts[e.state] += 1
         waiting = [e for e in entries if e.state != "dead"]
         oldest = min(waiting, key=lambda e: e.queued, default=None)
-        facts: Dict[str, object] = {
-            "queue": self.path, "counts": counts, "waiting": len(waiting),
+        recorded = self._read_status()
+        return {
+            "queue": self.path, "counts": _by_state(entries), "waiting": len(waiting),
             "due": sum(1 for e in waiting if e.state != "sending" and
                        (e.next_attempt or 0) <= now),
             "oldest_id": oldest.id if oldest else None,
             "oldest_queued": oldest.queued if oldest else None,
+            "delivered_at": recorded.get("delivered_at"),
+            "delivered_id": recorded.get("delivered_id"),
+            "delivered_via": recorded.get("delivered_via"),
+            "error_at": recorded.get("error_at"), "error": recorded.get("error"),
+            "error_id": recorded.get("error_id"),
         }
-        for key in ("delivered_at", "delivered_id", "delivered_via", "error_at", "error",
-                    "error_id"):
-            facts[key] = None
-        facts.update(self._read_status())
-        return facts
 
     _STATUS_FACTS = {"delivered": ("delivered_id", "delivered_via"),
                      "error": ("error", "error_id")}
 
-    def _read_status(self) -> Dict[str, object]:
+    def _read_status(self) -> _Recorded:
         """What processors noted in status.json, each fact checked: the file
         is advice that an operator or another tool may have written (ISO
         times, wrong types, NaN, anything), so only the facts we know are
@@ -2276,20 +2372,28 @@ class Queue:
             recorded = json.loads(raw)
         except (OSError, ValueError, RecursionError, MemoryError):
             return {}
-        facts: Dict[str, object] = {}
+        facts: _Recorded = {}
         if not isinstance(recorded, dict):
             return facts
-        for group, keys in self._STATUS_FACTS.items():
-            at = _when(recorded.get(group + "_at"))
-            if at is None:
-                continue
-            facts[group + "_at"] = at
-            for key in keys:
-                value = recorded.get(key)
-                facts[key] = _one_line(value)[:1000] if isinstance(value, str) else None
+
+        def text(key: str) -> Optional[str]:
+            value = recorded.get(key)
+            return _one_line(value)[:1000] if isinstance(value, str) else None
+
+        # The groups of _STATUS_FACTS, each whole or not at all.
+        at = _when(recorded.get("delivered_at"))
+        if at is not None:
+            facts["delivered_at"] = at
+            facts["delivered_id"] = text("delivered_id")
+            facts["delivered_via"] = text("delivered_via")
+        at = _when(recorded.get("error_at"))
+        if at is not None:
+            facts["error_at"] = at
+            facts["error"] = text("error")
+            facts["error_id"] = text("error_id")
         return facts
 
-    def note(self, facts: Dict[str, object]) -> None:
+    def note(self, facts: Mapping[str, object]) -> None:
         """Record the last delivery (``delivered_at``, ``_id``, ``_via``) or
         error (``error_at``, ``error``, ``error_id``) for ``status``.  The
         newer record wins, whichever processor made it.  Never raises: this
@@ -2301,10 +2405,10 @@ class Queue:
             return
         tmp = os.path.join(self.path, "tmp", ".status-%d-%d" % (os.getpid(), next(_counter)))
         try:
-            recorded = self._read_status()
+            recorded: Dict[str, object] = dict(self._read_status())
             for group in self._STATUS_FACTS:
                 at = _when(facts.get(group + "_at"))
-                if at is not None and at > float(recorded.get(group + "_at") or 0):  # type: ignore[arg-type]
+                if at is not None and at > (_when(recorded.get(group + "_at")) or 0):
                     recorded.update((k, v) for k, v in facts.items() if k.startswith(group))
             # Not fsynced: a crash may lose the last record, never a message.
             _write_synced(tmp, [json.dumps(recorded, sort_keys=True).encode()],
@@ -3509,13 +3613,13 @@ class Mailer:
              xverp: bool = False) -> Dict[str, Reply]:
         """Send one message now, without the queue.
 
-        Returns the recipients that were not delivered, each with its
-        Reply.  Raises DeliveryError when no recipient was delivered and
-        TLSError (a RuntimeError) when TLS was required and not had.
+        The message is checked and prepared as send_email's is (its
+        Message-ID, when it has none, takes the sender's domain).  Returns
+        the recipients that were not delivered, each with its Reply.
+        Raises DeliveryError when no recipient was delivered and TLSError
+        (a RuntimeError) when TLS was required and not had.
         """
-        rcpts = _check_recipients(recipients)
-        _check_sender(sender, xverp)
-        data = _prepare_message(message)
+        rcpts, data = _prepared(sender, recipients, message, xverp)
         self.open()
         out = self.deliver(sender, rcpts, data, xverp=xverp)
         refused = dict(out.failed)
@@ -4302,6 +4406,36 @@ def _prepare_message(message: Union[bytes, str, email.message.Message],
     return data
 
 
+class _Prepared(NamedTuple):
+    """A message checked and ready to queue or send."""
+    recipients: List[str]       # stripped, each once, in the order given
+    data: bytes                 # CRLF line ends, with Date and Message-ID
+
+
+def _prepared(sender: str, recipients: Union[str, Iterable[str]],
+              message: Union[bytes, str, email.message.Message],
+              xverp: bool) -> _Prepared:
+    """The one way a message is checked and prepared, for send_email,
+    ``gsemail send`` and Mailer.send alike: recipients, then sender, then the
+    message, whose Message-ID (when it has none) takes the sender's domain."""
+    rcpts = _check_recipients(recipients)
+    _check_sender(sender, xverp)
+    return _Prepared(rcpts, _prepare_message(message, sender))
+
+
+def _queued_with_xverp(xverp: bool, sender: str, config: SMTPConfig) -> bool:
+    """Whether a message is queued asking for XVERP: when the caller or the
+    config asks, and never for the empty sender.  (A processor decides
+    again, with its own config, when it claims the message: Queue._wants_xverp.)"""
+    return bool((xverp or config.xverp) and sender)
+
+
+def _queue_from(config: SMTPConfig, create: bool = True, readonly: bool = False) -> Queue:
+    """A Queue opened as config says (queuepath, claim_timeout, xverp)."""
+    return Queue(config.queuepath, config.claim_timeout, create=create, xverp=config.xverp,
+                 readonly=readonly)
+
+
 def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTPConfig:
     """Set the configuration send_email uses in this process.
 
@@ -4333,7 +4467,7 @@ def _current_config() -> SMTPConfig:
     return configure(path, instance or "default")
 
 
-def _uwsgi_master() -> object:
+def _uwsgi_master() -> Any:     # the uwsgi module, which has no types
     """uWSGI's ``uwsgi`` module when this is its master loading the
     application before it forks the workers (no --lazy-apps); else None.
 
@@ -4370,9 +4504,7 @@ def _queue_for(config: SMTPConfig) -> Queue:
     with _lock:
         queue = _queues.get(config.queuepath)
         if queue is None:
-            queue = _queues[config.queuepath] = Queue(config.queuepath,
-                                                      config.claim_timeout,
-                                                      xverp=config.xverp)
+            queue = _queues[config.queuepath] = _queue_from(config)
         processor = _processors.get(config.queuepath)
         if config.processorthread and (processor is None or not processor.alive):
             uwsgi = _uwsgi_master()
@@ -4386,7 +4518,7 @@ def _queue_for(config: SMTPConfig) -> Queue:
                         if callable(before):
                             before()
                         _start_after_uwsgi_fork()
-                    uwsgi.post_fork_hook = hook  # type: ignore[attr-defined]
+                    uwsgi.post_fork_hook = hook
                 _after_uwsgi_fork[config.queuepath] = config
                 return queue
             processor = QueueProcessor(config, queue)
@@ -4407,12 +4539,10 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     bad address or message, ConfigError or QueueError when it cannot be
     queued; nothing is queued when it raises.
     """
-    rcpts = _check_recipients(recipients)
-    _check_sender(sender, xverp)
-    data = _prepare_message(email, sender)
+    rcpts, data = _prepared(sender, recipients, email, xverp)
     config = _current_config()
     queue = _queue_for(config)
-    name = queue.add(sender, rcpts, data, xverp=bool((xverp or config.xverp) and sender))
+    name = queue.add(sender, rcpts, data, xverp=_queued_with_xverp(xverp, sender, config))
     log.debug("2.0.0 %s: queued for %d recipient(s) in %s", name, len(rcpts), queue.path)
     processor = _processors.get(config.queuepath)
     if processor is not None:
@@ -4492,7 +4622,7 @@ if hasattr(os, "register_at_fork"):
 # ---------------------------------------------------------------------------
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(os.EX_USAGE, "5.5.4 %s: %s\n" % (self.prog, message))
 
@@ -4675,7 +4805,7 @@ def _parser() -> argparse.ArgumentParser:
 class _Progress:
     """How a --once drain goes, on one self-rewriting terminal line."""
 
-    def __init__(self, stream: "TextIO") -> None:  # type: ignore[name-defined]  # noqa: F821
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.started = time.monotonic()
         self.shown_at: Optional[float] = None
@@ -4712,7 +4842,13 @@ class _Progress:
         self.stream.flush()
 
 
-class _LogHandler(logging.StreamHandler):
+if TYPE_CHECKING:   # generic in typeshed; subscriptable at run time only from 3.11
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:
+    _StreamHandler = logging.StreamHandler
+
+
+class _LogHandler(_StreamHandler):
     """Log lines to stderr, clearing the progress line first."""
 
     progress: Optional[_Progress] = None
@@ -4741,7 +4877,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.propagate = False
     try:
         config = load_config(args.config, args.instance)
-        return args.run(config, args)
+        run: Callable[[SMTPConfig, argparse.Namespace], int] = args.run
+        return run(config, args)
     except GsEmailError as e:
         print("%s %s" % (e.status, e), file=sys.stderr)
         return e.exit_code
@@ -4794,8 +4931,8 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 
 def _open_queue(config: SMTPConfig, readonly: bool = False) -> Queue:
-    return Queue(config.queuepath, config.claim_timeout, create=False, xverp=config.xverp,
-                 readonly=readonly)
+    """The queue an operator's command works on: it must exist already."""
+    return _queue_from(config, create=False, readonly=readonly)
 
 
 def _age(seconds: float) -> str:
@@ -4862,9 +4999,7 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-    counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
-    for e in entries:
-        counts[e.state] += 1
+    counts = _by_state(entries)
     print("-- %d message(s), %s bytes: %s" % (
         len(entries), format(sum(e.size for e in entries), ","),
         ", ".join("%d %s" % (n, s) for s, n in counts.items())))
@@ -4898,8 +5033,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
         if e.claim:
             lines.append(("claimed by", e.claim))
         for event in e.history:
-            at = _when(event.get("at"))
-            at = _iso(at) if at is not None else "(no time)"
+            when = _when(event.get("at"))
+            at = _iso(when) if when is not None else "(no time)"
             if "event" in event:
                 text = str(event["event"])
             else:
@@ -4920,12 +5055,23 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
     return os.EX_OK
 
 
-def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
-    queue = _open_queue(config, readonly=True)
-    facts = queue.status()
-    now = time.time()
-    counts: Dict[str, int] = facts["counts"]  # type: ignore[assignment]
-    waiting: int = facts["waiting"]  # type: ignore[assignment]
+_LEVELS = ("ok", "warning", "critical")     # status's verdicts, by exit code
+
+
+class _StatusReport(NamedTuple):
+    """``gsemail status``: the queue's facts, judged by the thresholds."""
+    facts: _StatusFacts
+    now: float
+    oldest: Optional[float]             # when the oldest waiting message was queued
+    oldest_age: Optional[float]         # and how long ago; None if none waits
+    problems: List[Tuple[int, str]]     # (level, what) for each threshold passed
+    level: int                          # the worst: 0 ok, 1 warning, 2 critical; the exit code
+
+
+def _status_report(facts: _StatusFacts, args: argparse.Namespace, now: float
+                   ) -> _StatusReport:
+    """The facts judged by the thresholds in args (a threshold of 0 is off)."""
+    counts, waiting = facts["counts"], facts["waiting"]
     oldest = _when(facts["oldest_queued"])
     oldest_age = now - oldest if oldest is not None else None
     problems: List[Tuple[int, str]] = []
@@ -4944,56 +5090,78 @@ def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
     judge(counts["dead"], args.warning_dead, args.critical_dead, "dead",
           "%d dead letter(s)" % counts["dead"])
     level = max((p[0] for p in problems), default=0)
-    label = ("ok", "warning", "critical")[level]
+    return _StatusReport(facts, now, oldest, oldest_age, problems, level)
 
-    def when(key: str) -> Tuple[Optional[str], Optional[int]]:
-        # status.json is anyone's to edit: what is no time is not recorded
-        value = _when(facts.get(key))
-        if value is None:
-            return None, None
-        return _iso(value), _whole_seconds(now - value)
 
-    delivered, delivered_age = when("delivered_at")
-    error_at, error_age = when("error_at")
-    if args.json:
-        print(json.dumps({
-            "status": label, "exit_code": level, "problems": [p[1] for p in problems],
-            "queue": facts["queue"], "counts": counts, "waiting": waiting,
-            "due": facts["due"], "dead": counts["dead"],
-            "oldest_id": facts["oldest_id"],
-            "oldest_queued": _iso(oldest) if oldest is not None else None,
-            "oldest_age": _whole_seconds(oldest_age) if oldest_age is not None else None,
-            "last_delivery": delivered, "last_delivery_age": delivered_age,
-            "last_delivery_id": facts["delivered_id"],
-            "last_delivery_via": facts["delivered_via"],
-            "last_error": facts["error"], "last_error_at": error_at,
-            "last_error_age": error_age, "last_error_id": facts["error_id"],
-            "thresholds": {k: getattr(args, k) for k in (
-                "warning_age", "critical_age", "warning_queue", "critical_queue",
-                "warning_dead", "critical_dead")},
-        }, indent=1))
-        return level
+def _recorded_at(value: Optional[float], now: float) -> Tuple[Optional[str], Optional[int]]:
+    """A time status.json recorded, as ISO and as seconds ago; (None, None)
+    for what is no time (status.json is anyone's to edit)."""
+    when = _when(value)
+    if when is None:
+        return None, None
+    return _iso(when), _whole_seconds(now - when)
+
+
+def _print_status_json(report: _StatusReport, args: argparse.Namespace) -> None:
+    """The report and the thresholds as one JSON object, for scripts."""
+    facts, counts, now, oldest = report.facts, report.facts["counts"], report.now, report.oldest
+    delivered, delivered_age = _recorded_at(facts["delivered_at"], now)
+    error_at, error_age = _recorded_at(facts["error_at"], now)
+    print(json.dumps({
+        "status": _LEVELS[report.level], "exit_code": report.level,
+        "problems": [p[1] for p in report.problems],
+        "queue": facts["queue"], "counts": counts, "waiting": facts["waiting"],
+        "due": facts["due"], "dead": counts["dead"],
+        "oldest_id": facts["oldest_id"],
+        "oldest_queued": _iso(oldest) if oldest is not None else None,
+        "oldest_age": (_whole_seconds(report.oldest_age) if report.oldest_age is not None
+                       else None),
+        "last_delivery": delivered, "last_delivery_age": delivered_age,
+        "last_delivery_id": facts["delivered_id"],
+        "last_delivery_via": facts["delivered_via"],
+        "last_error": facts["error"], "last_error_at": error_at,
+        "last_error_age": error_age, "last_error_id": facts["error_id"],
+        "thresholds": {k: getattr(args, k) for k in (
+            "warning_age", "critical_age", "warning_queue", "critical_queue",
+            "warning_dead", "critical_dead")},
+    }, indent=1))
+
+
+def _print_status_text(report: _StatusReport, args: argparse.Namespace) -> None:
+    """A Nagios plugin's line (verdict | performance data), then the facts."""
+    facts, counts, now, oldest = report.facts, report.facts["counts"], report.now, report.oldest
+    waiting, oldest_age = facts["waiting"], report.oldest_age
     print("GSEMAIL %s: %d waiting (%d new, %d deferred, %d sending), %d dead%s | "
           "waiting=%d;%s;%s dead=%d;%s;%s oldest=%ds;%d;%d" % (
-              label.upper(), waiting, counts["new"], counts["deferred"], counts["sending"],
-              counts["dead"], "; oldest %s" % _age(oldest_age) if oldest_age is not None
-              else "", waiting, args.warning_queue or "", args.critical_queue or "",
+              _LEVELS[report.level].upper(), waiting, counts["new"], counts["deferred"],
+              counts["sending"], counts["dead"],
+              "; oldest %s" % _age(oldest_age) if oldest_age is not None else "",
+              waiting, args.warning_queue or "", args.critical_queue or "",
               counts["dead"], args.warning_dead or "", args.critical_dead or "",
               oldest_age or 0, args.warning_age, args.critical_age))
-    for level_of, text in problems:
-        print("%s: %s" % (("ok", "warning", "critical")[level_of], text))
+    for level, text in report.problems:
+        print("%s: %s" % (_LEVELS[level], text))
     print("queue          %s" % facts["queue"])
-    print("due now        %d" % facts["due"])  # type: ignore[str-format]
-    if oldest_age is not None:
+    print("due now        %d" % facts["due"])
+    if oldest_age is not None and oldest is not None:
         print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(oldest),
                                                           _age(oldest_age)))
+    delivered, delivered_age = _recorded_at(facts["delivered_at"], now)
     print("last delivery  %s" % ("%s (%s ago): %s via %s" % (
         delivered, _age(delivered_age or 0), facts["delivered_id"], facts["delivered_via"])
         if delivered else "none recorded"))
+    error_at, error_age = _recorded_at(facts["error_at"], now)
     print("last error     %s" % ("%s (%s ago): %s: %s" % (
         error_at, _age(error_age or 0), facts["error_id"], facts["error"])
         if error_at else "none recorded"))
-    return level
+
+
+def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
+    queue = _open_queue(config, readonly=True)
+    facts = queue.status()
+    report = _status_report(facts, args, time.time())
+    (_print_status_json if args.json else _print_status_text)(report, args)
+    return report.level
 
 
 def _cmd_flush(config: SMTPConfig, args: argparse.Namespace) -> int:
@@ -5085,6 +5253,8 @@ def _cmd_purge(config: SMTPConfig, args: argparse.Namespace) -> int:
     return status
 
 
+# The capabilities that check reports, in its order, and what it means
+# for our mail when a relay does not offer one.
 _MEANING = {
     "SIZE": "no size limit announced",
     "XVERP": "not offered to this client: bounces of mail sent with xverp will not "
@@ -5105,7 +5275,7 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
         if r.offered:
             print("  %-11s %s" % ("TLS", r.tls))
             print("  %-11s %s" % ("AUTH", r.auth))
-            for name in ("SIZE", "XVERP", "PIPELINING", "SMTPUTF8", "8BITMIME", "STARTTLS"):
+            for name, meaning in _MEANING.items():
                 offered = r.offered_before_tls if name == "STARTTLS" else r.offered
                 if name == "STARTTLS" and config.use_implicit_tls:
                     value = "not needed: TLS from the first byte"
@@ -5113,10 +5283,9 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
                     value = "yes" + (", %s bytes" % offered[name] if name == "SIZE" and
                                      offered[name] else "")
                 else:
-                    value = "no: " + _MEANING[name]
+                    value = "no: " + meaning
                 print("  %-11s %s" % (name, value))
-            others = sorted(set(r.offered) - {"SIZE", "XVERP", "PIPELINING", "SMTPUTF8",
-                                              "8BITMIME", "STARTTLS"})
+            others = sorted(set(r.offered) - set(_MEANING))
             if others:
                 print("  %-11s %s" % ("also", ", ".join(others)))
         print("verdict: %s" % r.verdict)
@@ -5127,10 +5296,11 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
             "4.4.1" if down else "2.0.0", usable[0].relay,
             "; cannot use %s" % ", ".join(down) if down else
             ", the first relay; the others stand by"))
-    if usable:
+    first = results[0].error    # None when the first relay can be used
+    if usable or first is None:
         return os.EX_OK
-    error = DeliveryError(results[0].error)  # type: ignore[arg-type]
-    print("%s no relay can be used: %s" % (error.status, results[0].error), file=sys.stderr)
+    error = DeliveryError(first)
+    print("%s no relay can be used: %s" % (error.status, first), file=sys.stderr)
     return error.exit_code
 
 
@@ -5159,11 +5329,10 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
                                "header)", status="5.1.7", exit_code=os.EX_USAGE)
         sender = found[0]
     sender = sender.strip().strip("<>")
-    rcpts = _check_recipients(recipients)
-    _check_sender(sender, args.xverp)
-    data = _prepare_message(data, sender)
-    queue = Queue(config.queuepath, config.claim_timeout)
-    name = queue.add(sender, rcpts, data, xverp=bool((args.xverp or config.xverp) and sender))
+    rcpts, data = _prepared(sender, recipients, data, args.xverp)
+    queue = _queue_from(config)
+    name = queue.add(sender, rcpts, data,
+                     xverp=_queued_with_xverp(args.xverp, sender, config))
     print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
     return os.EX_OK
 

@@ -7006,3 +7006,106 @@ class InjectedClockTests(Base):
                                now + 72, places=3)
         self.assertEqual((state["last_attempt"], state["next_attempt"]), (now, now + 72))
         self.assertEqual(state["history"][-1]["at"], now)
+
+
+# One path to prepare a message: send_email, gsemail send and Mailer.send
+# ---------------------------------------------------------------------------
+
+class PreparedMessageTests(OperatorBase):
+    """send_email, ``gsemail send`` and Mailer.send check and prepare a
+    message the one same way (_prepared)."""
+
+    SENDER = "owner@sender.example"
+
+    def queued_data(self, name=None):
+        """The message (without its envelope) of the one file in new/."""
+        (only,) = [n for n in self.listing("new") if name in (None, n)]
+        with open(os.path.join(self.queuepath, "new", only), "rb") as f:
+            f.readline()
+            f.readline()
+            return f.read()
+
+    def test_the_message_id_takes_the_senders_domain_on_every_path(self):
+        server = self.server()
+        config = self.ini(server.port, extra="processorthread = false\n")
+        with self.subTest(path="send_email"):
+            gsemail.configure(config)
+            gsemail.send_email(self.SENDER, ["a@example.org"], message())
+            self.assertRegex(message_id(self.queued_data()), r"^<[^@>]+@sender\.example>$")
+            os.unlink(os.path.join(self.queuepath, "new", self.listing("new")[0]))
+        with self.subTest(path="gsemail send"):
+            out = self.ok("send", "-f", self.SENDER, "a@example.org", input=message())
+            name = re.search(r"queued as (\S+) ", out).group(1)
+            self.assertRegex(message_id(self.queued_data(name)),
+                             r"^<[^@>]+@sender\.example>$")
+        with self.subTest(path="Mailer.send"):
+            with gsemail.Mailer(config) as mailer:
+                self.assertEqual(mailer.send(self.SENDER, "a@example.org", message()), {})
+            (txn,) = server.transactions
+            self.assertEqual(txn["mail"].split()[0], "<%s>" % self.SENDER)
+            self.assertRegex(message_id(txn["data"]), r"^<[^@>]+@sender\.example>$")
+        with self.subTest(path="Mailer.send, a Message-ID given"):
+            with gsemail.Mailer(config) as mailer:
+                mailer.send(self.SENDER, "a@example.org",
+                            message(headers="Message-ID: <given@elsewhere.example>\n"))
+            self.assertEqual(message_id(server.transactions[-1]["data"]),
+                             "<given@elsewhere.example>")
+
+    def test_the_same_bad_input_is_refused_the_same_way_on_every_path(self):
+        server = self.server()
+        config = self.ini(server.port, extra="processorthread = false\n")
+        gsemail.configure(config)
+        # (sender, recipient, xverp, message, status)
+        table = [
+            ("owner@example.org", "a b@example.org", False, message(), "5.1.3"),
+            ("owner@example.org", "a@example.org\r\nRCPT TO:<x@example.org>", False,
+             message(), "5.1.3"),
+            ("owner@example.org", "a,b@example.org", False, message(), "5.1.3"),
+            ("own er@example.org", "a@example.org", False, message(), "5.1.7"),
+            ("owner@exa\x85mple.org", "a@example.org", False, message(), "5.1.7"),
+            ("", "a@example.org", True, message(), "5.1.7"),
+            ("owner@example.org", "a@example.org", False, "Subject: x\n\nnul \0 here\n",
+             "5.6.0"),
+            ("owner@example.org", "a@example.org", False, "no header line\n", "5.6.0"),
+        ]
+        for sender, rcpt, xverp, msg, status in table:
+            with self.subTest(sender=sender, rcpt=rcpt, xverp=xverp, msg=msg[:20]):
+                with self.assertRaises(gsemail.MessageError) as api:
+                    gsemail.send_email(sender, [rcpt], msg, xverp=xverp)
+                self.assertEqual(api.exception.status, status)
+                with self.assertRaises(gsemail.MessageError) as direct:
+                    gsemail.Mailer(config).send(sender, [rcpt], msg, xverp=xverp)
+                self.assertEqual((direct.exception.status, str(direct.exception)),
+                                 (status, str(api.exception)))
+                run = self.gsemail("send", "-f", sender, *["--xverp"] * xverp, "--", rcpt,
+                                   input=msg)
+                self.assertEqual((run.returncode, run.stderr),
+                                 (os.EX_DATAERR, "%s %s\n" % (status, api.exception)))
+                self.assertEqual(self.listing("new"), [])
+        self.assertEqual(server.connections, 0)     # Mailer.send refused before connecting
+
+    def test_relays_parsed_once_follow_a_replaced_hostname(self):
+        config = self.config(25, hostname="a.example.org, b.example.org:2525")
+        self.assertEqual(config.relays, [("a.example.org", 25), ("b.example.org", 2525)])
+        config.relays.append(("c.example.org", 25))      # a copy: the config keeps its own
+        self.assertEqual(config.relays, [("a.example.org", 25), ("b.example.org", 2525)])
+        other = dataclasses.replace(config, hostname="[2001:db8::1]:26, c.example.org")
+        self.assertEqual(other.relays, [("2001:db8::1", 26), ("c.example.org", 25)])
+        self.assertEqual(dataclasses.replace(config, port=587).relays,
+                         [("a.example.org", 587), ("b.example.org", 2525)])
+        self.assertEqual(config.relays, [("a.example.org", 25), ("b.example.org", 2525)])
+        # the parsed relays are no argument, and take no part in equality or repr
+        self.assertEqual(dataclasses.replace(other, hostname=config.hostname), config)
+        self.assertNotIn("2001:db8", repr(dataclasses.replace(other, hostname="x")))
+        with self.assertRaises(TypeError):
+            gsemail.SMTPConfig(hostname="a", port=25, _relay_list=(("b", 25),))
+        # a bad hostname is refused as it is when the config is made
+        with self.assertRaises(gsemail.ConfigError) as made:
+            self.config(25, hostname="a.example.org:99999")
+        with self.assertRaises(gsemail.ConfigError) as replaced:
+            dataclasses.replace(config, hostname="a.example.org:99999")
+        self.assertEqual(str(replaced.exception), str(made.exception))
+        # load_config reads the same relays, and infers the port from them
+        loaded = self.ini(0, hostname="a.example.org:2526, [2001:db8::1]:26")
+        self.assertEqual((loaded.port, loaded.relays),
+                         (2526, [("a.example.org", 2526), ("2001:db8::1", 26)]))
