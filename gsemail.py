@@ -3058,23 +3058,20 @@ class Mailer:
             encrypted = c.use_implicit_tls
             if not encrypted and not c.no_tls and starttls:
                 if smtp.has_extn("starttls"):
-                    code, text = smtp.docmd("STARTTLS")
-                    if code == 220:
-                        smtp.sock = self._tls_context().wrap_socket(
-                            smtp.sock, server_hostname=host)
-                        smtp.file = None
-                        smtp.helo_resp = smtp.ehlo_resp = None
-                        smtp.esmtp_features, smtp.does_esmtp = {}, False
+                    try:
+                        # verifies the name in _host, set above
+                        smtp.starttls(context=self._tls_context())
+                    except smtplib.SMTPResponseException as e:     # not 220
+                        if c.force_tls:
+                            said = _reply_for(e, relay)
+                            raise TLSError(Reply(454, "4.7.4 %s refused STARTTLS (%d %s) "
+                                                 "and force_tls is set" % (
+                                                     relay, said.code, said.text))) from None
+                        log.warning("4.7.4 %s refused STARTTLS (%d): sending in plain "
+                                    "text", relay, e.smtp_code)
+                    else:
                         self._hello(smtp)
                         encrypted = True
-                    elif c.force_tls:
-                        raise TLSError(Reply(454, "4.7.4 %s refused STARTTLS (%d %s) "
-                                             "and force_tls is set" % (
-                                                 relay, code, _one_line(
-                                                     text.decode("utf-8", "replace")))))
-                    else:
-                        log.warning("4.7.4 %s refused STARTTLS (%d): sending in plain "
-                                    "text", relay, code)
                 elif c.force_tls:
                     raise TLSError(Reply(454, "4.7.4 %s does not offer STARTTLS and "
                                          "force_tls is set: nothing is sent in plain "
