@@ -6581,3 +6581,103 @@ class MergedFixReviewTests(OperatorBase):
         self.assertEqual(server.rcpts, ["a@example.org"])
         state = self.assertDeferred(name, ["b@example.org"])
         self.assertIn("4.3.0 internal error: ZeroDivisionError", state["last_error"])
+
+
+class PipelinedSettlingTests(Base):
+    """The pipelined dot (see the banner of gsemail's SMTP connection): a
+    message whose final reply is read with the next message's replies is
+    recorded in the queue before any data of the next message arrives at
+    the server, so a crash leaves at most one message sent and not recorded."""
+
+    def watched_server(self, names, **kw):
+        """A server that notes, as each message's first data line arrives,
+        on which connection (its serving thread) and which of names are
+        still in the queue (new/ or cur/).  Message i goes to r<i>@."""
+        current, seen = {}, []
+
+        def rcpt(addr):
+            current[threading.current_thread()] = int(addr.strip("<>")[1:].split("@")[0])
+
+        def data_line(_):
+            present = [i for i, n in enumerate(names) for sub in ("new", "cur")
+                       if os.path.exists(os.path.join(self.queuepath, sub, n))]
+            seen.append((threading.current_thread(), current[threading.current_thread()],
+                         present, {i: self.state(n) for i, n in enumerate(names)
+                                   if os.path.exists(os.path.join(self.queuepath,
+                                                                  "state", n))}))
+        rules = dict(kw.pop("rules", {}), RCPT=rcpt, **{"DATA-LINE": data_line})
+        return self.server(rules=rules, **kw), seen
+
+    def assertEarlierRecorded(self, seen):
+        """At each message's data, every message sent before it on the same
+        connection is no longer in the queue (delivered and removed)."""
+        before = {}
+        for thread, i, present, _ in seen:
+            earlier = before.setdefault(thread, [])
+            self.assertEqual([j for j in earlier if j in present], [],
+                             "message %d's data arrived with %s not yet recorded"
+                             % (i, earlier))
+            self.assertIn(i, present)
+            earlier.append(i)
+
+    def test_a_pipelined_message_is_recorded_before_the_next_ones_data(self):
+        # Messages 1 and 3 are larger than a chunk (gsemail._CHUNK), so
+        # their data goes out at once, not with the next message's commands.
+        names = []
+        server, seen = self.watched_server(names, hold_dot=2.0)
+        config = self.config(server.port)
+        big = message(body=("y" * 70 + "\n") * (gsemail._CHUNK // 60))
+        names += [self.enqueue(config, rcpts=["r%d@example.org" % i],
+                               msg=big if i % 2 else None) for i in range(5)]
+        self.drain(config)
+        # pipelined indeed: each next message's commands came with the dot
+        self.assertEqual([t["ahead"] for t in server.transactions], [True] * 4 + [False])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual([(i, present) for _, i, present, _ in seen],
+                         [(i, list(range(i, 5))) for i in range(5)])
+        self.assertEarlierRecorded(seen)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_each_session_records_its_own_waiting_message(self):
+        # sessions = 2: each session's _deliver keeps its own waiting message
+        names = []
+        server, seen = self.watched_server(names)
+        config = self.config(server.port, sessions=2)
+        names += [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(8)]
+        self.drain(config)
+        self.assertEqual(sorted(server.rcpts), sorted("r%d@example.org" % i
+                                                      for i in range(8)))
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(seen), 8)
+        self.assertEqual(len({thread for thread, *_ in seen}), 2)
+        self.assertEarlierRecorded(seen)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_a_reply_owed_when_the_connection_is_lost_defers_that_message_first(self):
+        # The second message's dot is never answered: it may have been
+        # delivered, so it is deferred (not removed, not lost), and that is
+        # on disk before the third message, whose commands went with that
+        # dot unanswered, is sent again on a new connection.
+        for fault in (DROP, "421 4.4.2 closing"):
+            with self.subTest(fault=fault):
+                shutil.rmtree(self.queuepath, True)
+                names = []
+                server, seen = self.watched_server(
+                    names, rules={"DOT": ["250 2.0.0 Ok", fault]})
+                config = self.config(server.port)
+                names += [self.enqueue(config, rcpts=["r%d@example.org" % i])
+                          for i in range(4)]
+                self.drain(config)
+                self.assertEqual(server.rcpts, ["r0@example.org", "r2@example.org",
+                                                "r3@example.org"])
+                self.assertEqual(server.connections, 2)
+                self.assertEqual([i for _, i, _, _ in seen], [0, 1, 2, 3])
+                _, _, present, states = seen[2]     # the third message's data
+                self.assertEqual(present, [1, 2, 3])
+                self.assertEqual(list(states), [1])
+                self.assertIn("4.4.2", states[1]["last_error"])
+                self.assertEqual(states[1]["attempts"], 1)
+                state = self.assertDeferred(names[1], ["r1@example.org"])
+                self.assertIn("4.4.2", state["last_error"])
+                self.assertEqual(self.listing("new"), [])
+                self.assertEqual(self.listing("cur"), [names[1]])
