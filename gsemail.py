@@ -2559,24 +2559,24 @@ def _crlf(data: bytes) -> bytes:
 # The pipelined dot.  A message sent with ``more`` leaves its final reply
 # owed, so that the next message's commands go out with its dot:
 #
-#   client                          server       processor (_deliver)
-#   MAIL1 RCPT1 DATA1           ->
-#                               <-  250 250 354
-#   data1 "." MAIL2 RCPT2 DATA2 ->               msg1 waits, unsettled
-#                               <-  250 for dot 1  collect() settles msg1
-#                               <-  250 250 354  (msg2's MAIL, RCPT, DATA)
-#   heartbeat before data2                       records msg1 (_apply)
-#   data2 "."                   ->               msg2 waits, unsettled
-#                               <-  250 for dot 2  settles msg2: recorded at
-#                                                the next heartbeat or wait()
+#   client (Mailer)             server           processor (_deliver)
+#   MAIL1 RCPT1 DATA1          ->
+#                              <-  250 250 354
+#   data1 . MAIL2 RCPT2 DATA2  ->                msg1 waiting
+#                              <-  250 (dot 1)   collect(): msg1 settled
+#                              <-  250 250 354   (MAIL2 RCPT2 DATA2)
+#   heartbeat before data2                       msg1 recorded (_apply)
+#   data2 .                    ->                msg2 waiting
+#                              <-  250 (dot 2)   read with the next message
+#                                                or by wait(): then recorded
 #
 # The reply to dot 1 is the first one read after it (_Connection.reply
-# collects it before msg2's); it only settles msg1's _Outcome (waiting
-# becomes False; a lost connection settles it as deferred, for its dot may
-# have gone).  The processor records msg1 at msg2's next heartbeat, which
-# comes before any of msg2's data, or when deliver or wait returns: so
-# msg1 is on disk before dot 2 goes out, and a crash leaves at most one
-# message sent and not recorded.
+# collects it before msg2's replies); it only settles msg1's _Outcome
+# (waiting becomes False; a lost connection settles it as deferred, for
+# its dot may have gone).  The processor records msg1 at msg2's next
+# heartbeat, which comes before any of msg2's data, or as soon as
+# deliver, open or wait returns: so msg1 is on disk before dot 2 goes out,
+# and a crash leaves at most one message sent and not recorded.
 # ---------------------------------------------------------------------------
 
 def _wire(data: bytes) -> Tuple[bytes, int]:
@@ -2892,6 +2892,11 @@ class _Connection:
         finally:
             self.smtp.close()
 
+
+# ---------------------------------------------------------------------------
+# The mailer proper: connecting (TLS, AUTH, failover), checking relays, and
+# what to do with one message on a connection (deliver's policy).
+# ---------------------------------------------------------------------------
 
 class _Rest(NamedTuple):
     """What one transaction (Mailer._transaction) leaves for the next of
@@ -3341,10 +3346,11 @@ class Mailer:
         offers_utf8 = "smtputf8" in conn.features
         problem = _address_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
-            return self._refuse_early(recipients, Reply(
-                553, "5.1.7 sender <%s> %s" % (_shown(sender), problem)) if problem
-                else Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
-                           "offer SMTPUTF8" % (sender, conn.relay)), out)
+            refusal = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem))
+                       if problem else
+                       Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
+                             "offer SMTPUTF8" % (sender, conn.relay)))
+            return self._refuse_early(recipients, refusal, out)
         pending = []
         for rcpt in recipients:
             problem = _address_problem(rcpt)
@@ -3359,14 +3365,14 @@ class Mailer:
         if not data.isascii() and "8bitmime" not in conn.features:
             # RFC 6152: 8-bit data must not go to a server that does not take
             # it; we do not rewrite messages, so it is returned undelivered.
-            return self._refuse_early(pending, Reply(
-                554, "5.6.3 message has 8-bit data and %s does not offer 8BITMIME"
-                % conn.relay), out)
+            refusal = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
+                            "8BITMIME" % conn.relay)
+            return self._refuse_early(pending, refusal, out)
         wire, size = _wire(data)
         if conn.size and size > conn.size:
-            return self._refuse_early(pending, Reply(
-                552, "5.3.4 message of %d bytes is larger than the %d that %s accepts"
-                % (size, conn.size, conn.relay)), out)
+            refusal = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
+                            "%s accepts" % (size, conn.size, conn.relay))
+            return self._refuse_early(pending, refusal, out)
         params = []
         if "size" in conn.features:
             params.append("SIZE=%d" % size)
