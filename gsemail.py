@@ -4029,6 +4029,9 @@ class QueueProcessor:
             log.info("%s %s: connection lost before the server answered: sending it "
                      "again on a new connection", final.status if final else "4.4.2",
                      msg.name)
+            # An earlier message settled meanwhile is recorded now, while
+            # mailer.where still names the relay that carried it.
+            self._record_settled(mailer, waiting)
             try:
                 mailer.open()
             except DeliveryError:
