@@ -3397,13 +3397,16 @@ class FailureHandlingTests(Base):
                 logins.append(base64.b64decode(blob.split()[1]).split(b"\0")[1].decode())
                 return 235, b"2.7.0 Authentication successful"
 
+        def connection(encrypted):
+            return gsemail._Connection(Connection(), "relay.example.org:25",
+                                       gsemail.Reply(220, "ready"), {}, encrypted)
         with self.assertRaises(gsemail.DeliveryError) as cm:
-            gsemail.Mailer(config)._login(Connection(), encrypted=False)
+            gsemail.Mailer(config)._login(connection(encrypted=False))
         self.assertEqual(cm.exception.status, "4.7.0")
         self.assertIn("plain text", str(cm.exception))
         self.assertNotIn("pw-never-sent", str(cm.exception))
         self.assertEqual(logins, [])
-        gsemail.Mailer(config)._login(Connection(), encrypted=True)
+        gsemail.Mailer(config)._login(connection(encrypted=True))
         self.assertEqual(logins, ["u"])
 
 
