@@ -3960,9 +3960,11 @@ class QueueProcessor:
                     break
                 if outcome.waiting:
                     # Its final reply is read with the next message's replies
-                    # (Mailer.deliver's more); it is recorded right then,
-                    # before that message's dot goes out, so a crash leaves
-                    # at most one message sent and not recorded.
+                    # (Mailer.deliver's more); it is recorded once that has
+                    # settled it, at the latest at the next message's first
+                    # heartbeat of data, before that message's dot goes out,
+                    # so a crash leaves at most one message sent and not
+                    # recorded.
                     waiting.append((msg, outcome))
                 else:
                     self._apply(mailer, msg, outcome)
