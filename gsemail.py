@@ -3051,8 +3051,9 @@ class Mailer:
             else:
                 smtp = smtplib.SMTP(local_hostname=c.local_hostname, timeout=c.timeout)
             # Connected here, not by the constructor, to keep the greeting for
-            # check; SMTP_SSL takes the name it verifies from _host, which only
-            # the constructor sets.
+            # check; SMTP_SSL and starttls() take the name they verify from
+            # _host, which only the constructor sets.  (The ignore: _host is
+            # smtplib's private attribute, which typeshed does not declare.)
             smtp._host = host  # type: ignore[attr-defined]
             code, text = smtp.connect(host, port)
             greeting = Reply(code, _one_line(text.decode("utf-8", "replace")))
