@@ -2656,6 +2656,33 @@ def _crlf(data: bytes) -> bytes:
     return data
 
 
+# ---------------------------------------------------------------------------
+# The SMTP connection: one socket, what its server offered, and the
+# pipelined wire I/O on it (RFC 2920), in the order of the protocol.
+#
+# The pipelined dot.  A message sent with ``more`` leaves its final reply
+# owed, so that the next message's commands go out with its dot:
+#
+#   client (Mailer)             server           processor (_deliver)
+#   MAIL1 RCPT1 DATA1          ->
+#                              <-  250 250 354
+#   data1 . MAIL2 RCPT2 DATA2  ->                msg1 waiting
+#                              <-  250 (dot 1)   collect(): msg1 settled
+#                              <-  250 250 354   (MAIL2 RCPT2 DATA2)
+#   heartbeat before data2                       msg1 recorded (_apply)
+#   data2 .                    ->                msg2 waiting
+#                              <-  250 (dot 2)   read with the next message
+#                                                or by wait(): then recorded
+#
+# The reply to dot 1 is the first one read after it (_Connection.reply
+# collects it before msg2's replies); it only settles msg1's _Outcome
+# (waiting becomes False; a lost connection settles it as deferred, for
+# its dot may have gone).  The processor records msg1 at msg2's next
+# heartbeat, which comes before any of msg2's data, or as soon as
+# deliver, open or wait returns: so msg1 is on disk before dot 2 goes out,
+# and a crash leaves at most one message sent and not recorded.
+# ---------------------------------------------------------------------------
+
 def _wire(data: bytes) -> Tuple[bytes, int]:
     """The DATA payload (CRLF line ends, dot-stuffed, ending in CRLF.CRLF)
     and the message's size as RFC 1870 counts it for SIZE: CRLF line ends,
@@ -2711,15 +2738,20 @@ class _Outcome:
     failed: Dict[str, Reply] = dataclasses.field(default_factory=dict)
     deferred: Dict[str, Reply] = dataclasses.field(default_factory=dict)
     final: Optional[Reply] = None
-    #: the dot is sent and its reply not yet read (see Mailer.deliver's more)
+    #: the dot is sent and its reply not yet read (see Mailer.deliver's
+    #: more): the reply that settles it comes with the next message's
     waiting: bool = False
-    #: called when a waiting outcome is settled, before anything more is sent
-    then: Optional[Callable[[], None]] = None
     #: the connection failed before the server answered any command of
     #: this message, so nothing of it can have been delivered
     unanswered: bool = False
     #: XVERP went out with the message (asked for, offered and not refused)
     xverp: bool = False
+
+    def settle(self, recipients: List[str], reply: Reply) -> None:
+        """reply is final for recipients: failed if permanent, else deferred."""
+        self.final = reply
+        for rcpt in recipients:
+            (self.failed if reply.permanent else self.deferred)[rcpt] = reply
 
 
 def _reply_for(exc: BaseException, where: str) -> Reply:
@@ -2764,13 +2796,21 @@ def _internal(e: BaseException) -> Reply:
     return Reply(451, "4.3.0 internal error: %s%s" % (type(e).__name__, text))
 
 
-class _Session:
-    """One open SMTP connection and what its server offered."""
+class _Connection:
+    """One open SMTP connection to ``relay`` ("host:port"): its
+    smtplib.SMTP, what its server offered, and the pipelined I/O on it.
 
-    def __init__(self, smtp: smtplib.SMTP, where: str, greeting: Reply,
+    Commands written with ``send`` go out together when a reply is needed
+    (``read``), as RFC 2920 allows.  The final reply of a message sent with
+    ``more`` is left owed (``owed``) and read before the next reply
+    (``reply``, ``collect``) or by ``wait``.  A connection that can carry
+    nothing more raises _ConnectionLost.
+    """
+
+    def __init__(self, smtp: smtplib.SMTP, relay: str, greeting: Reply,
                  offered_before_tls: Dict[str, str], encrypted: bool) -> None:
         self.smtp = smtp
-        self.where = where
+        self.relay = relay
         self.greeting = greeting
         self.offered_before_tls = offered_before_tls
         self.encrypted = encrypted
@@ -2793,6 +2833,182 @@ class _Session:
         # The outcome and accepted recipients of the message whose final
         # reply the server still owes us (see Mailer.deliver's more).
         self.owed: Optional[Tuple[_Outcome, List[str]]] = None
+
+    @property
+    def tls_version(self) -> Optional[str]:
+        """The TLS version in use ("TLSv1.3"), or None."""
+        sock = self.smtp.sock
+        return sock.version() if isinstance(sock, ssl.SSLSocket) else None
+
+    def mark(self) -> int:
+        """A mark to tell later (``answered_since``) whether the server has
+        answered anything sent from now on: the replies read so far, and
+        the one still owed for an earlier message, which answers nothing
+        of what comes next."""
+        return self.answers + (self.owed is not None)
+
+    def answered_since(self, mark: int) -> bool:
+        return self.answers > mark
+
+    def send(self, data: bytes) -> None:
+        """Send data with whatever is written after it, before the next
+        reply is read; a megabyte of DATA goes at once."""
+        self.unsent.append(data)
+        self.unsent_size += len(data)
+        if self.unsent_size >= _CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.unsent:
+            return
+        data = b"".join(self.unsent)
+        self.unsent, self.unsent_size = [], 0
+        try:
+            sock = self.smtp.sock
+            if sock is None:
+                raise smtplib.SMTPServerDisconnected("not connected")
+            sock.sendall(data)
+        except (OSError, AttributeError) as e:
+            raise _ConnectionLost(_reply_for(
+                smtplib.SMTPServerDisconnected(str(e)), self.relay)) from None
+
+    def read(self) -> Reply:
+        """The next reply, whatever it answers (see ``reply``)."""
+        self.flush()
+        try:
+            code, text = self.smtp.getreply()
+        except (smtplib.SMTPException, OSError) as e:
+            raise _ConnectionLost(_reply_for(e, self.relay)) from None
+        self.answers += 1
+        reply = Reply(code, _one_line(text.decode("utf-8", "replace")))
+        if code == -1 or not 200 <= code < 600:
+            raise _ConnectionLost(Reply(451, "4.4.2 garbled reply from %s: %s"
+                                        % (self.relay, reply.text[:200])))
+        if code == 421:
+            raise _ConnectionLost(reply)
+        if code >= 400:
+            self.errors += 1
+        return reply
+
+    def reply(self) -> Reply:
+        """The server's next reply, after the one owed for an earlier message."""
+        if self.owed is not None:
+            self.collect()
+        return self.read()
+
+    def collect(self) -> None:
+        """Read the final reply owed for an earlier message and settle its
+        recipients; if the connection fails, they are deferred.  Settling
+        is all: the processor records that message (see the banner)."""
+        owed, self.owed = self.owed, None
+        if owed is None:
+            return
+        out, accepted = owed
+        final = Reply(451, "4.3.0 no reply read from %s" % self.relay)
+        try:
+            if self.broken:     # a write failed: no reply will come
+                final = Reply(421, "4.4.2 connection to %s lost before the reply"
+                              % self.relay)
+            else:
+                final = self.read()
+        except _ConnectionLost as e:
+            final = e.reply
+            raise
+        finally:    # whatever happened, the outcome is settled: never "done"
+            out.waiting = False
+            if final.ok:
+                out.final = final
+                out.delivered += accepted
+            else:
+                out.settle(accepted, final)
+
+    def wait(self) -> None:
+        """Read the final reply the server still owes for the last message
+        delivered with ``more``, which settles that message's outcome."""
+        if self.owed is None:
+            return
+        try:
+            self.collect()
+        except _ConnectionLost:
+            self.broken = True
+
+    def stale(self, timeout: float) -> Optional[Reply]:
+        """On a connection idle since its last reply: what the server said
+        or did before anything more was sent, or None if nothing.  Anything
+        there answers no command of ours: Postfix says "421 4.4.2 ... Error:
+        timeout exceeded" and closes an idle connection; others just close."""
+        sock = self.smtp.sock
+        try:
+            if sock is None:
+                raise ValueError("closed")
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and \
+                    not select.select([sock], [], [], 0)[0]:
+                return None
+            # Whatever it is, this connection ends here: do not wait long.
+            sock.settimeout(min(1.0, timeout))
+        except (OSError, ValueError, AttributeError):
+            return Reply(421, "4.4.2 connection to %s lost while idle" % self.relay)
+        try:
+            reply = self.read()
+        except _ConnectionLost as e:
+            reply = e.reply
+        return reply
+
+    def exchange(self, mail: bytes, rcpts: List[bytes], replies: List[Reply]) -> None:
+        """Send MAIL, the RCPTs and DATA; add their replies to replies, as
+        they are read, so that those read before a failure are kept.
+        Pipelined (in windows of _WINDOW commands) when offered, else one by
+        one, stopping where the server has already said no."""
+        commands = [mail] + rcpts + [b"DATA\r\n"]
+        if self.pipelining:
+            for i in range(0, len(commands), _WINDOW):
+                window = commands[i:i + _WINDOW]
+                self.send(b"".join(window))
+                for _ in window:
+                    replies.append(self.reply())
+            return
+        self.send(mail)
+        replies.append(self.reply())
+        if not replies[0].ok:
+            return
+        for command in rcpts:
+            self.send(command)
+            replies.append(self.reply())
+        if any(r.ok for r in replies[1:]):
+            self.send(b"DATA\r\n")
+            replies.append(self.reply())
+
+    def rset(self) -> None:
+        """RSET; a connection that fails here raises _ConnectionLost, once
+        the transaction's outcome is recorded (the caller's duty)."""
+        self.send(b"RSET\r\n")
+        self.reply()
+
+    def close(self) -> None:
+        """QUIT unless the connection is broken, then close it; errors are
+        ignored, so they can never hide the one that made us close.  A
+        reply still owed is the caller's to read first (``wait``)."""
+        try:
+            if not self.broken:
+                self.smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
+        finally:
+            self.smtp.close()
+
+
+# ---------------------------------------------------------------------------
+# The mailer proper: connecting (TLS, AUTH, failover), checking relays, and
+# what to do with one message on a connection (deliver's policy).
+# ---------------------------------------------------------------------------
+
+class _Rest(NamedTuple):
+    """What one transaction (Mailer._transaction) leaves for the next of
+    the same message."""
+
+    pending: List[str]          # recipients still to try
+    limit: int                  # recipients per transaction from now on
+    without_xverp: bool = False     # XVERP was refused: try them again without it
 
 
 @dataclasses.dataclass
@@ -2831,12 +3047,20 @@ class Mailer:
 
     def __init__(self, config: SMTPConfig) -> None:
         self.config = config
-        self.where = _where(*config.relays[0])     # the relay in use, or last tried
-        self._session: Optional[_Session] = None
+        self._connection: Optional[_Connection] = None
+        self._tried = _where(*config.relays[0])     # the last relay _reach tried
         self._context: Optional[ssl.SSLContext] = None
         #: relay -> the transactions a connection to it takes, as learnt
         #: from a MAIL refused because the connection was used up
         self._limits: Dict[str, int] = {}
+
+    @property
+    def where(self) -> str:
+        """The relay in use ("host:port"), or the last one tried (for the
+        processor's log lines and status).  New code should prefer the
+        connection's own ``relay``."""
+        conn = self._connection
+        return conn.relay if conn is not None else self._tried
 
     # -- connecting ---------------------------------------------------------
 
@@ -2852,29 +3076,30 @@ class Mailer:
     def open(self) -> None:
         """Make sure a usable connection is open: raises DeliveryError (a
         TLSError for TLS trouble) when no relay can be used."""
-        s = self._session
-        if s is not None and not s.broken and \
-                s.messages < self.config.messages_per_connection and not self._used_up(s):
+        conn = self._connection
+        if conn is not None and not conn.broken and \
+                conn.messages < self.config.messages_per_connection and \
+                not self._used_up(conn):
             return
         self.close()
-        self._session = self._connect()
+        self._connection = self._connect()
 
-    def _used_up(self, s: _Session) -> bool:
-        """s has carried as many transactions as its relay takes on one connection."""
-        return s.mails >= self._limits.get(s.where, s.mails + 1)
+    def _used_up(self, conn: _Connection) -> bool:
+        """conn has carried as many transactions as its relay takes on one connection."""
+        return conn.mails >= self._limits.get(conn.relay, conn.mails + 1)
 
-    def _learn(self, s: _Session, reply: Reply) -> None:
-        """MAIL was refused with reply because s was used up: from now on,
-        no connection to its relay carries more than s did (logged once)."""
-        if s.mails and s.mails < self._limits.get(s.where, s.mails + 1):
-            self._limits[s.where] = s.mails
+    def _learn(self, conn: _Connection, reply: Reply) -> None:
+        """MAIL was refused with reply because conn was used up: from now on,
+        no connection to its relay carries more than conn did (logged once)."""
+        if conn.mails and conn.mails < self._limits.get(conn.relay, conn.mails + 1):
+            self._limits[conn.relay] = conn.mails
             log.warning("%s relay %s takes %d messages per connection (it answered "
                         "MAIL with %s): sending at most %d on each from now on (set "
-                        "messages_per_connection = %d to say so)", reply.status, s.where,
-                        s.mails, reply, s.mails, s.mails)
+                        "messages_per_connection = %d to say so)", reply.status,
+                        conn.relay, conn.mails, reply, conn.mails, conn.mails)
 
-    def _connect(self) -> _Session:
-        """A logged-in session with the first relay that can be reached.
+    def _connect(self) -> _Connection:
+        """A logged-in connection to the first relay that can be reached.
 
         The next relay is tried only for trouble reaching one (refused, a
         timeout, a 4xx greeting such as 421, TLS failing): a relay that
@@ -2883,29 +3108,29 @@ class Mailer:
         """
         relays = self.config.relays
         for i, (host, port) in enumerate(relays):
-            self.where = _where(host, port)
             try:
-                session = self._reach(host, port)
+                conn = self._reach(host, port)
             except DeliveryError as e:
                 if e.transient and i + 1 < len(relays):
                     log.warning("%s relay %s: %s: trying the next relay, %s", e.status,
-                                self.where, e.reply, _where(*relays[i + 1]))
+                                _where(host, port), e.reply, _where(*relays[i + 1]))
                     continue
                 raise
             if self.config.username:
                 try:
-                    self._login(session.smtp, session.encrypted)
+                    self._login(conn)
                 except BaseException:
-                    session.smtp.close()
+                    conn.smtp.close()
                     raise
             if i:
                 log.info("2.0.0 relay %s: connected (%d relay(s) before it failed)",
-                         self.where, i)
-            return session
+                         conn.relay, i)
+            return conn
         raise AssertionError("no relays")     # SMTPConfig makes at least one
 
-    def _reach(self, host: str, port: int) -> _Session:
+    def _reach(self, host: str, port: int) -> _Connection:
         """Connect to one relay: greeting, EHLO and TLS as configured."""
+        self._tried = _where(host, port)
         try:
             return self._reach_once(host, port)
         except TLSError as e:
@@ -2919,8 +3144,9 @@ class Mailer:
                         "force_tls = true to require it)", e.reply)
             return self._reach_once(host, port, starttls=False)
 
-    def _reach_once(self, host: str, port: int, starttls: bool = True) -> _Session:
+    def _reach_once(self, host: str, port: int, starttls: bool = True) -> _Connection:
         c = self.config
+        relay = _where(host, port)
         smtp: Optional[smtplib.SMTP] = None
         try:
             if c.use_implicit_tls:
@@ -2929,8 +3155,9 @@ class Mailer:
             else:
                 smtp = smtplib.SMTP(local_hostname=c.local_hostname, timeout=c.timeout)
             # Connected here, not by the constructor, to keep the greeting for
-            # check; SMTP_SSL takes the name it verifies from _host, which only
-            # the constructor sets.
+            # check; SMTP_SSL and starttls() take the name they verify from
+            # _host, which only the constructor sets.  (The ignore: _host is
+            # smtplib's private attribute, which typeshed does not declare.)
             smtp._host = host  # type: ignore[attr-defined]
             code, text = smtp.connect(host, port)
             greeting = Reply(code, _one_line(text.decode("utf-8", "replace")))
@@ -2941,32 +3168,30 @@ class Mailer:
             encrypted = c.use_implicit_tls
             if not encrypted and not c.no_tls and starttls:
                 if smtp.has_extn("starttls"):
-                    code, text = smtp.docmd("STARTTLS")
-                    if code == 220:
-                        smtp.sock = self._tls_context().wrap_socket(
-                            smtp.sock, server_hostname=host)
-                        smtp.file = None
-                        smtp.helo_resp = smtp.ehlo_resp = None
-                        smtp.esmtp_features, smtp.does_esmtp = {}, False
+                    try:
+                        # verifies the name in _host, set above
+                        smtp.starttls(context=self._tls_context())
+                    except smtplib.SMTPResponseException as e:     # not 220
+                        if c.force_tls:
+                            said = _reply_for(e, relay)
+                            raise TLSError(Reply(454, "4.7.4 %s refused STARTTLS (%d %s) "
+                                                 "and force_tls is set" % (
+                                                     relay, said.code, said.text))) from None
+                        log.warning("4.7.4 %s refused STARTTLS (%d): sending in plain "
+                                    "text", relay, e.smtp_code)
+                    else:
                         self._hello(smtp)
                         encrypted = True
-                    elif c.force_tls:
-                        raise TLSError(Reply(454, "4.7.4 %s refused STARTTLS (%d %s) "
-                                             "and force_tls is set" % (
-                                                 self.where, code, _one_line(
-                                                     text.decode("utf-8", "replace")))))
-                    else:
-                        log.warning("4.7.4 %s refused STARTTLS (%d): sending in plain "
-                                    "text", self.where, code)
                 elif c.force_tls:
                     raise TLSError(Reply(454, "4.7.4 %s does not offer STARTTLS and "
                                          "force_tls is set: nothing is sent in plain "
-                                         "text" % self.where))
+                                         "text" % relay))
+            conn = _Connection(smtp, relay, greeting, before, encrypted)
             if encrypted:
-                log.info("2.7.0 TLS with %s (%s), certificate %s", self.where,
-                         smtp.sock.version(), "verified" if c.verify_certificates
+                log.info("2.7.0 TLS with %s (%s), certificate %s", relay,
+                         conn.tls_version, "verified" if c.verify_certificates
                          else "not verified (set tls_verify = true to require it)")
-            return _Session(smtp, self.where, greeting, before, encrypted)
+            return conn
         except BaseException as e:
             if smtp is not None:
                 smtp.close()
@@ -2974,9 +3199,9 @@ class Mailer:
                 raise
             if not isinstance(e, Exception):
                 raise
-            reply = _reply_for(e, self.where)
+            reply = _reply_for(e, relay)
             if isinstance(e, smtplib.SMTPConnectError):
-                reply = Reply(reply.code, "%s (greeting from %s)" % (reply.text, self.where))
+                reply = Reply(reply.code, "%s (greeting from %s)" % (reply.text, relay))
             if reply.status.startswith(("4.7.5", "4.7.4")):
                 raise TLSError(reply) from None
             raise DeliveryError(reply) from None
@@ -2991,8 +3216,9 @@ class Mailer:
             if not 200 <= code < 300:
                 raise smtplib.SMTPResponseException(code, text)
 
-    def _login(self, smtp: smtplib.SMTP, encrypted: bool) -> None:
+    def _login(self, conn: _Connection) -> None:
         c = self.config
+        smtp, encrypted, relay = conn.smtp, conn.encrypted, conn.relay
         if not smtp.has_extn("auth"):
             if encrypted or not smtp.has_extn("starttls"):
                 why = "username is set: enable AUTH on the relay, or remove username " \
@@ -3004,19 +3230,22 @@ class Mailer:
                 why = "the STARTTLS handshake failed, and many relays offer AUTH " \
                       "only after it: fix TLS (cafile, tls_verify)"
             raise DeliveryError(Reply(454, "4.7.0 %s does not offer AUTH in %s; %s" % (
-                self.where, "this session" if encrypted else "plain text", why)))
-        peer = smtp.sock.getpeername()[0]
+                relay, "this session" if encrypted else "plain text", why)))
+        sock = smtp.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        peer = sock.getpeername()[0]
         if not encrypted and not ipaddress.ip_address(peer.split("%")[0]).is_loopback:
             raise DeliveryError(Reply(454, "4.7.0 refusing to send the password for %s "
                                       "in plain text to %s: enable TLS on the relay "
-                                      "or unset no_tls" % (c.username, self.where)))
+                                      "or unset no_tls" % (c.username, relay)))
         try:
             code, text = self._authenticate(smtp)
         except (smtplib.SMTPServerDisconnected, OSError) as e:
-            raise DeliveryError(_reply_for(e, self.where)) from None
+            raise DeliveryError(_reply_for(e, relay)) from None
         except (smtplib.SMTPException, ValueError) as e:
             raise DeliveryError(Reply(454, "4.7.0 AUTH as %s at %s failed: %s"
-                                      % (c.username, self.where, e))) from None
+                                      % (c.username, relay, e))) from None
         if code == 235:
             return
         if code == 421:     # the relay is closing: its trouble, not the credentials'
@@ -3030,10 +3259,10 @@ class Mailer:
             if not 400 <= code < 600:
                 code = 454
             status = "%d.7.%d" % (code // 100, {535: 8, 534: 9, 538: 11}.get(code, 0))
-        text = _ENHANCED.sub("", reply.text, count=1).strip() if _ENHANCED.match(
+        said = _ENHANCED.sub("", reply.text, count=1).strip() if _ENHANCED.match(
             reply.text) else reply.text
         raise DeliveryError(Reply(code, "%s %s (AUTH as %s at %s)" % (
-            status, text, c.username, self.where)))
+            status, said, c.username, relay)))
 
     def _authenticate(self, smtp: smtplib.SMTP) -> Tuple[int, bytes]:
         """The AUTH exchange with the first of PLAIN, LOGIN and CRAM-MD5 the
@@ -3075,32 +3304,32 @@ class Mailer:
         c = self.config
         results = []
         for host, port in c.relays:
-            self.where = _where(host, port)
-            result = RelayCheck(self.where)
+            relay = _where(host, port)
+            result = RelayCheck(relay)
             if c.username:
                 result.auth = "not tried: the relay could not be used before AUTH"
-            session = None
+            conn = None
             try:
-                session = self._reach(host, port)
-                result.greeting = "%d %s" % session.greeting
+                conn = self._reach(host, port)
+                result.greeting = "%d %s" % conn.greeting
                 result.offered_before_tls = {k.upper(): v for k, v in
-                                             session.offered_before_tls.items()}
-                result.offered = {k.upper(): v for k, v in session.features.items()}
-                if session.encrypted:
+                                             conn.offered_before_tls.items()}
+                result.offered = {k.upper(): v for k, v in conn.features.items()}
+                if conn.encrypted:
                     result.tls = "%s%s, certificate %s" % (
-                        session.smtp.sock.version(),
+                        conn.tls_version,
                         "" if c.use_implicit_tls else " after STARTTLS",
                         "verified" if c.verify_certificates else
                         "not verified (tls_verify = false)" if c.tls_verify is False else
                         "not verified (TLS is only opportunistic: force_tls or tls_verify "
                         "= true would verify it)")
-                elif "starttls" in session.offered_before_tls and not c.no_tls:
+                elif "starttls" in conn.offered_before_tls and not c.no_tls:
                     result.tls = ("none: the STARTTLS handshake failed, so mail goes in "
                                   "plain text (TLS is only opportunistic)")
                 if c.username:
                     offered = result.offered.get("AUTH", "").strip()
                     try:
-                        self._login(session.smtp, session.encrypted)
+                        self._login(conn)
                     except DeliveryError as e:
                         result.auth = "%s: %s" % ("not offered" if not offered else
                                                   "failed for %s" % c.username, e.reply)
@@ -3109,15 +3338,11 @@ class Mailer:
             except DeliveryError as e:
                 result.error = e.reply
             except Exception as e:      # never a traceback (it could quote a password)
-                log.exception("4.3.0 relay %s: unexpected error in check", self.where)
+                log.exception("4.3.0 relay %s: unexpected error in check", relay)
                 result.error = _internal(e)
             finally:
-                if session is not None:
-                    try:
-                        session.smtp.quit()
-                    except (smtplib.SMTPException, OSError):
-                        pass
-                    session.smtp.close()
+                if conn is not None:
+                    conn.close()        # QUIT: it is not broken
             result.verdict = self._verdict(result)
             results.append(result)
         return results
@@ -3148,21 +3373,21 @@ class Mailer:
             r.relay, "" if r.tls.startswith("none") else " over TLS",
             " and accepted AUTH" if self.config.username else "", bounces)
 
+    def wait(self) -> None:
+        """Read the final reply the server still owes for the last message
+        delivered with ``more``, which settles that message's outcome (the
+        caller records it: see the banner of the SMTP connection)."""
+        if self._connection is not None:
+            self._connection.wait()
+
     def close(self) -> None:
         """End the connection: QUIT unless it is broken; errors are ignored,
         so they can never hide the one that made us close.  A reply still
         owed for a message is read first (see ``wait``)."""
         self.wait()
-        s, self._session = self._session, None
-        if s is None:
-            return
-        try:
-            if not s.broken:
-                s.smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            pass
-        finally:
-            s.smtp.close()
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            conn.close()
 
     def __enter__(self) -> "Mailer":
         return self
@@ -3170,139 +3395,14 @@ class Mailer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- talking --------------------------------------------------------------
+    # -- one message ------------------------------------------------------------
 
-    def _reply(self) -> Reply:
-        """The server's next reply, after the one owed for an earlier message."""
-        if self._session.owed is not None:  # type: ignore[union-attr]
-            self._collect()
-        return self._read()
-
-    def _read(self) -> Reply:
-        self._flush()
-        try:
-            code, text = self._session.smtp.getreply()  # type: ignore[union-attr]
-        except (smtplib.SMTPException, OSError) as e:
-            raise _ConnectionLost(_reply_for(e, self.where)) from None
-        self._session.answers += 1  # type: ignore[union-attr]
-        reply = Reply(code, _one_line(text.decode("utf-8", "replace")))
-        if code == -1 or not 200 <= code < 600:
-            raise _ConnectionLost(Reply(451, "4.4.2 garbled reply from %s: %s"
-                                        % (self.where, reply.text[:200])))
-        if code == 421:
-            raise _ConnectionLost(reply)
-        if code >= 400:
-            self._session.errors += 1  # type: ignore[union-attr]
-        return reply
-
-    def _stale(self) -> Optional[Reply]:
-        """On a connection idle since its last reply: what the server said
-        or did before anything more was sent, or None if nothing.  Anything
-        there answers no command of ours: Postfix says "421 4.4.2 ... Error:
-        timeout exceeded" and closes an idle connection; others just close."""
-        s = self._session
-        sock = s.smtp.sock  # type: ignore[union-attr]
-        try:
-            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and \
-                    not select.select([sock], [], [], 0)[0]:
-                return None
-            # Whatever it is, this connection ends here: do not wait long.
-            sock.settimeout(min(1.0, self.config.timeout))
-        except (OSError, ValueError, AttributeError):
-            return Reply(421, "4.4.2 connection to %s lost while idle" % self.where)
-        try:
-            reply = self._read()
-        except _ConnectionLost as e:
-            reply = e.reply
-        return reply
-
-    def _send(self, data: bytes) -> None:
-        """Send data with whatever is written after it, before the next
-        reply is read; a megabyte of DATA goes at once."""
-        s = self._session
-        s.unsent.append(data)  # type: ignore[union-attr]
-        s.unsent_size += len(data)  # type: ignore[union-attr]
-        if s.unsent_size >= _CHUNK:  # type: ignore[union-attr]
-            self._flush()
-
-    def _flush(self) -> None:
-        s = self._session
-        if not s.unsent:  # type: ignore[union-attr]
-            return
-        data = b"".join(s.unsent)  # type: ignore[union-attr]
-        s.unsent, s.unsent_size = [], 0  # type: ignore[union-attr]
-        try:
-            s.smtp.sock.sendall(data)  # type: ignore[union-attr]
-        except (OSError, AttributeError) as e:
-            raise _ConnectionLost(_reply_for(
-                smtplib.SMTPServerDisconnected(str(e)), self.where)) from None
-
-    def _collect(self) -> None:
-        """Read the final reply owed for an earlier message and settle its
-        recipients; if the connection fails, they are deferred."""
-        s = self._session
-        out, accepted = s.owed  # type: ignore[union-attr, misc]
-        s.owed = None  # type: ignore[union-attr]
-        final = Reply(451, "4.3.0 no reply read from %s" % self.where)
-        try:
-            if s.broken:  # type: ignore[union-attr]  # a write failed: no reply will come
-                final = Reply(421, "4.4.2 connection to %s lost before the reply"
-                              % self.where)
-            else:
-                final = self._read()
-        except _ConnectionLost as e:
-            final = e.reply
-            raise
-        finally:    # whatever happened, the outcome is settled: never "done"
-            out.waiting = False
-            if final.ok:
-                out.final = final
-                out.delivered += accepted
-            else:
-                self._settle(accepted, final, out)
-            if out.then is not None:
-                out.then()
-
-    def wait(self) -> None:
-        """Read the final reply the server still owes for the last message
-        delivered with ``more``, which settles that message's outcome."""
-        s = self._session
-        if s is None or s.owed is None:
-            return
-        try:
-            self._collect()
-        except _ConnectionLost:
-            s.broken = True
-
-    def _rset(self) -> None:
-        """RSET; a connection that fails here raises _ConnectionLost, once
-        the transaction's outcome is recorded (the caller's duty)."""
-        self._send(b"RSET\r\n")
-        self._reply()
-
-    def _exchange(self, mail: bytes, rcpts: List[bytes], replies: List[Reply]) -> None:
-        """Send MAIL, the RCPTs and DATA; add their replies to replies, as
-        they are read, so that those read before a failure are kept.
-        Pipelined (in windows of _WINDOW commands) when offered, else one by
-        one, stopping where the server has already said no."""
-        commands = [mail] + rcpts + [b"DATA\r\n"]
-        if self._session.pipelining:  # type: ignore[union-attr]
-            for i in range(0, len(commands), _WINDOW):
-                window = commands[i:i + _WINDOW]
-                self._send(b"".join(window))
-                for _ in window:
-                    replies.append(self._reply())
-            return
-        self._send(mail)
-        replies.append(self._reply())
-        if not replies[0].ok:
-            return
-        for command in rcpts:
-            self._send(command)
-            replies.append(self._reply())
-        if any(r.ok for r in replies[1:]):
-            self._send(b"DATA\r\n")
-            replies.append(self._reply())
+    def _connected(self) -> _Connection:
+        """The open connection (see ``open``)."""
+        conn = self._connection
+        if conn is None:
+            raise RuntimeError("Mailer.deliver() before Mailer.open()")
+        return conn
 
     def deliver(self, sender: str, recipients: List[str], data: bytes,
                 xverp: bool = False,
@@ -3316,7 +3416,12 @@ class Mailer:
         (``waiting`` is true) so that the next message's MAIL, RCPT and
         DATA go out with this one's dot (RFC 2920 3.1): one round trip a
         message, not two.  The next ``deliver``, ``wait`` or ``close``
-        reads it and settles this outcome.
+        reads it and settles this outcome; recording it is the caller's.
+
+        ``heartbeat`` is called at the start of each transaction and before
+        each chunk of data, so before any data goes: there the caller
+        records an earlier outcome settled meanwhile (see the banner of the
+        SMTP connection), or raises _Held to stop the message.
 
         A connection the server has closed while it was idle, or used up
         (MAIL refused with X.5.3 or 421 on a connection that has carried
@@ -3326,34 +3431,31 @@ class Mailer:
         connection had to be replaced before anything was sent and could
         not be.
         """
-        s = self._session
-        if s is None:
-            raise RuntimeError("Mailer.deliver() before Mailer.open()")
-        if s.messages and s.owed is None:
-            stale = self._stale()
+        conn = self._connected()
+        if conn.messages and conn.owed is None:
+            stale = conn.stale(self.config.timeout)
             if stale is not None:
                 log.info("%s relay %s spoke on an idle connection (%s): it had closed "
                          "it, so the message goes on a new connection", stale.status,
-                         self.where, stale)
-                s.broken = True
+                         conn.relay, stale)
+                conn.broken = True
                 self.close()
-                self._session = s = self._connect()
-        s.messages += 1
+                self._connection = conn = self._connect()
+        conn.messages += 1
         # Only a connection that goes on can carry the next message's
         # commands; and the connection's last reply is read before QUIT.
-        more = more and s.messages < self.config.messages_per_connection and \
-            s.mails + 1 < self._limits.get(s.where, s.mails + 2)
-        answers = s.answers + (s.owed is not None)
+        more = more and conn.messages < self.config.messages_per_connection and \
+            conn.mails + 1 < self._limits.get(conn.relay, conn.mails + 2)
+        mark = conn.mark()      # any reply after it answers this message
         out = _Outcome()
-        offers_utf8 = "smtputf8" in s.features
+        offers_utf8 = "smtputf8" in conn.features
         problem = _address_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
-            why = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem)) if problem
-                   else Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
-                              "offer SMTPUTF8" % (sender, self.where)))
-            out.failed = dict.fromkeys(recipients, why)
-            out.final = why
-            return out
+            refusal = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem))
+                       if problem else
+                       Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
+                             "offer SMTPUTF8" % (sender, conn.relay)))
+            return self._refuse_early(recipients, refusal, out)
         pending = []
         for rcpt in recipients:
             problem = _address_problem(rcpt)
@@ -3362,60 +3464,59 @@ class Mailer:
                                                                           problem))
             elif not rcpt.isascii() and not offers_utf8:
                 out.failed[rcpt] = Reply(553, "5.6.7 recipient <%s> is not ASCII and %s "
-                                         "does not offer SMTPUTF8" % (rcpt, self.where))
+                                         "does not offer SMTPUTF8" % (rcpt, conn.relay))
             else:
                 pending.append(rcpt)
-        if not data.isascii() and "8bitmime" not in s.features:
+        if not data.isascii() and "8bitmime" not in conn.features:
             # RFC 6152: 8-bit data must not go to a server that does not take
             # it; we do not rewrite messages, so it is returned undelivered.
-            why = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
-                        "8BITMIME" % self.where)
-            out.failed.update((r, why) for r in pending)
-            out.final = why
-            return out
+            refusal = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
+                            "8BITMIME" % conn.relay)
+            return self._refuse_early(pending, refusal, out)
         wire, size = _wire(data)
-        if s.size and size > s.size:
-            why = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
-                        "%s accepts" % (size, s.size, self.where))
-            out.failed.update((r, why) for r in pending)
-            out.final = why
-            return out
+        if conn.size and size > conn.size:
+            refusal = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
+                            "%s accepts" % (size, conn.size, conn.relay))
+            return self._refuse_early(pending, refusal, out)
         params = []
-        if "size" in s.features:
+        if "size" in conn.features:
             params.append("SIZE=%d" % size)
-        if "8bitmime" in s.features and not data.isascii():
+        if "8bitmime" in conn.features and not data.isascii():
             params.append("BODY=8BITMIME")
         if not (sender.isascii() and all(r.isascii() for r in pending)):
             params.append("SMTPUTF8")   # non-ASCII got this far only if offered
         if xverp and sender:
-            if "xverp" in s.features:
+            if "xverp" in conn.features:
                 params.append("XVERP")
-            elif not s.warned_xverp:    # once per connection, not per message
-                s.warned_xverp = True
+            elif not conn.warned_xverp:    # once per connection, not per message
+                conn.warned_xverp = True
                 log.warning("4.3.3 %s does not offer XVERP to this client: sending "
-                            "without it (bounces will not name the recipient)", self.where)
+                            "without it (bounces will not name the recipient)", conn.relay)
         limit = self.config.recipients_per_transaction
-        first, reconnects = s, 0
+        first, reconnects = conn, 0
 
         def settled() -> int:
             return len(out.delivered) + len(out.failed) + len(out.deferred)
         before = settled()          # recipients settled before this connection
         while pending:
-            s = self._session  # type: ignore[assignment]
+            conn = self._connected()
             why: Optional[Reply] = None     # set: the rest waits, for this reason
             try:
-                if self._used_up(s):    # as the server taught us, before it refuses MAIL
+                if self._used_up(conn):     # as the server taught us, before it refuses MAIL
                     why = self._reconnect(quit=True)
                 else:
-                    pending, limit = self._transaction(sender, params, pending, wire,
-                                                       out, heartbeat, more, limit)
+                    rest = self._transaction(conn, sender, params, pending, wire,
+                                             out, heartbeat, more, limit)
+                    pending, limit = rest.pending, rest.limit
+                    if rest.without_xverp:  # the server refused it: again without
+                        params.remove("XVERP")
             except _UsedUp as e:
-                self._learn(s, e.reply)
+                self._learn(conn, e.reply)
                 why = self._reconnect(quit=True) if reconnects < _RECONNECTS else \
                     _transient(e.reply)
                 reconnects += 1
             except _ConnectionLost as e:
-                s.broken = True
+                conn.broken = True
                 self.close()
                 done = set(out.delivered).union(out.failed, out.deferred)
                 pending = [r for r in dict.fromkeys((e.todo or []) + pending)
@@ -3423,34 +3524,34 @@ class Mailer:
                 if not pending:
                     break
                 why = e.reply
-                if s is first and s.answers <= answers:
+                if conn is first and not conn.answered_since(mark):
                     # Nothing of this message was answered: the caller may
                     # send it again at once (QueueProcessor._attempt does).
                     out.unanswered = True
                 elif e.after_data or reconnects >= _RECONNECTS:
                     pass
-                elif e.at_mail and s.mails and e.reply.code == 421:
+                elif e.at_mail and conn.mails and e.reply.code == 421:
                     # The first command on a reused connection: the server
                     # had timed it out (Postfix's 421 4.4.2 crossed our MAIL)
                     # or has a per-connection limit (Exim's 421 "too many
                     # messages"), which is learnt unless the code says
                     # timeout (X.4.x) or policy (X.7.x: an error limit).
                     if e.reply.status.split(".")[1] not in ("4", "7"):
-                        self._learn(s, e.reply)
+                        self._learn(conn, e.reply)
                     log.info("%s relay %s answered MAIL on a connection that had carried "
                              "mail with %s: going on at once on a new connection",
-                             e.reply.status, self.where, e.reply)
+                             e.reply.status, conn.relay, e.reply)
                     why = self._reconnect()
                 elif settled() > before:
                     # It hung up after settling some recipients (an error
                     # limit): those are facts; go on at once with the rest,
                     # in transactions no bigger than the errors it allowed.
-                    if s.errors:
-                        limit = max(1, min(limit, s.errors))
+                    if conn.errors:
+                        limit = max(1, min(limit, conn.errors))
                     log.info("%s relay %s closed the connection (%s) after settling %d "
                              "recipient(s) of the message: going on at once on a new "
                              "connection with the %d still to do, %d per transaction",
-                             e.reply.status, self.where, e.reply, settled() - before,
+                             e.reply.status, conn.relay, e.reply, settled() - before,
                              len(pending), limit)
                     why = self._reconnect()
                 reconnects += 1
@@ -3459,23 +3560,24 @@ class Mailer:
                 # settled stays settled, so a recipient delivered in an
                 # earlier transaction is never sent again; the rest waits,
                 # and the connection, in a state we do not know, is dropped.
-                log.exception("4.3.0 unexpected error while sending to %s", self.where)
-                s.broken = True
+                log.exception("4.3.0 unexpected error while sending to %s", conn.relay)
+                conn.broken = True
                 self.close()
                 done = set(out.delivered).union(out.failed, out.deferred)
                 pending = [r for r in pending if r not in done]
                 why = _internal(e)
             if why is None:
-                if self._session is s:
+                now = self._connected()
+                if now is conn:
                     continue
                 before = settled()
-                if self._session.features == first.features:  # type: ignore[union-attr]
+                if now.features == first.features:
                     continue
                 # Another relay (failover), or the same offering other
                 # extensions: MAIL's parameters were made for the first one.
                 why = Reply(451, "4.4.0 the new connection to %s offers other extensions "
                             "than the one the message started on: the rest waits for "
-                            "the next attempt" % self.where)
+                            "the next attempt" % now.relay)
             # What is left waits for a later attempt, those never answered
             # first (4xx answers went in out.deferred as they came).
             out.final = why
@@ -3484,28 +3586,36 @@ class Mailer:
             break
         return out
 
+    @staticmethod
+    def _refuse_early(recipients: List[str], why: Reply, out: _Outcome) -> _Outcome:
+        """out, with recipients refused for why before anything was sent
+        (deliver's checks of the sender, 8-bit data and SIZE)."""
+        out.settle(recipients, why)
+        return out
+
     def _reconnect(self, quit: bool = False) -> Optional[Reply]:
         """Replace the connection in the middle of a delivery: None, or the
         Reply (transient) to defer the rest with when no relay can be used."""
-        if self._session is not None and not quit:
-            self._session.broken = True
+        if self._connection is not None and not quit:
+            self._connection.broken = True
         self.close()
         try:
-            self._session = self._connect()
+            self._connection = self._connect()
         except DeliveryError as e:
             return _relay_trouble(self.where, e)
         return None
 
-    def _transaction(self, sender: str, params: List[str], pending: List[str],
-                     wire: bytes, out: _Outcome,
+    def _transaction(self, conn: _Connection, sender: str, params: List[str],
+                     pending: List[str], wire: bytes, out: _Outcome,
                      heartbeat: Optional[Callable[[], None]],
-                     more: bool, limit: int) -> Tuple[List[str], int]:
-        """One MAIL..DATA transaction for up to limit of pending; settles
-        them in out and returns those still to try, and the limit for the
-        next transaction (the server's, once it said "too many")."""
+                     more: bool, limit: int) -> _Rest:
+        """One MAIL..DATA transaction on conn for up to limit of pending;
+        settles them in out and returns what is left for the next one:
+        those still to try, the limit for the next transaction (the
+        server's, once it said "too many"), and whether the server refused
+        XVERP (the caller drops it from params and tries again)."""
         if heartbeat:
             heartbeat()
-        s = self._session
         batch, rest = pending[:limit], pending[limit:]
         encoding = "utf-8" if "SMTPUTF8" in params else "ascii"
         mail = ("MAIL FROM:<%s>%s\r\n" % (sender, "".join(" " + p for p in params))
@@ -3513,25 +3623,24 @@ class Mailer:
         rcpts = [("RCPT TO:<%s>\r\n" % r).encode(encoding) for r in batch]
         replies: List[Reply] = []
         try:
-            self._exchange(mail, rcpts, replies)
+            conn.exchange(mail, rcpts, replies)
         except _ConnectionLost as e:
             e.todo = self._answered(batch, replies, out)
             e.at_mail = not replies
             raise
         mail_reply = replies[0]
         if not mail_reply.ok:
-            if s.mails and _too_many(mail_reply):  # type: ignore[union-attr]
+            if conn.mails and _too_many(mail_reply):
                 raise _UsedUp(mail_reply)       # the connection is used up
             if "XVERP" in params and mail_reply.code in (501, 504, 555):
                 log.warning("4.3.3 %s refused XVERP (%s): sending without it",
-                            self.where, mail_reply)
-                params.remove("XVERP")
-                self._rset()
-                return pending, limit
-            self._settle(pending, mail_reply, out)
-            self._rset()
-            return [], limit
-        s.mails += 1  # type: ignore[union-attr]
+                            conn.relay, mail_reply)
+                conn.rset()
+                return _Rest(pending, limit, without_xverp=True)
+            out.settle(pending, mail_reply)
+            conn.rset()
+            return _Rest([], limit)
+        conn.mails += 1
         accepted: List[str] = []
         carried: Dict[str, Reply] = {}
         for rcpt, reply in zip(batch, replies[1:]):
@@ -3547,36 +3656,36 @@ class Mailer:
         if not accepted:
             out.deferred.update(carried)    # "too many" with none taken: try later
             if data_reply is not None and data_reply.code == 354:
-                self._send(b".\r\n")    # RFC 2920: end the empty DATA
-                self._reply()
-            self._rset()
-            return rest, limit
+                conn.send(b".\r\n")    # RFC 2920: end the empty DATA
+                conn.reply()
+            conn.rset()
+            return _Rest(rest, limit)
         if carried:     # the server's limit: the next transactions take no more
             limit = len(accepted)
         if data_reply is None or data_reply.code != 354:
-            self._settle(accepted + list(carried) + rest, data_reply or mail_reply, out)
-            self._rset()
-            return [], limit
+            out.settle(accepted + list(carried) + rest, data_reply or mail_reply)
+            conn.rset()
+            return _Rest([], limit)
         out.xverp = "XVERP" in params
         try:
             for i in range(0, len(wire), _CHUNK):
                 if heartbeat:
                     heartbeat()
-                self._send(wire[i:i + _CHUNK])
-            if more and not carried and not rest and s.pipelining:  # type: ignore[union-attr]
-                s.owed = (out, accepted)  # type: ignore[union-attr]
+                conn.send(wire[i:i + _CHUNK])
+            if more and not carried and not rest and conn.pipelining:
+                conn.owed = (out, accepted)
                 out.waiting = True
-                return [], limit
-            final = self._reply()
+                return _Rest([], limit)
+            final = conn.reply()
         except _ConnectionLost as e:
             e.after_data = True     # it may have been delivered: not again now
             raise
         out.final = final
         if not final.ok:
-            self._settle(accepted + list(carried) + rest, final, out)
-            return [], limit
+            out.settle(accepted + list(carried) + rest, final)
+            return _Rest([], limit)
         out.delivered += accepted
-        return list(carried) + rest, limit
+        return _Rest(list(carried) + rest, limit)
 
     @staticmethod
     def _answered(batch: List[str], replies: List[Reply], out: _Outcome) -> List[str]:
@@ -3599,12 +3708,6 @@ class Mailer:
             else:
                 out.deferred[rcpt] = reply
         return unanswered + taken
-
-    @staticmethod
-    def _settle(recipients: List[str], reply: Reply, out: _Outcome) -> None:
-        out.final = reply
-        for rcpt in recipients:
-            (out.failed if reply.permanent else out.deferred)[rcpt] = reply
 
     # -- direct use -----------------------------------------------------------------
 
@@ -3957,7 +4060,7 @@ class QueueProcessor:
                 wait = _pause(self.config.poll_interval)
                 if not self.run_once() and time.monotonic() - self._last_used > idle:
                     self._close_mailers()     # do not hold an idle connection open
-                elif any(m._session is not None for m in self._mailers):
+                elif any(m._connection is not None for m in self._mailers):
                     # wake in time to close it, whatever poll_interval is
                     wait = min(wait, max(_IDLE_WAKE_MIN, self._last_used + idle
                                          - time.monotonic() + _IDLE_WAKE_LATE))
@@ -4090,9 +4193,16 @@ class QueueProcessor:
         return handled
 
     def _deliver(self, paths: List[str], mailer: "Mailer", total: int) -> int:
-        """Claim and send each of paths over mailer's connection."""
+        """Claim and send each of paths over mailer's connection.
+
+        A message sent with ``more`` waits here, in waiting, until the reply
+        to its dot (read with the next message's first replies) settles it;
+        it is recorded then, before any data of the next message goes out
+        (see _record_settled and the banner of the SMTP connection).  Each
+        call (one per session) has its own."""
         handled = 0
         down: Optional[Reply] = None
+        waiting: List[Tuple[QueuedMessage, _Outcome]] = []    # sent, reply unread
         try:
             for n, path in enumerate(paths):
                 if self._progress and self._done:
@@ -4124,43 +4234,67 @@ class QueueProcessor:
                         log.exception("4.3.0 relay %s: unexpected error while connecting",
                                       mailer.where)
                         down = _internal(e)
+                    self._record_settled(mailer, waiting)   # if open() closed, it read
                 if down is not None:
                     self._apply(mailer, msg, _Outcome(
                         deferred=dict.fromkeys(msg.recipients, down), final=down))
                     continue
-                outcome = self._attempt(mailer, msg, more=n + 1 < len(paths))
+                outcome = self._attempt(mailer, msg, n + 1 < len(paths), waiting)
                 self._last_used = time.monotonic()
+                self._record_settled(mailer, waiting)   # the earlier message first
                 if outcome.final is _HELD and not outcome.delivered:
                     msg.release()   # stopped before its dot: nothing of it went
                     break
                 if outcome.waiting:
                     # Its final reply is read with the next message's replies
-                    # (Mailer.deliver's more); it is recorded right then,
-                    # before that message's dot goes out, so a crash leaves
-                    # at most one message sent and not recorded.
-                    outcome.then = functools.partial(self._apply, mailer, msg, outcome)
+                    # (Mailer.deliver's more); it is recorded once that has
+                    # settled it, at the latest at the next message's first
+                    # heartbeat of data, before that message's dot goes out,
+                    # so a crash leaves at most one message sent and not
+                    # recorded.
+                    waiting.append((msg, outcome))
                 else:
                     self._apply(mailer, msg, outcome)
         finally:
-            mailer.wait()
+            try:
+                mailer.wait()
+            finally:
+                self._record_settled(mailer, waiting)
         return handled
 
-    def _attempt(self, mailer: "Mailer", msg: QueuedMessage, more: bool) -> _Outcome:
+    def _record_settled(self, mailer: "Mailer",
+                        waiting: List[Tuple[QueuedMessage, _Outcome]]) -> None:
+        """Record each waiting message whose final reply has been read (its
+        outcome no longer waiting), in the order they were sent.  Called
+        after each call that may read a reply (Mailer.open, deliver, wait)
+        and at each heartbeat, which comes before any data goes."""
+        while waiting and not waiting[0][1].waiting:
+            msg, outcome = waiting.pop(0)
+            self._apply(mailer, msg, outcome)
+
+    def _attempt(self, mailer: "Mailer", msg: QueuedMessage, more: bool,
+                 waiting: List[Tuple[QueuedMessage, _Outcome]]) -> _Outcome:
         """mailer.deliver(msg), never raising.  A connection that failed before
         the server answered anything of the message (a drop after the
         previous message's dot, or a connection the server had closed) is
         no attempt: the message goes again at once on a new connection.
+
+        waiting is _deliver's (messages sent before, their replies owed):
+        each heartbeat first records those settled meanwhile, so that an
+        earlier message is on disk before this one's data goes.
 
         The message is stopped before its data (final _HELD) when the
         outcome of an earlier one could not be recorded meanwhile: that
         is read with this message's first replies, when its MAIL, RCPT and
         DATA are already sent with the earlier dot."""
         def heartbeat() -> None:
+            self._record_settled(mailer, waiting)
             if self._full:
                 # An earlier message's reply still owed is read (and that
                 # message recorded) first: dropping the connection would
                 # settle it as lost, though its dot may have gone.
                 mailer.wait()
+                self._record_settled(mailer, waiting)
                 raise _Held(_HELD)      # the connection is dropped: no dot goes
             msg.heartbeat()
 
@@ -4178,10 +4312,15 @@ class QueueProcessor:
                 mailer.close()
                 reply = _internal(e)
                 return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
-            if outcome.final is _HELD or not (again and outcome.unanswered):
+            final = outcome.final
+            if final is _HELD or not (again and outcome.unanswered):
                 break
             log.info("%s %s: connection lost before the server answered: sending it "
-                     "again on a new connection", outcome.final.status, msg.name)  # type: ignore[union-attr]
+                     "again on a new connection", final.status if final else "4.4.2",
+                     msg.name)
+            # An earlier message settled meanwhile is recorded now, while
+            # mailer.where still names the relay that carried it.
+            self._record_settled(mailer, waiting)
             try:
                 mailer.open()
             except DeliveryError:

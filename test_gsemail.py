@@ -3599,13 +3599,16 @@ class FailureHandlingTests(Base):
                 logins.append(base64.b64decode(blob.split()[1]).split(b"\0")[1].decode())
                 return 235, b"2.7.0 Authentication successful"
 
+        def connection(encrypted):
+            return gsemail._Connection(Connection(), "relay.example.org:25",
+                                       gsemail.Reply(220, "ready"), {}, encrypted)
         with self.assertRaises(gsemail.DeliveryError) as cm:
-            gsemail.Mailer(config)._login(Connection(), encrypted=False)
+            gsemail.Mailer(config)._login(connection(encrypted=False))
         self.assertEqual(cm.exception.status, "4.7.0")
         self.assertIn("plain text", str(cm.exception))
         self.assertNotIn("pw-never-sent", str(cm.exception))
         self.assertEqual(logins, [])
-        gsemail.Mailer(config)._login(Connection(), encrypted=True)
+        gsemail.Mailer(config)._login(connection(encrypted=True))
         self.assertEqual(logins, ["u"])
 
 
@@ -7109,3 +7112,124 @@ class PreparedMessageTests(OperatorBase):
         loaded = self.ini(0, hostname="a.example.org:2526, [2001:db8::1]:26")
         self.assertEqual((loaded.port, loaded.relays),
                          (2526, [("a.example.org", 2526), ("2001:db8::1", 26)]))
+
+
+class PipelinedSettlingTests(Base):
+    """The pipelined dot (see the banner of gsemail's SMTP connection): a
+    message whose final reply is read with the next message's replies is
+    recorded in the queue before any data of the next message arrives at
+    the server, so a crash leaves at most one message sent and not recorded."""
+
+    def watched_server(self, names, **kw):
+        """A server that notes, as each message's first data line arrives,
+        on which connection (its serving thread) and which of names are
+        still in the queue (new/ or cur/).  Message i goes to r<i>@."""
+        current, seen = {}, []
+
+        def rcpt(addr):
+            current[threading.current_thread()] = int(addr.strip("<>")[1:].split("@")[0])
+
+        def data_line(_):
+            present = [i for i, n in enumerate(names) for sub in ("new", "cur")
+                       if os.path.exists(os.path.join(self.queuepath, sub, n))]
+            seen.append((threading.current_thread(), current[threading.current_thread()],
+                         present, {i: self.state(n) for i, n in enumerate(names)
+                                   if os.path.exists(os.path.join(self.queuepath,
+                                                                  "state", n))}))
+        rules = dict(kw.pop("rules", {}), RCPT=rcpt, **{"DATA-LINE": data_line})
+        return self.server(rules=rules, **kw), seen
+
+    def assertEarlierRecorded(self, seen):
+        """At each message's data, every message sent before it on the same
+        connection is no longer in the queue (delivered and removed)."""
+        before = {}
+        for thread, i, present, _ in seen:
+            earlier = before.setdefault(thread, [])
+            self.assertEqual([j for j in earlier if j in present], [],
+                             "message %d's data arrived with %s not yet recorded"
+                             % (i, earlier))
+            self.assertIn(i, present)
+            earlier.append(i)
+
+    def test_a_pipelined_message_is_recorded_before_the_next_ones_data(self):
+        # Messages 1 and 3 are larger than a chunk (gsemail._CHUNK), so
+        # their data goes out at once, not with the next message's commands.
+        names = []
+        server, seen = self.watched_server(names, hold_dot=2.0)
+        config = self.config(server.port)
+        big = message(body=("y" * 70 + "\n") * (gsemail._CHUNK // 60))
+        names += [self.enqueue(config, rcpts=["r%d@example.org" % i],
+                               msg=big if i % 2 else None) for i in range(5)]
+        self.drain(config)
+        # pipelined indeed: each next message's commands came with the dot
+        self.assertEqual([t["ahead"] for t in server.transactions], [True] * 4 + [False])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual([(i, present) for _, i, present, _ in seen],
+                         [(i, list(range(i, 5))) for i in range(5)])
+        self.assertEarlierRecorded(seen)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_each_session_records_its_own_waiting_message(self):
+        # sessions = 2: each session's _deliver keeps its own waiting message
+        names = []
+        server, seen = self.watched_server(names)
+        config = self.config(server.port, sessions=2)
+        names += [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(8)]
+        self.drain(config)
+        self.assertEqual(sorted(server.rcpts), sorted("r%d@example.org" % i
+                                                      for i in range(8)))
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(seen), 8)
+        self.assertEqual(len({thread for thread, *_ in seen}), 2)
+        self.assertEarlierRecorded(seen)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_a_reply_owed_when_the_connection_is_lost_defers_that_message_first(self):
+        # The second message's dot is never answered: it may have been
+        # delivered, so it is deferred (not removed, not lost), and that is
+        # on disk before the third message, whose commands went with that
+        # dot unanswered, is sent again on a new connection.
+        for fault in (DROP, "421 4.4.2 closing"):
+            with self.subTest(fault=fault):
+                shutil.rmtree(self.queuepath, True)
+                names = []
+                server, seen = self.watched_server(
+                    names, rules={"DOT": ["250 2.0.0 Ok", fault]})
+                config = self.config(server.port)
+                names += [self.enqueue(config, rcpts=["r%d@example.org" % i])
+                          for i in range(4)]
+                self.drain(config)
+                self.assertEqual(server.rcpts, ["r0@example.org", "r2@example.org",
+                                                "r3@example.org"])
+                self.assertEqual(server.connections, 2)
+                self.assertEqual([i for _, i, _, _ in seen], [0, 1, 2, 3])
+                _, _, present, states = seen[2]     # the third message's data
+                self.assertEqual(present, [1, 2, 3])
+                self.assertEqual(list(states), [1])
+                self.assertIn("4.4.2", states[1]["last_error"])
+                self.assertEqual(states[1]["attempts"], 1)
+                state = self.assertDeferred(names[1], ["r1@example.org"])
+                self.assertIn("4.4.2", state["last_error"])
+                self.assertEqual(self.listing("new"), [])
+                self.assertEqual(self.listing("cur"), [names[1]])
+
+    def test_a_message_settled_before_a_failover_is_recorded_via_its_relay(self):
+        # The first relay acknowledges message 0's dot, then drops the
+        # connection at message 1's MAIL and refuses a new one: message 1
+        # goes through the second relay, and message 0's record still names
+        # the relay that took it.
+        first = self.server(rules={"MAIL": ["250 2.1.0 Ok", DROP],
+                                   "CONNECT": ["220 first ESMTP", "421 4.3.2 not now"]})
+        second = self.server()
+        config = self.config(25, hostname="127.0.0.1:%d, 127.0.0.1:%d"
+                             % (first.port, second.port))
+        names = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(2)]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(first.rcpts, ["r0@example.org"])
+        self.assertEqual(second.rcpts, ["r1@example.org"])
+        for name, server in zip(names, (first, second)):
+            self.assertTrue(any("%s: delivered to 1 recipient(s) via 127.0.0.1:%d"
+                                % (name, server.port) in line for line in logs.output),
+                            logs.output)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
