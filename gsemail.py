@@ -2746,6 +2746,9 @@ class _Outcome:
     unanswered: bool = False
     #: XVERP went out with the message (asked for, offered and not refused)
     xverp: bool = False
+    #: the relay its data last went to ("" if none): the record names it,
+    #: though the mailer may be on another relay when the record is written
+    relay: str = ""
 
     def settle(self, recipients: List[str], reply: Reply) -> None:
         """reply is final for recipients: failed if permanent, else deferred."""
@@ -3667,6 +3670,7 @@ class Mailer:
             conn.rset()
             return _Rest([], limit)
         out.xverp = "XVERP" in params
+        out.relay = conn.relay
         try:
             for i in range(0, len(wire), _CHUNK):
                 if heartbeat:
@@ -4352,15 +4356,16 @@ class QueueProcessor:
         the decision made without it."""
         now = self._timefunc()
         policy = _Policy.of(self.config)
+        relay = out.relay or mailer.where
         try:
             plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
-                         mailer.where, policy, now, self._rng)
+                         relay, policy, now, self._rng)
         except Exception:
             log.exception("4.3.0 %s: its state cannot be used: recording this attempt "
                           "without it", msg.name)
             msg.state = {}
             plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
-                         mailer.where, policy, now, self._rng)
+                         relay, policy, now, self._rng)
         self._record(msg, self._change(msg, plan), out.delivered)
         for line in plan.lines:
             log.log(line.level, line.text, *line.args)

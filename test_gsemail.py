@@ -7213,6 +7213,28 @@ class PipelinedSettlingTests(Base):
                 self.assertEqual(self.listing("new"), [])
                 self.assertEqual(self.listing("cur"), [names[1]])
 
+    def test_a_message_settled_before_a_failover_inside_deliver_names_its_relay(self):
+        # The first relay acknowledges message 0's dot, then answers message
+        # 1's MAIL with 421 (a reused connection timed out): deliver itself
+        # reconnects, fails over to the second relay, and message 0 is
+        # recorded at message 1's next heartbeat, by then on the second
+        # relay; its record still names the first.
+        first = self.server(rules={"MAIL": ["250 2.1.0 Ok", "421 4.4.2 timeout"],
+                                   "CONNECT": ["220 first ESMTP", "421 4.3.2 not now"]})
+        second = self.server()
+        config = self.config(25, hostname="127.0.0.1:%d, 127.0.0.1:%d"
+                             % (first.port, second.port))
+        names = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(2)]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(first.rcpts, ["r0@example.org"])
+        self.assertEqual(second.rcpts, ["r1@example.org"])
+        for name, server in zip(names, (first, second)):
+            self.assertTrue(any("%s: delivered to 1 recipient(s) via 127.0.0.1:%d"
+                                % (name, server.port) in line for line in logs.output),
+                            logs.output)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
     def test_a_message_settled_before_a_failover_is_recorded_via_its_relay(self):
         # The first relay acknowledges message 0's dot, then drops the
         # connection at message 1's MAIL and refuses a new one: message 1
