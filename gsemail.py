@@ -256,6 +256,14 @@ def _fqdn() -> str:
     return socket.getfqdn() or "localhost"
 
 
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
     """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
     pairs; an entry without a port has the port option's.  Raises ValueError
@@ -265,7 +273,7 @@ def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
         entry = entry.strip()
         match = re.fullmatch(r"\[([^\]]+)\](?::(\w*))?|([^:\s\[\]]+)(?::(\w*))?", entry)
         if not match:
-            if entry.count(":") > 1 and re.fullmatch(r"[0-9A-Fa-f:.]+", entry):
+            if entry.count(":") > 1 and _ipv6(entry):
                 found.append((entry, port))     # a bare IPv6 address
                 continue
             raise ValueError("relay %r is not HOST or HOST:PORT (write an IPv6 address "

@@ -804,7 +804,9 @@ class PureHelperTests(unittest.TestCase):
                 ("", "is not HOST or HOST:PORT"),
                 ("a,,b", "is not HOST or HOST:PORT"),
                 ("a,", "is not HOST or HOST:PORT"),
-                ("mx:25:26", "is not HOST or HOST:PORT")):
+                ("mx:25:26", "is not HOST or HOST:PORT"),
+                ("a:25:26", "is not HOST or HOST:PORT"),        # hex digits, not IPv6
+                ("1:2:3:4:5:6:7:8:9", "is not HOST or HOST:PORT")):
             with self.subTest(hostname=hostname):
                 with self.assertRaises(ValueError) as cm:
                     gsemail._relays(hostname, 25)
