@@ -4897,7 +4897,7 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-    counts = dict.fromkeys(("new", "deferred", "sending", "dead"), 0)
+    counts = dict.fromkeys(_STATES, 0)
     for e in entries:
         counts[e.state] += 1
     print("-- %d message(s), %s bytes: %s" % (
