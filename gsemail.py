@@ -1169,13 +1169,14 @@ class _Record(TypedDict, total=False):
     history: List[Dict[str, object]]    # last _HISTORY attempts and operator
     #                                     actions, as read: see _history_of
     # For people reading state/ and for other tools only (README's queue
-    # section lists them): written, never read by gsemail.  The next
-    # attempt that counts is the file's mtime in cur/.
+    # section names the next attempt among the state): written, never read
+    # by gsemail.  The next attempt that counts is the file's mtime in cur/.
     next_attempt: float             # when it is due again
     last_attempt: float             # when it was last tried
     retried_from: str               # the dead letter an operator's retry queued it from
-    # Read only in files of older versions, and dropped at the next record:
-    # the name's :2,X flag and the config decide XVERP (see _XVERP_FLAG).
+    # Only in files of older versions: never read, and dropped at the next
+    # record, for the name's :2,X flag and the config decide XVERP (see
+    # _XVERP_FLAG).
     xverp: bool
 
 
