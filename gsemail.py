@@ -1600,8 +1600,12 @@ class Queue:
     directory owned by this user, and no parent directory may be writable
     by a user other than root and this one (unless it has the sticky bit,
     as /tmp).  The directory's identity (device, inode, owner, mode) is
-    taken when it is opened, and ``check()`` (before each processor pass
-    and each ``add``) refuses a queue that is no longer the one opened.
+    taken when it is opened, and ``check()`` (before each processor pass;
+    ``add`` and every claim and record check the identity) refuses a queue
+    that is no longer the one opened.
+
+    ``claim_timeout`` (240 s: SMTPConfig's for its default timeout of 60 s)
+    is how long a claim that is not ours must go untouched to be stale.
     """
 
     def __init__(self, path: str, claim_timeout: float = 240.0,
@@ -1858,26 +1862,36 @@ class Queue:
         try:
             _fsync_dir(os.path.join(self.path, "new"))
         except OSError as e:
-            # The message is already visible in new/ and a processor may be
-            # sending it, so it cannot simply be unlinked: withdraw it only
-            # if we can claim it.  Otherwise it is on its way (or sent), and
-            # raising would make the caller send it a second time.
-            msg = self.claim(final)
-            if msg is None:
-                log.error("4.3.0 queue %s: %s was queued and is being sent, but new/ "
-                          "could not be synced: %s", self.path, name, e.strerror)
-                return name
-            try:
-                os.unlink(final)
-            except OSError:
-                log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
-                          "and the message could not be withdrawn: %s", self.path, name,
-                          e.strerror)
-                return name     # it stays queued: raising would make it sent twice
-            finally:
-                msg.release()
-            raise self._error("cannot sync new/ after writing the message", e) from None
+            if self._withdraw(final, e):
+                raise self._error("cannot sync new/ after writing the message", e) from None
         return name
+
+    def _withdraw(self, path: str, e: OSError) -> bool:
+        """After new/ could not be synced (e): take back the message just
+        queued at path, and say whether that was done (then add raises; if
+        not, add returns its name, the message still queued).
+
+        The message is already visible in new/ and a processor may be
+        sending it, so it cannot simply be unlinked: withdraw it only if we
+        can claim it.  Otherwise it is on its way (or sent), and raising
+        would make the caller send it a second time.
+        """
+        name = os.path.basename(path)
+        msg = self.claim(path)
+        if msg is None:
+            log.error("4.3.0 queue %s: %s was queued and is being sent, but new/ "
+                      "could not be synced: %s", self.path, name, e.strerror)
+            return False
+        try:
+            os.unlink(path)
+        except OSError:
+            log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
+                      "and the message could not be withdrawn: %s", self.path, name,
+                      e.strerror)
+            return False    # it stays queued: raising would make it sent twice
+        finally:
+            msg.release()
+        return True
 
     # -- finding and claiming -------------------------------------------------
 
@@ -1928,7 +1942,7 @@ class Queue:
         except OSError:
             return None         # _scan says what is wrong
 
-    def _scan(self, sub: str) -> Iterator["os.DirEntry[str]"]:
+    def _scan(self, sub: str) -> Iterator[os.DirEntry[str]]:
         """The messages in sub/, one at a time: a list of 100,000 DirEntry
         objects would cost tens of megabytes that Python keeps."""
         try:
