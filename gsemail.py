@@ -1969,6 +1969,10 @@ class Queue:
         """How many messages wait (new and deferred, not dead letters)."""
         return sum(1 for _ in self._scan("new")) + sum(1 for _ in self._scan("cur"))
 
+    # Claiming, in three verbs: claim() takes a due message and reads it
+    # (for delivery); _claim_unread() only takes the claim; _hold() takes it
+    # for an operator's command, due or not.  _Claims makes the claim itself.
+
     def claim(self, path: str) -> Optional[QueuedMessage]:
         """Claim the message at path, or return None if another process has
         it, it has gone, or it is not due yet."""
@@ -2011,10 +2015,6 @@ class Queue:
         ending in :2,X: _asks_xverp) or the config says xverp, and never for
         <>.  Nothing else counts (a state file's "xverp" is not read)."""
         return bool(sender) and (asked or self.xverp)
-
-    # Claiming, in three verbs: claim() takes a due message and reads it
-    # (for delivery); _claim_unread() only takes the claim; _hold() takes it
-    # for an operator's command, due or not.  _Claims makes the claim itself.
 
     def _claim_unread(self, path: str) -> Optional[QueuedMessage]:
         """The claim on path, its file unread, or None if someone else holds it."""
