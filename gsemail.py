@@ -87,7 +87,7 @@ import threading
 import time
 import weakref
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    NamedTuple, NoReturn, Optional, TextIO, Tuple, TypedDict, Union)
+                    NamedTuple, NoReturn, Optional, TextIO, Tuple, TypedDict, Union, cast)
 
 __version__ = "1.0.0"
 __all__ = [
@@ -672,10 +672,28 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
 # skips dot files, so it drains this queue, and we drain its queue.  Every
 # change is a rename or an unlink, so a crash leaves either the old or the
 # new file, never half of one.
+#
+# The format is written and read in one place each: the names' markers
+# just below, the envelope (_envelope / _read_head), the dead letter's head
+# (_dead_letter_lines / _read_dead_letter) and the state file (_Record,
+# _write_state / _read_state).  Claims are _Claims's.
 # ---------------------------------------------------------------------------
 
+_CLAIM = ".sending-"        # new|cur/.sending-NAME: NAME is claimed (zope.sendmail's too)
+_DEAD = ".rejected-"        # new|cur/.rejected-NAME[.N]: NAME's dead letter (zope's too)
+_CLAIMER = ".claimer-"      # tmp/.claimer-HOST-PID-N: a process's claimer file
+_STATE_TMP = ".state-"      # tmp/.state-NAME: a state file being written
+# A name ending in :2,X (Maildir's "info" with our flag X) asks for XVERP.
+# That flag and the config's xverp are the only sources of truth (see
+# _asks_xverp and Queue._wants_xverp); the state's old "xverp" key is not.
+_XVERP_FLAG = ":2,X"
+_FROM, _TO = b"X-Zope-From:", b"X-Zope-To:"     # the envelope's two lines
+#: QueueEntry.state, in the order list and status count them: due now,
+#: waiting in cur/, claimed by a process, a dead letter
+_STATES = ("new", "deferred", "sending", "dead")
+
 _counter = iter(range(1, 1 << 62))
-_claiming: "weakref.WeakSet[Queue]" = weakref.WeakSet()  # queues with a claimer file
+_claiming: "weakref.WeakSet[Queue]" = weakref.WeakSet()  # queues that may make claims
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 _STALE_TMP = 36 * 3600      # Maildir's rule for abandoned tmp/ files
 _CUR_RESCAN = 300.0         # read all of cur/ at least this often (as Postfix's
@@ -873,16 +891,6 @@ def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False,
         os.close(fd)
 
 
-def _envelope(sender: str, recipients: List[str]) -> bytes:
-    """zope.sendmail's two envelope lines, bare addresses (read by _read_head).
-
-    Every address written here has passed _address_problem, which refuses
-    any that _read_head (and so zope.sendmail) would read back differently.
-    """
-    return ("X-Zope-From: %s\nX-Zope-To: %s\n" % (sender, ", ".join(recipients))
-            ).encode("utf-8")
-
-
 # Characters that make an envelope line more than bare addresses and commas:
 # then it is read with email.utils, as zope.sendmail reads it.
 _ENVELOPE_SPECIAL = re.compile(r'["()<>:;\[\]\\\s]')
@@ -931,49 +939,42 @@ def _envelope_problem(address: str) -> Optional[str]:
     return None
 
 
-def _escape_address(address: str) -> str:
-    return address.replace("\\", "\\\\").replace(">", "\\>")
+# -- the envelope: written by _envelope, read by _read_head -------------------
+
+def _envelope(sender: str, recipients: List[str]) -> bytes:
+    """zope.sendmail's two envelope lines, bare addresses (read by _read_head).
+
+    Every address written here has passed _address_problem, which refuses
+    any that _read_head (and so zope.sendmail) would read back differently.
+    """
+    return ("%s %s\n%s %s\n" % (_FROM.decode(), sender, _TO.decode(), ", ".join(recipients))
+            ).encode("utf-8")
 
 
-def _dead_letter_lines(sender: str, failures: Dict[str, str], name: str, when: float,
-                       attempts: int, first_queued: float, summary: str) -> bytes:
-    """A dead letter's head, read back by _read_head: zope's envelope with
-    the failed recipients, then our lines.  The first names the message
-    (id=) and counts the X-Gsemail-Failed lines that follow, so a reader
-    takes off exactly these and never a line of the message."""
-    lines = ["X-Zope-From: %s" % sender,
-             "X-Zope-To: %s" % ", ".join(r for r in failures if r != _NO_RECIPIENT
-                                         and not _envelope_problem(r)),
-             "X-Gsemail-Dead-Letter: %s; id=%s; attempts=%d; first-queued=%s; failed=%d; %s"
-             % (_iso(when), name, attempts, _iso(first_queued), len(failures),
-                _one_line(summary)[:4000])]
-    # each line well below the _LINE_MAX that _read_head reads
-    lines += ["X-Gsemail-Failed: <%s> %s" % (_escape_address(rcpt), _one_line(why)[:4000])
-              for rcpt, why in failures.items()]
-    return ("\n".join(lines) + "\n").encode("utf-8", "replace")
+class _DeadLetter(NamedTuple):
+    """Our X-Gsemail-Dead-Letter line, as _read_dead_letter reads it."""
+
+    when: Optional[float]           # when it was written (None: not a time we wrote)
+    summary: str                    # the free text after the fields
+    text: str                       # the fields but id=, then the summary, for people
+    attempts: Optional[int]         # attempts=, None when absent or odd
+    first_queued: Optional[float]   # first-queued=
 
 
+@dataclasses.dataclass
 class _Head:
     """What a queue file holds before its message (see _read_head)."""
 
-    def __init__(self) -> None:
-        self.sender = ""
-        self.recipients: List[str] = []
-        self.problem: Optional[str] = None
-        self.start = 0          # where the message begins (0: the file is kept whole)
-        self.id = ""            # a dead letter of ours: the message it was
-        self.dead: Dict[str, object] = {}     # our dead-letter line's fields
-        self.failed: Dict[str, str] = {}
-
-
-def _belongs(dead_id: str, name: str) -> bool:
-    """Whether our dead-letter line naming dead_id is in file name's own
-    head: a dead letter (.rejected-ID, or .rejected-ID.N beside zope's), or
-    one an operator moved back into new/ or cur/ by hand."""
-    if name.startswith(".rejected-"):
-        name = name[10:]
-    return bool(dead_id) and (name == dead_id or (
-        name.startswith(dead_id + ".") and name[len(dead_id) + 1:].isdigit()))
+    sender: str = ""
+    recipients: List[str] = dataclasses.field(default_factory=list)
+    #: why the file cannot be sent (a 554 Reply), or None
+    problem: Optional[Reply] = None
+    start: int = 0          # where the message begins (0: the file is kept whole)
+    id: str = ""            # a dead letter of ours: the message it was
+    dead: Optional[_DeadLetter] = None   # our dead-letter line, if it is this file's
+    failed: Dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the message's bytes, when the whole file was read (_read_file)
+    data: bytes = b""
 
 
 def _read_head(readline: Callable[..., bytes], name: str) -> _Head:
@@ -989,16 +990,15 @@ def _read_head(readline: Callable[..., bytes], name: str) -> _Head:
     """
     head = _Head()
     first = readline(_LINE_MAX)
-    second = readline() if first.startswith(b"X-Zope-From:") and first.endswith(b"\n") \
-        else b""
-    if not (second.startswith(b"X-Zope-To:") and second.endswith(b"\n")):
-        head.problem = _NO_ENVELOPE
+    second = readline() if first.startswith(_FROM) and first.endswith(b"\n") else b""
+    if not (second.startswith(_TO) and second.endswith(b"\n")):
+        head.problem = Reply(554, _NO_ENVELOPE)
         return head
     try:
-        sender = first[12:].decode("utf-8").rstrip("\r\n")
-        to = second[10:].decode("utf-8").rstrip("\r\n")
+        sender = first[len(_FROM):].decode("utf-8").rstrip("\r\n")
+        to = second[len(_TO):].decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        head.problem = "5.6.0 queue file envelope is not UTF-8"
+        head.problem = Reply(554, "5.6.0 queue file envelope is not UTF-8")
         return head
     head.sender, head.recipients = _zope_sender(sender), _zope_recipients(to)
     head.start = len(first) + len(second)
@@ -1006,8 +1006,65 @@ def _read_head(readline: Callable[..., bytes], name: str) -> _Head:
     if line.startswith(_DEAD_LETTER) and line.endswith(b"\n"):
         _read_dead_letter(head, line, readline, name)
     if not head.recipients:
-        head.problem = "5.1.3 queue file has no recipients in X-Zope-To"
+        head.problem = Reply(554, "5.1.3 queue file has no recipients in X-Zope-To")
     return head
+
+
+def _read_file(raw: bytes, name: str) -> _Head:
+    """A whole queue file's head and message, read from its bytes (as
+    _read_head reads it).  A file that cannot be sent gets a problem; its
+    data is every byte after what _read_head took off (all of them when it
+    found no envelope), so its dead letter keeps them."""
+    head = _read_head(io.BytesIO(raw).readline, name)
+    head.data = raw[head.start:]
+    if not head.problem and not head.data.strip():
+        head.problem = Reply(554, "5.6.0 queue file holds no message (empty or truncated)")
+    return head
+
+
+def _detail(reply: Reply) -> str:
+    """A reply's text without its enhanced status code (MessageError has
+    the code apart)."""
+    match = _ENHANCED.match(reply.text)
+    return reply.text[match.end():] if match else reply.text
+
+
+def _asks_xverp(name: str, head: _Head) -> bool:
+    """Whether the message in file name asks for XVERP: its queue name ends
+    in :2,X (a dead letter of ours: the name of the message it was, id=).
+    Queue._wants_xverp adds the config and decides."""
+    return (head.id or _queue_id(name)).endswith(_XVERP_FLAG)
+
+
+def _queue_id(name: str) -> str:
+    """The queue id of the file name: the name, a dead letter's without
+    .rejected- (QueueEntry.id)."""
+    return name[len(_DEAD):] if name.startswith(_DEAD) else name
+
+
+# -- the dead letter's head: written by _dead_letter_lines, read by
+# -- _read_dead_letter (from _read_head, after the envelope) -----------------
+
+def _escape_address(address: str) -> str:
+    return address.replace("\\", "\\\\").replace(">", "\\>")
+
+
+def _dead_letter_lines(sender: str, failures: Dict[str, str], name: str, when: float,
+                       attempts: int, first_queued: float, summary: str) -> bytes:
+    """A dead letter's head, read back by _read_dead_letter: zope's envelope
+    with the failed recipients, then our lines.  The first names the message
+    (id=) and counts the X-Gsemail-Failed lines that follow, so a reader
+    takes off exactly these and never a line of the message."""
+    lines = ["%s %s" % (_FROM.decode(), sender),
+             "%s %s" % (_TO.decode(), ", ".join(r for r in failures if r != _NO_RECIPIENT
+                                                and not _envelope_problem(r))),
+             "%s%s; id=%s; attempts=%d; first-queued=%s; failed=%d; %s"
+             % (_DEAD_LETTER.decode(), _iso(when), name, attempts, _iso(first_queued),
+                len(failures), _one_line(summary)[:4000])]
+    # each line well below the _LINE_MAX that _read_head reads
+    lines += ["%s<%s> %s" % (_FAILED.decode(), _escape_address(rcpt), _one_line(why)[:4000])
+              for rcpt, why in failures.items()]
+    return ("\n".join(lines) + "\n").encode("utf-8", "replace")
 
 
 def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
@@ -1041,12 +1098,21 @@ def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
         failed["".join(address)] = text[i + 1:].strip()
     head.start += size
     head.id, head.failed = fields["id"], failed
-    head.dead = {"when": _parse_iso(when), "summary": "; ".join(parts),
-                 "text": "; ".join(["%s=%s" % kv for kv in fields.items() if kv[0] != "id"]
-                                   + parts),
-                 "attempts": int(fields["attempts"]) if fields.get(
-                     "attempts", "").isascii() and fields["attempts"].isdigit() else None,
-                 "first_queued": _parse_iso(fields.get("first-queued", ""))}
+    attempts = fields.get("attempts", "")
+    head.dead = _DeadLetter(
+        when=_parse_iso(when), summary="; ".join(parts),
+        text="; ".join(["%s=%s" % kv for kv in fields.items() if kv[0] != "id"] + parts),
+        attempts=int(attempts) if attempts.isascii() and attempts.isdigit() else None,
+        first_queued=_parse_iso(fields.get("first-queued", "")))
+
+
+def _belongs(dead_id: str, name: str) -> bool:
+    """Whether our dead-letter line naming dead_id is in file name's own
+    head: a dead letter (.rejected-ID, or .rejected-ID.N beside zope's), or
+    one an operator moved back into new/ or cur/ by hand."""
+    name = _queue_id(name)
+    return bool(dead_id) and (name == dead_id or (
+        name.startswith(dead_id + ".") and name[len(dead_id) + 1:].isdigit()))
 
 
 def _one_line(text: str) -> str:
@@ -1153,7 +1219,33 @@ def _attempts(value: object) -> int:
         return 0
 
 
-def _sane_state(state: object) -> Dict[str, object]:
+class _Record(TypedDict, total=False):
+    """A message's state file, state/NAME (JSON): what gsemail knows of a
+    message beyond its file.  Every key may be missing (a message not yet
+    tried has no state file at all); _sane_state checks each key that
+    gsemail reads, as the file is read, and keeps the keys of other tools
+    (or of an operator) as they are.  Written by Queue._write_state."""
+
+    attempts: int                   # attempts made so far (0 to _ATTEMPTS_MAX)
+    first_queued: float             # when first queued, a Unix time (else: _first_queued)
+    failed: Dict[str, str]          # recipients refused so far -> str(their Reply)
+    dead_letter: bool               # those refusals are in its dead letter already
+    last_error: str                 # the reply that last deferred it (list, show)
+    history: List[Dict[str, object]]    # last _HISTORY attempts and operator
+    #                                     actions, as read: see _history_of
+    # For people reading state/ and for other tools only (README's queue
+    # section names the next attempt among the state): written, never read
+    # by gsemail.  The next attempt that counts is the file's mtime in cur/.
+    next_attempt: float             # when it is due again
+    last_attempt: float             # when it was last tried
+    retried_from: str               # the dead letter an operator's retry queued it from
+    # Only in files of older versions: never read, and dropped at the next
+    # record, for the name's :2,X flag and the config decide XVERP (see
+    # _XVERP_FLAG).
+    xverp: bool
+
+
+def _sane_state(state: object) -> _Record:
     """A message's state as read from its file, each field we use checked:
     the file is advice (an operator or a tool may have edited it), and its
     content must never stop a delivery from being recorded.  Fields it does
@@ -1181,16 +1273,21 @@ def _sane_state(state: object) -> Dict[str, object]:
     for key in ("last_error", "retried_from"):
         if key in state and not isinstance(state[key], str):
             del state[key]
-    return state
+    # a cast, not a check: the keys we read are checked above, and the
+    # others (another tool's) are kept as they are
+    return cast(_Record, state)
 
 
-def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
+_MAILDIR_TIME = re.compile(r"(?:%s)?([0-9]{9,})\." % re.escape(_DEAD))
+
+
+def _first_queued(name: str, state: _Record, mtime: float) -> float:
     """When a message was first queued: its state says, else its name (a
     Maildir name starts with the time), else its file's mtime."""
     when = _when(state.get("first_queued"))
     if when is not None:
         return when
-    match = re.match(r"(?:\.rejected-)?([0-9]{9,})\.", name)
+    match = _MAILDIR_TIME.match(name)
     when = _when(float(match.group(1))) if match else None
     return mtime if when is None else when
 
@@ -1198,14 +1295,247 @@ def _first_queued(name: str, state: Dict[str, object], mtime: float) -> float:
 _HISTORY = 10       # attempts and operator actions kept in a message's state
 
 
-def _events(state: Dict[str, object]) -> List[Dict[str, object]]:
+def _history_of(state: _Record) -> List[Dict[str, object]]:
     """The history in a message's state (whatever a damaged file holds)."""
-    old = state.get("history")
+    old: object = state.get("history")
     return [e for e in old if isinstance(e, dict)] if isinstance(old, list) else []
 
 
-def _history(state: Dict[str, object], event: Dict[str, object]) -> List[Dict[str, object]]:
-    return (_events(state) + [event])[-_HISTORY:]
+def _history_with(state: _Record, event: Dict[str, object]) -> List[Dict[str, object]]:
+    """The history in state with event appended: the last _HISTORY kept."""
+    return (_history_of(state) + [event])[-_HISTORY:]
+
+
+class _ClaimerFile(NamedTuple):
+    """This process's claimer file, tmp/.claimer-HOST-PID-N: every claim the
+    process takes is a hard link to it, and it holds an flock on it for as
+    long as it lives."""
+
+    pid: int        # the process that made it (a forked child has its parent's)
+    fd: int         # open, locked
+    path: str
+
+
+class _Owner(NamedTuple):
+    """The gsemail process whose claim it is, as its claimer file names it."""
+
+    host: str
+    pid: str
+
+    @property
+    def here(self) -> bool:
+        """On this host, so its flock says whether it lives."""
+        return self.host == _HOST
+
+
+def _claimer_name(host: str, pid: int, n: int) -> str:
+    """The name of a claimer file in tmp/ (read back by _Claims.owner)."""
+    return "%s%s-%d-%d" % (_CLAIMER, host, pid, n)
+
+
+def _claimer_text(host: str, pid: int) -> bytes:
+    """What a claimer file says (read back by _Claims.owner)."""
+    return ("gsemail %s %d\n" % (host, pid)).encode()
+
+
+class _Claims:
+    """A queue's claims: ``new|cur/.sending-NAME``, each a hard link to a
+    process's claimer file.
+
+    ``link`` takes one, ``break_stale`` removes one whose owner is gone,
+    ``owner`` and ``describe`` say whose one is, ``forget_after_fork`` lets
+    a child go of its parent's claimer file and ``close`` removes ours.
+    """
+
+    def __init__(self, path: str, timeout: float,
+                 report_odd: Callable[[str, str], None]) -> None:
+        self.tmp = os.path.join(path, "tmp")
+        self.timeout = timeout      # a claim not ours is stale after this long untouched
+        self._report_odd = report_odd
+        self._lock = threading.Lock()
+        self.file: Optional[_ClaimerFile] = None
+
+    def link(self, claim_path: str) -> Optional[int]:
+        """Take the claim at claim_path: the fd that holds it, or None.
+
+        A claim is a hard link to this process's claimer file, which says
+        "gsemail HOST PID" and on which the process holds an flock for as
+        long as it lives.  link() is atomic and fails if the name exists
+        (zope.sendmail claims by linking the same name), so a claim is whole
+        or absent, even when the process is killed while it claims, and it
+        costs one system call to take and one to give back.
+        """
+        for _ in range(3):
+            made = self._claimer()
+            try:
+                os.link(made.path, claim_path)
+                return made.fd
+            except FileExistsError:
+                if not self.break_stale(claim_path):
+                    return None
+            except FileNotFoundError:
+                if os.path.exists(made.path):
+                    raise               # the claim's directory has gone
+                # Removed under us (by hand): make another.  The old fd stays
+                # open: its lock still guards the claims linked to it.
+                self.file = None
+        return None
+
+    def _claimer(self) -> _ClaimerFile:
+        """This process's locked claimer file (made once, again after fork)."""
+        with self._lock:
+            made = self.file
+            if made is not None and made.pid == os.getpid():
+                return made
+            if made is not None:
+                os.close(made.fd)   # a parent's, forked without hooks: see forget_after_fork
+            private = os.path.join(self.tmp, _claimer_name(_HOST, os.getpid(), next(_counter)))
+            fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, _claimer_text(_HOST, os.getpid()))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    os.close(fd)
+                    os.unlink(private)
+                    raise
+                # A full disk must not stop the sending that empties it: the
+                # claims hold, and still name their owner by this file's
+                # name, which needs no data block (see owner).
+            self.file = _ClaimerFile(os.getpid(), fd, private)
+            return self.file
+
+    def ours(self) -> Optional[_ClaimerFile]:
+        """This process's claimer file, if it has made one."""
+        made = self.file
+        return made if made is not None and made.pid == os.getpid() else None
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: let go of the parent's lock, or the parent's
+        claims would look alive for as long as the child lives."""
+        self._lock = threading.Lock()
+        made, self.file = self.file, None
+        if made is not None and made.pid != os.getpid():
+            os.close(made.fd)
+
+    def close(self) -> None:
+        """Remove this process's claimer file (claims it made are released)."""
+        with self._lock:
+            made, self.file = self.file, None
+        if made is not None and made.pid == os.getpid():
+            try:
+                os.unlink(made.path)
+            except FileNotFoundError:
+                pass
+            os.close(made.fd)
+
+    def break_stale(self, claim_path: str) -> bool:
+        """Remove a claim whose owner is gone.  True if it was removed.
+
+        Our claims hold an flock while their owner lives, so a claim we can
+        lock that names this host belongs to a dead process.  Any other claim
+        (another host, or zope.sendmail's hard link) is stale only when it
+        has not been touched for timeout seconds.
+        """
+        try:
+            fd = _open_regular(claim_path)
+        except FileNotFoundError:
+            return True
+        except _NotRegular as e:
+            # No claim anyone makes (ours and zope's are links to regular
+            # files): say so, and leave its message alone.
+            self._report_odd(claim_path, e.what)
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False        # its owner is alive
+            st = os.fstat(fd)
+            try:
+                if os.stat(claim_path).st_ino != st.st_ino:
+                    return False    # replaced by a new claim meanwhile
+            except FileNotFoundError:
+                return True
+            # ours names its owner; zope's is a link to the message
+            owner = self.owner(fd, st)
+            ours = owner is not None and owner.here
+            # link() and utime() both set ctime: a zope claim's age is its ctime.
+            age = time.time() - max(st.st_mtime, st.st_ctime)
+            if not ours and age < self.timeout:
+                return False
+            log.warning("4.4.7 %s: breaking a stale claim (%s)", claim_path,
+                        "its process has died" if ours
+                        else "untouched for %d s" % age)
+            try:
+                os.unlink(claim_path)
+            except FileNotFoundError:
+                pass
+            return True
+        finally:
+            os.close(fd)    # after the unlink: see QueuedMessage.release
+
+    def owner(self, fd: int, st: os.stat_result) -> Optional[_Owner]:
+        """The gsemail process whose claim fd is, or None (zope.sendmail's
+        claim, or an owner that can no longer be named).  The one reader of
+        _claimer_text and _claimer_name.
+
+        A claim is a hard link to its owner's claimer file,
+        tmp/.claimer-HOST-PID-N, whose content says "gsemail HOST PID".  On
+        a full disk that content could not be written; the file's name needs
+        no data block, so the owner is also found by name: the claimer file
+        in tmp/ with the claim's inode."""
+        words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+        if len(words) == 3 and words[0] == "gsemail":
+            return _Owner(words[1], words[2])
+        if st.st_nlink < 2:
+            return None     # its claimer file has gone
+        try:
+            with os.scandir(self.tmp) as it:
+                for entry in it:
+                    if not entry.name.startswith(_CLAIMER) or entry.inode() != st.st_ino:
+                        continue
+                    try:
+                        found = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
+                        host, pid, _ = (entry.name[len(_CLAIMER):].rsplit("-", 2)
+                                        + ["", ""])[:3]
+                        if host and pid.isdigit():
+                            return _Owner(host, pid)
+        except OSError:
+            pass
+        return None
+
+    def describe(self, claim_path: str) -> str:
+        """Who holds a claim, and whether they still live, in words."""
+        try:
+            fd = _open_regular(claim_path)
+        except FileNotFoundError:
+            return "nobody now (the claim has just gone)"
+        except _NotRegular as e:
+            return "no process: %s (remove it)" % e
+        try:
+            st = os.fstat(fd)
+            head = os.pread(fd, 200, 0)
+            if head.startswith(_FROM):
+                # zope.sendmail claims with a hard link to the message itself
+                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime)
+            owner = self.owner(fd, st)
+            if owner is not None and owner.here:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return "process %s on this host, running" % owner.pid
+                return "process %s on this host, which has died (the claim is broken " \
+                       "at the next look)" % owner.pid
+            return "%s, touched %d s ago" % (
+                "process %s on %s" % (owner.pid, owner.host) if owner else
+                "an owner that can no longer be named",
+                time.time() - max(st.st_mtime, st.st_ctime))
+        finally:
+            os.close(fd)
 
 
 class QueuedMessage:
@@ -1217,15 +1547,16 @@ class QueuedMessage:
         self.path = path
         self.name = os.path.basename(path)
         self.claim_path = claim_path
-        self._fd = fd
+        self._fd = fd       # the process's claimer file's (locked), not this claim's
         self._beat = time.monotonic()
         self.sender = ""
         self.recipients: List[str] = []
         self.data = b""
-        self.xverp = self.name.endswith(":2,X")
-        self.state: Dict[str, object] = {}
+        self.xverp = self.name.endswith(_XVERP_FLAG)   # claim() decides: _wants_xverp
+        self.state: _Record = {}
         self.stateful = True    # a state file may exist (claim() knows for sure)
-        self.problem: Optional[str] = None
+        #: why it cannot be sent (a 554 reply: a file we cannot read), or None
+        self.problem: Optional[Reply] = None
         self.mtime = 0.0
 
     @property
@@ -1238,6 +1569,8 @@ class QueuedMessage:
 
     def heartbeat(self) -> None:
         """Show that the claim's owner is alive (for claims seen over NFS)."""
+        # _fd is the process's claimer file, shared by all its claims: each
+        # claim is a hard link to it, so one touch refreshes every claim.
         now = time.monotonic()
         if now - self._beat >= 1.0 and self._fd >= 0:
             self._beat = now
@@ -1291,9 +1624,31 @@ class QueueEntry:
     dead_since: Optional[float] = None
 
 
-# The states of a message, as QueueEntry.state gives them, in the order the
-# commands count them.
-_STATES = ("new", "deferred", "sending", "dead")
+def _fill_from_dead_letter(entry: QueueEntry, head: _Head, mtime: float) -> None:
+    """Complete entry, a dead letter, from our dead-letter lines in its head
+    (when they are this file's: see _read_dead_letter)."""
+    entry.next_attempt = None
+    dead = head.dead
+    entry.dead_since = (dead.when if dead else None) or mtime
+    if dead:
+        if dead.attempts is not None:
+            entry.attempts = dead.attempts
+        entry.queued = dead.first_queued or entry.queued
+        entry.history.append({"at": entry.dead_since, "event": "dead letter: " + dead.text})
+    entry.failed = dict(head.failed)
+    entry.last_error = next(iter(entry.failed.values()), entry.last_error)
+
+
+def _fill_from_state(entry: QueueEntry, state: _Record, mtime: float) -> None:
+    """Complete entry, a message still to send, from its state file."""
+    entry.queued = _first_queued(os.path.basename(entry.path), state, mtime)
+    attempts = state.get("attempts")
+    entry.attempts = attempts if isinstance(attempts, int) else 0
+    entry.last_error = str(state.get("last_error") or entry.last_error)
+    failed = state.get("failed")
+    if isinstance(failed, dict):
+        entry.failed = {str(k): str(v) for k, v in failed.items()}
+    entry.history = _history_of(state)
 
 
 def _by_state(entries: Iterable[QueueEntry]) -> Dict[str, int]:
@@ -1345,29 +1700,43 @@ class Queue:
     directory owned by this user, and no parent directory may be writable
     by a user other than root and this one (unless it has the sticky bit,
     as /tmp).  The directory's identity (device, inode, owner, mode) is
-    taken when it is opened, and ``check()`` (before each processor pass
-    and each ``add``) refuses a queue that is no longer the one opened.
+    taken when it is opened, and ``check()`` (before each processor pass;
+    ``add`` and every claim and record check the identity) refuses a queue
+    that is no longer the one opened.
+
+    ``claim_timeout`` (240 s: SMTPConfig's for its default timeout of 60 s)
+    is how long a claim that is not ours must go untouched to be stale.
     """
 
     def __init__(self, path: str, claim_timeout: float = 240.0,
                  create: bool = True, xverp: bool = False,
                  readonly: bool = False) -> None:
         self.path = os.path.abspath(path)
-        self.claim_timeout = claim_timeout
+        self._odd: set[str] = set()     # non-regular files reported (once each)
+        self._claims = _Claims(self.path, claim_timeout, self._report_odd)
         #: the config's xverp: every message with a sender goes with XVERP,
         #: whoever queued it (see _wants_xverp)
         self.xverp = xverp
         self.readonly = readonly
         self._identity: Tuple[int, int, int, int] = (0, 0, 0, 0)
-        self._odd: set = set()      # non-regular files reported (once each)
-        self._claimer_lock = threading.Lock()
-        self._claimer_file: Optional[tuple] = None   # (pid, fd, path)
         # The rescan schedule is on the monotonic clock, so a step of the
         # wall clock (NTP, a VM restore) neither stops nor floods it.
         self._cur_scan_at = -math.inf   # when cur/ must be read again (monotonic)
         self._cur_scanned = -math.inf   # when it was last read (monotonic)
         self._cur_seen: object = None   # its mtime then
         self._setup(create)
+        if not readonly:
+            _claiming.add(self)     # a forked child lets go of our claimer file: _after_fork
+
+    @property
+    def claim_timeout(self) -> float:
+        """Seconds after which a claim that is not ours (zope.sendmail's, or
+        another host's) is stale when it has not been touched."""
+        return self._claims.timeout
+
+    @claim_timeout.setter
+    def claim_timeout(self, seconds: float) -> None:
+        self._claims.timeout = seconds
 
     def _setup(self, create: bool = True) -> None:
         if not create and not os.path.lexists(self.path):
@@ -1554,7 +1923,7 @@ class Queue:
     # -- adding -------------------------------------------------------------
 
     def add(self, sender: str, recipients: List[str], data: bytes,
-            xverp: bool = False, state: Optional[Dict[str, object]] = None) -> str:
+            xverp: bool = False, state: Optional[_Record] = None) -> str:
         """Queue a message durably and return its name.
 
         ``data`` must already have CRLF line ends.  When this returns, the
@@ -1576,7 +1945,7 @@ class Queue:
         now = time.time()
         name = "%d.M%06dP%dQ%d.%s%s" % (now, (now % 1) * 1e6, os.getpid(),
                                         next(_counter), _HOST,
-                                        ":2,X" if xverp else "")
+                                        _XVERP_FLAG if xverp else "")
         tmp = os.path.join(self.path, "tmp", name)
         final = os.path.join(self.path, "new", name)
         try:
@@ -1593,26 +1962,36 @@ class Queue:
         try:
             _fsync_dir(os.path.join(self.path, "new"))
         except OSError as e:
-            # The message is already visible in new/ and a processor may be
-            # sending it, so it cannot simply be unlinked: withdraw it only
-            # if we can claim it.  Otherwise it is on its way (or sent), and
-            # raising would make the caller send it a second time.
-            msg = self.claim(final)
-            if msg is None:
-                log.error("4.3.0 queue %s: %s was queued and is being sent, but new/ "
-                          "could not be synced: %s", self.path, name, e.strerror)
-                return name
-            try:
-                os.unlink(final)
-            except OSError:
-                log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
-                          "and the message could not be withdrawn: %s", self.path, name,
-                          e.strerror)
-                return name     # it stays queued: raising would make it sent twice
-            finally:
-                msg.release()
-            raise self._error("cannot sync new/ after writing the message", e) from None
+            if self._withdraw(final, e):
+                raise self._error("cannot sync new/ after writing the message", e) from None
         return name
+
+    def _withdraw(self, path: str, e: OSError) -> bool:
+        """After new/ could not be synced (e): take back the message just
+        queued at path, and say whether that was done (then add raises; if
+        not, add returns its name, the message still queued).
+
+        The message is already visible in new/ and a processor may be
+        sending it, so it cannot simply be unlinked: withdraw it only if we
+        can claim it.  Otherwise it is on its way (or sent), and raising
+        would make the caller send it a second time.
+        """
+        name = os.path.basename(path)
+        msg = self.claim(path)
+        if msg is None:
+            log.error("4.3.0 queue %s: %s was queued and is being sent, but new/ "
+                      "could not be synced: %s", self.path, name, e.strerror)
+            return False
+        try:
+            os.unlink(path)
+        except OSError:
+            log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
+                      "and the message could not be withdrawn: %s", self.path, name,
+                      e.strerror)
+            return False    # it stays queued: raising would make it sent twice
+        finally:
+            msg.release()
+        return True
 
     # -- finding and claiming -------------------------------------------------
 
@@ -1663,7 +2042,7 @@ class Queue:
         except OSError:
             return None         # _scan says what is wrong
 
-    def _scan(self, sub: str) -> Iterator[os.DirEntry]:
+    def _scan(self, sub: str) -> Iterator[os.DirEntry[str]]:
         """The messages in sub/, one at a time: a list of 100,000 DirEntry
         objects would cost tens of megabytes that Python keeps."""
         try:
@@ -1690,11 +2069,15 @@ class Queue:
         """How many messages wait (new and deferred, not dead letters)."""
         return sum(1 for _ in self._scan("new")) + sum(1 for _ in self._scan("cur"))
 
+    # Claiming, in three verbs: claim() takes a due message and reads it
+    # (for delivery); _claim_unread() only takes the claim; _hold() takes it
+    # for an operator's command, due or not.  _Claims makes the claim itself.
+
     def claim(self, path: str) -> Optional[QueuedMessage]:
         """Claim the message at path, or return None if another process has
         it, it has gone, or it is not due yet."""
         head, name = os.path.split(path)
-        msg = self._take(path)
+        msg = self._claim_unread(path)
         if msg is None:
             return None
         try:
@@ -1716,201 +2099,48 @@ class Queue:
             msg.release()       # deferred again by someone else meanwhile
             return None
         try:
-            self._parse(msg, raw)
-            state = self._state_or_none(name)
+            read = _read_file(raw, name)
+            state = self._read_state(name)
         except BaseException:
             msg.release()       # never a claim left behind by a file we misread
             raise
+        msg.sender, msg.recipients, msg.data = read.sender, read.recipients, read.data
+        msg.problem = read.problem
         msg.stateful, msg.state = state is not None, state or {}
-        msg.xverp = self._wants_xverp(msg.xverp, msg.sender)
+        msg.xverp = self._wants_xverp(_asks_xverp(name, read), msg.sender)
         return msg
 
     def _wants_xverp(self, asked: bool, sender: str) -> bool:
         """The one decision on XVERP: when the message asks for it (a name
-        ending in :2,X) or the config says xverp, and never for <>."""
+        ending in :2,X: _asks_xverp) or the config says xverp, and never for
+        <>.  Nothing else counts (a state file's "xverp" is not read)."""
         return bool(sender) and (asked or self.xverp)
 
-    def _take(self, path: str) -> Optional[QueuedMessage]:
-        """The claim on path, unread, or None if someone else holds it."""
+    def _claim_unread(self, path: str) -> Optional[QueuedMessage]:
+        """The claim on path, its file unread, or None if someone else holds it."""
         self._check_identity()  # one lstat: no claim, so no sending, in a replaced queue
         head, name = os.path.split(path)
-        claim_path = os.path.join(head, ".sending-" + name)
-        fd = self._make_claim(claim_path)
+        claim_path = os.path.join(head, _CLAIM + name)
+        fd = self._claims.link(claim_path)
         return None if fd is None else QueuedMessage(path, claim_path, fd)
 
-    def _make_claim(self, claim_path: str) -> Optional[int]:
-        """Take the claim at claim_path: the fd that holds it, or None.
-
-        A claim is a hard link to this process's claimer file, which says
-        "gsemail HOST PID" and on which the process holds an flock for as
-        long as it lives.  link() is atomic and fails if the name exists
-        (zope.sendmail claims by linking the same name), so a claim is whole
-        or absent, even when the process is killed while it claims, and it
-        costs one system call to take and one to give back.
-        """
-        for _ in range(3):
-            fd, private = self._claimer()
-            try:
-                os.link(private, claim_path)
-                return fd
-            except FileExistsError:
-                if not self._break_stale_claim(claim_path):
-                    return None
-            except FileNotFoundError:
-                if os.path.exists(private):
-                    raise               # the claim's directory has gone
-                # Removed under us (by hand): make another.  The old fd stays
-                # open: its lock still guards the claims linked to it.
-                self._claimer_file = None
-        return None
-
-    def _claimer(self) -> tuple:
-        """This process's locked claimer file (made once, again after fork)."""
-        with self._claimer_lock:
-            made = self._claimer_file
-            if made is not None and made[0] == os.getpid():
-                return made[1], made[2]
-            if made is not None:
-                os.close(made[1])   # a parent's, forked without hooks: see _forget_claimer
-            private = os.path.join(self.path, "tmp", ".claimer-%s-%d-%d" % (
-                _HOST, os.getpid(), next(_counter)))
-            fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                os.write(fd, ("gsemail %s %d\n" % (_HOST, os.getpid())).encode())
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    os.close(fd)
-                    os.unlink(private)
-                    raise
-                # A full disk must not stop the sending that empties it: the
-                # claims hold, and still name their owner by this file's
-                # name, which needs no data block (see _owner).
-            self._claimer_file = (os.getpid(), fd, private)
-            _claiming.add(self)
-            return fd, private
-
     def _forget_claimer(self) -> None:
-        """In a forked child: let go of the parent's lock, or the parent's
-        claims would look alive for as long as the child lives."""
-        self._claimer_lock = threading.Lock()
-        made, self._claimer_file = self._claimer_file, None
-        if made is not None and made[0] != os.getpid():
-            os.close(made[1])
+        """In a forked child: let go of the parent's claimer file (see
+        _Claims.forget_after_fork)."""
+        self._claims.forget_after_fork()
 
     def close(self) -> None:
         """Remove this process's claimer file (claims it made are released)."""
-        with self._claimer_lock:
-            made, self._claimer_file = self._claimer_file, None
-        if made is not None and made[0] == os.getpid():
-            try:
-                os.unlink(made[2])
-            except FileNotFoundError:
-                pass
-            os.close(made[1])
-
-    def _break_stale_claim(self, claim_path: str) -> bool:
-        """Remove a claim whose owner is gone.  True if it was removed.
-
-        Our claims hold an flock while their owner lives, so a claim we can
-        lock that names this host belongs to a dead process.  Any other claim
-        (another host, or zope.sendmail's hard link) is stale only when it
-        has not been touched for claim_timeout seconds.
-        """
-        try:
-            fd = _open_regular(claim_path)
-        except FileNotFoundError:
-            return True
-        except _NotRegular as e:
-            # No claim anyone makes (ours and zope's are links to regular
-            # files): say so, and leave its message alone.
-            self._report_odd(claim_path, e.what)
-            return False
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return False        # its owner is alive
-            st = os.fstat(fd)
-            try:
-                if os.stat(claim_path).st_ino != st.st_ino:
-                    return False    # replaced by a new claim meanwhile
-            except FileNotFoundError:
-                return True
-            # ours names its owner; zope's is a link to the message
-            owner = self._owner(fd, st)
-            ours = owner is not None and owner[0] == _HOST
-            # link() and utime() both set ctime: a zope claim's age is its ctime.
-            age = time.time() - max(st.st_mtime, st.st_ctime)
-            if not ours and age < self.claim_timeout:
-                return False
-            log.warning("4.4.7 %s: breaking a stale claim (%s)", claim_path,
-                        "its process has died" if ours
-                        else "untouched for %d s" % age)
-            try:
-                os.unlink(claim_path)
-            except FileNotFoundError:
-                pass
-            return True
-        finally:
-            os.close(fd)    # after the unlink: see QueuedMessage.release
-
-    def _owner(self, fd: int, st: os.stat_result) -> Optional[Tuple[str, str]]:
-        """(host, pid) of the gsemail process whose claim fd is, or None
-        (zope.sendmail's claim, or an owner that can no longer be named).
-
-        A claim is a hard link to its owner's claimer file,
-        tmp/.claimer-HOST-PID-N, whose content says "gsemail HOST PID".  On
-        a full disk that content could not be written; the file's name needs
-        no data block, so the owner is also found by name: the claimer file
-        in tmp/ with the claim's inode."""
-        words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-        if len(words) == 3 and words[0] == "gsemail":
-            return words[1], words[2]
-        if st.st_nlink < 2:
-            return None     # its claimer file has gone
-        try:
-            with os.scandir(os.path.join(self.path, "tmp")) as it:
-                for entry in it:
-                    if not entry.name.startswith(".claimer-") or entry.inode() != st.st_ino:
-                        continue
-                    try:
-                        found = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
-                        host, pid, _ = (entry.name[9:].rsplit("-", 2) + ["", ""])[:3]
-                        if host and pid.isdigit():
-                            return host, pid
-        except OSError:
-            pass
-        return None
-
-    @staticmethod
-    def _parse(msg: QueuedMessage, raw: bytes) -> _Head:
-        """msg's envelope and message from its file's bytes (see _read_head).
-        A file that cannot be sent gets msg.problem; its data is every byte
-        after what _read_head took off (all of them when it found no
-        envelope), so its dead letter keeps them."""
-        head = _read_head(io.BytesIO(raw).readline, msg.name)
-        msg.sender, msg.recipients, msg.problem = head.sender, head.recipients, head.problem
-        msg.data = raw[head.start:]
-        if head.id:     # a dead letter of ours: the message's own name says
-            msg.xverp = head.id.endswith(":2,X")
-        if not msg.problem and not msg.data.strip():
-            msg.problem = "5.6.0 queue file holds no message (empty or truncated)"
-        return head
+        self._claims.close()
 
     # -- per-message state ------------------------------------------------------
 
     def _state_path(self, name: str) -> str:
         return os.path.join(self.path, "state", name)
 
-    def _read_state(self, name: str) -> Dict[str, object]:
-        return self._state_or_none(name) or {}
-
-    def _state_or_none(self, name: str) -> Optional[Dict[str, object]]:
-        """The message's state; None when it has no state file."""
+    def _read_state(self, name: str) -> Optional[_Record]:
+        """The message's state; None when it has no state file (and {} when
+        it has one that cannot be read: it is advice)."""
         try:
             with _open_file(self._state_path(name)) as f:
                 state = json.loads(f.read())
@@ -1922,9 +2152,12 @@ class Queue:
                         self._state_path(name), e)
             return {}
 
-    def _write_state(self, name: str, state: Dict[str, object], sync: bool) -> None:
+    def _write_state(self, name: str, state: _Record, sync: bool) -> None:
+        """Replace the message's state file with state (read back by
+        _read_state).  Fsynced only when sync: attempts and times are cheap
+        to lose, refused recipients are not (see defer)."""
         path = self._state_path(name)
-        tmp = os.path.join(self.path, "tmp", ".state-" + name)
+        tmp = os.path.join(self.path, "tmp", _STATE_TMP + name)
         # A new file (O_EXCL|O_NOFOLLOW), never through what is at the name
         try:
             _write_synced(tmp, [json.dumps(state, sort_keys=True).encode("utf-8")],
@@ -1954,7 +2187,7 @@ class Queue:
         msg.release()
 
     def defer(self, msg: QueuedMessage, recipients: List[str],
-              state: Dict[str, object], next_attempt: float) -> None:
+              state: _Record, next_attempt: float) -> None:
         """Keep the message for the recipients still to do, due again at
         next_attempt, and record state."""
         self._check_identity()
@@ -2022,7 +2255,7 @@ class Queue:
             lines = _dead_letter_lines(msg.sender, merged, msg.name, time.time(),
                                        msg.attempts if attempts is None else attempts,
                                        msg.first_queued, summary)
-            tmp = os.path.join(self.path, "tmp", ".rejected-" + msg.name)
+            tmp = os.path.join(self.path, "tmp", _DEAD + msg.name)
             path = own
             try:
                 _write_synced(tmp, [lines, msg.data])
@@ -2051,8 +2284,8 @@ class Queue:
         .rejected-NAME.2 in each, and on."""
         subs = (first, "cur" if first == "new" else "new")
         for n in range(1, 1000):
-            yield [os.path.join(self.path, sub, ".rejected-%s%s" % (
-                name, "" if n == 1 else ".%d" % n)) for sub in subs]
+            yield [os.path.join(self.path, sub, "%s%s%s" % (
+                _DEAD, name, "" if n == 1 else ".%d" % n)) for sub in subs]
 
     def _own_dead_letter(self, name: str) -> Tuple[str, Optional[QueuedMessage],
                                                    Dict[str, str]]:
@@ -2127,16 +2360,15 @@ class Queue:
             if first <= 0 or end < 0:
                 return False    # beyond the first page: not one safe write
             line = head[first:end].rstrip(b"\r")
-            if not line.startswith(b"X-Zope-To: "):
+            if not line.startswith(_TO + b" "):
                 return False
-            now = QueuedMessage(msg.path, "", -1)
-            self._parse(now, head[:end + 1])
-            left = [r for r in now.recipients if r not in done]
-            if len(left) == len(now.recipients):
+            listed = _read_head(io.BytesIO(head[:end + 1]).readline, msg.name).recipients
+            left = [r for r in listed if r not in done]
+            if len(left) == len(listed):
                 return bool(left)   # already struck
             if not left:
                 return False        # "nobody" cannot be said in X-Zope-To
-            new = ("X-Zope-To: " + ", ".join(left)).encode("utf-8")
+            new = b"%s %s" % (_TO, ", ".join(left).encode("utf-8"))
             if len(new) > len(line):
                 return False
             new += b" " * (len(line) - len(new))
@@ -2181,7 +2413,7 @@ class Queue:
 
     # -- the operator's commands: list, show, status, flush, retry, purge -----
 
-    def entries(self) -> List["QueueEntry"]:
+    def entries(self) -> List[QueueEntry]:
         """Every message in the queue, dead letters too, oldest first.
 
         A snapshot for ``list``, ``show`` and ``status``: a message that
@@ -2195,11 +2427,11 @@ class Queue:
             except FileNotFoundError:
                 raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
             for name in listing:
-                if name.startswith(".rejected-"):
+                if name.startswith(_DEAD):
                     state = "dead"
                 elif name.startswith("."):
                     continue    # claims and other dot files
-                elif ".sending-" + name in listing:
+                elif _CLAIM + name in listing:
                     state = "sending"
                 else:
                     state = "new" if sub == "new" else "deferred"
@@ -2209,7 +2441,8 @@ class Queue:
         found.sort(key=lambda e: (e.queued, e.id))
         return found
 
-    def _entry(self, path: str, state: str) -> Optional["QueueEntry"]:
+    def _entry(self, path: str, state: str) -> Optional[QueueEntry]:
+        """The file at path as an operator sees it; None if it has gone."""
         name = os.path.basename(path)
         try:
             f = _open_file(path)
@@ -2223,81 +2456,32 @@ class Queue:
             except FileNotFoundError:
                 return None
             return QueueEntry(
-                id=name[10:] if state == "dead" else name, state=state, path=path, size=0,
-                sender="", recipients=[], queued=st.st_mtime, attempts=0,
-                next_attempt=st.st_mtime, xverp=False,
-                last_error="4.3.0 %s: not a message; remove it" % e)
+                id=_queue_id(name), state=state, path=path, size=0, sender="",
+                recipients=[], queued=st.st_mtime, attempts=0, next_attempt=st.st_mtime,
+                xverp=False, last_error="4.3.0 %s: not a message; remove it" % e)
         try:
             with f:
                 st = os.fstat(f.fileno())
                 head = _read_head(f.readline, name)     # as delivery reads it
         except FileNotFoundError:
             return None
-        own = head.id or (name[10:] if state == "dead" else name)
         entry = QueueEntry(
-            id=name[10:] if state == "dead" else name, state=state, path=path,
+            id=_queue_id(name), state=state, path=path,
             size=st.st_size - head.start, sender=head.sender, recipients=head.recipients,
             queued=_first_queued(name, {}, st.st_mtime), attempts=0,
             next_attempt=st.st_mtime,
-            xverp=self._wants_xverp(own.endswith(":2,X"), head.sender))
-        entry.last_error = head.problem or ""
+            xverp=self._wants_xverp(_asks_xverp(name, head), head.sender),
+            last_error=head.problem.text if head.problem else "")
         if state == "dead":
-            entry.next_attempt = None
-            dead = head.dead
-            entry.dead_since = dead.get("when") or st.st_mtime  # type: ignore[assignment]
-            if dead:
-                if dead["attempts"] is not None:
-                    entry.attempts = dead["attempts"]  # type: ignore[assignment]
-                entry.queued = dead["first_queued"] or entry.queued  # type: ignore[assignment]
-                entry.history.append({"at": entry.dead_since,
-                                      "event": "dead letter: " + str(dead["text"])})
-            entry.failed = dict(head.failed)
-            entry.last_error = next(iter(entry.failed.values()), entry.last_error)
+            _fill_from_dead_letter(entry, head, st.st_mtime)
             return entry
-        info = self._read_state(name)
-        entry.queued = _first_queued(name, info, st.st_mtime)
-        attempts = info.get("attempts")
-        entry.attempts = attempts if isinstance(attempts, int) else 0
-        entry.last_error = str(info.get("last_error") or entry.last_error)
-        failed = info.get("failed")
-        if isinstance(failed, dict):
-            entry.failed = {str(k): str(v) for k, v in failed.items()}
-        entry.history = _events(info)
+        _fill_from_state(entry, self._read_state(name) or {}, st.st_mtime)
         if state == "sending":
-            entry.claim = self._claim_owner(os.path.join(os.path.dirname(path),
-                                                         ".sending-" + name))
+            entry.claim = self._claims.describe(os.path.join(os.path.dirname(path),
+                                                             _CLAIM + name))
         return entry
 
-    def _claim_owner(self, claim_path: str) -> str:
-        """Who holds a claim, and whether they still live, in words."""
-        try:
-            fd = _open_regular(claim_path)
-        except FileNotFoundError:
-            return "nobody now (the claim has just gone)"
-        except _NotRegular as e:
-            return "no process: %s (remove it)" % e
-        try:
-            st = os.fstat(fd)
-            head = os.pread(fd, 200, 0)
-            if head.startswith(b"X-Zope-From:"):
-                # zope.sendmail claims with a hard link to the message itself
-                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime)
-            owner = self._owner(fd, st)
-            if owner is not None and owner[0] == _HOST:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except OSError:
-                    return "process %s on this host, running" % owner[1]
-                return "process %s on this host, which has died (the claim is broken " \
-                       "at the next look)" % owner[1]
-            return "%s, touched %d s ago" % (
-                "process %s on %s" % (owner[1], owner[0]) if owner else
-                "an owner that can no longer be named",
-                time.time() - max(st.st_mtime, st.st_ctime))
-        finally:
-            os.close(fd)
-
-    def find(self, ids: Iterable[str]) -> List["QueueEntry"]:
+    def find(self, ids: Iterable[str]) -> List[QueueEntry]:
         """The messages named by ids, in that order.  An id is a queue id as
         ``list`` prints it, or a beginning of one that names one message.
         Raises QueueError (5.5.4, EX_USAGE) for an id that names none, or
@@ -2306,8 +2490,8 @@ class Queue:
         chosen: Dict[str, QueueEntry] = {}
         for wanted in ids:
             key = os.path.basename(wanted.strip())
-            dead_only = key.startswith(".rejected-")
-            key = key[10:] if dead_only else key
+            dead_only = key.startswith(_DEAD)
+            key = _queue_id(key)
             pool = [e for e in entries if e.state == "dead" or not dead_only]
             matches = [e for e in pool if e.id == key] or \
                 [e for e in pool if key and e.id.startswith(key)]
@@ -2321,7 +2505,7 @@ class Queue:
             chosen.update((e.path, e) for e in matches)
         return list(chosen.values())
 
-    def read_message(self, entry: "QueueEntry") -> bytes:
+    def read_message(self, entry: QueueEntry) -> bytes:
         """The message itself, headers and body with CRLF line ends, as
         delivery sends it: without the envelope lines and a dead letter's
         own lines (a file without an envelope: all of its bytes).  Raises
@@ -2335,9 +2519,7 @@ class Queue:
             raise QueueError("%s has left %s meanwhile (sent, deferred or purged): look "
                              "again" % (entry.id, os.path.dirname(entry.path)),
                              exit_code=os.EX_TEMPFAIL) from None
-        msg = QueuedMessage(entry.path, "", -1)
-        self._parse(msg, raw)
-        return _crlf(msg.data)
+        return _crlf(_read_file(raw, os.path.basename(entry.path)).data)
 
     def status(self) -> _StatusFacts:
         """Facts for monitoring, as ``gsemail status`` shows them.
@@ -2433,7 +2615,7 @@ class Queue:
     def _hold(self, path: str) -> Optional[QueuedMessage]:
         """Claim path for an operator's command, due or not, so no processor
         sends it meanwhile.  None when someone holds it or it has moved."""
-        held = self._take(path)
+        held = self._claim_unread(path)
         if held is None:
             return None
         if not os.path.exists(path):
@@ -2441,7 +2623,7 @@ class Queue:
             return None
         return held
 
-    def flush(self, entry: "QueueEntry") -> bool:
+    def flush(self, entry: QueueEntry) -> bool:
         """Make a deferred message due now (``postqueue -f``).
 
         It moves back to new/, where a running processor looks at every
@@ -2455,9 +2637,10 @@ class Queue:
             return False
         try:
             now = time.time()
-            info = self._read_state(entry.id)
-            info.update(next_attempt=now, history=_history(
-                info, {"at": now, "event": "made due now by an operator (flush)"}))
+            info = self._read_state(entry.id) or {}
+            info["next_attempt"] = now
+            info["history"] = _history_with(
+                info, {"at": now, "event": "made due now by an operator (flush)"})
             self._write_state(entry.id, info, sync=False)
             os.utime(entry.path, (now, now), follow_symlinks=False)
             os.rename(entry.path, os.path.join(self.path, "new", entry.id))
@@ -2467,7 +2650,7 @@ class Queue:
             held.release()
         return True
 
-    def retry(self, entry: "QueueEntry") -> Optional[str]:
+    def retry(self, entry: QueueEntry) -> Optional[str]:
         """Queue a dead letter again for the recipients that failed, as a new
         message with fresh attempts, and delete the dead letter.
 
@@ -2490,24 +2673,26 @@ class Queue:
             except _NotRegular as e:
                 raise MessageError("dead letter %s cannot be queued again: %s"
                                    % (entry.id, e), status="5.3.0") from None
-            head = self._parse(held, raw)
-            problem = held.problem
-            if not held.recipients:
-                problem = ("5.1.3 it names no recipients to send to (its X-Gsemail-Failed "
-                           "lines say why%s)" % (
-                               "; what follows them is the queue file gsemail could not "
-                               "read, byte for byte: mend it and move it into new/"
-                               if _NO_RECIPIENT in head.failed else ""))
-            for address in held.recipients + ([held.sender] if held.sender else []):
+            file_name = os.path.basename(entry.path)
+            head = _read_file(raw, file_name)
+            problem = head.problem
+            if not head.recipients:
+                problem = Reply(554, "5.1.3 it names no recipients to send to (its "
+                                "X-Gsemail-Failed lines say why%s)" % (
+                                    "; what follows them is the queue file gsemail could "
+                                    "not read, byte for byte: mend it and move it into new/"
+                                    if _NO_RECIPIENT in head.failed else ""))
+            for address in head.recipients + ([head.sender] if head.sender else []):
                 if not problem and _address_problem(address):
-                    problem = "5.1.3 address <%s> %s" % (_shown(address),
-                                                         _address_problem(address))
+                    problem = Reply(554, "5.1.3 address <%s> %s" % (
+                        _shown(address), _address_problem(address)))
             if problem:
                 raise MessageError("dead letter %s cannot be queued again: %s"
-                                   % (entry.id, problem[6:]), status=problem[:5])
+                                   % (entry.id, _detail(problem)), status=problem.status)
             now = time.time()
-            name = self.add(held.sender, held.recipients, held.data, held.xverp, state={
-                "retried_from": entry.id, "history": _history(
+            xverp = _asks_xverp(file_name, head)
+            name = self.add(head.sender, head.recipients, head.data, xverp, state={
+                "retried_from": entry.id, "history": _history_with(
                     {"history": entry.history},
                     {"at": now, "event": "queued again from dead letter %s by an "
                                          "operator (retry)" % entry.id})})
@@ -2523,7 +2708,7 @@ class Queue:
         finally:
             held.release()
 
-    def purge(self, entry: "QueueEntry") -> bool:
+    def purge(self, entry: QueueEntry) -> bool:
         """Delete a message or dead letter for good.  Returns False, deleting
         nothing, when a processor is sending it or it has moved meanwhile."""
         held = self._hold(entry.path)
@@ -2553,23 +2738,23 @@ class Queue:
         reader, zope.sendmail, finished it: its refused recipients are in
         its dead letter, written when they were refused)."""
         now = time.time()
-        made = self._claimer_file
-        if made is not None and made[0] == os.getpid():
-            os.utime(made[1])   # ours is alive, however old: keep it off the list
+        made = self._claims.ours()
+        if made is not None:
+            os.utime(made.fd)   # ours is alive, however old: keep it off the list
         for entry in os.scandir(os.path.join(self.path, "tmp")):
             try:
                 if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TMP:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
-        names = set()
+        names: set[str] = set()
         for sub in ("new", "cur"):
             head = os.path.join(self.path, sub)
             listing = os.listdir(head)
             names.update(n for n in listing if not n.startswith("."))
             for n in listing:
-                if n.startswith(".sending-") and n[9:] not in listing:
-                    self._break_stale_claim(os.path.join(head, n))
+                if n.startswith(_CLAIM) and n[len(_CLAIM):] not in listing:
+                    self._claims.break_stale(os.path.join(head, n))
         for entry in os.scandir(os.path.join(self.path, "state")):
             try:
                 if entry.name in names or now - entry.stat().st_mtime <= 3600:
@@ -3864,7 +4049,7 @@ class _Plan(NamedTuple):
 
     what: str
     attempts: int                   # this attempt's number
-    state: Dict[str, object]        # the message's state after this attempt
+    state: _Record                  # the message's state after this attempt
     recipients: List[str]           # still to do ("deferred")
     next_attempt: float             # when they are due ("deferred")
     refused: Dict[str, str]         # recipient -> reason not yet in its dead letter
@@ -3882,7 +4067,7 @@ def _first_reason(refused: Dict[str, str], replies: Dict[str, Reply]) -> Reply:
     return reply if reply is not None and str(reply) == text else Reply.parse(text)
 
 
-def _plan(name: str, state: Dict[str, object], first_queued: float, attempts: int,
+def _plan(name: str, state: _Record, first_queued: float, attempts: int,
           out: _Outcome, where: str, policy: _Policy, now: float,
           rng: random.Random) -> _Plan:
     """What to do with message name after an attempt whose outcome is out,
@@ -3925,9 +4110,9 @@ def _plan(name: str, state: Dict[str, object], first_queued: float, attempts: in
         notes.update(delivered_at=now, delivered_id=name, delivered_via=where)
     if not out.deferred and not fresh:  # done, every refusal already written
         return _Plan("delivered", attempts, {}, [], now, {}, summary, lines, notes)
-    new: Dict[str, object] = dict(state, attempts=attempts, first_queued=first_queued,
-                                  last_attempt=now, failed=failed,
-                                  history=_history(state, event))
+    new: _Record = {**state, "attempts": attempts, "first_queued": first_queued,
+                    "last_attempt": now, "failed": failed,
+                    "history": _history_with(state, event)}
     new.pop("xverp", None)      # the name (:2,X) and the config say, nothing else
     if out.deferred:
         last = out.final if out.final and not out.final.ok else \
@@ -3937,7 +4122,7 @@ def _plan(name: str, state: Dict[str, object], first_queued: float, attempts: in
             delay = min(policy.max_backoff_time,
                         policy.min_backoff_time * 2.0 ** min(attempts - 1, _DOUBLINGS_MAX))
             delay *= rng.uniform(*_JITTER)
-            new.update(last_error=str(last), next_attempt=now + delay)
+            new.update({"last_error": str(last), "next_attempt": now + delay})
             for group in _by_reply(out.deferred):
                 lines.append(_LogLine(logging.INFO,
                                       "%s %s: deferred for %d s (attempt %d): %s",
@@ -4234,8 +4419,7 @@ class QueueProcessor:
                 handled += 1
                 if msg.problem:
                     self._apply(mailer, msg, _Outcome(
-                        failed={r: Reply.parse("554 " + msg.problem)
-                                for r in (msg.recipients or [_NO_RECIPIENT])}))
+                        failed=dict.fromkeys(msg.recipients or [_NO_RECIPIENT], msg.problem)))
                     continue
                 if down is None:
                     try:

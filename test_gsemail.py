@@ -7257,3 +7257,243 @@ class PipelinedSettlingTests(Base):
                                 % (name, server.port) in line for line in logs.output),
                             logs.output)
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+
+class QueueFormatRoundTripTests(unittest.TestCase):
+    """The queue's on-disk format, written and read back in one place each:
+    the envelope (_envelope / _read_head, _read_file), the dead letter's
+    head (_dead_letter_lines / _read_dead_letter), the state file
+    (_write_state / _read_state) and the claimer file (_Claims.owner)."""
+
+    NAME = "1796128873.M430413P2608Q1.host"
+    MESSAGE = b"Subject: round trip\r\n\r\nbody\r\n"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="gsemail-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def queue(self):
+        with self.assertLogs("gsemail", "WARNING"):    # "did not exist: created it"
+            queue = gsemail.Queue(os.path.join(self.tmp, "queue"))
+        self.addCleanup(queue.close)
+        return queue
+
+    def test_envelope_round_trips(self):
+        from io import BytesIO
+        cases = [
+            ("bounces@example.org", ["a@example.org"]),
+            ("", ["a@example.org"]),                                # the null sender, <>
+            ("s@example.org", ['"john doe"@example.org']),          # a space, quoted
+            ("s@example.org", ['"q\\"x"@example.org']),             # an escaped quote
+            ("jöhn@exämple.org", ["zoë@exämple.org", "ü@example.org"]),     # non-ASCII
+            ('"a b"@example.org', ['"a b"@example.org', "x@example.org"]),
+            ("s@example.org", ["r%d@example.org" % n for n in range(50)]),
+        ]
+        for sender, recipients in cases:
+            with self.subTest(sender=sender, recipients=recipients):
+                for address in [sender] * bool(sender) + recipients:
+                    self.assertIsNone(gsemail._address_problem(address))
+                envelope = gsemail._envelope(sender, recipients)
+                raw = envelope + self.MESSAGE
+                head = gsemail._read_file(raw, self.NAME)
+                self.assertEqual((head.sender, head.recipients, head.data, head.problem,
+                                  head.start, head.id, head.dead, head.failed),
+                                 (sender, recipients, self.MESSAGE, None, len(envelope),
+                                  "", None, {}))
+                streamed = gsemail._read_head(BytesIO(raw).readline, self.NAME)
+                self.assertEqual((streamed.sender, streamed.recipients, streamed.start),
+                                 (sender, recipients, len(envelope)))
+
+    def test_addresses_that_would_not_round_trip_are_refused(self):
+        # (what they are read back as depends on the Python's email.utils:
+        # 3.13's getaddresses reads "a;b@example.org" as no address at all)
+        for address in ["a(b)@example.org", "a;b@example.org", "a:b@example.org"]:
+            with self.subTest(address=address):
+                self.assertIsNotNone(gsemail._address_problem(address))
+                raw = gsemail._envelope("s@example.org", [address]) + self.MESSAGE
+                self.assertNotEqual(gsemail._read_file(raw, self.NAME).recipients, [address])
+
+    def test_files_that_cannot_be_sent_say_why_and_keep_their_bytes(self):
+        env = gsemail._envelope("s@example.org", ["a@example.org"])
+        cases = [
+            (b"Subject: no envelope\r\n\r\nx\r\n", gsemail._NO_ENVELOPE, 0),
+            (b"X-Zope-From: s@example.org\n", gsemail._NO_ENVELOPE, 0),
+            (b"X-Zope-From: \xff@example.org\nX-Zope-To: a@example.org\n" + self.MESSAGE,
+             "5.6.0 queue file envelope is not UTF-8", 0),
+            (b"X-Zope-From: s@example.org\nX-Zope-To: \n" + self.MESSAGE,
+             "5.1.3 queue file has no recipients in X-Zope-To", 39),
+            (env, "5.6.0 queue file holds no message (empty or truncated)", len(env)),
+            (env + b"\r\n \r\n", "5.6.0 queue file holds no message (empty or truncated)",
+             len(env)),
+        ]
+        for raw, problem, start in cases:
+            with self.subTest(raw=raw):
+                head = gsemail._read_file(raw, self.NAME)
+                self.assertEqual(head.problem, gsemail.Reply(554, problem))
+                self.assertEqual((head.start, head.data), (start, raw[start:]))
+                self.assertEqual(gsemail._detail(head.problem), problem[6:])
+                self.assertEqual(head.problem.status, problem[:5])
+
+    def test_dead_letter_head_round_trips(self):
+        when, first = 1796128873.0, 1796000000.0
+        cases = [
+            (self.NAME, {"a@example.org": "550 5.1.1 no such user"}, 1),
+            (self.NAME, {"a@example.org": "550 5.1.1 no such user",
+                         "b@example.org": "554 5.7.1 refused; policy",
+                         "c@example.org": "452 4.2.2 full (gave up after 9 attempts in "
+                                          "5.0 days)"}, 9),
+            (self.NAME + ":2,X", {"zoë@exämple.org": "550 5.1.1 ünknown",
+                                  '"q\\"x"@example.org': "550 5.1.1 quoted"}, 3),
+            (self.NAME, {"odd>one\\@example.org": "550 5.1.3 bad address",
+                         gsemail._NO_RECIPIENT: "554 5.6.0 queue file does not start "
+                                                "with the envelope"}, 0),
+        ]
+        for name, failures, attempts in cases:
+            for file_name in (".rejected-" + name, ".rejected-%s.2" % name, name):
+                with self.subTest(name=file_name, failures=failures):
+                    lines = gsemail._dead_letter_lines(
+                        "bounces@example.org", failures, name, when, attempts, first,
+                        "2 delivered")
+                    raw = lines + self.MESSAGE
+                    head = gsemail._read_file(raw, file_name)
+                    # the file's own problem: none, unless no recipient is left
+                    self.assertEqual(head.problem, None if head.recipients else gsemail.Reply(
+                        554, "5.1.3 queue file has no recipients in X-Zope-To"))
+                    self.assertEqual(head.id, name)
+                    self.assertEqual(head.failed, failures)
+                    self.assertEqual(head.data, self.MESSAGE)
+                    self.assertEqual(head.start, len(lines))
+                    self.assertEqual(head.sender, "bounces@example.org")
+                    self.assertEqual(head.recipients, [
+                        r for r in failures if r != gsemail._NO_RECIPIENT
+                        and not gsemail._envelope_problem(r)])
+                    self.assertEqual(head.dead, gsemail._DeadLetter(
+                        when=when, summary="2 delivered",
+                        text="attempts=%d; first-queued=%s; failed=%d; 2 delivered" % (
+                            attempts, gsemail._iso(first), len(failures)),
+                        attempts=attempts, first_queued=first))
+                    self.assertEqual(gsemail._asks_xverp(file_name, head),
+                                     name.endswith(":2,X"))
+
+    def test_dead_letter_lines_not_this_files_are_the_message(self):
+        failures = {"a@example.org": "550 5.1.1 no such user",
+                    "b@example.org": "550 5.1.1 no such user"}
+        lines = gsemail._dead_letter_lines("s@example.org", failures, self.NAME, 0.0, 1,
+                                           0.0, "")
+        envelope_end = lines.index(b"X-Gsemail-Dead-Letter")
+        cases = [
+            ("another message's", ".rejected-1.M2P3Q4.other", lines),
+            ("one Failed line missing", ".rejected-" + self.NAME,
+             lines[:lines.rindex(b"X-Gsemail-Failed")]),
+            ("failed=N larger than its lines", ".rejected-" + self.NAME,
+             lines.replace(b"failed=2", b"failed=3")),
+            ("failed=N not ASCII digits", ".rejected-" + self.NAME,
+             lines.replace(b"failed=2", "failed=２".encode())),
+        ]
+        for why, file_name, head_bytes in cases:
+            with self.subTest(why):
+                raw = head_bytes + self.MESSAGE
+                head = gsemail._read_file(raw, file_name)
+                self.assertEqual((head.id, head.failed, head.dead), ("", {}, None))
+                self.assertEqual(head.start, envelope_end)
+                self.assertEqual(head.data, raw[envelope_end:])
+
+    def test_queue_ids_and_markers(self):
+        for name, queue_id, belongs, queued in [
+                (self.NAME, self.NAME, True, 1796128873.0),
+                (".rejected-" + self.NAME, self.NAME, True, 1796128873.0),
+                (".rejected-%s.2" % self.NAME, self.NAME + ".2", True, 1796128873.0),
+                (".rejected-%s.x" % self.NAME, self.NAME + ".x", False, 1796128873.0),
+                (".rejected-1.M2P3Q4.other", "1.M2P3Q4.other", False, 5.0),   # the mtime
+                (".sending-" + self.NAME, ".sending-" + self.NAME, False, 5.0)]:
+            with self.subTest(name=name):
+                self.assertEqual(gsemail._queue_id(name), queue_id)
+                self.assertIs(gsemail._belongs(self.NAME, name), belongs)
+                self.assertEqual(gsemail._first_queued(name, {}, 5.0), queued)
+                self.assertEqual(gsemail._first_queued(name, {"first_queued": 7.0}, 5.0), 7.0)
+        self.assertEqual(gsemail._STATES, ("new", "deferred", "sending", "dead"))
+
+    def test_state_keys_round_trip(self):
+        queue = self.queue()
+        history = [{"at": 1796128873.125, "via": "relay:25", "delivered": 1,
+                    "deferred": 1, "refused": 0, "reply": "451 4.3.0 try later"}]
+        cases = [
+            ("attempts", 7), ("first_queued", 1796000000.5),
+            ("last_attempt", 1796128873.125), ("next_attempt", 1796129873.0),
+            ("failed", {"a@example.org": "550 5.1.1 no such user", "zoë@exämple.org": "ü"}),
+            ("dead_letter", True), ("last_error", "451 4.3.0 try later"),
+            ("history", history), ("retried_from", ".rejected-1.M2P3Q4.other"),
+            ("xverp", True), ("another_tools_key", {"kept": ["as", "it", "is"]}),
+        ]
+        for sync in (True, False):
+            for key, value in cases:
+                with self.subTest(key=key, sync=sync):
+                    queue._write_state(self.NAME, {key: value}, sync=sync)
+                    self.assertEqual(queue._read_state(self.NAME), {key: value})
+            with self.subTest("all keys", sync=sync):
+                record = dict(cases)
+                queue._write_state(self.NAME, record, sync=sync)
+                self.assertEqual(queue._read_state(self.NAME), record)
+                with open(queue._state_path(self.NAME), encoding="utf-8") as f:
+                    self.assertEqual(json.load(f), record)
+                self.assertEqual(gsemail._history_of(queue._read_state(self.NAME)), history)
+        self.assertIsNone(queue._read_state("1.M2P3Q4.none"))
+        self.assertEqual(os.listdir(os.path.join(queue.path, "tmp")), [])
+
+    def test_odd_state_values_are_read_safely(self):
+        queue = self.queue()
+        cases = [
+            ({"attempts": "7"}, {"attempts": 0}),
+            ({"attempts": 1e300}, {"attempts": gsemail._ATTEMPTS_MAX}),
+            ({"attempts": -3}, {"attempts": 0}),
+            ({"first_queued": "2026-12-01T12:00:00Z"}, {"first_queued": 1796126400.0}),
+            ({"first_queued": "soon"}, {}),
+            ({"next_attempt": 1e300, "last_attempt": True}, {}),
+            ({"failed": ["a@example.org"]}, {}),
+            ({"failed": {"a@example.org": 550}}, {"failed": {"a@example.org": "550"}}),
+            ({"xverp": "yes"}, {"xverp": False}),
+            ({"last_error": 451, "retried_from": None}, {}),
+        ]
+        for written, read in cases:
+            with self.subTest(written=written):
+                with open(queue._state_path(self.NAME), "w", encoding="utf-8") as f:
+                    json.dump(written, f)
+                self.assertEqual(queue._read_state(self.NAME), read)
+        for history, events in [("x", []), ([1, {"at": 1}, None], [{"at": 1}])]:
+            with self.subTest(history=history):
+                self.assertEqual(gsemail._history_of({"history": history}), events)
+        full = gsemail._history_with({"history": [{"n": n} for n in range(20)]}, {"n": 20})
+        self.assertEqual(full, [{"n": n} for n in range(11, 21)])
+
+    def test_claimer_file_names_its_owner_by_content_and_by_name(self):
+        queue = self.queue()
+        name = queue.add("s@example.org", ["a@example.org"], self.MESSAGE)
+        msg = queue.claim(os.path.join(queue.path, "new", name))
+        self.addCleanup(msg.release)
+        made = queue._claims.ours()
+        self.assertEqual(made.pid, os.getpid())
+        self.assertEqual(os.path.dirname(made.path), os.path.join(queue.path, "tmp"))
+        self.assertTrue(os.path.basename(made.path).startswith(
+            ".claimer-%s-%d-" % (gsemail._HOST, os.getpid())))
+        self.assertEqual(os.path.basename(msg.claim_path), ".sending-" + name)
+        self.assertTrue(os.path.samefile(made.path, msg.claim_path))
+        owner = gsemail._Owner(gsemail._HOST, str(os.getpid()))
+        with open(msg.claim_path, "rb") as f:
+            self.assertEqual(f.read(), b"gsemail %s %d\n" % (gsemail._HOST.encode(),
+                                                             os.getpid()))
+        for content in (True, False):      # without content: a full disk's claimer file
+            with self.subTest(content=content):
+                if not content:
+                    os.truncate(made.path, 0)
+                fd = os.open(msg.claim_path, os.O_RDONLY)
+                try:
+                    self.assertEqual(queue._claims.owner(fd, os.fstat(fd)), owner)
+                    self.assertTrue(owner.here)
+                finally:
+                    os.close(fd)
+                self.assertEqual(queue._claims.describe(msg.claim_path),
+                                 "process %d on this host, running" % os.getpid())
+        self.assertFalse(queue._claims.break_stale(msg.claim_path))     # alive
+        queue.close()
+        self.assertIsNone(queue._claims.ours())
+        self.assertFalse(os.path.exists(made.path))
