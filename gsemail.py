@@ -42,12 +42,51 @@ Use ``configure('gsconfig.ini', 'main')`` once per process, or set
 the foreground with ``python -m gsemail --config gsconfig.ini --instance
 main``.  The same command's operator tools (list, show, status, flush,
 retry, purge, check, send) call Queue and Mailer methods that scripts may
-call too.  README.rst is the full manual.
+call too.  README.rst is the full manual; its "lower layer" section
+documents the Queue, Mailer and QueueProcessor methods that embedders use.
+The public names are those in ``__all__``; everything else is private.
 
-Public names: send_email, configure, shutdown, load_config, SMTPConfig,
-Queue, QueuedMessage, QueueEntry, Mailer, RelayCheck, QueueProcessor, Reply,
-main and the exceptions GsEmailError, ConfigError, QueueError, MessageError,
-DeliveryError and TLSError.
+The file reads top-down as a message travels, each helper before its first
+user:
+
+1. Errors and replies: GsEmailError and its subclasses, Reply.
+2. Small helpers: one-line texts, times of any year, relay names, files
+   opened safely (never a FIFO, never through a link).
+3. Configuration: SMTPConfig and load_config (gsconfig.ini).
+4. Messages and addresses: the checks and the preparation that send_email,
+   ``gsemail send`` and Mailer.send share (_prepared).
+5. The queue: whose it is; creating files; a queue file's head (zope's
+   envelope, our dead-letter lines); a message's record; claims
+   (_Claims); Queue itself, with the operator's views and actions.
+6. The SMTP connection: _Connection, one socket and its pipelined replies,
+   with a picture of the pipelined dot.
+7. The mailer: Mailer connects (TLS, AUTH, failover), delivers one message
+   at a time and returns an Outcome; RelayCheck for ``gsemail check``.
+8. The queue processor: _plan, the pure decision for an outcome, and
+   QueueProcessor, which claims, sends, records and runs the thread.
+9. send_email: configure, send_email and shutdown, forks and uWSGI.
+10. The command line: main and one _cmd_ function per command.
+
+Words that mean one thing throughout:
+
+queue id     a message's file name in new/ or cur/ (also its record's name
+             in state/, and what the commands show); a dead letter's is the
+             id of the message it was.
+claim        cur/.sending-ID (or new/.sending-ID), a hard link to the
+             claiming process's claimer file: whoever holds it is the only
+             one sending the message; a claim whose holder is gone is broken.
+outcome      what one attempt did with each recipient: delivered, refused
+             or deferred (an Outcome; its ``failed`` are the refused).
+deferred     to be tried again later, after a 4xx reply or trouble on the
+             way (a lost connection, a relay down); a deferred message waits
+             in cur/, due at its file's mtime.
+refused      answered with 5xx (or unsendable as it is): never asked again,
+             and written to the message's dead letter at once.
+dead letter  cur/.rejected-ID: the refused recipients, each with its reply,
+             then every byte of the message; ``gsemail retry`` queues it
+             again.
+record       state/ID, the JSON advice kept beside a message (attempts,
+             history, refusals so far); never needed to send it.
 """
 
 import argparse
@@ -92,8 +131,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List
 __version__ = "1.0.0"
 __all__ = [
     "send_email", "configure", "shutdown", "load_config", "SMTPConfig",
-    "Queue", "QueuedMessage", "QueueEntry", "Mailer", "RelayCheck", "QueueProcessor",
-    "Reply", "main",
+    "Queue", "QueuedMessage", "QueueEntry", "Mailer", "Outcome", "RelayCheck",
+    "QueueProcessor", "Reply", "main",
     "GsEmailError", "ConfigError", "QueueError", "MessageError",
     "DeliveryError", "TLSError",
 ]
@@ -146,6 +185,10 @@ class MessageError(GsEmailError, ValueError):
     exit_code = os.EX_DATAERR
 
 
+# An RFC 3463 enhanced status code at the start of a reply's text.
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
+
+
 class Reply(NamedTuple):
     """An SMTP reply: the three-digit code and its text.
 
@@ -177,6 +220,16 @@ class Reply(NamedTuple):
             text = "%s %s" % (self.status, text)
         return "%d %s" % (self.code, text)
 
+    def as_transient(self) -> "Reply":
+        """The same reason, as a reason to try again later (a relay that
+        cannot be used now: its AUTH or TLS refusal is no verdict on the
+        message)."""
+        if not self.permanent:
+            return self
+        status = "4" + self.status[1:]
+        text = _ENHANCED.sub("", self.text, count=1).strip()
+        return Reply(451, "%s %s (was %d)" % (status, text, self.code))
+
     @classmethod
     def parse(cls, line: str) -> "Reply":
         """Read back a reply written by ``str(reply)``."""
@@ -184,9 +237,6 @@ class Reply(NamedTuple):
         if not match:
             return cls(451, "4.3.0 " + line.strip())
         return cls(int(match.group(1)), match.group(2))
-
-
-_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 
 
 class DeliveryError(GsEmailError):
@@ -211,6 +261,153 @@ class TLSError(DeliveryError, RuntimeError):
     handshake or an unverified certificate).  A RuntimeError, as the seed
     documents for ``force_tls``.  Queued mail is deferred, never sent in
     plain text."""
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: texts, times, relay names and files opened safely, used
+# from the configuration to the command line.
+# ---------------------------------------------------------------------------
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# Stored times (file mtimes, state and status files) can be anything: tmpfs
+# keeps an mtime in the year 97036, and a damaged state file may hold NaN.
+# datetime stops at the year 9999, so times become text here, with integer
+# arithmetic that takes any year.
+
+def _civil(days: int) -> Tuple[int, int, int]:
+    """(year, month, day) of a day counted from 1970-01-01, in the proleptic
+    Gregorian calendar, for any year (H. Hinnant's civil_from_days)."""
+    z = days + 719468
+    era, doe = divmod(z, 146097)
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, doy - (153 * mp + 2) // 5 + 1
+
+
+def _days(year: int, month: int, day: int) -> int:
+    """The inverse of _civil (days_from_civil)."""
+    year -= month <= 2
+    era, yoe = divmod(year, 400)
+    doy = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _iso(when: object) -> str:
+    """A Unix time as ISO 8601 UTC text to the second, whatever it is: a year
+    outside 0000-9999 has a sign (ISO 8601's expanded years, "+97036-..."),
+    and what is no time (NaN, infinite) says so."""
+    try:
+        seconds = math.floor(when)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return "(not a time: %r)" % (when,)
+    days, rest = divmod(seconds, 86400)
+    year, month, day = _civil(days)
+    return "%s-%02d-%02dT%02d:%02d:%02dZ" % (
+        "%04d" % year if 0 <= year <= 9999 else "%+05d" % year, month, day,
+        rest // 3600, rest % 3600 // 60, rest % 60)
+
+
+def _parse_iso(text: str) -> Optional[float]:
+    """What _iso wrote, as a Unix time; None for anything else."""
+    match = re.fullmatch(r"\s*([+-][0-9]{4,}|[0-9]{4})-([0-9]{2})-([0-9]{2})"
+                         r"T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\s*", str(text))
+    if not match:
+        return None
+    year, month, day, hour, minute, second = map(int, match.groups())
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and
+            second < 60) or _civil(_days(year, month, day)) != (year, month, day):
+        return None     # 2026-02-30, 25:00 and the like
+    try:
+        return float(_days(year, month, day) * 86400 + hour * 3600 + minute * 60 + second)
+    except OverflowError:
+        return None
+
+
+def _whole_seconds(value: float) -> Optional[int]:
+    """A number of seconds as an int; None when it is no number (NaN, inf)."""
+    try:
+        return math.floor(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _age(seconds: float) -> str:
+    """45s, 12m, 3h05m, 2d04h; '?' for what is no number of seconds."""
+    s = _whole_seconds(seconds)
+    if s is None:
+        return "?"
+    s = max(0, s)
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%dm" % (s // 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+    return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
+
+
+def _where(host: str, port: int) -> str:
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+class _NotRegular(OSError):
+    """A queue, config or secret file that is not a regular file: a FIFO
+    (which would block the open or the read), a link, a directory."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(errno.EINVAL, "%s is %s, not a regular file" % (path, what), path)
+        self.what = what
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _open_regular(path: str, follow: bool = False) -> int:
+    """A read-only fd on the regular file at path, or _NotRegular.
+
+    O_NONBLOCK, so that opening a FIFO returns at once instead of waiting
+    for a writer (SIGTERM would not end that wait); O_NOFOLLOW unless
+    follow, so that no link in the queue leads outside it.  The check is
+    fstat on what was opened, so a file swapped after a look cannot pass.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        # ELOOP (a link, with O_NOFOLLOW), ENXIO (a socket): say what it is
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(path, _kind(st.st_mode)) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _NotRegular(path, _kind(st.st_mode))
+    return fd
+
+
+def _open_file(path: str) -> io.BufferedReader:
+    """The regular file at path, open for reading (see _open_regular)."""
+    return os.fdopen(_open_regular(path), "rb")
 
 
 # ---------------------------------------------------------------------------
@@ -414,10 +611,6 @@ class SMTPConfig:
         return 3 * self.timeout + 60
 
 
-def _where(host: str, port: int) -> str:
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-
-
 def _boolean(text: str) -> bool:
     """true/false, yes/no, on/off or 1/0, as configparser reads them."""
     state = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
@@ -456,21 +649,6 @@ class _IniParser(configparser.ConfigParser):
         return optionstr    # option names as written, like gs.config
 
 
-def _read_ini(path: str) -> configparser.ConfigParser:
-    """The parsed file at path; ConfigError saying why it cannot be read."""
-    parser = _IniParser(interpolation=configparser.BasicInterpolation(), strict=True)
-    try:
-        # A link to the config is fine (configuration management makes
-        # them); what it leads to must be a regular file: a FIFO would hang
-        # every command.  utf-8-sig: Windows editors start the file with a BOM.
-        with open(_open_regular(path, follow=True), encoding="utf-8-sig") as f:
-            parser.read_file(f, source=path)
-    except (OSError, UnicodeDecodeError, configparser.DuplicateSectionError,
-            configparser.DuplicateOptionError, configparser.ParsingError) as e:
-        raise _unreadable(path, e) from None
-    return parser
-
-
 def _unreadable(path: str, e: Exception) -> ConfigError:
     """The ConfigError for an error reading the config file at path."""
     if isinstance(e, FileNotFoundError):
@@ -498,6 +676,21 @@ def _unreadable(path: str, e: Exception) -> ConfigError:
                            % (path, lines))
     return ConfigError("%s: cannot read the config file: %s"
                        % (path, getattr(e, "strerror", None)))
+
+
+def _read_ini(path: str) -> configparser.ConfigParser:
+    """The parsed file at path; ConfigError saying why it cannot be read."""
+    parser = _IniParser(interpolation=configparser.BasicInterpolation(), strict=True)
+    try:
+        # A link to the config is fine (configuration management makes
+        # them); what it leads to must be a regular file: a FIFO would hang
+        # every command.  utf-8-sig: Windows editors start the file with a BOM.
+        with open(_open_regular(path, follow=True), encoding="utf-8-sig") as f:
+            parser.read_file(f, source=path)
+    except (OSError, UnicodeDecodeError, configparser.DuplicateSectionError,
+            configparser.DuplicateOptionError, configparser.ParsingError) as e:
+        raise _unreadable(path, e) from None
+    return parser
 
 
 def _get(parser: configparser.ConfigParser, path: str, section: str,
@@ -658,6 +851,221 @@ def load_config(path: str, instance: str = "default") -> SMTPConfig:
 
 
 # ---------------------------------------------------------------------------
+# Messages and addresses: the checks and the preparation that send_email,
+# the send command and Mailer.send share (_prepared), so that a message is
+# made one way (its Message-ID, its line ends) whoever sends it.  An address
+# must also come back as itself from zope.sendmail's envelope, so how zope
+# reads one is here too.
+# ---------------------------------------------------------------------------
+
+# Control characters: C0 (CR, LF, NUL, ...), DEL and C1 (U+0080..U+009F,
+# U+0085 NEL among them), and the line and paragraph separators that
+# str.splitlines() and many log viewers break lines at.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# RFC 5321's Quoted-string local part ("a b"@example.org): any character but
+# a control, '"' and '\', or a quoted pair.
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+# Characters that make an envelope line more than bare addresses and commas:
+# then it is read with email.utils, as zope.sendmail reads it.
+_ENVELOPE_SPECIAL = re.compile(r'["()<>:;\[\]\\\s]')
+
+
+def _zope_sender(text: str) -> str:
+    """X-Zope-From as zope.sendmail 7.3 sends it: smtplib's quoteaddr, that
+    is email.utils.parseaddr, takes the address out of 'Name <address>'."""
+    text = text.strip()
+    if not _ENVELOPE_SPECIAL.search(text) or _CONTROL.search(text):
+        return text     # a bare address; or a broken one, refused as it is
+    address = email.utils.parseaddr(text)[1]
+    if address:
+        return address
+    return "" if text == "<>" else text     # as quoteaddr: sent as it is
+
+
+def _zope_recipients(text: str) -> List[str]:
+    """X-Zope-To as zope.sendmail 7.3 reads it (email.utils.getaddresses,
+    so display names and quoted commas are understood), once each."""
+    if not _ENVELOPE_SPECIAL.search(text.strip().replace(", ", ",")) or \
+            _CONTROL.search(text):
+        # Bare addresses (what we write) need no parser; and from a line with
+        # CR or another control character no address may be pieced together
+        # (getaddresses would find one after a CR): split, and each piece
+        # is refused or sent as it is.
+        found = [r.strip() for r in text.split(",")]
+    else:
+        found = [address for _, address in email.utils.getaddresses([text])]
+    return list(dict.fromkeys(r for r in found if r))
+
+
+def _envelope_problem(address: str) -> Optional[str]:
+    """Why address would not be read back as itself from zope's envelope."""
+    if not _ENVELOPE_SPECIAL.search(address):
+        return None
+    for read in (_zope_recipients(address), [_zope_sender(address)]):
+        if read != [address]:
+            return ("would be read back from zope.sendmail's envelope as %s" %
+                    (", ".join("<%s>" % r for r in read) or "no address"))
+    return None
+
+
+def _address_problem(address: str) -> Optional[str]:
+    """Why address cannot go in MAIL FROM or RCPT TO, or None if it can.
+
+    A quoted local part may hold spaces, as RFC 5321 allows and Postfix
+    accepts; anywhere else a space or a '"' is refused."""
+    if _CONTROL.search(address):
+        return "contains a control character (CR, LF, NUL, U+0085, ...)"
+    if len(address.encode("utf-8")) > 254:
+        return "is longer than 254 octets"
+    if "," in address:
+        return "contains a comma (give each address as its own item of the list)"
+    if "<" in address or ">" in address:
+        return "contains < or > (give the bare address, not 'Name <address>')"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return "is not of the form local-part@domain"
+    if " " in domain:
+        return "contains a space in its domain"
+    if local.startswith('"'):
+        if not _QUOTED_LOCAL.fullmatch(local):
+            return "has a local part that is not a whole quoted string (\"...\")"
+    elif " " in local:
+        return "contains a space (outside a quoted local part such as \"a b\"@...)"
+    elif '"' in local:
+        return "contains a '\"' outside a quoted local part"
+    return _envelope_problem(address)
+
+
+def _shown(address: str) -> str:
+    """address for a log line or an error, its control characters escaped
+    as Python does, so that none can start a forged line."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), address)
+
+
+def _crlf(data: bytes) -> bytes:
+    """data with every line ending in CRLF (bare CR and bare LF included)."""
+    # Most messages have CRLF already: counting is much cheaper than rewriting.
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return data
+
+
+def _check_recipients(recipients: Union[str, Iterable[str]]) -> List[str]:
+    if isinstance(recipients, str):
+        recipients = [recipients]
+    elif isinstance(recipients, (bytes, bytearray)) or \
+            not isinstance(recipients, Iterable):
+        raise TypeError("recipients must be a str or an iterable of str, not %s"
+                        % type(recipients).__name__)
+    found: Dict[str, None] = {}
+    for rcpt in recipients:
+        if not isinstance(rcpt, str):
+            raise TypeError("each recipient must be a str, not %s: %r"
+                            % (type(rcpt).__name__, rcpt))
+        address = rcpt.strip(" \t")
+        problem = _address_problem(address)
+        if problem:
+            raise MessageError("recipient %r %s" % (rcpt, problem), status="5.1.3")
+        found[address] = None
+    if not found:
+        raise MessageError("no recipients given", status="5.1.3")
+    return list(found)
+
+
+def _check_sender(sender: str, xverp: bool) -> None:
+    if not isinstance(sender, str):
+        raise TypeError("sender must be a str, not %s" % type(sender).__name__)
+    if not sender:
+        if xverp:
+            raise MessageError("an empty sender (<>) cannot be used with xverp=True: "
+                               "XVERP rewrites the sender", status="5.1.7")
+        return
+    problem = _address_problem(sender)
+    if problem:
+        raise MessageError("sender %r %s" % (sender, problem), status="5.1.7")
+
+
+_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+
+
+def _prepare_message(message: Union[bytes, str, email.message.Message],
+                     sender: str = "") -> bytes:
+    """The message as bytes with CRLF line ends, Message-ID and Date added
+    when missing (so every copy and every retry carries the same id)."""
+    if isinstance(message, email.message.Message):
+        try:
+            data = message.as_bytes()
+        except (UnicodeError, LookupError, TypeError, ValueError) as e:
+            raise MessageError("the email.message.Message cannot be serialised: %s"
+                               % e) from None
+    elif isinstance(message, str):
+        data = message.encode("utf-8")
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        data = bytes(message)
+    else:
+        raise TypeError("email must be bytes, str or email.message.Message, not %s"
+                        % type(message).__name__)
+    data = _crlf(data.lstrip(b"\r\n"))
+    if not data.strip():
+        raise MessageError("the message is empty", status="5.6.0")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise MessageError("the message has a NUL byte (line %d), which SMTP cannot "
+                           "carry: encode that part (base64)"
+                           % (data.count(b"\r\n", 0, nul) + 1), status="5.6.0")
+    lines = data.split(b"\r\n")
+    if max(map(len, lines)) > 998:
+        raise MessageError("line %d of the message is longer than the 998 octets "
+                           "RFC 5322 allows: encode that part (quoted-printable or "
+                           "base64)" % (next(n for n, line in enumerate(lines, 1)
+                                              if len(line) > 998)), status="5.6.0")
+    if not _HEADER_LINE.match(data):
+        raise MessageError("the message does not start with a header line "
+                           "('Name: value'); give a whole RFC 5322 message",
+                           status="5.6.0")
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end + 2]
+    if not re.search(rb"(?im)^date:", head):
+        data = b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n" + data
+    if not re.search(rb"(?im)^message-id:", head):
+        domain = sender.rpartition("@")[2] if "@" in sender else _fqdn()
+        try:
+            domain.encode("ascii")
+        except UnicodeError:
+            domain = _fqdn()
+        msgid = email.utils.make_msgid(domain=domain)
+        data = b"Message-ID: " + msgid.encode("ascii") + b"\r\n" + data
+    return data
+
+
+class _Prepared(NamedTuple):
+    """A message checked and ready to queue or send."""
+    recipients: List[str]       # stripped, each once, in the order given
+    data: bytes                 # CRLF line ends, with Date and Message-ID
+
+
+def _prepared(sender: str, recipients: Union[str, Iterable[str]],
+              message: Union[bytes, str, email.message.Message],
+              xverp: bool) -> _Prepared:
+    """The one way a message is checked and prepared, for send_email,
+    ``gsemail send`` and Mailer.send alike: recipients, then sender, then the
+    message, whose Message-ID (when it has none) takes the sender's domain."""
+    rcpts = _check_recipients(recipients)
+    _check_sender(sender, xverp)
+    return _Prepared(rcpts, _prepare_message(message, sender))
+
+
+def _queued_with_xverp(xverp: bool, sender: str, config: SMTPConfig) -> bool:
+    """Whether a message is queued asking for XVERP: when the caller or the
+    config asks, and never for the empty sender.  (A processor decides
+    again, with its own config, when it claims the message: Queue._wants_xverp.)"""
+    return bool((xverp or config.xverp) and sender)
+
+# ---------------------------------------------------------------------------
 # The queue: a Maildir in zope.sendmail's format, with no transactions.
 #
 #   new/NAME            queued, due now (written by send_email)
@@ -701,6 +1109,8 @@ _CUR_RESCAN = 300.0         # read all of cur/ at least this often (as Postfix's
 _CUR_CHANGED = 60.0
 _cli: Optional[List[str]] = None     # the command line main() runs, for "sudo -u" advice
 
+
+# -- whose queue it is: owners, modes and the directory's identity ------------
 
 def _user_name(uid: int) -> str:
     try:
@@ -795,60 +1205,7 @@ def _describe(identity: Tuple[int, int, int, int]) -> str:
         stat.S_IMODE(mode))
 
 
-class _NotRegular(OSError):
-    """A queue, config or secret file that is not a regular file: a FIFO
-    (which would block the open or the read), a link, a directory."""
-
-    def __init__(self, path: str, what: str) -> None:
-        super().__init__(errno.EINVAL, "%s is %s, not a regular file" % (path, what), path)
-        self.what = what
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
-def _open_regular(path: str, follow: bool = False) -> int:
-    """A read-only fd on the regular file at path, or _NotRegular.
-
-    O_NONBLOCK, so that opening a FIFO returns at once instead of waiting
-    for a writer (SIGTERM would not end that wait); O_NOFOLLOW unless
-    follow, so that no link in the queue leads outside it.  The check is
-    fstat on what was opened, so a file swapped after a look cannot pass.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError:
-        # ELOOP (a link, with O_NOFOLLOW), ENXIO (a socket): say what it is
-        try:
-            st = os.stat(path) if follow else os.lstat(path)
-        except OSError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise _NotRegular(path, _kind(st.st_mode)) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise _NotRegular(path, _kind(st.st_mode))
-    return fd
-
-
-def _open_file(path: str) -> io.BufferedReader:
-    """The regular file at path, open for reading (see _open_regular)."""
-    return os.fdopen(_open_regular(path), "rb")
-
+# -- creating files: exclusively, never through a link, synced ----------------
 
 # The flags of every file gsemail creates: a new file only (O_EXCL), never
 # through a symbolic link (O_NOFOLLOW; O_EXCL refuses a link as well).
@@ -891,9 +1248,6 @@ def _write_synced(path: str, chunks: List[bytes], exclusive: bool = False,
         os.close(fd)
 
 
-# Characters that make an envelope line more than bare addresses and commas:
-# then it is read with email.utils, as zope.sendmail reads it.
-_ENVELOPE_SPECIAL = re.compile(r'["()<>:;\[\]\\\s]')
 _LINE_MAX = 1 << 16         # longest X-Zope-From or dead-letter line we read
 _NO_ENVELOPE = ("5.6.0 queue file does not start with the X-Zope-From and X-Zope-To "
                 "envelope lines")
@@ -901,54 +1255,12 @@ _NO_RECIPIENT = "(no recipient)"    # the failure of a file that names none
 _DEAD_LETTER, _FAILED = b"X-Gsemail-Dead-Letter: ", b"X-Gsemail-Failed: "
 
 
-def _zope_sender(text: str) -> str:
-    """X-Zope-From as zope.sendmail 7.3 sends it: smtplib's quoteaddr, that
-    is email.utils.parseaddr, takes the address out of 'Name <address>'."""
-    text = text.strip()
-    if not _ENVELOPE_SPECIAL.search(text) or _CONTROL.search(text):
-        return text     # a bare address; or a broken one, refused as it is
-    address = email.utils.parseaddr(text)[1]
-    if address:
-        return address
-    return "" if text == "<>" else text     # as quoteaddr: sent as it is
+# -- a queue file's head: zope's envelope, then our dead-letter lines ---------
 
-
-def _zope_recipients(text: str) -> List[str]:
-    """X-Zope-To as zope.sendmail 7.3 reads it (email.utils.getaddresses,
-    so display names and quoted commas are understood), once each."""
-    if not _ENVELOPE_SPECIAL.search(text.strip().replace(", ", ",")) or \
-            _CONTROL.search(text):
-        # Bare addresses (what we write) need no parser; and from a line with
-        # CR or another control character no address may be pieced together
-        # (getaddresses would find one after a CR): split, and each piece
-        # is refused or sent as it is.
-        found = [r.strip() for r in text.split(",")]
-    else:
-        found = [address for _, address in email.utils.getaddresses([text])]
-    return list(dict.fromkeys(r for r in found if r))
-
-
-def _envelope_problem(address: str) -> Optional[str]:
-    """Why address would not be read back as itself from zope's envelope."""
-    if not _ENVELOPE_SPECIAL.search(address):
-        return None
-    for read in (_zope_recipients(address), [_zope_sender(address)]):
-        if read != [address]:
-            return ("would be read back from zope.sendmail's envelope as %s" %
-                    (", ".join("<%s>" % r for r in read) or "no address"))
-    return None
-
-
-# -- the envelope: written by _envelope, read by _read_head -------------------
-
-def _envelope(sender: str, recipients: List[str]) -> bytes:
-    """zope.sendmail's two envelope lines, bare addresses (read by _read_head).
-
-    Every address written here has passed _address_problem, which refuses
-    any that _read_head (and so zope.sendmail) would read back differently.
-    """
-    return ("%s %s\n%s %s\n" % (_FROM.decode(), sender, _TO.decode(), ", ".join(recipients))
-            ).encode("utf-8")
+def _queue_id(name: str) -> str:
+    """The queue id of the file name: the name, a dead letter's without
+    .rejected- (QueueEntry.id)."""
+    return name[len(_DEAD):] if name.startswith(_DEAD) else name
 
 
 class _DeadLetter(NamedTuple):
@@ -975,6 +1287,92 @@ class _Head:
     failed: Dict[str, str] = dataclasses.field(default_factory=dict)
     #: the message's bytes, when the whole file was read (_read_file)
     data: bytes = b""
+
+
+# Written: the envelope (_envelope), and the dead letter's lines after it
+# (_dead_letter_lines).
+
+def _envelope(sender: str, recipients: List[str]) -> bytes:
+    """zope.sendmail's two envelope lines, bare addresses (read by _read_head).
+
+    Every address written here has passed _address_problem, which refuses
+    any that _read_head (and so zope.sendmail) would read back differently.
+    """
+    return ("%s %s\n%s %s\n" % (_FROM.decode(), sender, _TO.decode(), ", ".join(recipients))
+            ).encode("utf-8")
+
+
+def _escape_address(address: str) -> str:
+    return address.replace("\\", "\\\\").replace(">", "\\>")
+
+
+def _dead_letter_lines(sender: str, failures: Dict[str, str], name: str, when: float,
+                       attempts: int, first_queued: float, summary: str) -> bytes:
+    """A dead letter's head, read back by _read_dead_letter: zope's envelope
+    with the failed recipients, then our lines.  The first names the message
+    (id=) and counts the X-Gsemail-Failed lines that follow, so a reader
+    takes off exactly these and never a line of the message."""
+    lines = ["%s %s" % (_FROM.decode(), sender),
+             "%s %s" % (_TO.decode(), ", ".join(r for r in failures if r != _NO_RECIPIENT
+                                                and not _envelope_problem(r))),
+             "%s%s; id=%s; attempts=%d; first-queued=%s; failed=%d; %s"
+             % (_DEAD_LETTER.decode(), _iso(when), name, attempts, _iso(first_queued),
+                len(failures), _one_line(summary)[:4000])]
+    # each line well below the _LINE_MAX that _read_head reads
+    lines += ["%s<%s> %s" % (_FAILED.decode(), _escape_address(rcpt), _one_line(why)[:4000])
+              for rcpt, why in failures.items()]
+    return ("\n".join(lines) + "\n").encode("utf-8", "replace")
+
+
+# Read back, in one pass over the head (_read_head): the envelope, then our
+# dead-letter lines if they are this file's (_read_dead_letter).
+
+def _belongs(dead_id: str, name: str) -> bool:
+    """Whether our dead-letter line naming dead_id is in file name's own
+    head: a dead letter (.rejected-ID, or .rejected-ID.N beside zope's), or
+    one an operator moved back into new/ or cur/ by hand."""
+    name = _queue_id(name)
+    return bool(dead_id) and (name == dead_id or (
+        name.startswith(dead_id + ".") and name[len(dead_id) + 1:].isdigit()))
+
+
+def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
+                      name: str) -> None:
+    """Our dead-letter lines, into head, if they are whole and this file's."""
+    when, *parts = line[len(_DEAD_LETTER):].decode("utf-8", "replace").rstrip(
+        "\r\n").split("; ")
+    fields: Dict[str, str] = {}
+    while parts and parts[0].partition("=")[0] in ("id", "attempts", "first-queued",
+                                                   "failed"):
+        key, _, value = parts.pop(0).partition("=")
+        fields[key] = value
+    count = fields.get("failed", "")
+    if not (_belongs(fields.get("id", ""), name) and count.isascii() and count.isdigit()):
+        return
+    failed: Dict[str, str] = {}
+    size = len(line)
+    for _ in range(int(count)):
+        line = readline(_LINE_MAX)
+        if not (line.startswith(_FAILED + b"<") and line.endswith(b"\n")):
+            return
+        size += len(line)
+        text = line[len(_FAILED) + 1:].decode("utf-8", "replace").rstrip("\r\n")
+        address, i = [], 0
+        while i < len(text) and text[i] != ">":     # <address>, \ escaping \ and >
+            i += text[i] == "\\"
+            address.append(text[i:i + 1])
+            i += 1
+        if text[i:i + 1] != ">":
+            return
+        failed["".join(address)] = text[i + 1:].strip()
+    head.start += size
+    head.id, head.failed = fields["id"], failed
+    attempts = fields.get("attempts", "")
+    head.dead = _DeadLetter(
+        when=_parse_iso(when), summary="; ".join(parts),
+        text="; ".join(["%s=%s" % kv for kv in fields.items() if kv[0] != "id"] + parts),
+        attempts=int(attempts) if attempts.isascii() and attempts.isdigit() else None,
+        first_queued=_parse_iso(fields.get("first-queued", "")))
 
 
 def _read_head(readline: Callable[..., bytes], name: str) -> _Head:
@@ -1036,152 +1434,7 @@ def _asks_xverp(name: str, head: _Head) -> bool:
     return (head.id or _queue_id(name)).endswith(_XVERP_FLAG)
 
 
-def _queue_id(name: str) -> str:
-    """The queue id of the file name: the name, a dead letter's without
-    .rejected- (QueueEntry.id)."""
-    return name[len(_DEAD):] if name.startswith(_DEAD) else name
-
-
-# -- the dead letter's head: written by _dead_letter_lines, read by
-# -- _read_dead_letter (from _read_head, after the envelope) -----------------
-
-def _escape_address(address: str) -> str:
-    return address.replace("\\", "\\\\").replace(">", "\\>")
-
-
-def _dead_letter_lines(sender: str, failures: Dict[str, str], name: str, when: float,
-                       attempts: int, first_queued: float, summary: str) -> bytes:
-    """A dead letter's head, read back by _read_dead_letter: zope's envelope
-    with the failed recipients, then our lines.  The first names the message
-    (id=) and counts the X-Gsemail-Failed lines that follow, so a reader
-    takes off exactly these and never a line of the message."""
-    lines = ["%s %s" % (_FROM.decode(), sender),
-             "%s %s" % (_TO.decode(), ", ".join(r for r in failures if r != _NO_RECIPIENT
-                                                and not _envelope_problem(r))),
-             "%s%s; id=%s; attempts=%d; first-queued=%s; failed=%d; %s"
-             % (_DEAD_LETTER.decode(), _iso(when), name, attempts, _iso(first_queued),
-                len(failures), _one_line(summary)[:4000])]
-    # each line well below the _LINE_MAX that _read_head reads
-    lines += ["%s<%s> %s" % (_FAILED.decode(), _escape_address(rcpt), _one_line(why)[:4000])
-              for rcpt, why in failures.items()]
-    return ("\n".join(lines) + "\n").encode("utf-8", "replace")
-
-
-def _read_dead_letter(head: _Head, line: bytes, readline: Callable[..., bytes],
-                      name: str) -> None:
-    """Our dead-letter lines, into head, if they are whole and this file's."""
-    when, *parts = line[len(_DEAD_LETTER):].decode("utf-8", "replace").rstrip(
-        "\r\n").split("; ")
-    fields: Dict[str, str] = {}
-    while parts and parts[0].partition("=")[0] in ("id", "attempts", "first-queued",
-                                                   "failed"):
-        key, _, value = parts.pop(0).partition("=")
-        fields[key] = value
-    count = fields.get("failed", "")
-    if not (_belongs(fields.get("id", ""), name) and count.isascii() and count.isdigit()):
-        return
-    failed: Dict[str, str] = {}
-    size = len(line)
-    for _ in range(int(count)):
-        line = readline(_LINE_MAX)
-        if not (line.startswith(_FAILED + b"<") and line.endswith(b"\n")):
-            return
-        size += len(line)
-        text = line[len(_FAILED) + 1:].decode("utf-8", "replace").rstrip("\r\n")
-        address, i = [], 0
-        while i < len(text) and text[i] != ">":     # <address>, \ escaping \ and >
-            i += text[i] == "\\"
-            address.append(text[i:i + 1])
-            i += 1
-        if text[i:i + 1] != ">":
-            return
-        failed["".join(address)] = text[i + 1:].strip()
-    head.start += size
-    head.id, head.failed = fields["id"], failed
-    attempts = fields.get("attempts", "")
-    head.dead = _DeadLetter(
-        when=_parse_iso(when), summary="; ".join(parts),
-        text="; ".join(["%s=%s" % kv for kv in fields.items() if kv[0] != "id"] + parts),
-        attempts=int(attempts) if attempts.isascii() and attempts.isdigit() else None,
-        first_queued=_parse_iso(fields.get("first-queued", "")))
-
-
-def _belongs(dead_id: str, name: str) -> bool:
-    """Whether our dead-letter line naming dead_id is in file name's own
-    head: a dead letter (.rejected-ID, or .rejected-ID.N beside zope's), or
-    one an operator moved back into new/ or cur/ by hand."""
-    name = _queue_id(name)
-    return bool(dead_id) and (name == dead_id or (
-        name.startswith(dead_id + ".") and name[len(dead_id) + 1:].isdigit()))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-# Stored times (file mtimes, state and status files) can be anything: tmpfs
-# keeps an mtime in the year 97036, and a damaged state file may hold NaN.
-# datetime stops at the year 9999, so times become text here, with integer
-# arithmetic that takes any year.
-
-def _civil(days: int) -> Tuple[int, int, int]:
-    """(year, month, day) of a day counted from 1970-01-01, in the proleptic
-    Gregorian calendar, for any year (H. Hinnant's civil_from_days)."""
-    z = days + 719468
-    era, doe = divmod(z, 146097)
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    month = mp + 3 if mp < 10 else mp - 9
-    return yoe + era * 400 + (month <= 2), month, doy - (153 * mp + 2) // 5 + 1
-
-
-def _days(year: int, month: int, day: int) -> int:
-    """The inverse of _civil (days_from_civil)."""
-    year -= month <= 2
-    era, yoe = divmod(year, 400)
-    doy = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
-    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-
-
-def _iso(when: object) -> str:
-    """A Unix time as ISO 8601 UTC text to the second, whatever it is: a year
-    outside 0000-9999 has a sign (ISO 8601's expanded years, "+97036-..."),
-    and what is no time (NaN, infinite) says so."""
-    try:
-        seconds = math.floor(when)  # type: ignore[call-overload]
-    except (TypeError, ValueError, OverflowError):
-        return "(not a time: %r)" % (when,)
-    days, rest = divmod(seconds, 86400)
-    year, month, day = _civil(days)
-    return "%s-%02d-%02dT%02d:%02d:%02dZ" % (
-        "%04d" % year if 0 <= year <= 9999 else "%+05d" % year, month, day,
-        rest // 3600, rest % 3600 // 60, rest % 60)
-
-
-def _parse_iso(text: str) -> Optional[float]:
-    """What _iso wrote, as a Unix time; None for anything else."""
-    match = re.fullmatch(r"\s*([+-][0-9]{4,}|[0-9]{4})-([0-9]{2})-([0-9]{2})"
-                         r"T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\s*", str(text))
-    if not match:
-        return None
-    year, month, day, hour, minute, second = map(int, match.groups())
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and
-            second < 60) or _civil(_days(year, month, day)) != (year, month, day):
-        return None     # 2026-02-30, 25:00 and the like
-    try:
-        return float(_days(year, month, day) * 86400 + hour * 3600 + minute * 60 + second)
-    except OverflowError:
-        return None
-
-
-def _whole_seconds(value: float) -> Optional[int]:
-    """A number of seconds as an int; None when it is no number (NaN, inf)."""
-    try:
-        return math.floor(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-
+# -- a message's record, state/NAME: read as advice, never trusted ------------
 
 _TIME_MAX = 253402300799.0      # 9999-12-31T23:59:59Z, the last time _iso can show
 _ATTEMPTS_MAX = 1000000
@@ -1305,6 +1558,8 @@ def _history_with(state: _Record, event: Dict[str, object]) -> List[Dict[str, ob
     """The history in state with event appended: the last _HISTORY kept."""
     return (_history_of(state) + [event])[-_HISTORY:]
 
+
+# -- claims: who is sending which message (_Claims) ---------------------------
 
 class _ClaimerFile(NamedTuple):
     """This process's claimer file, tmp/.claimer-HOST-PID-N: every claim the
@@ -1538,6 +1793,9 @@ class _Claims:
             os.close(fd)
 
 
+# -- the queue: adding, taking due messages, settling them; the operator's ---
+# -- views and actions --------------------------------------------------------
+
 class QueuedMessage:
     """A message claimed for delivery.  Nobody else will send it until it is
     settled with Queue.remove, Queue.defer or Queue.dead_letter, or released.
@@ -1660,7 +1918,7 @@ def _by_state(entries: Iterable[QueueEntry]) -> Dict[str, int]:
 
 
 class _Recorded(TypedDict, total=False):
-    """What processors noted in status.json (see Queue.note), as checked:
+    """What processors noted in status.json (see Queue._note), as checked:
     a group is there with its time, or not at all."""
     delivered_at: float
     delivered_id: Optional[str]
@@ -2327,7 +2585,7 @@ class Queue:
                 return path
         raise OSError(errno.EEXIST, "every dead-letter name of %s is taken" % msg.name)
 
-    def strike(self, msg: QueuedMessage, done: Iterable[str]) -> bool:
+    def _strike(self, msg: QueuedMessage, done: Iterable[str]) -> bool:
         """Take the recipients in done out of the message file's X-Zope-To
         line in place, padding it with spaces to its old length (gsemail
         and zope.sendmail both ignore them).  True when the file now lists
@@ -2381,9 +2639,9 @@ class Queue:
         finally:
             os.close(fd)
 
-    def set_aside(self, msg: QueuedMessage) -> Optional[str]:
+    def _set_aside(self, msg: QueuedMessage) -> Optional[str]:
         """The last resort for a message whose outcome could not be recorded
-        at all, not even by strike: rename it to a dead letter (a rename
+        at all, not even by _strike: rename it to a dead letter (a rename
         needs no data block), so no processor sends it again, and release
         it.  The path, or None when even that failed.  A link, then the
         unlink of the message: a rename would replace a dead letter already
@@ -2583,7 +2841,7 @@ class Queue:
             facts["error_id"] = text("error_id")
         return facts
 
-    def note(self, facts: Mapping[str, object]) -> None:
+    def _note(self, facts: Mapping[str, object]) -> None:
         """Record the last delivery (``delivered_at``, ``_id``, ``_via``) or
         error (``error_at``, ``error``, ``error_id``) for ``status``.  The
         newer record wins, whichever processor made it.  Never raises: this
@@ -2770,7 +3028,30 @@ class Queue:
 
 
 # ---------------------------------------------------------------------------
-# The mailer: one SMTP connection that carries many messages.
+# The SMTP connection: one socket, what its server offered, and the
+# pipelined wire I/O on it (RFC 2920), in the order of the protocol.
+#
+# The pipelined dot.  A message sent with ``more`` leaves its final reply
+# owed, so that the next message's commands go out with its dot:
+#
+#   client (Mailer)             server           processor (_deliver)
+#   MAIL1 RCPT1 DATA1          ->
+#                              <-  250 250 354
+#   data1 . MAIL2 RCPT2 DATA2  ->                msg1 waiting
+#                              <-  250 (dot 1)   collect(): msg1 settled
+#                              <-  250 250 354   (MAIL2 RCPT2 DATA2)
+#   heartbeat before data2                       msg1 recorded (_apply)
+#   data2 .                    ->                msg2 waiting
+#                              <-  250 (dot 2)   read with the next message
+#                                                or by wait(): then recorded
+#
+# The reply to dot 1 is the first one read after it (_Connection.reply
+# collects it before msg2's replies); it only settles msg1's Outcome
+# (waiting becomes False; a lost connection settles it as deferred, for
+# its dot may have gone).  The processor records msg1 at msg2's next
+# heartbeat, which comes before any of msg2's data, or as soon as
+# deliver, open or wait returns: so msg1 is on disk before dot 2 goes out,
+# and a crash leaves at most one message sent and not recorded.
 # ---------------------------------------------------------------------------
 
 _CHUNK = 1 << 20            # bytes of DATA sent between heartbeats
@@ -2795,86 +3076,6 @@ def _too_many(reply: Reply) -> bool:
     return (not _ENHANCED.match(reply.text) and reply.code in (452, 552)
             and bool(_TOO_MANY_TEXT.search(reply.text)))
 
-
-# Control characters: C0 (CR, LF, NUL, ...), DEL and C1 (U+0080..U+009F,
-# U+0085 NEL among them), and the line and paragraph separators that
-# str.splitlines() and many log viewers break lines at.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-# RFC 5321's Quoted-string local part ("a b"@example.org): any character but
-# a control, '"' and '\', or a quoted pair.
-_QUOTED_LOCAL = re.compile(r'"(?:[^"\\]|\\.)*"')
-
-
-def _address_problem(address: str) -> Optional[str]:
-    """Why address cannot go in MAIL FROM or RCPT TO, or None if it can.
-
-    A quoted local part may hold spaces, as RFC 5321 allows and Postfix
-    accepts; anywhere else a space or a '"' is refused."""
-    if _CONTROL.search(address):
-        return "contains a control character (CR, LF, NUL, U+0085, ...)"
-    if len(address.encode("utf-8")) > 254:
-        return "is longer than 254 octets"
-    if "," in address:
-        return "contains a comma (give each address as its own item of the list)"
-    if "<" in address or ">" in address:
-        return "contains < or > (give the bare address, not 'Name <address>')"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "is not of the form local-part@domain"
-    if " " in domain:
-        return "contains a space in its domain"
-    if local.startswith('"'):
-        if not _QUOTED_LOCAL.fullmatch(local):
-            return "has a local part that is not a whole quoted string (\"...\")"
-    elif " " in local:
-        return "contains a space (outside a quoted local part such as \"a b\"@...)"
-    elif '"' in local:
-        return "contains a '\"' outside a quoted local part"
-    return _envelope_problem(address)
-
-
-def _shown(address: str) -> str:
-    """address for a log line or an error, its control characters escaped
-    as Python does, so that none can start a forged line."""
-    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
-                        else "\\u%04x" % ord(m.group()), address)
-
-
-def _crlf(data: bytes) -> bytes:
-    """data with every line ending in CRLF (bare CR and bare LF included)."""
-    # Most messages have CRLF already: counting is much cheaper than rewriting.
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-    return data
-
-
-# ---------------------------------------------------------------------------
-# The SMTP connection: one socket, what its server offered, and the
-# pipelined wire I/O on it (RFC 2920), in the order of the protocol.
-#
-# The pipelined dot.  A message sent with ``more`` leaves its final reply
-# owed, so that the next message's commands go out with its dot:
-#
-#   client (Mailer)             server           processor (_deliver)
-#   MAIL1 RCPT1 DATA1          ->
-#                              <-  250 250 354
-#   data1 . MAIL2 RCPT2 DATA2  ->                msg1 waiting
-#                              <-  250 (dot 1)   collect(): msg1 settled
-#                              <-  250 250 354   (MAIL2 RCPT2 DATA2)
-#   heartbeat before data2                       msg1 recorded (_apply)
-#   data2 .                    ->                msg2 waiting
-#                              <-  250 (dot 2)   read with the next message
-#                                                or by wait(): then recorded
-#
-# The reply to dot 1 is the first one read after it (_Connection.reply
-# collects it before msg2's replies); it only settles msg1's _Outcome
-# (waiting becomes False; a lost connection settles it as deferred, for
-# its dot may have gone).  The processor records msg1 at msg2's next
-# heartbeat, which comes before any of msg2's data, or as soon as
-# deliver, open or wait returns: so msg1 is on disk before dot 2 goes out,
-# and a crash leaves at most one message sent and not recorded.
-# ---------------------------------------------------------------------------
 
 def _wire(data: bytes) -> Tuple[bytes, int]:
     """The DATA payload (CRLF line ends, dot-stuffed, ending in CRLF.CRLF)
@@ -2924,7 +3125,7 @@ _HELD = Reply(451, "4.3.0 not sent: the queue could not record an earlier delive
 
 
 @dataclasses.dataclass
-class _Outcome:
+class Outcome:
     """What one delivery attempt did with each recipient."""
 
     delivered: List[str] = dataclasses.field(default_factory=list)
@@ -2943,7 +3144,7 @@ class _Outcome:
     #: though the mailer may be on another relay when the record is written
     relay: str = ""
 
-    def settle(self, recipients: List[str], reply: Reply) -> None:
+    def _settle(self, recipients: List[str], reply: Reply) -> None:
         """reply is final for recipients: failed if permanent, else deferred."""
         self.final = reply
         for rcpt in recipients:
@@ -2975,7 +3176,7 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
 
 def _relay_trouble(where: str, e: DeliveryError) -> Reply:
     """Log that relay where cannot be used; the Reply to defer mail with."""
-    down = _transient(e.reply)
+    down = e.reply.as_transient()
     if down.status.split(".")[1] == "7":
         log.error("%s relay %s: %s: fix this (TLS or AUTH); mail is kept and "
                   "retried", down.status, where, e.reply)
@@ -3028,7 +3229,7 @@ class _Connection:
         self.unsent_size = 0
         # The outcome and accepted recipients of the message whose final
         # reply the server still owes us (see Mailer.deliver's more).
-        self.owed: Optional[Tuple[_Outcome, List[str]]] = None
+        self.owed: Optional[Tuple[Outcome, List[str]]] = None
 
     @property
     def tls_version(self) -> Optional[str]:
@@ -3116,7 +3317,7 @@ class _Connection:
                 out.final = final
                 out.delivered += accepted
             else:
-                out.settle(accepted, final)
+                out._settle(accepted, final)
 
     def wait(self) -> None:
         """Read the final reply the server still owes for the last message
@@ -3603,7 +3804,7 @@ class Mailer:
     def deliver(self, sender: str, recipients: List[str], data: bytes,
                 xverp: bool = False,
                 heartbeat: Optional[Callable[[], None]] = None,
-                more: bool = False) -> _Outcome:
+                more: bool = False) -> Outcome:
         """Deliver one message on the open connection (see ``open``) and
         report each recipient as delivered, failed or deferred.
 
@@ -3643,7 +3844,7 @@ class Mailer:
         more = more and conn.messages < self.config.messages_per_connection and \
             conn.mails + 1 < self._limits.get(conn.relay, conn.mails + 2)
         mark = conn.mark()      # any reply after it answers this message
-        out = _Outcome()
+        out = Outcome()
         offers_utf8 = "smtputf8" in conn.features
         problem = _address_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
@@ -3709,7 +3910,7 @@ class Mailer:
             except _UsedUp as e:
                 self._learn(conn, e.reply)
                 why = self._reconnect(quit=True) if reconnects < _RECONNECTS else \
-                    _transient(e.reply)
+                    e.reply.as_transient()
                 reconnects += 1
             except _ConnectionLost as e:
                 conn.broken = True
@@ -3783,10 +3984,10 @@ class Mailer:
         return out
 
     @staticmethod
-    def _refuse_early(recipients: List[str], why: Reply, out: _Outcome) -> _Outcome:
+    def _refuse_early(recipients: List[str], why: Reply, out: Outcome) -> Outcome:
         """out, with recipients refused for why before anything was sent
         (deliver's checks of the sender, 8-bit data and SIZE)."""
-        out.settle(recipients, why)
+        out._settle(recipients, why)
         return out
 
     def _reconnect(self, quit: bool = False) -> Optional[Reply]:
@@ -3802,7 +4003,7 @@ class Mailer:
         return None
 
     def _transaction(self, conn: _Connection, sender: str, params: List[str],
-                     pending: List[str], wire: bytes, out: _Outcome,
+                     pending: List[str], wire: bytes, out: Outcome,
                      heartbeat: Optional[Callable[[], None]],
                      more: bool, limit: int) -> _Rest:
         """One MAIL..DATA transaction on conn for up to limit of pending;
@@ -3833,7 +4034,7 @@ class Mailer:
                             conn.relay, mail_reply)
                 conn.rset()
                 return _Rest(pending, limit, without_xverp=True)
-            out.settle(pending, mail_reply)
+            out._settle(pending, mail_reply)
             conn.rset()
             return _Rest([], limit)
         conn.mails += 1
@@ -3859,7 +4060,7 @@ class Mailer:
         if carried:     # the server's limit: the next transactions take no more
             limit = len(accepted)
         if data_reply is None or data_reply.code != 354:
-            out.settle(accepted + list(carried) + rest, data_reply or mail_reply)
+            out._settle(accepted + list(carried) + rest, data_reply or mail_reply)
             conn.rset()
             return _Rest([], limit)
         out.xverp = "XVERP" in params
@@ -3879,13 +4080,13 @@ class Mailer:
             raise
         out.final = final
         if not final.ok:
-            out.settle(accepted + list(carried) + rest, final)
+            out._settle(accepted + list(carried) + rest, final)
             return _Rest([], limit)
         out.delivered += accepted
         return _Rest(list(carried) + rest, limit)
 
     @staticmethod
-    def _answered(batch: List[str], replies: List[Reply], out: _Outcome) -> List[str]:
+    def _answered(batch: List[str], replies: List[Reply], out: Outcome) -> List[str]:
         """The connection was lost in a transaction after replies (MAIL's
         first) were read.  They are facts: record the refusals (5xx failed,
         4xx deferred); return the batch's recipients still to do, those
@@ -3951,15 +4152,6 @@ _JITTER = (0.8, 1.2)        # a retry's delay is spread by this factor
 # would overflow a float after a thousand attempts (and attempts come
 # from a state file).
 _DOUBLINGS_MAX = 64
-
-
-def _transient(reply: Reply) -> Reply:
-    """The same reason, as a reason to try again later."""
-    if not reply.permanent:
-        return reply
-    status = "4" + reply.status[1:]
-    text = _ENHANCED.sub("", reply.text, count=1).strip()
-    return Reply(451, "%s %s (was %d)" % (status, text, reply.code))
 
 
 class _Group(NamedTuple):
@@ -4068,7 +4260,7 @@ def _first_reason(refused: Dict[str, str], replies: Dict[str, Reply]) -> Reply:
 
 
 def _plan(name: str, state: _Record, first_queued: float, attempts: int,
-          out: _Outcome, where: str, policy: _Policy, now: float,
+          out: Outcome, where: str, policy: _Policy, now: float,
           rng: random.Random) -> _Plan:
     """What to do with message name after an attempt whose outcome is out,
     over relay where, at time now.  state, first_queued and attempts (the
@@ -4151,7 +4343,7 @@ class _Unsettled(NamedTuple):
     msg: QueuedMessage
     change: Callable[[], object]    # the queue change, tried again on every pass
     #: its file already keeps a later run from sending to the recipients
-    #: delivered (Queue.strike)
+    #: delivered (Queue._strike)
     safe: bool
     #: it failed for a full disk: no new work until it is recorded
     full: bool
@@ -4200,7 +4392,7 @@ class QueueProcessor:
         self._record_lock = threading.Lock()
         self._maintained = -math.inf    # monotonic: maintain() at the first pass
         self._last_used = 0.0
-        self._facts: Dict[str, object] = {}  # for Queue.note, saved every few seconds
+        self._facts: Dict[str, object] = {}  # for Queue._note, saved every few seconds
         self._noted = 0.0
         self._progress: Optional[Callable[[Dict[str, int], int], None]] = None
         #: messages handled so far, by what became of them
@@ -4319,7 +4511,7 @@ class QueueProcessor:
                               "retry time are not kept)", msg.name)
                     msg.release()
                     continue
-                rejected = self.queue.set_aside(msg)
+                rejected = self.queue._set_aside(msg)
                 if rejected:
                     log.error("4.3.0 %s: its delivery outcome could not be recorded in "
                               "any way: set aside as dead letter %s, so that it is not "
@@ -4389,7 +4581,7 @@ class QueueProcessor:
             self._progress(self.stats, 0)
         return handled
 
-    def _deliver(self, paths: List[str], mailer: "Mailer", total: int) -> int:
+    def _deliver(self, paths: List[str], mailer: Mailer, total: int) -> int:
         """Claim and send each of paths over mailer's connection.
 
         A message sent with ``more`` waits here, in waiting, until the reply
@@ -4399,7 +4591,7 @@ class QueueProcessor:
         call (one per session) has its own."""
         handled = 0
         down: Optional[Reply] = None
-        waiting: List[Tuple[QueuedMessage, _Outcome]] = []    # sent, reply unread
+        waiting: List[Tuple[QueuedMessage, Outcome]] = []    # sent, reply unread
         try:
             for n, path in enumerate(paths):
                 if self._progress and self._done:
@@ -4418,7 +4610,7 @@ class QueueProcessor:
                     continue
                 handled += 1
                 if msg.problem:
-                    self._apply(mailer, msg, _Outcome(
+                    self._apply(mailer, msg, Outcome(
                         failed=dict.fromkeys(msg.recipients or [_NO_RECIPIENT], msg.problem)))
                     continue
                 if down is None:
@@ -4432,7 +4624,7 @@ class QueueProcessor:
                         down = _internal(e)
                     self._record_settled(mailer, waiting)   # if open() closed, it read
                 if down is not None:
-                    self._apply(mailer, msg, _Outcome(
+                    self._apply(mailer, msg, Outcome(
                         deferred=dict.fromkeys(msg.recipients, down), final=down))
                     continue
                 outcome = self._attempt(mailer, msg, n + 1 < len(paths), waiting)
@@ -4458,8 +4650,8 @@ class QueueProcessor:
                 self._record_settled(mailer, waiting)
         return handled
 
-    def _record_settled(self, mailer: "Mailer",
-                        waiting: List[Tuple[QueuedMessage, _Outcome]]) -> None:
+    def _record_settled(self, mailer: Mailer,
+                        waiting: List[Tuple[QueuedMessage, Outcome]]) -> None:
         """Record each waiting message whose final reply has been read (its
         outcome no longer waiting), in the order they were sent.  Called
         after each call that may read a reply (Mailer.open, deliver, wait)
@@ -4468,8 +4660,8 @@ class QueueProcessor:
             msg, outcome = waiting.pop(0)
             self._apply(mailer, msg, outcome)
 
-    def _attempt(self, mailer: "Mailer", msg: QueuedMessage, more: bool,
-                 waiting: List[Tuple[QueuedMessage, _Outcome]]) -> _Outcome:
+    def _attempt(self, mailer: Mailer, msg: QueuedMessage, more: bool,
+                 waiting: List[Tuple[QueuedMessage, Outcome]]) -> Outcome:
         """mailer.deliver(msg), never raising.  A connection that failed before
         the server answered anything of the message (a drop after the
         previous message's dot, or a connection the server had closed) is
@@ -4502,12 +4694,12 @@ class QueueProcessor:
                 # the connection had to be replaced before anything of the
                 # message was sent (the relay had closed it) and could not be
                 reply = QueueProcessor._relay_down(mailer, e)
-                return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
+                return Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
             except Exception as e:
                 log.exception("4.3.0 %s: unexpected error while sending", msg.name)
                 mailer.close()
                 reply = _internal(e)
-                return _Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
+                return Outcome(deferred=dict.fromkeys(msg.recipients, reply), final=reply)
             final = outcome.final
             if final is _HELD or not (again and outcome.unanswered):
                 break
@@ -4524,7 +4716,7 @@ class QueueProcessor:
         return outcome
 
     @staticmethod
-    def _relay_down(mailer: "Mailer", e: DeliveryError) -> Reply:
+    def _relay_down(mailer: Mailer, e: DeliveryError) -> Reply:
         """Log that no relay can be used; the Reply to defer mail with."""
         return _relay_trouble(mailer.where, e)
 
@@ -4538,9 +4730,9 @@ class QueueProcessor:
                 return
             self._noted = time.monotonic()
             facts, self._facts = self._facts, {}
-        self.queue.note(facts)
+        self.queue._note(facts)
 
-    def _apply(self, mailer: "Mailer", msg: QueuedMessage, out: _Outcome) -> None:
+    def _apply(self, mailer: Mailer, msg: QueuedMessage, out: Outcome) -> None:
         """Decide what an attempt means for the message (remove, defer or
         dead-letter: _plan), record it in the queue, then log it and note
         it for ``status``.  The record comes first, and nothing advisory
@@ -4599,7 +4791,7 @@ class QueueProcessor:
           processor sends it meanwhile, and retried on every pass;
         * no new message is sent until it is recorded (_deliver, _attempt);
         * the recipients delivered are struck from the file's X-Zope-To in
-          place (Queue.strike needs no new disk block), so that if this
+          place (Queue._strike needs no new disk block), so that if this
           process stops first (_finish) or is killed, a later run, ours or
           zope.sendmail's, sends only to the others.
         """
@@ -4609,7 +4801,7 @@ class QueueProcessor:
         except Exception as e:
             problem = e
         delivered = list(delivered)
-        safe = not delivered or self.queue.strike(msg, delivered)
+        safe = not delivered or self.queue._strike(msg, delivered)
         named = "; delivered to %s" % _listed(delivered) if delivered else ""
         # Only a full disk stops new work (whose outcomes could not be
         # recorded either, until space returns).  Any other failure (a
@@ -4652,124 +4844,103 @@ _lock = threading.Lock()
 _config: Optional[SMTPConfig] = None
 _queues: Dict[str, Queue] = {}
 _processors: Dict[str, QueueProcessor] = {}
+_pid = os.getpid()      # the process that _processors and _lock belong to
 
 
-def _check_recipients(recipients: Union[str, Iterable[str]]) -> List[str]:
-    if isinstance(recipients, str):
-        recipients = [recipients]
-    elif isinstance(recipients, (bytes, bytearray)) or \
-            not isinstance(recipients, Iterable):
-        raise TypeError("recipients must be a str or an iterable of str, not %s"
-                        % type(recipients).__name__)
-    found: Dict[str, None] = {}
-    for rcpt in recipients:
-        if not isinstance(rcpt, str):
-            raise TypeError("each recipient must be a str, not %s: %r"
-                            % (type(rcpt).__name__, rcpt))
-        address = rcpt.strip(" \t")
-        problem = _address_problem(address)
-        if problem:
-            raise MessageError("recipient %r %s" % (rcpt, problem), status="5.1.3")
-        found[address] = None
-    if not found:
-        raise MessageError("no recipients given", status="5.1.3")
-    return list(found)
+def _after_fork() -> None:
+    # A child has the parent's queues but none of its threads: start afresh.
+    global _lock, _pid
+    _pid = os.getpid()
+    _lock = threading.Lock()
+    _processors.clear()
+    for queue in set(_claiming) | set(_queues.values()):
+        queue._forget_claimer()     # its lock too: a parent's thread may hold it
 
 
-def _check_sender(sender: str, xverp: bool) -> None:
-    if not isinstance(sender, str):
-        raise TypeError("sender must be a str, not %s" % type(sender).__name__)
-    if not sender:
-        if xverp:
-            raise MessageError("an empty sender (<>) cannot be used with xverp=True: "
-                               "XVERP rewrites the sender", status="5.1.7")
-        return
-    problem = _address_problem(sender)
-    if problem:
-        raise MessageError("sender %r %s" % (sender, problem), status="5.1.7")
-
-
-_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
-
-
-def _prepare_message(message: Union[bytes, str, email.message.Message],
-                     sender: str = "") -> bytes:
-    """The message as bytes with CRLF line ends, Message-ID and Date added
-    when missing (so every copy and every retry carries the same id)."""
-    if isinstance(message, email.message.Message):
-        try:
-            data = message.as_bytes()
-        except (UnicodeError, LookupError, TypeError, ValueError) as e:
-            raise MessageError("the email.message.Message cannot be serialised: %s"
-                               % e) from None
-    elif isinstance(message, str):
-        data = message.encode("utf-8")
-    elif isinstance(message, (bytes, bytearray, memoryview)):
-        data = bytes(message)
-    else:
-        raise TypeError("email must be bytes, str or email.message.Message, not %s"
-                        % type(message).__name__)
-    data = _crlf(data.lstrip(b"\r\n"))
-    if not data.strip():
-        raise MessageError("the message is empty", status="5.6.0")
-    nul = data.find(b"\0")
-    if nul >= 0:
-        raise MessageError("the message has a NUL byte (line %d), which SMTP cannot "
-                           "carry: encode that part (base64)"
-                           % (data.count(b"\r\n", 0, nul) + 1), status="5.6.0")
-    lines = data.split(b"\r\n")
-    if max(map(len, lines)) > 998:
-        raise MessageError("line %d of the message is longer than the 998 octets "
-                           "RFC 5322 allows: encode that part (quoted-printable or "
-                           "base64)" % (next(n for n, line in enumerate(lines, 1)
-                                              if len(line) > 998)), status="5.6.0")
-    if not _HEADER_LINE.match(data):
-        raise MessageError("the message does not start with a header line "
-                           "('Name: value'); give a whole RFC 5322 message",
-                           status="5.6.0")
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[:end + 2]
-    if not re.search(rb"(?im)^date:", head):
-        data = b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n" + data
-    if not re.search(rb"(?im)^message-id:", head):
-        domain = sender.rpartition("@")[2] if "@" in sender else _fqdn()
-        try:
-            domain.encode("ascii")
-        except UnicodeError:
-            domain = _fqdn()
-        msgid = email.utils.make_msgid(domain=domain)
-        data = b"Message-ID: " + msgid.encode("ascii") + b"\r\n" + data
-    return data
-
-
-class _Prepared(NamedTuple):
-    """A message checked and ready to queue or send."""
-    recipients: List[str]       # stripped, each once, in the order given
-    data: bytes                 # CRLF line ends, with Date and Message-ID
-
-
-def _prepared(sender: str, recipients: Union[str, Iterable[str]],
-              message: Union[bytes, str, email.message.Message],
-              xverp: bool) -> _Prepared:
-    """The one way a message is checked and prepared, for send_email,
-    ``gsemail send`` and Mailer.send alike: recipients, then sender, then the
-    message, whose Message-ID (when it has none) takes the sender's domain."""
-    rcpts = _check_recipients(recipients)
-    _check_sender(sender, xverp)
-    return _Prepared(rcpts, _prepare_message(message, sender))
-
-
-def _queued_with_xverp(xverp: bool, sender: str, config: SMTPConfig) -> bool:
-    """Whether a message is queued asking for XVERP: when the caller or the
-    config asks, and never for the empty sender.  (A processor decides
-    again, with its own config, when it claims the message: Queue._wants_xverp.)"""
-    return bool((xverp or config.xverp) and sender)
+def _check_fork() -> None:
+    """Run _after_fork in a child that was forked without Python's fork
+    hooks: uWSGI's master forks its workers with libc's fork() (unless
+    --lazy-apps), so a web application that configured gsemail at import
+    has, in each worker, its master's processors and locks but not their
+    threads.  Every entry point checks the pid first."""
+    if _pid != os.getpid():
+        # Python's own hooks did not run either: logging's locks may be held
+        # by a thread of the parent's (our processor's, logging as it was
+        # forked), and our processor logs.  This is what those hooks do.
+        reinit = getattr(logging, "_after_at_fork_child_reinit_locks", None)
+        if reinit is not None:
+            try:
+                reinit()
+            except Exception:
+                pass
+        _after_fork()
 
 
 def _queue_from(config: SMTPConfig, create: bool = True, readonly: bool = False) -> Queue:
     """A Queue opened as config says (queuepath, claim_timeout, xverp)."""
     return Queue(config.queuepath, config.claim_timeout, create=create, xverp=config.xverp,
                  readonly=readonly)
+
+
+def _uwsgi_master() -> Any:     # the uwsgi module, which has no types
+    """uWSGI's ``uwsgi`` module when this is its master loading the
+    application before it forks the workers (no --lazy-apps); else None.
+
+    A thread must not run there: uWSGI forks with libc's fork() and never
+    calls PyOS_AfterFork_Child, so a worker forked while our thread waited
+    for the GIL inherits the GIL's lock and condition mid-use and hangs the
+    first time two of its threads take turns (seen: 1 start in 5 under
+    load, stuck in drop_gil).  Nothing Python can do in the child mends that."""
+    uwsgi = sys.modules.get("uwsgi")
+    try:
+        return uwsgi if uwsgi is not None and uwsgi.worker_id() == 0 else None
+    except Exception:
+        return None
+
+
+_after_uwsgi_fork: Dict[str, SMTPConfig] = {}   # processors that wait for the fork
+
+
+def _queue_for(config: SMTPConfig) -> Queue:
+    _check_fork()
+    with _lock:
+        queue = _queues.get(config.queuepath)
+        if queue is None:
+            queue = _queues[config.queuepath] = _queue_from(config)
+        processor = _processors.get(config.queuepath)
+        if config.processorthread and (processor is None or not processor.alive):
+            uwsgi = _uwsgi_master()
+            if uwsgi is not None:
+                # Started in each worker instead (see _uwsgi_master), chained
+                # after any post_fork_hook the application set: the hook,
+                # _start_after_uwsgi_fork below, comes back here.
+                if not _after_uwsgi_fork:
+                    before = getattr(uwsgi, "post_fork_hook", None)
+
+                    def hook() -> None:
+                        if callable(before):
+                            before()
+                        _start_after_uwsgi_fork()
+                    uwsgi.post_fork_hook = hook
+                _after_uwsgi_fork[config.queuepath] = config
+                return queue
+            processor = QueueProcessor(config, queue)
+            _processors[config.queuepath] = processor
+            processor.start()
+        return queue
+
+
+def _start_after_uwsgi_fork() -> None:
+    """uWSGI's post_fork_hook: each worker starts the processors that the
+    master put off, at once, so a backlog is delivered without waiting for
+    the first send_email."""
+    _check_fork()
+    for config in list(_after_uwsgi_fork.values()):
+        try:
+            _queue_for(config)
+        except GsEmailError as e:
+            log.error("%s queue processor for %s not started: %s", e.status,
+                      config.queuepath, e)
 
 
 def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTPConfig:
@@ -4801,66 +4972,6 @@ def _current_config() -> SMTPConfig:
                           "instance), or set $GSEMAIL_CONFIG (and $GSEMAIL_INSTANCE) "
                           "or $INSTANCE_HOME")
     return configure(path, instance or "default")
-
-
-def _uwsgi_master() -> Any:     # the uwsgi module, which has no types
-    """uWSGI's ``uwsgi`` module when this is its master loading the
-    application before it forks the workers (no --lazy-apps); else None.
-
-    A thread must not run there: uWSGI forks with libc's fork() and never
-    calls PyOS_AfterFork_Child, so a worker forked while our thread waited
-    for the GIL inherits the GIL's lock and condition mid-use and hangs the
-    first time two of its threads take turns (seen: 1 start in 5 under
-    load, stuck in drop_gil).  Nothing Python can do in the child mends that."""
-    uwsgi = sys.modules.get("uwsgi")
-    try:
-        return uwsgi if uwsgi is not None and uwsgi.worker_id() == 0 else None
-    except Exception:
-        return None
-
-
-_after_uwsgi_fork: Dict[str, SMTPConfig] = {}   # processors that wait for the fork
-
-
-def _start_after_uwsgi_fork() -> None:
-    """uWSGI's post_fork_hook: each worker starts the processors that the
-    master put off, at once, so a backlog is delivered without waiting for
-    the first send_email."""
-    _check_fork()
-    for config in list(_after_uwsgi_fork.values()):
-        try:
-            _queue_for(config)
-        except GsEmailError as e:
-            log.error("%s queue processor for %s not started: %s", e.status,
-                      config.queuepath, e)
-
-
-def _queue_for(config: SMTPConfig) -> Queue:
-    _check_fork()
-    with _lock:
-        queue = _queues.get(config.queuepath)
-        if queue is None:
-            queue = _queues[config.queuepath] = _queue_from(config)
-        processor = _processors.get(config.queuepath)
-        if config.processorthread and (processor is None or not processor.alive):
-            uwsgi = _uwsgi_master()
-            if uwsgi is not None:
-                # Started in each worker instead (see _uwsgi_master), chained
-                # after any post_fork_hook the application set.
-                if not _after_uwsgi_fork:
-                    before = getattr(uwsgi, "post_fork_hook", None)
-
-                    def hook() -> None:
-                        if callable(before):
-                            before()
-                        _start_after_uwsgi_fork()
-                    uwsgi.post_fork_hook = hook
-                _after_uwsgi_fork[config.queuepath] = config
-                return queue
-            processor = QueueProcessor(config, queue)
-            _processors[config.queuepath] = processor
-            processor.start()
-        return queue
 
 
 def send_email(sender: str, recipients: Union[str, Iterable[str]],
@@ -4910,38 +5021,6 @@ def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
         _config = None
         _queues.clear()
         _processors.clear()
-
-
-def _after_fork() -> None:
-    # A child has the parent's queues but none of its threads: start afresh.
-    global _lock, _pid
-    _pid = os.getpid()
-    _lock = threading.Lock()
-    _processors.clear()
-    for queue in set(_claiming) | set(_queues.values()):
-        queue._forget_claimer()     # its lock too: a parent's thread may hold it
-
-
-_pid = os.getpid()      # the process that _processors and _lock belong to
-
-
-def _check_fork() -> None:
-    """Run _after_fork in a child that was forked without Python's fork
-    hooks: uWSGI's master forks its workers with libc's fork() (unless
-    --lazy-apps), so a web application that configured gsemail at import
-    has, in each worker, its master's processors and locks but not their
-    threads.  Every entry point checks the pid first."""
-    if _pid != os.getpid():
-        # Python's own hooks did not run either: logging's locks may be held
-        # by a thread of the parent's (our processor's, logging as it was
-        # forked), and our processor logs.  This is what those hooks do.
-        reinit = getattr(logging, "_after_at_fork_child_reinit_locks", None)
-        if reinit is not None:
-            try:
-                reinit()
-            except Exception:
-                pass
-        _after_fork()
 
 
 # At exit, wait a little for the message in flight.  If it is cut short, the
@@ -5033,111 +5112,6 @@ def _days_option(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = _ArgumentParser(add_help=False)
-    _common_options(common, suppress=True)
-    parser = _ArgumentParser(
-        prog="gsemail", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Deliver and look after the gsemail queue of a GroupServer instance.\n"
-                    "Without a COMMAND, run the queue processor: in the foreground until\n"
-                    "SIGTERM or SIGINT, or with --once until nothing is due.  Each\n"
-                    "command has --help.")
-    _common_options(parser, suppress=False)
-    parser.add_argument("--once", action="store_true",
-                        help="deliver what is due and exit: 0 when the queue is "
-                             "empty, 75 when messages wait for a retry; on a "
-                             "terminal, shows progress")
-    parser.add_argument("--version", action="version",
-                        version="gsemail %s" % __version__)
-    parser.set_defaults(run=_cmd_run, command=None)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name: str, run: Callable[[SMTPConfig, argparse.Namespace], int],
-                summary: str, description: str, aliases: Iterable[str] = ()
-                ) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, aliases=list(aliases), parents=[common], help=summary,
-                                description=description)
-        p.set_defaults(run=run)
-        return p
-
-    p = command("list", _cmd_list, "one line per message (--json for scripts)",
-                "One line per message in the queue: queue id, state "
-                "(new, deferred, sending, dead), age, size, sender, recipients, "
-                "attempts, next attempt, last error.  Python: Queue.entries().",
-                aliases=["mailq"])
-    p.add_argument("--json", action="store_true", help="a JSON list, for scripts")
-
-    p = command("show", _cmd_show, "one message: envelope, state, history, headers",
-                "One message: its envelope, state, history and "
-                "headers.  Python: Queue.find() and Queue.read_message().")
-    p.add_argument("id", metavar="ID", help="a queue id (or a unique beginning of one)")
-    p.add_argument("--body", action="store_true", help="the whole message, not only "
-                   "its headers")
-
-    p = command("status", _cmd_status, "queue health, with exit codes for monitoring",
-                "Queue depth by state, the oldest message, the "
-                "last delivery and the last error, for people and for monitoring: exits "
-                "0 (ok), 1 (warning) or 2 (critical) by the thresholds below, as a "
-                "Nagios plugin does.  A threshold of 0 is off.  Python: Queue.status().")
-    p.add_argument("--json", action="store_true", help="a JSON object, for scripts")
-    p.add_argument("--warning-age", type=_duration_option, default=3600.0, metavar="AGE",
-                   help="warn when a message has waited this long (default: 1h)")
-    p.add_argument("--critical-age", type=_duration_option, default=4 * 3600.0,
-                   metavar="AGE", help="critical when a message has waited this long "
-                   "(default: 4h)")
-    p.add_argument("--warning-queue", type=_count_option, default=500, metavar="N",
-                   help="warn when N messages wait (default: %(default)s)")
-    p.add_argument("--critical-queue", type=_count_option, default=5000, metavar="N",
-                   help="critical when N messages wait (default: %(default)s)")
-    p.add_argument("--warning-dead", type=_count_option, default=1, metavar="N",
-                   help="warn when there are N dead letters (default: %(default)s)")
-    p.add_argument("--critical-dead", type=_count_option, default=0, metavar="N",
-                   help="critical when there are N dead letters (default: off)")
-
-    p = command("flush", _cmd_flush, "make deferred messages due now (postqueue -f)",
-                "Make every deferred message (or those named) due "
-                "now, as postqueue -f does; a running processor sends them at its next "
-                "look.  Messages being sent are left alone.  Python: Queue.flush().")
-    p.add_argument("ids", nargs="*", metavar="ID", help="only these messages")
-
-    p = command("retry", _cmd_retry, "queue dead letters again",
-                "Queue dead letters again, for the recipients that failed, as new "
-                "messages with fresh attempts.  Python: Queue.retry().")
-    p.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to retry")
-    p.add_argument("--all-dead", action="store_true", help="every dead letter")
-
-    p = command("purge", _cmd_purge, "delete messages or old dead letters",
-                "Delete messages or dead letters for good, printing "
-                "each before it goes.  Messages being sent are left alone (exit 75).  "
-                "Python: Queue.purge().")
-    p.add_argument("ids", nargs="*", metavar="ID", help="the messages to delete")
-    p.add_argument("--dead-older-than", type=_days_option, metavar="DAYS",
-                   help="every dead letter that died more than DAYS days ago")
-    p.add_argument("-n", "--dry-run", action="store_true",
-                   help="print what would go, and delete nothing")
-
-    command("check", _cmd_check, "test the relay(s): TLS, AUTH, EHLO capabilities",
-            "Connect to each relay with the configured settings "
-            "(TLS, AUTH) as delivery would, print its EHLO capabilities and a verdict, "
-            "send no mail.  Exits 0 when mail can go, else with the sysexits code of "
-            "the first relay's failure.  Python: Mailer(config).check().")
-
-    p = command("send", _cmd_send, "queue a message from standard input (sendmail)",
-                "Queue a message read from standard input (or "
-                "--file) for the recipients given, as sendmail does; a running "
-                "processor sends it.  Python: send_email().")
-    p.add_argument("recipients", nargs="*", metavar="RCPT", help="envelope recipients")
-    p.add_argument("-f", dest="sender", metavar="SENDER",
-                   help="the envelope sender ('' for none, as a bounce); default: the "
-                        "address in the message's From header")
-    p.add_argument("-t", dest="from_headers", action="store_true",
-                   help="also send to the addresses in the To, Cc and Bcc headers, and "
-                        "remove Bcc")
-    p.add_argument("--xverp", action="store_true", help="send with XVERP")
-    p.add_argument("--file", metavar="FILE", help="read the message from FILE")
-    return parser
-
-
 class _Progress:
     """How a --once drain goes, on one self-rewriting terminal line."""
 
@@ -5195,42 +5169,6 @@ class _LogHandler(_StreamHandler):
         super().emit(record)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The command line; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not args.config:
-        parser.error("--config is required (or set $GSEMAIL_CONFIG)")
-    if args.once and args.command:
-        parser.error("--once is for running the processor, not for %s" % args.command)
-
-    global _cli
-    _cli = [sys.executable, "-m", "gsemail"] + list(sys.argv[1:] if argv is None else argv)
-    handler = _LogHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
-    log.propagate = False
-    try:
-        config = load_config(args.config, args.instance)
-        run: Callable[[SMTPConfig, argparse.Namespace], int] = args.run
-        return run(config, args)
-    except GsEmailError as e:
-        print("%s %s" % (e.status, e), file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("4.3.2 interrupted%s" % (": the message in flight will be sent again"
-                                       if args.command is None else ""), file=sys.stderr)
-        return os.EX_TEMPFAIL
-    except BrokenPipeError:
-        # The reader has gone (gsemail list | head): not an error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return os.EX_OK
-    finally:
-        log.removeHandler(handler)
-        _cli = None
-
-
 def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
     """No command: the queue processor, in the foreground."""
     processor = QueueProcessor(config)
@@ -5269,21 +5207,6 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
 def _open_queue(config: SMTPConfig, readonly: bool = False) -> Queue:
     """The queue an operator's command works on: it must exist already."""
     return _queue_from(config, create=False, readonly=readonly)
-
-
-def _age(seconds: float) -> str:
-    """45s, 12m, 3h05m, 2d04h; '?' for what is no number of seconds."""
-    s = _whole_seconds(seconds)
-    if s is None:
-        return "?"
-    s = max(0, s)
-    if s < 60:
-        return "%ds" % s
-    if s < 3600:
-        return "%dm" % (s // 60)
-    if s < 86400:
-        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
-    return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
 
 
 def _size(n: int) -> str:
@@ -5640,39 +5563,6 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
     return error.exit_code
 
 
-def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
-    if args.file:
-        try:
-            with open(args.file, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise MessageError("%s: cannot read the message: %s" % (args.file, e.strerror),
-                               status="5.3.0", exit_code=os.EX_NOINPUT) from None
-    else:
-        data = sys.stdin.buffer.read()
-    recipients = list(args.recipients)
-    if args.from_headers:
-        recipients += _header_addresses(data, ("To", "Cc", "Bcc"))
-        data = _without_bcc(data)
-    if not recipients:
-        raise MessageError("no recipients: give them after send, or use -t to take "
-                           "them from the headers", status="5.5.4", exit_code=os.EX_USAGE)
-    sender = args.sender
-    if sender is None:
-        found = _header_addresses(data, ("From",))
-        if not found:
-            raise MessageError("no sender: give -f SENDER (the message has no From "
-                               "header)", status="5.1.7", exit_code=os.EX_USAGE)
-        sender = found[0]
-    sender = sender.strip().strip("<>")
-    rcpts, data = _prepared(sender, recipients, data, args.xverp)
-    queue = _queue_from(config)
-    name = queue.add(sender, rcpts, data,
-                     xverp=_queued_with_xverp(args.xverp, sender, config))
-    print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
-    return os.EX_OK
-
-
 def _split_head(data: bytes) -> Tuple[bytes, bytes]:
     """(header block, rest) of a message as _prepare_message sends it: CRLF
     line ends whatever they were (CR, LF, mixed), leading blank lines gone.
@@ -5710,6 +5600,180 @@ def _without_bcc(data: bytes) -> bytes:
         if not bcc:
             kept.append(line)
     return b"".join(kept) + rest
+
+
+def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
+    if args.file:
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise MessageError("%s: cannot read the message: %s" % (args.file, e.strerror),
+                               status="5.3.0", exit_code=os.EX_NOINPUT) from None
+    else:
+        data = sys.stdin.buffer.read()
+    recipients = list(args.recipients)
+    if args.from_headers:
+        recipients += _header_addresses(data, ("To", "Cc", "Bcc"))
+        data = _without_bcc(data)
+    if not recipients:
+        raise MessageError("no recipients: give them after send, or use -t to take "
+                           "them from the headers", status="5.5.4", exit_code=os.EX_USAGE)
+    sender = args.sender
+    if sender is None:
+        found = _header_addresses(data, ("From",))
+        if not found:
+            raise MessageError("no sender: give -f SENDER (the message has no From "
+                               "header)", status="5.1.7", exit_code=os.EX_USAGE)
+        sender = found[0]
+    sender = sender.strip().strip("<>")
+    rcpts, data = _prepared(sender, recipients, data, args.xverp)
+    queue = _queue_from(config)
+    name = queue.add(sender, rcpts, data,
+                     xverp=_queued_with_xverp(args.xverp, sender, config))
+    print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
+    return os.EX_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _ArgumentParser(add_help=False)
+    _common_options(common, suppress=True)
+    parser = _ArgumentParser(
+        prog="gsemail", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Deliver and look after the gsemail queue of a GroupServer instance.\n"
+                    "Without a COMMAND, run the queue processor: in the foreground until\n"
+                    "SIGTERM or SIGINT, or with --once until nothing is due.  Each\n"
+                    "command has --help.")
+    _common_options(parser, suppress=False)
+    parser.add_argument("--once", action="store_true",
+                        help="deliver what is due and exit: 0 when the queue is "
+                             "empty, 75 when messages wait for a retry; on a "
+                             "terminal, shows progress")
+    parser.add_argument("--version", action="version",
+                        version="gsemail %s" % __version__)
+    parser.set_defaults(run=_cmd_run, command=None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[SMTPConfig, argparse.Namespace], int],
+                summary: str, description: str, aliases: Iterable[str] = ()
+                ) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, aliases=list(aliases), parents=[common], help=summary,
+                                description=description)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("list", _cmd_list, "one line per message (--json for scripts)",
+                "One line per message in the queue: queue id, state "
+                "(new, deferred, sending, dead), age, size, sender, recipients, "
+                "attempts, next attempt, last error.  Python: Queue.entries().",
+                aliases=["mailq"])
+    p.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+
+    p = command("show", _cmd_show, "one message: envelope, state, history, headers",
+                "One message: its envelope, state, history and "
+                "headers.  Python: Queue.find() and Queue.read_message().")
+    p.add_argument("id", metavar="ID", help="a queue id (or a unique beginning of one)")
+    p.add_argument("--body", action="store_true", help="the whole message, not only "
+                   "its headers")
+
+    p = command("status", _cmd_status, "queue health, with exit codes for monitoring",
+                "Queue depth by state, the oldest message, the "
+                "last delivery and the last error, for people and for monitoring: exits "
+                "0 (ok), 1 (warning) or 2 (critical) by the thresholds below, as a "
+                "Nagios plugin does.  A threshold of 0 is off.  Python: Queue.status().")
+    p.add_argument("--json", action="store_true", help="a JSON object, for scripts")
+    p.add_argument("--warning-age", type=_duration_option, default=3600.0, metavar="AGE",
+                   help="warn when a message has waited this long (default: 1h)")
+    p.add_argument("--critical-age", type=_duration_option, default=4 * 3600.0,
+                   metavar="AGE", help="critical when a message has waited this long "
+                   "(default: 4h)")
+    p.add_argument("--warning-queue", type=_count_option, default=500, metavar="N",
+                   help="warn when N messages wait (default: %(default)s)")
+    p.add_argument("--critical-queue", type=_count_option, default=5000, metavar="N",
+                   help="critical when N messages wait (default: %(default)s)")
+    p.add_argument("--warning-dead", type=_count_option, default=1, metavar="N",
+                   help="warn when there are N dead letters (default: %(default)s)")
+    p.add_argument("--critical-dead", type=_count_option, default=0, metavar="N",
+                   help="critical when there are N dead letters (default: off)")
+
+    p = command("flush", _cmd_flush, "make deferred messages due now (postqueue -f)",
+                "Make every deferred message (or those named) due "
+                "now, as postqueue -f does; a running processor sends them at its next "
+                "look.  Messages being sent are left alone.  Python: Queue.flush().")
+    p.add_argument("ids", nargs="*", metavar="ID", help="only these messages")
+
+    p = command("retry", _cmd_retry, "queue dead letters again",
+                "Queue dead letters again, for the recipients that failed, as new "
+                "messages with fresh attempts.  Python: Queue.retry().")
+    p.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to retry")
+    p.add_argument("--all-dead", action="store_true", help="every dead letter")
+
+    p = command("purge", _cmd_purge, "delete messages or old dead letters",
+                "Delete messages or dead letters for good, printing "
+                "each before it goes.  Messages being sent are left alone (exit 75).  "
+                "Python: Queue.purge().")
+    p.add_argument("ids", nargs="*", metavar="ID", help="the messages to delete")
+    p.add_argument("--dead-older-than", type=_days_option, metavar="DAYS",
+                   help="every dead letter that died more than DAYS days ago")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="print what would go, and delete nothing")
+
+    command("check", _cmd_check, "test the relay(s): TLS, AUTH, EHLO capabilities",
+            "Connect to each relay with the configured settings "
+            "(TLS, AUTH) as delivery would, print its EHLO capabilities and a verdict, "
+            "send no mail.  Exits 0 when mail can go, else with the sysexits code of "
+            "the first relay's failure.  Python: Mailer(config).check().")
+
+    p = command("send", _cmd_send, "queue a message from standard input (sendmail)",
+                "Queue a message read from standard input (or "
+                "--file) for the recipients given, as sendmail does; a running "
+                "processor sends it.  Python: send_email().")
+    p.add_argument("recipients", nargs="*", metavar="RCPT", help="envelope recipients")
+    p.add_argument("-f", dest="sender", metavar="SENDER",
+                   help="the envelope sender ('' for none, as a bounce); default: the "
+                        "address in the message's From header")
+    p.add_argument("-t", dest="from_headers", action="store_true",
+                   help="also send to the addresses in the To, Cc and Bcc headers, and "
+                        "remove Bcc")
+    p.add_argument("--xverp", action="store_true", help="send with XVERP")
+    p.add_argument("--file", metavar="FILE", help="read the message from FILE")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("--config is required (or set $GSEMAIL_CONFIG)")
+    if args.once and args.command:
+        parser.error("--once is for running the processor, not for %s" % args.command)
+
+    global _cli
+    _cli = [sys.executable, "-m", "gsemail"] + list(sys.argv[1:] if argv is None else argv)
+    handler = _LogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+    log.propagate = False
+    try:
+        config = load_config(args.config, args.instance)
+        run: Callable[[SMTPConfig, argparse.Namespace], int] = args.run
+        return run(config, args)
+    except GsEmailError as e:
+        print("%s %s" % (e.status, e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("4.3.2 interrupted%s" % (": the message in flight will be sent again"
+                                       if args.command is None else ""), file=sys.stderr)
+        return os.EX_TEMPFAIL
+    except BrokenPipeError:
+        # The reader has gone (gsemail list | head): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return os.EX_OK
+    finally:
+        log.removeHandler(handler)
+        _cli = None
 
 
 if __name__ == "__main__":

@@ -6432,7 +6432,7 @@ class QueueTakeoverTests(Base):
         self.assertEqual(sorted(server.rcpts), ["now@example.org"])
         self.assertDeferred(part, ["later@example.org"])
         self.assertIn("dead@example.org", self.dead_letter_text())
-        gsemail.Queue(self.queuepath).note({"error_at": time.time(), "error": "x"})
+        gsemail.Queue(self.queuepath)._note({"error_at": time.time(), "error": "x"})
         self.assertVictimUnchanged()
 
 
@@ -6824,7 +6824,7 @@ class PlanTests(unittest.TestCase):
         return plan
 
     def deferred(self, *rcpts, reply=None):
-        return gsemail._Outcome(deferred=dict.fromkeys(rcpts, reply or self.BUSY),
+        return gsemail.Outcome(deferred=dict.fromkeys(rcpts, reply or self.BUSY),
                                 final=reply or self.BUSY)
 
     def texts(self, plan):
@@ -6882,7 +6882,7 @@ class PlanTests(unittest.TestCase):
     def test_delivered_only_removes(self):
         for xverp, via in [(False, ""), (True, " with XVERP")]:
             with self.subTest(xverp=xverp):
-                out = gsemail._Outcome(delivered=["a@example.org", "b@example.org"],
+                out = gsemail.Outcome(delivered=["a@example.org", "b@example.org"],
                                        final=gsemail.Reply(250, "2.0.0 ok"), xverp=xverp)
                 plan = self.plan(out)
                 self.assertEqual((plan.what, plan.refused, plan.state), ("delivered", {}, {}))
@@ -6900,7 +6900,7 @@ class PlanTests(unittest.TestCase):
         failed["x@example.org"] = other
         for dead_letter in (False, True):
             with self.subTest(dead_letter_written_before=dead_letter):
-                plan = self.plan(gsemail._Outcome(failed=failed, final=self.GONE),
+                plan = self.plan(gsemail.Outcome(failed=failed, final=self.GONE),
                                  state={"dead_letter": True} if dead_letter else {})
                 self.assertEqual(plan.what, "dead")
                 self.assertEqual(plan.refused, {r: str(why) for r, why in failed.items()})
@@ -6917,7 +6917,7 @@ class PlanTests(unittest.TestCase):
                                               "error": "550 5.1.1 no such user"})
 
     def test_mixed_refuses_then_defers(self):
-        out = gsemail._Outcome(delivered=["ok@example.org"],
+        out = gsemail.Outcome(delivered=["ok@example.org"],
                                failed={"gone@example.org": self.GONE},
                                deferred={"later@example.org": self.BUSY},
                                final=gsemail.Reply(250, "2.0.0 ok"))
@@ -6954,7 +6954,7 @@ class PlanTests(unittest.TestCase):
 
     def test_earlier_refusals_are_merged(self):
         old = {"old@example.org": "550 5.1.1 left long ago"}
-        out = gsemail._Outcome(failed={"new@example.org": self.GONE},
+        out = gsemail.Outcome(failed={"new@example.org": self.GONE},
                                deferred={"later@example.org": self.BUSY}, final=self.BUSY)
         for written, fresh in [(True, ["new@example.org"]),
                                (False, ["old@example.org", "new@example.org"])]:
@@ -6969,11 +6969,11 @@ class PlanTests(unittest.TestCase):
                     "new@example.org": "550 5.1.1 no such user"})
                 self.assertEqual(list(plan.refused), fresh)
         # every refusal already in the dead letter and nothing left: done
-        plan = self.plan(gsemail._Outcome(delivered=["a@example.org"]),
+        plan = self.plan(gsemail.Outcome(delivered=["a@example.org"]),
                          state={"failed": dict(old), "dead_letter": True})
         self.assertEqual(plan.what, "delivered")
         # ... but refusals kept from before early dead letters still go in one
-        plan = self.plan(gsemail._Outcome(delivered=["a@example.org"]),
+        plan = self.plan(gsemail.Outcome(delivered=["a@example.org"]),
                          state={"failed": dict(old)})
         self.assertEqual((plan.what, plan.refused), ("dead", old))
         self.assertIn(("ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s): "
