@@ -3497,9 +3497,11 @@ class FailureHandlingTests(Base):
             held = queue.claim(sys.argv[2])
             child = os.fork()
             if child == 0:
+                # Said by the child, so after its fork hooks have run (the
+                # parent saying it raced them on a busy machine).
+                print(os.getpid(), flush=True)
                 time.sleep(60)
                 os._exit(0)
-            print(child, flush=True)
             time.sleep(60)
             """), self.queuepath, path], cwd=HERE, stdout=subprocess.PIPE)
         child = int(proc.stdout.readline())
