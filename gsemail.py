@@ -1059,10 +1059,11 @@ def _prepared(sender: str, recipients: Union[str, Iterable[str]],
     return _Prepared(rcpts, _prepare_message(message, sender))
 
 
-def _queued_with_xverp(xverp: bool, sender: str, config: SMTPConfig) -> bool:
-    """Whether a message is queued asking for XVERP: when the caller or the
-    config asks, and never for the empty sender.  (A processor decides
-    again, with its own config, when it claims the message: Queue._wants_xverp.)"""
+def _with_xverp(xverp: bool, sender: str, config: SMTPConfig) -> bool:
+    """Whether a message goes (or is queued asking to go) with XVERP: when
+    the caller or the config asks, and never for the empty sender.  (A
+    processor decides again, with its own config, when it claims a queued
+    message: Queue._wants_xverp.)"""
     return bool((xverp or config.xverp) and sender)
 
 # ---------------------------------------------------------------------------
@@ -4115,14 +4116,15 @@ class Mailer:
         """Send one message now, without the queue.
 
         The message is checked and prepared as send_email's is (its
-        Message-ID, when it has none, takes the sender's domain).  Returns
+        Message-ID, when it has none, takes the sender's domain), and goes
+        with XVERP as a queued one would (xverp, or the config's).  Returns
         the recipients that were not delivered, each with its Reply.
         Raises DeliveryError when no recipient was delivered and TLSError
         (a RuntimeError) when TLS was required and not had.
         """
         rcpts, data = _prepared(sender, recipients, message, xverp)
         self.open()
-        out = self.deliver(sender, rcpts, data, xverp=xverp)
+        out = self.deliver(sender, rcpts, data, xverp=_with_xverp(xverp, sender, self.config))
         refused = dict(out.failed)
         refused.update(out.deferred)
         if not out.delivered:
@@ -4989,7 +4991,7 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     rcpts, data = _prepared(sender, recipients, email, xverp)
     config = _current_config()
     queue = _queue_for(config)
-    name = queue.add(sender, rcpts, data, xverp=_queued_with_xverp(xverp, sender, config))
+    name = queue.add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
     log.debug("2.0.0 %s: queued for %d recipient(s) in %s", name, len(rcpts), queue.path)
     processor = _processors.get(config.queuepath)
     if processor is not None:
@@ -5630,7 +5632,7 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     rcpts, data = _prepared(sender, recipients, data, args.xverp)
     queue = _queue_from(config)
     name = queue.add(sender, rcpts, data,
-                     xverp=_queued_with_xverp(args.xverp, sender, config))
+                     xverp=_with_xverp(args.xverp, sender, config))
     print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
     return os.EX_OK
 

@@ -7058,6 +7058,20 @@ class PreparedMessageTests(OperatorBase):
             self.assertEqual(message_id(server.transactions[-1]["data"]),
                              "<given@elsewhere.example>")
 
+    def test_config_xverp_applies_to_mailer_send_as_to_queued_mail(self):
+        # README: xverp = True applies to every message with a sender,
+        # whoever sends it; never to a bounce (the empty sender).
+        server = self.server(ehlo=("PIPELINING", "XVERP"))
+        config = dataclasses.replace(self.config(server.port), xverp=True)
+        with gsemail.Mailer(config) as mailer:
+            mailer.send(self.SENDER, "a@example.org", b"Subject: x\r\n\r\nbody\r\n")
+            mailer.send("", "b@example.org", b"Subject: y\r\n\r\nbody\r\n")
+        gsemail.configure(dataclasses.replace(config, processorthread=False))
+        gsemail.send_email(self.SENDER, "c@example.org", b"Subject: z\r\n\r\nbody\r\n")
+        self.drain(config)
+        self.assertEqual([t["mail"] for t in server.transactions],
+                         ["<%s> XVERP" % self.SENDER, "<>", "<%s> XVERP" % self.SENDER])
+
     def test_the_same_bad_input_is_refused_the_same_way_on_every_path(self):
         server = self.server()
         config = self.ini(server.port, extra="processorthread = false\n")
