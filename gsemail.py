@@ -302,6 +302,7 @@ def _iso(when: object) -> str:
     outside 0000-9999 has a sign (ISO 8601's expanded years, "+97036-..."),
     and what is no time (NaN, infinite) says so."""
     try:
+        # when may be any object (hence the ignore): floor() raising is the check
         seconds = math.floor(when)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):
         return "(not a time: %r)" % (when,)
