@@ -107,6 +107,7 @@ import heapq
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1102,7 +1103,7 @@ _FROM, _TO = b"X-Zope-From:", b"X-Zope-To:"     # the envelope's two lines
 #: waiting in cur/, claimed by a process, a dead letter
 _STATES = ("new", "deferred", "sending", "dead")
 
-_counter = iter(range(1, 1 << 62))
+_counter = itertools.count(1)    # a part of each file name we make: unique in the process
 _claiming: "weakref.WeakSet[Queue]" = weakref.WeakSet()  # queues that may make claims
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 _STALE_TMP = 36 * 3600      # Maildir's rule for abandoned tmp/ files
