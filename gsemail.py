@@ -3804,6 +3804,77 @@ class Mailer:
             raise RuntimeError("Mailer.deliver() before Mailer.open()")
         return conn
 
+    def _replaced_if_closed(self, conn: _Connection) -> _Connection:
+        """conn, or a new connection when the server closed conn while it
+        was idle since its last message (it spoke, or hung up)."""
+        if conn.messages and conn.owed is None:
+            stale = conn.stale(self.config.timeout)
+            if stale is not None:
+                log.info("%s relay %s spoke on an idle connection (%s): it had closed "
+                         "it, so the message goes on a new connection", stale.status,
+                         conn.relay, stale)
+                conn.broken = True
+                self.close()
+                self._connection = conn = self._connect()
+        return conn
+
+    def _preflight(self, conn: _Connection, sender: str, recipients: List[str],
+                   data: bytes, xverp: bool, out: Outcome
+                   ) -> Optional[Tuple[List[str], bytes, List[str]]]:
+        """What deliver checks before it sends anything, against what conn's
+        server offers: the recipients to send to, the DATA payload and
+        MAIL's parameters; None when the message cannot go on conn at all.
+        Each refusal (an address, non-ASCII without SMTPUTF8, 8-bit data
+        without 8BITMIME, SIZE) goes in out."""
+        offers_utf8 = "smtputf8" in conn.features
+        problem = _address_problem(sender) if sender else None
+        if problem or not (sender.isascii() or offers_utf8):
+            refusal = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem))
+                       if problem else
+                       Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
+                             "offer SMTPUTF8" % (sender, conn.relay)))
+            out._settle(recipients, refusal)
+            return None
+        pending = []
+        for rcpt in recipients:
+            problem = _address_problem(rcpt)
+            if problem:
+                out.failed[rcpt] = Reply(553, "5.1.3 recipient <%s> %s" % (_shown(rcpt),
+                                                                          problem))
+            elif not rcpt.isascii() and not offers_utf8:
+                out.failed[rcpt] = Reply(553, "5.6.7 recipient <%s> is not ASCII and %s "
+                                         "does not offer SMTPUTF8" % (rcpt, conn.relay))
+            else:
+                pending.append(rcpt)
+        if not data.isascii() and "8bitmime" not in conn.features:
+            # RFC 6152: 8-bit data must not go to a server that does not take
+            # it; we do not rewrite messages, so it is returned undelivered.
+            refusal = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
+                            "8BITMIME" % conn.relay)
+            out._settle(pending, refusal)
+            return None
+        wire, size = _wire(data)
+        if conn.size and size > conn.size:
+            refusal = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
+                            "%s accepts" % (size, conn.size, conn.relay))
+            out._settle(pending, refusal)
+            return None
+        params = []
+        if "size" in conn.features:
+            params.append("SIZE=%d" % size)
+        if "8bitmime" in conn.features and not data.isascii():
+            params.append("BODY=8BITMIME")
+        if not (sender.isascii() and all(r.isascii() for r in pending)):
+            params.append("SMTPUTF8")   # non-ASCII got this far only if offered
+        if xverp and sender:
+            if "xverp" in conn.features:
+                params.append("XVERP")
+            elif not conn.warned_xverp:    # once per connection, not per message
+                conn.warned_xverp = True
+                log.warning("4.3.3 %s does not offer XVERP to this client: sending "
+                            "without it (bounces will not name the recipient)", conn.relay)
+        return pending, wire, params
+
     def deliver(self, sender: str, recipients: List[str], data: bytes,
                 xverp: bool = False,
                 heartbeat: Optional[Callable[[], None]] = None,
@@ -3831,16 +3902,7 @@ class Mailer:
         connection had to be replaced before anything was sent and could
         not be.
         """
-        conn = self._connected()
-        if conn.messages and conn.owed is None:
-            stale = conn.stale(self.config.timeout)
-            if stale is not None:
-                log.info("%s relay %s spoke on an idle connection (%s): it had closed "
-                         "it, so the message goes on a new connection", stale.status,
-                         conn.relay, stale)
-                conn.broken = True
-                self.close()
-                self._connection = conn = self._connect()
+        conn = self._replaced_if_closed(self._connected())
         conn.messages += 1
         # Only a connection that goes on can carry the next message's
         # commands; and the connection's last reply is read before QUIT.
@@ -3848,50 +3910,10 @@ class Mailer:
             conn.mails + 1 < self._limits.get(conn.relay, conn.mails + 2)
         mark = conn.mark()      # any reply after it answers this message
         out = Outcome()
-        offers_utf8 = "smtputf8" in conn.features
-        problem = _address_problem(sender) if sender else None
-        if problem or not (sender.isascii() or offers_utf8):
-            refusal = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem))
-                       if problem else
-                       Reply(553, "5.6.7 sender <%s> is not ASCII and %s does not "
-                             "offer SMTPUTF8" % (sender, conn.relay)))
-            return self._refuse_early(recipients, refusal, out)
-        pending = []
-        for rcpt in recipients:
-            problem = _address_problem(rcpt)
-            if problem:
-                out.failed[rcpt] = Reply(553, "5.1.3 recipient <%s> %s" % (_shown(rcpt),
-                                                                          problem))
-            elif not rcpt.isascii() and not offers_utf8:
-                out.failed[rcpt] = Reply(553, "5.6.7 recipient <%s> is not ASCII and %s "
-                                         "does not offer SMTPUTF8" % (rcpt, conn.relay))
-            else:
-                pending.append(rcpt)
-        if not data.isascii() and "8bitmime" not in conn.features:
-            # RFC 6152: 8-bit data must not go to a server that does not take
-            # it; we do not rewrite messages, so it is returned undelivered.
-            refusal = Reply(554, "5.6.3 message has 8-bit data and %s does not offer "
-                            "8BITMIME" % conn.relay)
-            return self._refuse_early(pending, refusal, out)
-        wire, size = _wire(data)
-        if conn.size and size > conn.size:
-            refusal = Reply(552, "5.3.4 message of %d bytes is larger than the %d that "
-                            "%s accepts" % (size, conn.size, conn.relay))
-            return self._refuse_early(pending, refusal, out)
-        params = []
-        if "size" in conn.features:
-            params.append("SIZE=%d" % size)
-        if "8bitmime" in conn.features and not data.isascii():
-            params.append("BODY=8BITMIME")
-        if not (sender.isascii() and all(r.isascii() for r in pending)):
-            params.append("SMTPUTF8")   # non-ASCII got this far only if offered
-        if xverp and sender:
-            if "xverp" in conn.features:
-                params.append("XVERP")
-            elif not conn.warned_xverp:    # once per connection, not per message
-                conn.warned_xverp = True
-                log.warning("4.3.3 %s does not offer XVERP to this client: sending "
-                            "without it (bounces will not name the recipient)", conn.relay)
+        ready = self._preflight(conn, sender, recipients, data, xverp, out)
+        if ready is None:
+            return out          # refused before anything was sent
+        pending, wire, params = ready
         limit = self.config.recipients_per_transaction
         first, reconnects = conn, 0
 
@@ -3984,13 +4006,6 @@ class Mailer:
             out.deferred = {**dict.fromkeys(
                 [r for r in pending if r not in out.deferred], why), **out.deferred}
             break
-        return out
-
-    @staticmethod
-    def _refuse_early(recipients: List[str], why: Reply, out: Outcome) -> Outcome:
-        """out, with recipients refused for why before anything was sent
-        (deliver's checks of the sender, 8-bit data and SIZE)."""
-        out._settle(recipients, why)
         return out
 
     def _reconnect(self, quit: bool = False) -> Optional[Reply]:
