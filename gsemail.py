@@ -1815,14 +1815,14 @@ class QueuedMessage:
         self.data = b""
         self.xverp = self.name.endswith(_XVERP_FLAG)   # claim() decides: _wants_xverp
         self.state: _Record = {}
-        self.stateful = True    # a state file may exist (claim() knows for sure)
+        self._stateful = True    # a state file may exist (claim() knows for sure)
         #: why it cannot be sent (a 554 reply: a file we cannot read), or None
         self.problem: Optional[Reply] = None
-        self.mtime = 0.0
+        self._mtime = 0.0    # its file's, when claimed (first_queued falls back on it)
 
     @property
     def first_queued(self) -> float:
-        return _first_queued(self.name, self.state, self.mtime)
+        return _first_queued(self.name, self.state, self._mtime)
 
     @property
     def attempts(self) -> int:
@@ -2355,7 +2355,7 @@ class Queue:
         except BaseException:
             msg.release()
             raise
-        msg.mtime = st.st_mtime
+        msg._mtime = st.st_mtime
         if os.path.basename(head) == "cur" and st.st_mtime > time.time() + 1:
             msg.release()       # deferred again by someone else meanwhile
             return None
@@ -2367,7 +2367,7 @@ class Queue:
             raise
         msg.sender, msg.recipients, msg.data = read.sender, read.recipients, read.data
         msg.problem = read.problem
-        msg.stateful, msg.state = state is not None, state or {}
+        msg._stateful, msg.state = state is not None, state or {}
         msg.xverp = self._wants_xverp(_asks_xverp(name, read), msg.sender)
         return msg
 
@@ -2440,7 +2440,7 @@ class Queue:
             os.unlink(msg.path)
         except FileNotFoundError:
             pass
-        if msg.stateful:    # most messages never had one: spare the system call
+        if msg._stateful:    # most messages never had one: spare the system call
             try:
                 os.unlink(self._state_path(msg.name))
             except FileNotFoundError:
