@@ -1301,8 +1301,8 @@ def _envelope(sender: str, recipients: List[str]) -> bytes:
     Every address written here has passed _address_problem, which refuses
     any that _read_head (and so zope.sendmail) would read back differently.
     """
-    return ("%s %s\n%s %s\n" % (_FROM.decode(), sender, _TO.decode(), ", ".join(recipients))
-            ).encode("utf-8")
+    return b"%s %s\n%s %s\n" % (_FROM, sender.encode("utf-8"), _TO,
+                                  ", ".join(recipients).encode("utf-8"))
 
 
 def _escape_address(address: str) -> str:
@@ -1973,6 +1973,8 @@ class Queue:
                  create: bool = True, xverp: bool = False,
                  readonly: bool = False) -> None:
         self.path = os.path.abspath(path)
+        # add's directories, joined once: add is on every request's path
+        self._tmp_dir, self._new_dir = (os.path.join(self.path, d) for d in ("tmp", "new"))
         self._odd: set[str] = set()     # non-regular files reported (once each)
         self._claims = _Claims(self.path, claim_timeout, self._report_odd)
         #: the config's xverp: every message with a sender goes with XVERP,
@@ -2193,22 +2195,28 @@ class Queue:
         without it.  Raises QueueError, queuing nothing, when the queue
         has been replaced since it was opened (see check).
         """
+        for address in [sender] * bool(sender) + list(recipients):
+            problem = _address_problem(address)
+            if problem:     # the envelope could not be read back as it was given
+                raise MessageError("address %r %s" % (address, problem), status="5.1.3")
+        return self._add(sender, recipients, data, xverp, state)
+
+    def _add(self, sender: str, recipients: List[str], data: bytes,
+             xverp: bool = False, state: Optional[_Record] = None) -> str:
+        """add, for addresses already checked (by _prepared: send_email and
+        the send command), so that each is checked once."""
         # The identity only (one lstat), not the parents' modes as well:
         # those cost a stat per level per message (60% of add's time), and
         # any replacement of the queue or of a parent changes the identity.
         # The parents are checked when the queue is opened and before each
         # processor pass.
         self._check_identity()
-        for address in [sender] * bool(sender) + list(recipients):
-            problem = _address_problem(address)
-            if problem:     # the envelope could not be read back as it was given
-                raise MessageError("address %r %s" % (address, problem), status="5.1.3")
         now = time.time()
         name = "%d.M%06dP%dQ%d.%s%s" % (now, (now % 1) * 1e6, os.getpid(),
                                         next(_counter), _HOST,
                                         _XVERP_FLAG if xverp else "")
-        tmp = os.path.join(self.path, "tmp", name)
-        final = os.path.join(self.path, "new", name)
+        tmp = os.path.join(self._tmp_dir, name)
+        final = os.path.join(self._new_dir, name)
         try:
             if state:
                 self._write_state(name, state, sync=True)
@@ -2221,7 +2229,7 @@ class Queue:
                 pass
             raise self._error("cannot write the message", e) from None
         try:
-            _fsync_dir(os.path.join(self.path, "new"))
+            _fsync_dir(self._new_dir)
         except OSError as e:
             if self._withdraw(final, e):
                 raise self._error("cannot sync new/ after writing the message", e) from None
@@ -5008,7 +5016,7 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     rcpts, data = _prepared(sender, recipients, email, xverp)
     config = _current_config()
     queue = _queue_for(config)
-    name = queue.add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
+    name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
     log.debug("2.0.0 %s: queued for %d recipient(s) in %s", name, len(rcpts), queue.path)
     processor = _processors.get(config.queuepath)
     if processor is not None:
@@ -5648,7 +5656,7 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     sender = sender.strip().strip("<>")
     rcpts, data = _prepared(sender, recipients, data, args.xverp)
     queue = _queue_from(config)
-    name = queue.add(sender, rcpts, data,
+    name = queue._add(sender, rcpts, data,
                      xverp=_with_xverp(args.xverp, sender, config))
     print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
     return os.EX_OK
