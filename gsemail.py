@@ -4319,16 +4319,17 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
     summary = "%d delivered" % len(out.delivered)
     trouble = out.final if out.final and not out.final.ok else \
         next(iter({**out.deferred, **out.failed}.values()), None)
-    event: Dict[str, object] = {"at": round(now, 3), "via": where,
-                                "delivered": len(out.delivered),
-                                "deferred": len(out.deferred), "refused": len(out.failed)}
     if trouble is not None:
-        event["reply"] = str(trouble)
         notes.update(error_at=now, error=str(trouble), error_id=name)
     if out.delivered:
         notes.update(delivered_at=now, delivered_id=name, delivered_via=where)
     if not out.deferred and not fresh:  # done, every refusal already written
         return _Plan("delivered", attempts, {}, [], now, {}, summary, lines, notes)
+    event: Dict[str, object] = {"at": round(now, 3), "via": where,
+                                "delivered": len(out.delivered),
+                                "deferred": len(out.deferred), "refused": len(out.failed)}
+    if trouble is not None:
+        event["reply"] = str(trouble)
     new: _Record = {**state, "attempts": attempts, "first_queued": first_queued,
                     "last_attempt": now, "failed": failed,
                     "history": _history_with(state, event)}
@@ -4703,7 +4704,8 @@ class QueueProcessor:
         is read with this message's first replies, when its MAIL, RCPT and
         DATA are already sent with the earlier dot."""
         def heartbeat() -> None:
-            self._record_settled(mailer, waiting)
+            if waiting:
+                self._record_settled(mailer, waiting)
             if self._full:
                 # An earlier message's reply still owed is read (and that
                 # message recorded) first: dropping the connection would
@@ -4768,8 +4770,11 @@ class QueueProcessor:
         now = self._timefunc()
         policy = _Policy.of(self.config)
         relay = out.relay or mailer.where
+        # A message delivered to all, with no record, needs no age (_plan
+        # returns before it looks): most messages; the age costs a parse.
+        first_queued = msg.first_queued if out.deferred or out.failed or msg.state else now
         try:
-            plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
+            plan = _plan(msg.name, msg.state, first_queued, msg.attempts, out,
                          relay, policy, now, self._rng)
         except Exception:
             log.exception("4.3.0 %s: its state cannot be used: recording this attempt "
