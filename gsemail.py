@@ -3406,7 +3406,7 @@ class _Connection:
 
 
 # ---------------------------------------------------------------------------
-# The mailer proper: connecting (TLS, AUTH, failover), checking relays, and
+# The mailer: connecting (TLS, AUTH, failover), checking relays, and
 # what to do with one message on a connection (deliver's policy).
 # ---------------------------------------------------------------------------
 
