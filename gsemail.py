@@ -122,6 +122,7 @@ import smtplib
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -426,6 +427,27 @@ _LIMITS: Dict[str, float] = {
 }
 
 
+# auth_mechanism's values: auto picks among the three password mechanisms
+# (Mailer._mechanism says in which order); XOAUTH2 is used only when asked
+# for, since what it sends is a token, not a password.
+_MECHANISMS = ("auto", "plain", "login", "cram-md5", "xoauth2")
+
+
+def _command_words(command: str, where: str) -> List[str]:
+    """password_command as the argv it runs (no shell), or a ConfigError."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError("option password_command = %r%s: %s" % (command, where, why))
+    if not isinstance(command, str):
+        raise bad("must be a command line (a string)")
+    try:
+        words = shlex.split(command)
+    except ValueError as e:     # an unclosed quote, a lone backslash at the end
+        raise bad("cannot be split into words as a shell would (%s)" % e) from None
+    if not words or not words[0]:
+        raise bad("is empty: give the command that prints the password or token")
+    return words
+
+
 def _whole(value: object) -> Optional[int]:
     """value if it is an int (not a bool, which is one to Python), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -518,6 +540,10 @@ class SMTPConfig:
     max_queue_lifetime: float = 5 * 86400.0
     poll_interval: float = 1.0
     sessions: int = 1
+    #: a command (split as a shell would, run without one) that prints the
+    #: password or OAuth2 token on its first line; run for each connection
+    password_command: Optional[str] = None
+    auth_mechanism: str = "auto"
     source: str = dataclasses.field(default="", compare=False)
     # hostname parsed, once, by __post_init__: not an argument, and left out
     # of comparison and repr (hostname says it); dataclasses.replace makes a
@@ -541,10 +567,21 @@ class SMTPConfig:
         except ValueError as e:
             raise bad("hostname", self.hostname, str(e)) from None
         object.__setattr__(self, "_relay_list", relays)     # hostname is frozen
-        if bool(self.username) != bool(self.password):
-            option = "password" if self.username else "username"
+        if self.password_command is not None:
+            _command_words(self.password_command, where)    # raises ConfigError
+            if self.password:
+                raise ConfigError("options password and password_command are both set%s: "
+                                  "give the password in one of them only" % where)
+        if bool(self.username) != bool(self.password or self.password_command):
+            option = "password (or password_command)" if self.username else "username"
             raise ConfigError("option %s is missing%s: username and password go "
                               "together (leave both empty for no AUTH)" % (option, where))
+        mechanism = self.auth_mechanism.strip().lower() \
+            if isinstance(self.auth_mechanism, str) else self.auth_mechanism
+        if mechanism not in _MECHANISMS:
+            raise bad("auth_mechanism", self.auth_mechanism, "must be one of %s"
+                      % ", ".join(_MECHANISMS))
+        object.__setattr__(self, "auth_mechanism", mechanism)
         if self.no_tls and self.force_tls:
             raise ConfigError("options no_tls and force_tls are both true%s: "
                               "choose one" % where)
@@ -632,7 +669,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "recipients_per_transaction": _integer, "min_backoff_time": _duration,
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
     "poll_interval": _duration, "sessions": _integer, "password_env": str,
-    "password_file": str,
+    "password_file": str, "password_command": str, "auth_mechanism": str,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
@@ -641,7 +678,8 @@ _WANTED: Dict[Callable[[str], object], str] = {
     _duration: "duration such as 60, 5m, 1h or 5d",
 }
 _REQUIRED = ("hostname", "port")
-_SECRET_OPTIONS = ("password", "password_env", "password_file")
+# The four ways to give the password: at most one of them (_resolve_password).
+_SECRET_OPTIONS = ("password", "password_env", "password_file", "password_command")
 
 
 class _IniParser(configparser.ConfigParser):
@@ -815,12 +853,15 @@ def _password_from_file(path: str, where: str) -> str:
 
 def _resolve_password(values: Dict[str, Any], path: str, where: str) -> None:
     """Replace password_env or password_file in values by the password it
-    names (a file relative to the config at path); only one of the three
-    may be given."""
+    names (a file relative to the config at path); only one of the four
+    ways (with password and password_command) may be given.
+    password_command stays as it is: it runs for each connection, when the
+    password is needed (Mailer._password), and its output is never kept."""
     given = [o for o in _SECRET_OPTIONS if o in values]
     if len(given) > 1:
-        raise ConfigError("%s: options %s are all set: give the password in one of "
-                          "them only" % (where, " and ".join(given)))
+        raise ConfigError("%s: options %s are %s set: give the password in one of "
+                          "them only" % (where, " and ".join(given),
+                                         "both" if len(given) == 2 else "all"))
     if "password_env" in values:
         values["password"] = _password_from_env(str(values.pop("password_env")), where)
     elif "password_file" in values:
@@ -3444,6 +3485,87 @@ class RelayCheck:
         return self.error is None
 
 
+def _oauth_error(challenge: bytes) -> str:
+    """What an XOAUTH2 error challenge says (the base64 of a JSON object
+    such as {"status":"401","schemes":"bearer","scope":"https://..."}),
+    as one short line; "" when it says nothing readable.  It never holds
+    the token."""
+    try:
+        said = json.loads(base64.b64decode(challenge.strip(), validate=True))
+    except ValueError:      # not base64, not UTF-8, not JSON
+        return ""
+    if not isinstance(said, dict):
+        return ""
+    return _one_line(", ".join("%s %s" % (k, v) for k, v in said.items()))[:200]
+
+
+class _AuthRefused(DeliveryError):
+    """The relay answered AUTH with a refusal (its reply, with an X.7.Y
+    status): the credentials, not the way to the relay, are at fault."""
+
+
+def _command_secret(command: str, timeout: float) -> str:
+    """The password or token that password_command prints: the first line
+    of its standard output, without its line end.
+
+    The command runs without a shell, with no input, in a session of its
+    own so that a timeout kills it with its children, and for at most
+    ``timeout`` seconds (the config's).  What it prints is never logged and
+    never stored: it is returned, and forgotten once AUTH is done.  Its
+    standard error is logged, with the secret hidden.  A failure (it cannot
+    be run, a non-zero exit, no output, a timeout) is a DeliveryError 4.7.0
+    naming argv[0] only, since the other words may be secrets (a client
+    secret, a passphrase): mail is deferred until it works.
+    """
+    argv = _command_words(command, "")
+    name = argv[0]
+
+    def failed(why: str) -> DeliveryError:
+        return DeliveryError(Reply(454, "4.7.0 password_command %s %s: fix it (run it by "
+                                   "hand as this user) and mail follows" % (name, why)))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, close_fds=True,
+                                start_new_session=True)
+    except OSError as e:
+        raise failed("cannot be run: %s" % (e.strerror or e)) from None
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)     # its children too
+            proc.kill()
+            proc.wait()
+            raise failed("did not finish within %s (timeout)" % _age(timeout)) from None
+    first = out.split(b"\n", 1)[0]
+    first = first[:-1] if first.endswith(b"\r") else first
+    try:
+        secret = first.decode("utf-8")
+    except UnicodeDecodeError:
+        secret = ""
+        problem: Optional[str] = "printed a first line that is not UTF-8"
+    else:
+        problem = None if secret else "printed no password or token (its first line of " \
+                                      "output is empty)"
+    if proc.returncode:
+        problem = ("was killed by signal %d" % -proc.returncode if proc.returncode < 0
+                   else "exited with status %d" % proc.returncode)
+    said = err.decode("utf-8", "replace")
+    for hidden in {secret, first.decode("utf-8", "replace")} - {""}:
+        said = said.replace(hidden, "(hidden)")     # a helper that echoes its token
+    said = _one_line(said).strip()
+    if said:
+        if len(said) > 500:
+            said = said[:500] + "..."
+        (log.warning if problem else log.info)(
+            "%s password_command %s said on stderr: %s", "4.7.0" if problem else "2.0.0",
+            name, said)
+    if problem:
+        raise failed(problem + (" (its stderr is logged above)" if said else ""))
+    return secret
+
+
 class Mailer:
     """Delivers messages over SMTP to the relay in an SMTPConfig.
 
@@ -3525,11 +3647,7 @@ class Mailer:
                     continue
                 raise
             if self.config.username:
-                try:
-                    self._login(conn)
-                except BaseException:
-                    conn.smtp.close()
-                    raise
+                conn = self._logged_in(conn, host, port)
             if i:
                 log.info("2.0.0 relay %s: connected (%d relay(s) before it failed)",
                          conn.relay, i)
@@ -3624,7 +3742,44 @@ class Mailer:
             if not 200 <= code < 300:
                 raise smtplib.SMTPResponseException(code, text)
 
-    def _login(self, conn: _Connection) -> None:
+    def _password(self) -> str:
+        """The password or token: password_command's output, got anew each
+        time (it is never kept), or the configured password."""
+        c = self.config
+        if c.password_command is not None:
+            return _command_secret(c.password_command, c.timeout)
+        return c.password or ""
+
+    def _logged_in(self, conn: _Connection, host: str, port: int) -> _Connection:
+        """conn after a successful AUTH (closed when it fails).
+
+        A token expires: when the password came from password_command and
+        the relay refuses it (535, or 454 4.7.x), the command runs once more
+        and AUTH is tried once more, on a new connection (a relay may close
+        the first, or count the failure against it).
+        """
+        c = self.config
+        try:
+            try:
+                self._login(conn)
+            except _AuthRefused as e:
+                if c.password_command is None or e.reply.code not in (454, 535):
+                    raise
+                conn.smtp.close()
+                log.info("%s relay %s refused the password from password_command (%s): "
+                         "running %s again and trying AUTH once more on a new connection",
+                         e.reply.status, conn.relay, e.reply,
+                         _command_words(c.password_command, "")[0])
+                conn = self._reach(host, port)
+                self._login(conn)
+        except BaseException:
+            conn.smtp.close()
+            raise
+        return conn
+
+    def _login(self, conn: _Connection, password: Optional[str] = None) -> None:
+        """AUTH on conn with password (by default _password's); raises
+        _AuthRefused when the relay refuses it, DeliveryError otherwise."""
         c = self.config
         smtp, encrypted, relay = conn.smtp, conn.encrypted, conn.relay
         if not smtp.has_extn("auth"):
@@ -3647,8 +3802,11 @@ class Mailer:
             raise DeliveryError(Reply(454, "4.7.0 refusing to send the password for %s "
                                       "in plain text to %s: enable TLS on the relay "
                                       "or unset no_tls" % (c.username, relay)))
+        # Only now, when it can be sent: a token helper may be slow, or ask
+        # a server for a new token.
+        secret = self._password() if password is None else password
         try:
-            code, text = self._authenticate(smtp)
+            code, text = self._authenticate(smtp, secret, encrypted)
         except (smtplib.SMTPServerDisconnected, OSError) as e:
             raise DeliveryError(_reply_for(e, relay)) from None
         except (smtplib.SMTPException, ValueError) as e:
@@ -3669,37 +3827,80 @@ class Mailer:
             status = "%d.7.%d" % (code // 100, {535: 8, 534: 9, 538: 11}.get(code, 0))
         said = _ENHANCED.sub("", reply.text, count=1).strip() if _ENHANCED.match(
             reply.text) else reply.text
-        raise DeliveryError(Reply(code, "%s %s (AUTH as %s at %s)" % (
+        if code == 535 and c.password_command is not None and \
+                c.auth_mechanism != "xoauth2" and "XOAUTH2" in self._offered(smtp):
+            said += "; if password_command prints an OAuth2 token, set auth_mechanism = " \
+                    "xoauth2"
+        raise _AuthRefused(Reply(code, "%s %s (AUTH as %s at %s)" % (
             status, said, c.username, relay)))
 
-    def _authenticate(self, smtp: smtplib.SMTP) -> Tuple[int, bytes]:
-        """The AUTH exchange with the first of PLAIN, LOGIN and CRAM-MD5 the
-        server offers; the server's last reply.  The username and password go
-        as UTF-8 (RFC 4616), which smtplib's login cannot do: it encodes them
-        as ASCII and fails on "pässword" with an error that quotes it."""
+    @staticmethod
+    def _offered(smtp: smtplib.SMTP) -> List[str]:
+        """The AUTH mechanisms the relay offers, in capitals."""
+        return (smtp.esmtp_features.get("auth") or "").upper().split()
+
+    def _mechanism(self, offered: List[str], encrypted: bool) -> Optional[str]:
+        """The mechanism to use: auth_mechanism's, or for auto the first the
+        relay offers of PLAIN, LOGIN and CRAM-MD5 over TLS (PLAIN takes one
+        round trip and lets the relay keep only a hash of the password) and
+        of CRAM-MD5, PLAIN and LOGIN in plain text (possible only to
+        loopback: CRAM-MD5 keeps the password itself off the wire).  Auto
+        never picks XOAUTH2: what it sends is a token, not a password."""
+        wanted = self.config.auth_mechanism
+        if wanted != "auto":
+            return wanted.upper() if wanted.upper() in offered else None
+        order = ("PLAIN", "LOGIN", "CRAM-MD5") if encrypted else ("CRAM-MD5", "PLAIN", "LOGIN")
+        return next((m for m in order if m in offered), None)
+
+    def _authenticate(self, smtp: smtplib.SMTP, secret: str, encrypted: bool
+                      ) -> Tuple[int, bytes]:
+        """The AUTH exchange with the mechanism _mechanism picks; the
+        server's last reply.  The username and password go as UTF-8 (RFC
+        4616), which smtplib's login cannot do: it encodes them as ASCII and
+        fails on "pässword" with an error that quotes it."""
         c = self.config
         user = (c.username or "").encode("utf-8")
-        password = (c.password or "").encode("utf-8")
-        offered = (smtp.esmtp_features.get("auth") or "").upper().split()
+        password = secret.encode("utf-8")
+        offered = self._offered(smtp)
+        mechanism = self._mechanism(offered, encrypted)
 
         def b64(data: bytes) -> str:
             return base64.b64encode(data).decode("ascii")
-        if "PLAIN" in offered:
+        if mechanism == "PLAIN":
             code, text = smtp.docmd("AUTH", "PLAIN " + b64(b"\0" + user + b"\0" + password))
-        elif "LOGIN" in offered:
+        elif mechanism == "LOGIN":
             code, text = smtp.docmd("AUTH", "LOGIN")
             for answer in (user, password):
                 if code != 334:
                     break
                 code, text = smtp.docmd(b64(answer))
-        elif "CRAM-MD5" in offered:
+        elif mechanism == "CRAM-MD5":
             code, text = smtp.docmd("AUTH", "CRAM-MD5")
             if code == 334:
                 digest = hmac.new(password, base64.b64decode(text), "md5").hexdigest()
                 code, text = smtp.docmd(b64(user + b" " + digest.encode("ascii")))
-        else:
+        elif mechanism == "XOAUTH2":
+            # Google's and Microsoft's SASL XOAUTH2, with the initial
+            # response (RFC 4954), as both document it.
+            code, text = smtp.docmd("AUTH", "XOAUTH2 " + b64(
+                b"user=" + user + b"\x01auth=Bearer " + password + b"\x01\x01"))
+            if code == 334:
+                # A refused token: the challenge is a base64 JSON error
+                # ({"status":"401","schemes":"bearer","scope":...}); the
+                # client answers with an empty line and the server gives its
+                # final reply (535 5.7.8 at Google, 535 5.7.3 at Microsoft).
+                error = _oauth_error(text)
+                code, text = smtp.docmd("")
+                if error and code != 235:
+                    text += (" (the token was refused: %s)" % error).encode("utf-8")
+        elif c.auth_mechanism == "auto":
             return 504, ("5.7.4 none of the AUTH mechanisms offered (%s) is PLAIN, LOGIN "
-                         "or CRAM-MD5" % " ".join(offered)).encode()
+                         "or CRAM-MD5 (XOAUTH2 is used only with auth_mechanism = xoauth2)"
+                         % " ".join(offered)).encode()
+        else:
+            return 504, ("5.7.4 AUTH %s is not offered (auth_mechanism = %s; offered: %s)"
+                         % (c.auth_mechanism.upper(), c.auth_mechanism, " ".join(offered))
+                         ).encode()
         if code == 334:             # the server wants more than the mechanism has
             smtp.docmd("*")         # RFC 4954: cancel the exchange
             return 535, b"5.7.8 AUTH did not end when the credentials had been sent"
@@ -3737,12 +3938,15 @@ class Mailer:
                 if c.username:
                     offered = result.offered.get("AUTH", "").strip()
                     try:
-                        self._login(conn)
+                        # as delivery does it, password_command run again included
+                        conn = self._logged_in(conn, host, port)
                     except DeliveryError as e:
                         result.auth = "%s: %s" % ("not offered" if not offered else
                                                   "failed for %s" % c.username, e.reply)
                         raise
-                    result.auth = "accepted for %s (offered: %s)" % (c.username, offered)
+                    result.auth = "accepted for %s (offered: %s; used %s)" % (
+                        c.username, offered,
+                        self._mechanism(self._offered(conn.smtp), conn.encrypted))
             except DeliveryError as e:
                 result.error = e.reply
             except Exception as e:      # never a traceback (it could quote a password)
@@ -3763,8 +3967,8 @@ class Mailer:
                     "5.7": "fix AUTH (username, password) or the relay's access rules"}
             status = r.error.status
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
-                fix = ("fix AUTH: username and the password (password, password_env "
-                       "or password_file)")
+                fix = ("fix AUTH: username and the password (password, password_env, "
+                       "password_file or password_command) or auth_mechanism")
             else:
                 fix = hint.get(status[:3], "see the relay's log")
             return "%s %s cannot be used: %s; %s" % (status, r.relay, r.error, fix)
