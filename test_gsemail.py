@@ -23,6 +23,7 @@ import os
 import pwd
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -7522,3 +7523,387 @@ class ZopeXverpTests(Base):
         self.drain(self.config(self.postfix.port))
         (copy,) = self.postfix.wait_delivered(p, 1)
         self.assertEqual(copy["Return-Path"], "<bounces@gsemail.test>")
+
+
+# ---------------------------------------------------------------------------
+# Secrets and OAuth2: password_command and auth_mechanism, against aiosmtpd.
+# ---------------------------------------------------------------------------
+
+# aiosmtpd with AUTH PLAIN and LOGIN (its own), CRAM-MD5 and XOAUTH2 (the
+# handler's auth_ methods): argv[1] is the port, argv[2] a JSON object (user,
+# password, token: the one accepted, exclude: mechanisms not offered) and
+# argv[3] a file that gets one JSON line per AUTH tried and per message.  A
+# refused XOAUTH2 token gets Google's answer: a 334 with a base64 JSON error,
+# then, after the client's empty line, 535 5.7.8.
+AUTH_SERVER = r"""
+import asyncio, hmac, json, sys
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+
+port, conf, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+USER = conf["user"].encode()
+PASSWORD = conf.get("password", "").encode()
+TOKEN = conf.get("token", "").encode()
+
+
+def note(**event):
+    with open(out, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def result(mechanism, user, ok):
+    note(auth=mechanism, user=user.decode("utf-8", "replace"), ok=ok)
+    if ok:
+        return AuthResult(success=True)
+    return AuthResult(success=False, handled=False,
+                      message="535 5.7.8 Username and Password not accepted")
+
+
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        note(mail=envelope.mail_from, to=envelope.rcpt_tos)
+        return "250 2.0.0 Ok: queued"
+
+    async def auth_XOAUTH2(self, server, args):
+        blob = await server.challenge_auth("") if len(args) == 1 else \
+            __import__("base64").b64decode(args[1])
+        if blob is MISSING:
+            return AuthResult(success=False, handled=True)
+        fields = dict(f.split(b"=", 1) for f in blob.split(b"\x01") if b"=" in f)
+        user, bearer = fields.get(b"user", b""), fields.get(b"auth", b"")
+        if not blob.endswith(b"\x01\x01") or (user, bearer) != (USER, b"Bearer " + TOKEN):
+            error = json.dumps({"status": "400", "schemes": "Bearer",
+                                "scope": "https://mail.google.com/"})
+            answer = await server.challenge_auth(error)
+            if answer is MISSING or answer != b"":
+                return AuthResult(success=False, handled=True)
+            return result("XOAUTH2", user, False)
+        return result("XOAUTH2", user, True)
+
+    async def auth_CRAM__MD5(self, server, args):
+        challenge = b"<1896.697170952@aiosmtpd.test>"
+        answer = await server.challenge_auth(challenge)
+        if answer is MISSING:
+            return AuthResult(success=False, handled=True)
+        user, _, digest = answer.rpartition(b" ")
+        want = hmac.new(PASSWORD, challenge, "md5").hexdigest().encode()
+        return result("CRAM-MD5", user, user == USER and hmac.compare_digest(digest, want))
+
+
+def authenticator(server, session, envelope, mechanism, data):
+    return result(mechanism, data.login, (data.login, data.password) == (USER, PASSWORD))
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    kw = dict(hostname="aiosmtpd.test", authenticator=authenticator, auth_require_tls=False,
+              auth_exclude_mechanism=conf.get("exclude", []))
+    server = await loop.create_server(lambda: SMTP(Handler(), **kw), "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+# A token helper, as oauth2ms or a site's script: argv[1] is a file counting
+# its runs; the nth run prints argv[n+1] (the last one once they run out).
+TOKEN_HELPER = r"""
+import sys
+runs = int(open(sys.argv[1]).read() or 0) if __import__("os").path.exists(sys.argv[1]) else 0
+open(sys.argv[1], "w").write(str(runs + 1))
+tokens = sys.argv[2:]
+print(tokens[min(runs, len(tokens) - 1)])
+"""
+
+
+class AuthServer(Aiosmtpd):
+    """aiosmtpd running AUTH_SERVER on 127.0.0.1 and a free port."""
+
+    def __init__(self, workdir, **conf):   # Aiosmtpd's, with AUTH_SERVER
+        python = os.environ.get("GSEMAIL_AIOSMTPD_PYTHON")
+        need(python and os.access(python, os.X_OK),
+             "set $GSEMAIL_AIOSMTPD_PYTHON to a Python with aiosmtpd installed")
+        self.port = free_port()
+        self.out = os.path.join(workdir, "auth-%d.jsonl" % self.port)
+        self.proc = subprocess.Popen([python, "-c", AUTH_SERVER, str(self.port),
+                                      json.dumps(conf), self.out],
+                                     stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: Postfix._listening(self.port) or self.proc.poll() is not None,
+                     20, "aiosmtpd on port %d" % self.port)
+        except BaseException:
+            self.stop()
+            raise
+        if self.proc.poll() is not None:
+            raise AssertionError("aiosmtpd exited with %s" % self.proc.returncode)
+
+    def events(self, key):
+        """The JSON lines with key ("auth" or "mail")."""
+        if not os.path.exists(self.out):
+            return []
+        return [e for e in self.messages() if key in e]
+
+
+class AuthSecretsTests(Base):
+    """password_command and auth_mechanism (issue 14, item 3), as a user
+    configures them, against aiosmtpd."""
+
+    USER = "jürgen@exämple.org"     # UTF-8, RFC 4616
+    PASSWORD = "pässwörd-Ω-secret"
+    TOKEN = "ya29.good-token-Ω"
+
+    def auth_server(self, **conf):
+        conf.setdefault("user", self.USER)
+        conf.setdefault("password", self.PASSWORD)
+        conf.setdefault("token", self.TOKEN)
+        server = AuthServer(self.tmp, **conf)
+        self.addCleanup(server.stop)
+        return server
+
+    def script(self, text, name="helper.py"):
+        """A Python script in the test's directory: the command line that runs it."""
+        path = self.write(text, name)
+        return "%s %s" % (shlex.quote(sys.executable), shlex.quote(path))
+
+    def helper(self, *tokens):
+        """password_command for TOKEN_HELPER printing tokens in turn, and
+        the file that counts its runs."""
+        runs = os.path.join(self.tmp, "runs")
+        return "%s %s %s" % (self.script(TOKEN_HELPER, "token-helper.py"), shlex.quote(runs),
+                             " ".join(shlex.quote(t) for t in tokens)), runs
+
+    def runs(self, path):
+        return int(read_text(path)) if os.path.exists(path) else 0
+
+    def secrets_absent(self, text, *secrets):
+        """None of the secrets, nor their UTF-8 base64, is in text."""
+        for secret in secrets:
+            self.assertNotIn(secret, text)
+            raw = secret.encode("utf-8")
+            for b in (raw, b"\0" + raw, b"Bearer " + raw):
+                self.assertNotIn(base64.b64encode(b).decode(), text)
+
+    def deliver(self, config):
+        """Queue a message, drain: its name and the DEBUG log text."""
+        with self.assertLogs("gsemail", "DEBUG") as logs:
+            name = self.enqueue(config)     # (creating the queue is logged)
+            self.drain(config)
+        return name, "\n".join(logs.output)
+
+    def test_password_command_gives_the_token_for_xoauth2(self):
+        server = self.auth_server()
+        command, runs = self.helper(self.TOKEN)
+        config = self.config(server.port, username=self.USER, password_command=command,
+                             auth_mechanism="xoauth2")
+        name, logs = self.deliver(config)
+        self.assertEqual(server.events("auth"), [{"auth": "XOAUTH2", "user": self.USER,
+                                                  "ok": True}])
+        self.assertEqual([e["to"] for e in server.events("mail")], [["a@example.org"]])
+        self.assertEqual(self.listing("cur") + self.listing("new"), [])
+        self.assertEqual(self.runs(runs), 1)
+        self.secrets_absent(logs, self.TOKEN)
+
+    def test_an_expired_token_runs_the_command_again_once(self):
+        server = self.auth_server()
+        command, runs = self.helper("ya29.expired-token", self.TOKEN)
+        config = self.config(server.port, username=self.USER, password_command=command,
+                             auth_mechanism="xoauth2")
+        name, logs = self.deliver(config)
+        self.assertEqual([e["ok"] for e in server.events("auth")], [False, True])
+        self.assertEqual(len(server.events("mail")), 1)
+        self.assertEqual(self.runs(runs), 2)
+        self.assertIn("refused the password from password_command", logs)
+        self.assertIn("the token was refused: status 400", logs)
+        self.secrets_absent(logs, self.TOKEN, "ya29.expired-token")
+        # a token refused twice: the mail is deferred after one more run, not a loop
+        os.unlink(runs)
+        command, runs = self.helper("ya29.expired-token")
+        config = dataclasses.replace(config, password_command=command)
+        name, logs = self.deliver(config)
+        self.assertEqual(self.runs(runs), 2)
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertRegex(logs, r"ERROR:gsemail:4\.7\.8 relay 127\.0\.0\.1:\d+: 535 5\.7\.8 "
+                               r"Username and Password not accepted .*AUTH as ")
+        self.secrets_absent(logs, "ya29.expired-token")
+        # a static password refused is not asked for again
+        config = self.config(server.port, username=self.USER, password="wrong-Ω",
+                             auth_mechanism="plain")
+        before = len(server.events("auth"))
+        name, logs = self.deliver(config)
+        self.assertEqual(len(server.events("auth")), before + 1)
+        self.assertDeferred(name, ["a@example.org"])
+
+    def test_a_failing_command_defers_with_a_clear_line(self):
+        server = self.auth_server()
+        secret = "s3cret-token-Ω"
+        cases = {
+            "exit 1": ("import sys\nprint(%r)\nprint('refresh failed for', %r, file=sys.stderr)\n"
+                       "sys.exit(1)\n" % (secret, secret), "exited with status 1"),
+            "no output": ("pass\n", "printed no password or token"),
+            "empty line": ("print()\nprint(%r)\n" % secret, "printed no password or token"),
+            "killed": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+                       "was killed by signal 9"),
+            "timeout": ("import time\nprint(%r, flush=True)\ntime.sleep(30)\n" % secret,
+                        "did not finish within 1s (timeout)"),
+        }
+        for case, (code, why) in cases.items():
+            with self.subTest(case):
+                shutil.rmtree(self.queuepath, True)
+                command = self.script(code, "failing.py")
+                config = self.config(server.port, username=self.USER, timeout=1,
+                                     password_command=command, auth_mechanism="xoauth2")
+                started = time.monotonic()
+                name, logs = self.deliver(config)
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertDeferred(name, ["a@example.org"])
+                self.assertIn("4.7.0 password_command %s %s" % (sys.executable, why), logs)
+                self.assertIn("ERROR:gsemail:4.7.0 relay", logs)     # fix this
+                self.assertNotIn("failing.py", logs)     # argv[0] only: the rest may be secret
+                self.secrets_absent(logs, secret)
+                state = self.state(name)
+                self.secrets_absent(json.dumps(state, ensure_ascii=False), secret)
+                if case == "exit 1":
+                    self.assertIn("WARNING:gsemail:4.7.0 password_command %s said on stderr: "
+                                  "refresh failed for (hidden)" % sys.executable, logs)
+        self.assertEqual(server.events("auth"), [])     # never sent a thing
+        # a command that cannot be run at all
+        config = self.config(server.port, username=self.USER,
+                             password_command="/nonexistent/token-helper --secret x")
+        name, logs = self.deliver(config)
+        self.assertIn("4.7.0 password_command /nonexistent/token-helper cannot be run: "
+                      "No such file or directory", logs)
+        self.assertNotIn("--secret", logs)
+        self.assertDeferred(name, ["a@example.org"])
+
+    def test_stderr_of_a_working_command_is_logged_without_the_secret(self):
+        server = self.auth_server()
+        code = ("import sys\nprint('refreshing the token for you; it is', %r, file=sys.stderr)\n"
+                "print(%r)\n" % (self.TOKEN, self.TOKEN))
+        config = self.config(server.port, username=self.USER, password_command=self.script(code),
+                             auth_mechanism="xoauth2")
+        name, logs = self.deliver(config)
+        self.assertEqual(len(server.events("mail")), 1)
+        self.assertIn("INFO:gsemail:2.0.0 password_command %s said on stderr: refreshing the "
+                      "token for you; it is (hidden)" % sys.executable, logs)
+        self.secrets_absent(logs, self.TOKEN)
+
+    def test_auth_mechanism_forces_each_mechanism(self):
+        server = self.auth_server()
+        for mechanism in ("plain", "login", "cram-md5", "xoauth2"):
+            with self.subTest(mechanism):
+                secret = self.TOKEN if mechanism == "xoauth2" else self.PASSWORD
+                config = self.config(server.port, username=self.USER, password=secret,
+                                     auth_mechanism=mechanism.upper())
+                self.assertEqual(config.auth_mechanism, mechanism)
+                before = len(server.events("auth"))
+                name, logs = self.deliver(config)
+                self.assertEqual(server.events("auth")[before:], [
+                    {"auth": mechanism.upper(), "user": self.USER, "ok": True}])
+                self.assertEqual(self.listing("cur") + self.listing("new"), [])
+                self.secrets_absent(logs, secret)
+                (result,) = gsemail.Mailer(config).check()
+                self.assertTrue(result.ok, result.verdict)
+                self.assertIn("used %s" % mechanism.upper(), result.auth)
+        # a mechanism the relay does not offer: deferred, and said so
+        server = self.auth_server(exclude=["XOAUTH2"])
+        config = self.config(server.port, username=self.USER, password=self.TOKEN,
+                             auth_mechanism="xoauth2")
+        name, logs = self.deliver(config)
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertRegex(logs, r"5\.7\.4 AUTH XOAUTH2 is not offered \(auth_mechanism = "
+                               r"xoauth2; offered: .*PLAIN")
+        self.assertEqual(server.events("auth"), [])
+
+    def test_auto_picks_the_best_offered_and_never_xoauth2(self):
+        for exclude, want in ((["XOAUTH2"], "CRAM-MD5"), (["CRAM-MD5"], "PLAIN"),
+                              (["CRAM-MD5", "PLAIN"], "LOGIN")):
+            with self.subTest(exclude=exclude):
+                server = self.auth_server(exclude=exclude)
+                config = self.config(server.port, username=self.USER, password=self.PASSWORD)
+                self.deliver(config)
+                self.assertEqual([e["auth"] for e in server.events("auth")], [want])
+                self.assertEqual(len(server.events("mail")), 1)
+        # over TLS, PLAIN first (no TLS relay here: the choice itself)
+        mailer = gsemail.Mailer(config)
+        offered = ["LOGIN", "CRAM-MD5", "XOAUTH2", "PLAIN"]
+        self.assertEqual(mailer._mechanism(offered, encrypted=True), "PLAIN")
+        self.assertEqual(mailer._mechanism(offered, encrypted=False), "CRAM-MD5")
+        self.assertIsNone(mailer._mechanism(["XOAUTH2"], encrypted=True))
+        # a relay that offers only XOAUTH2: auto does not send a password as a token
+        server = self.auth_server(exclude=["PLAIN", "LOGIN", "CRAM-MD5"])
+        command, runs = self.helper(self.TOKEN)
+        config = self.config(server.port, username=self.USER, password_command=command)
+        name, logs = self.deliver(config)
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertIn("5.7.4 none of the AUTH mechanisms offered (XOAUTH2) is PLAIN, LOGIN or "
+                      "CRAM-MD5 (XOAUTH2 is used only with auth_mechanism = xoauth2)", logs)
+        self.assertEqual(self.runs(runs), 1)
+        # a token sent as a password is refused: the hint says what to set
+        server = self.auth_server(exclude=["CRAM-MD5"])
+        config = self.config(server.port, username=self.USER, password_command=command)
+        name, logs = self.deliver(config)
+        self.assertIn("if password_command prints an OAuth2 token, set auth_mechanism = "
+                      "xoauth2", logs)
+
+    def test_utf8_credentials_with_password_command(self):
+        server = self.auth_server(password=self.TOKEN)
+        for mechanism in ("plain", "login", "cram-md5"):
+            with self.subTest(mechanism):
+                command, runs = self.helper(self.TOKEN)
+                os.path.exists(runs) and os.unlink(runs)
+                config = self.config(server.port, username=self.USER,
+                                     password_command=command, auth_mechanism=mechanism)
+                self.deliver(config)
+                self.assertEqual(server.events("auth")[-1],
+                                 {"auth": mechanism.upper(), "user": self.USER, "ok": True})
+        self.assertEqual(len(server.events("mail")), 3)
+
+    def test_config_rules(self):
+        command, _ = self.helper(self.TOKEN)
+        quoted = command.replace("%", "%%")
+        config = self.ini(25, "username = %s\npassword_command = %s\nauth_mechanism = XOAUTH2\n"
+                          % (self.USER, quoted))
+        self.assertEqual((config.password, config.password_command, config.auth_mechanism),
+                         (None, command, "xoauth2"))
+        self.assertEqual(self.ini(25).auth_mechanism, "auto")
+        bad = {
+            "password = x\npassword_command = %s\n" % quoted:
+                "options password and password_command are both set",
+            "password_env = HOME\npassword_command = %s\n" % quoted:
+                "options password_env and password_command are both set",
+            "password_command = helper 'unclosed\n":
+                "option password_command = \"helper 'unclosed\"",
+            "password_command = ''\n": "option password_command = \"''\"",
+            "password = x\nauth_mechanism = oauthbearer\n":
+                "option auth_mechanism = 'oauthbearer'",
+        }
+        for extra, want in bad.items():
+            with self.subTest(extra):
+                with self.assertRaises(gsemail.ConfigError) as cm:
+                    self.ini(25, "username = u\n" + extra)
+                self.assertIn(want, str(cm.exception))
+                self.assertIn("gsconfig.ini [smtp-out]", str(cm.exception))
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            self.ini(25, "password_command = %s\n" % quoted)
+        self.assertIn("option username is missing", str(cm.exception))
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            gsemail.SMTPConfig("localhost", 25, username="u", password_command="  ")
+        self.assertIn("is empty", str(cm.exception))
+
+    def test_the_command_line_never_shows_the_secret(self):
+        server = self.auth_server()
+        command, runs = self.helper("ya29.expired-token", self.TOKEN)
+        self.ini_file(server.port, "username = %s\npassword_command = %s\nauth_mechanism = "
+                      "xoauth2\n" % (self.USER, command.replace("%", "%%")))
+        queue = gsemail.Queue(self.queuepath)
+        queue.add("s@example.org", ["a@example.org"], gsemail._prepare_message(message(),
+                                                                             "s@example.org"))
+        run = self.gsemail("--once", "-vvv")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(len(server.events("mail")), 1)
+        self.assertIn("refused the password from password_command", run.stderr)
+        self.secrets_absent(run.stdout + run.stderr, self.TOKEN, "ya29.expired-token")
+        run = self.gsemail("check")
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.assertIn("used XOAUTH2", run.stdout)
+        self.secrets_absent(run.stdout + run.stderr, self.TOKEN)
+        self.assertEqual(self.runs(runs), 3)
