@@ -541,8 +541,9 @@ class SMTPConfig:
     poll_interval: float = 1.0
     sessions: int = 1
     #: a command (split as a shell would, run without one) that prints the
-    #: password or OAuth2 token on its first line; run for each connection
-    password_command: Optional[str] = None
+    #: password or OAuth2 token on its first line; run for each connection.
+    #: Not in repr: its arguments may hold a secret (a client secret).
+    password_command: Optional[str] = dataclasses.field(default=None, repr=False)
     auth_mechanism: str = "auto"
     source: str = dataclasses.field(default="", compare=False)
     # hostname parsed, once, by __post_init__: not an argument, and left out
@@ -3521,8 +3522,7 @@ def _command_secret(command: str, timeout: float) -> str:
     name = argv[0]
 
     def failed(why: str) -> DeliveryError:
-        return DeliveryError(Reply(454, "4.7.0 password_command %s %s: fix it (run it by "
-                                   "hand as this user) and mail follows" % (name, why)))
+        return DeliveryError(Reply(454, "4.7.0 password_command %s %s" % (name, why)))
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True,
@@ -3562,7 +3562,7 @@ def _command_secret(command: str, timeout: float) -> str:
             "%s password_command %s said on stderr: %s", "4.7.0" if problem else "2.0.0",
             name, said)
     if problem:
-        raise failed(problem + (" (its stderr is logged above)" if said else ""))
+        raise failed(problem + (" (its stderr is logged)" if said else ""))
     return secret
 
 
@@ -3963,7 +3963,7 @@ class Mailer:
         if r.error is not None:
             hint = {"4.4": "is it running, and listening on that address and port?",
                     "4.7": "fix TLS (cafile, tls_verify, force_tls) or AUTH (username, "
-                           "password)",
+                           "password or password_command: run it by hand)",
                     "5.7": "fix AUTH (username, password) or the relay's access rules"}
             status = r.error.status
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
