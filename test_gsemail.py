@@ -7907,3 +7907,9 @@ class AuthSecretsTests(Base):
         self.assertIn("used XOAUTH2", run.stdout)
         self.secrets_absent(run.stdout + run.stderr, self.TOKEN)
         self.assertEqual(self.runs(runs), 3)
+        # never on disk: no file of the queue holds it
+        for top, _, files in os.walk(self.queuepath):
+            for name in files:
+                with open(os.path.join(top, name), "rb") as f:
+                    self.secrets_absent(f.read().decode("utf-8", "replace"), self.TOKEN,
+                                        "ya29.expired-token")
