@@ -583,6 +583,9 @@ class SMTPConfig:
             raise bad("auth_mechanism", self.auth_mechanism, "must be one of %s"
                       % ", ".join(_MECHANISMS))
         object.__setattr__(self, "auth_mechanism", mechanism)
+        if mechanism != "auto" and not self.username:
+            raise bad("auth_mechanism", self.auth_mechanism, "says how to log in, but "
+                      "username is not set (set username and the password, or remove it)")
         if self.no_tls and self.force_tls:
             raise ConfigError("options no_tls and force_tls are both true%s: "
                               "choose one" % where)

@@ -7888,6 +7888,10 @@ class AuthSecretsTests(Base):
         with self.assertRaises(gsemail.ConfigError) as cm:
             gsemail.SMTPConfig("localhost", 25, username="u", password_command="  ")
         self.assertIn("is empty", str(cm.exception))
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            self.ini(25, "auth_mechanism = xoauth2\n")
+        self.assertIn("username is not set", str(cm.exception))
+        self.assertNotIn(command, repr(config))     # its words may hold a client secret
 
     def test_the_command_line_never_shows_the_secret(self):
         server = self.auth_server()
