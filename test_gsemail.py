@@ -5211,7 +5211,10 @@ class FaultTests(Base):
         with self.assertLogs("gsemail", "INFO") as logs:
             name = self.enqueue(config, rcpts=["victim@example.org"])
             processor.wake()
-            wait_for(lambda: self.dead_letters(), what="the dead letter")
+            # the dead letter is written first, then its line logged: wait
+            # for both (the thread may be between the two)
+            wait_for(lambda: self.dead_letters() and
+                     any("gave up" in line for line in logs.output), what="the dead letter")
         deferrals = [line for line in logs.output if "deferred for" in line]
         self.assertGreaterEqual(len(deferrals), 2, logs.output)
         self.assertTrue(all("4.4.1 connection refused" in line for line in deferrals))
