@@ -58,8 +58,9 @@ user:
 5. The queue: whose it is; creating files; a queue file's head (zope's
    envelope, our dead-letter lines); a message's record; claims
    (_Claims); Queue itself, with the operator's views and actions.
-6. The SMTP connection: _Connection, one socket and its pipelined replies,
-   with a picture of the pipelined dot.
+6. The SMTP connection: the redacted transcript (debug = true), then
+   _Connection, one socket and its pipelined replies, with a picture of the
+   pipelined dot.
 7. The mailer: Mailer connects (TLS, AUTH, failover), delivers one message
    at a time and returns an Outcome; RelayCheck for ``gsemail check``.
 8. The queue processor: _plan, the pure decision for an outcome, and
