@@ -3237,8 +3237,10 @@ class _Transcript:
         self.started = time.monotonic()
         # An AUTH exchange is under way: every line the client sends is a
         # SASL response (a password, a token, a digest) until the server
-        # answers other than 334.
+        # answers other than 334.  What was redacted is kept till then, in
+        # case a server quotes it back in a reply.
         self.in_auth = False
+        self.redacted: List[str] = []
 
     def _line(self, direction: str, text: str) -> None:
         _smtp_log.debug("#%d %s +%.3fs %s %s", self.number, self.relay,
@@ -3258,7 +3260,10 @@ class _Transcript:
 
     def _shown(self, line: str) -> str:
         if self.in_auth:
-            return "*" if line.strip() == "*" else "<AUTH response redacted>"
+            if line.strip() == "*":
+                return "*"
+            self._keep(line)
+            return "<AUTH response redacted>"
         verb, _, rest = line.partition(" ")
         if verb.upper() != "AUTH":
             return line
@@ -3267,8 +3272,16 @@ class _Transcript:
         self.in_auth = True
         mechanism, _, response = rest.strip().partition(" ")
         if not _SASL_NAME.match(mechanism):
+            self._keep(rest)
             return "AUTH <redacted>"
+        self._keep(response)
         return "AUTH %s%s" % (mechanism.upper(), " <redacted>" if response.strip() else "")
+
+    def _keep(self, secret: str) -> None:
+        """Keep a redacted secret till the exchange ends (a shorter one,
+        such as PLAIN's "=" for an empty response, would hide text)."""
+        if len(secret.strip()) >= 4:
+            self.redacted.append(secret.strip())
 
     def message(self, wire: bytes) -> None:
         """The DATA payload wire (dot-stuffed, ending in CRLF.CRLF) was
@@ -3287,9 +3300,12 @@ class _Transcript:
         """A reply as smtplib reads it: each of its lines, as the server sent it."""
         lines = text.decode("utf-8", "replace").split("\n")
         for i, line in enumerate(lines):
+            for secret in self.redacted:
+                line = line.replace(secret, "<redacted>")
             self._line("S:", "%d%s%s" % (code, "-" if i + 1 < len(lines) else " ", line))
         if code != 334:
             self.in_auth = False
+            self.redacted = []
 
 
 if TYPE_CHECKING:   # what smtplib.SMTP.send takes, in typeshed
@@ -3303,18 +3319,28 @@ class _TranscribedSMTP(smtplib.SMTP):
 
     def __init__(self, transcript: _Transcript, **kw: Any) -> None:
         self.transcript = transcript
+        self.connecting = False     # connect's greeting is the next reply
         super().__init__(**kw)
 
     def connect(self, host: str = "localhost", port: int = 0, *args: Any,
                 **kw: Any) -> Tuple[int, bytes]:
         self.transcript.event("connecting to %s at %s" % (_where(host, port),
                                                           _iso(time.time())))
-        reply = super().connect(host, port, *args, **kw)
+        self.connecting = True
+        return super().connect(host, port, *args, **kw)
+
+    def _connected(self) -> None:
+        """The socket is open and the greeting not yet read: the address
+        it went to (a name may have several) and implicit TLS."""
+        self.connecting = False
         sock = self.sock
-        if isinstance(sock, ssl.SSLSocket):     # SMTP_SSL: before the greeting
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.transcript.event("connected to %s" % _where(*sock.getpeername()[:2]))
+        if isinstance(sock, ssl.SSLSocket):     # SMTP_SSL
             self.transcript.event("TLS from the first byte: %s, %s" % (
                 sock.version(), (sock.cipher() or ("?",))[0]))
-        return reply
 
     def send(self, s: "Union[ReadableBuffer, str]") -> None:
         t = self.transcript
@@ -3327,6 +3353,8 @@ class _TranscribedSMTP(smtplib.SMTP):
 
     def getreply(self) -> Tuple[int, bytes]:
         t = self.transcript
+        if self.connecting:
+            self._connected()
         try:
             code, text = super().getreply()
         except (smtplib.SMTPException, OSError) as e:

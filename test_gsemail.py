@@ -7653,7 +7653,8 @@ class TranscriptTests(Base):
         accepted = ["S: 250 2.1.0 Ok", "S: 250 2.1.5 Ok", "S: 250 2.1.5 Ok",
                     "S: 354 End data with <CR><LF>.<CR><LF>"]
         self.assertEqual(sizes[0], sizes[1])
-        want = (["* connecting to %s at " % relay, "S: 220 test.example ESMTP",
+        want = (["* connecting to %s at " % relay, "* connected to %s" % relay,
+                 "S: 220 test.example ESMTP",
                  "C: ehlo client.test", "S: 250-test.example", "S: 250-PIPELINING",
                  "S: 250-SIZE 10240000", "S: 250 AUTH PLAIN LOGIN",
                  "C: AUTH PLAIN <redacted>", "S: 235 2.7.0 Authentication successful"]
@@ -7679,6 +7680,16 @@ class TranscriptTests(Base):
         self.assertIn("C: AUTH PLAIN <redacted>", shown)
         self.assertIn("S: 535 5.7.8 Error: authentication failed", shown)
         self.assertSafe("\n".join(lines), password="Wrong-9zz-secret")
+        # a server that quotes the response back in its reply
+        echo = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=(self.USER, self.PASSWORD),
+                           rules={"AUTH": lambda blob: "535 5.7.8 not accepted: " + blob})
+        del lines[:]
+        (result,) = gsemail.Mailer(dataclasses.replace(config, port=echo.port)).check()
+        self.assertEqual(result.error.status, "5.7.8")
+        shown = ["%s %s" % (d, t) for _, _, d, t in self.transcript(lines)]
+        self.assertIn("S: 535 5.7.8 not accepted: <redacted>", shown)
+        transcript = [line for line in lines if line.startswith("gsemail.smtp ")]
+        self.assertSafe("\n".join(transcript))
 
     def test_login_and_cram_md5_responses_are_redacted_and_the_challenges_shown(self):
         for mechanism, challenges in (
@@ -7776,7 +7787,7 @@ class TranscriptTests(Base):
         got = self.transcript(lines)
         shown = ["%s %s" % (d, t) for _, _, d, t in got]
         at = {text: i for i, text in enumerate(shown)}
-        self.assertRegex(shown[1], r"^S: 220 ")
+        self.assertRegex(shown[2], r"^S: 220 ")
         tls = [i for i, text in enumerate(shown) if text.startswith("* TLS: TLSv1.")]
         self.assertEqual(len(tls), 1, shown)
         self.assertLess(at["C: STARTTLS"], tls[0])
@@ -7791,3 +7802,12 @@ class TranscriptTests(Base):
             shown)
         self.assertEqual(shown[-1], "* closed")
         self.assertSafe("\n".join(lines), user=user, password=Postfix.PASSWORD)
+        # implicit TLS (SMTPS): TLS before the greeting
+        del lines[:]
+        smtps = self.config(pf.smtps_port, implicit_tls=True, cafile=pf.cafile, debug=True)
+        (result,) = gsemail.Mailer(smtps).check()
+        self.assertTrue(result.ok, result.verdict)
+        shown = ["%s %s" % (d, t) for _, _, d, t in self.transcript(lines)]
+        self.assertEqual(shown[1], "* connected to 127.0.0.1:%d" % pf.smtps_port)
+        self.assertRegex(shown[2], r"^\* TLS from the first byte: TLSv1\.[23], ")
+        self.assertRegex(shown[3], r"^S: 220 ")
