@@ -58,8 +58,9 @@ user:
 5. The queue: whose it is; creating files; a queue file's head (zope's
    envelope, our dead-letter lines); a message's record; claims
    (_Claims); Queue itself, with the operator's views and actions.
-6. The SMTP connection: _Connection, one socket and its pipelined replies,
-   with a picture of the pipelined dot.
+6. The SMTP connection: the redacted transcript (debug = true), then
+   _Connection, one socket and its pipelined replies, with a picture of the
+   pipelined dot.
 7. The mailer: Mailer connects (TLS, AUTH, failover), delivers one message
    at a time and returns an Outcome; RelayCheck for ``gsemail check``.
 8. The queue processor: _plan, the pure decision for an outcome, and
@@ -545,6 +546,9 @@ class SMTPConfig:
     #: Not in repr: its arguments may hold a secret (a client secret).
     password_command: Optional[str] = dataclasses.field(default=None, repr=False)
     auth_mechanism: str = "auto"
+    #: log every command and reply, redacted, on the gsemail.smtp logger
+    #: (TurboMail's option; -vvv sets it for one run)
+    debug: bool = False
     source: str = dataclasses.field(default="", compare=False)
     # hostname parsed, once, by __post_init__: not an argument, and left out
     # of comparison and repr (hostname says it); dataclasses.replace makes a
@@ -674,6 +678,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
     "poll_interval": _duration, "sessions": _integer, "password_env": str,
     "password_file": str, "password_command": str, "auth_mechanism": str,
+    "debug": _boolean,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
@@ -3249,6 +3254,177 @@ def _internal(e: BaseException) -> Reply:
     return Reply(451, "4.3.0 internal error: %s%s" % (type(e).__name__, text))
 
 
+# The SMTP transcript (debug = true, or -vvv): every command and reply of a
+# session, for an operator to see what a relay said, on its own logger so
+# that it can be routed or silenced apart from the delivery lines.  It is
+# made to be shared (pasted into a ticket, sent to the relay's operator):
+# AUTH's arguments and the client's SASL responses are never shown, nor is
+# the message, which is one line with its size and Message-ID.  Whether a
+# connection is transcribed is decided once, when it is made; without the
+# transcript the connection is plain smtplib and costs nothing more.
+_smtp_log = logging.getLogger("gsemail.smtp")
+_connection_numbers = itertools.count(1)      # per process, for the transcript
+# RFC 4422 3.1: a SASL mechanism's name is up to 20 of these.
+_SASL_NAME = re.compile(r"[A-Z0-9_-]{1,20}\Z", re.I)
+_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:[ \t]*(.*(?:\r\n[ \t].*)*)")
+
+
+class _Transcript:
+    """The redacted transcript of one connection, on the gsemail.smtp
+    logger at DEBUG.  Each line has the connection's number (per process),
+    the relay, the seconds since it was made, a direction (C: the client,
+    S: the server, *: what happened) and the text, e.g.
+    ``#3 smtp.example.com:587 +0.012s C: AUTH PLAIN <redacted>``."""
+
+    def __init__(self, relay: str) -> None:
+        self.number = next(_connection_numbers)
+        self.relay = relay
+        self.started = time.monotonic()
+        # An AUTH exchange is under way: every line the client sends is a
+        # SASL response (a password, a token, a digest) until the server
+        # answers other than 334.  What was redacted is kept till then, in
+        # case a server quotes it back in a reply.
+        self.in_auth = False
+        self.redacted: List[str] = []
+
+    def _line(self, direction: str, text: str) -> None:
+        _smtp_log.debug("#%d %s +%.3fs %s %s", self.number, self.relay,
+                        time.monotonic() - self.started, direction, text)
+
+    def event(self, text: str) -> None:
+        """Something that is neither a command nor a reply (connected, TLS, closed)."""
+        self._line("*", text)
+
+    def sent(self, data: bytes) -> None:
+        """One or several commands (pipelined), each ending in CRLF."""
+        lines = data.decode("utf-8", "replace").split("\r\n")
+        if lines[-1] == "":
+            lines.pop()
+        for line in lines:
+            self._line("C:", self._shown(line))
+
+    def _shown(self, line: str) -> str:
+        if self.in_auth:
+            if line.strip() == "*":
+                return "*"
+            self._keep(line)
+            return "<AUTH response redacted>"
+        verb, _, rest = line.partition(" ")
+        if verb.upper() != "AUTH":
+            return line
+        # Whatever the mechanism (PLAIN, LOGIN, CRAM-MD5, XOAUTH2 or one
+        # not known here), its initial response is the secret or holds it.
+        self.in_auth = True
+        mechanism, _, response = rest.strip().partition(" ")
+        if not _SASL_NAME.match(mechanism):
+            self._keep(rest)
+            return "AUTH <redacted>"
+        self._keep(response)
+        return "AUTH %s%s" % (mechanism.upper(), " <redacted>" if response.strip() else "")
+
+    def _keep(self, secret: str) -> None:
+        """Keep a redacted secret till the exchange ends (a shorter one,
+        such as PLAIN's "=" for an empty response, would hide text)."""
+        if len(secret.strip()) >= 4:
+            self.redacted.append(secret.strip())
+
+    def message(self, wire: bytes) -> None:
+        """The DATA payload wire (dot-stuffed, ending in CRLF.CRLF) was
+        sent: its size as SIZE counts it and its Message-ID, never a header
+        or a line of the body."""
+        size = len(wire) - 3 - wire.count(b"\r\n..") - wire.startswith(b"..")
+        end = wire.find(b"\r\n\r\n")
+        found = _MESSAGE_ID.search(wire, 0, end if end >= 0 else len(wire))
+        msgid = _one_line(found.group(1).decode("utf-8", "replace"))[:200] if found \
+            else ""
+        self._line("C:", "<message: {:,} bytes, {}>".format(
+            size, "Message-ID " + msgid if msgid else "no Message-ID"))
+        self._line("C:", ".")
+
+    def reply(self, code: int, text: bytes) -> None:
+        """A reply as smtplib reads it: each of its lines, as the server sent it."""
+        lines = text.decode("utf-8", "replace").split("\n")
+        for i, line in enumerate(lines):
+            for secret in self.redacted:
+                line = line.replace(secret, "<redacted>")
+            self._line("S:", "%d%s%s" % (code, "-" if i + 1 < len(lines) else " ", line))
+        if code != 334:
+            self.in_auth = False
+            self.redacted = []
+
+
+if TYPE_CHECKING:   # what smtplib.SMTP.send takes, in typeshed
+    from _typeshed import ReadableBuffer
+
+
+class _TranscribedSMTP(smtplib.SMTP):
+    """smtplib.SMTP writing a _Transcript of what goes through it: the
+    greeting, EHLO, STARTTLS, AUTH, QUIT and every reply (the pipelined
+    commands, which _Connection writes to the socket itself, it writes)."""
+
+    def __init__(self, transcript: _Transcript, **kw: Any) -> None:
+        self.transcript = transcript
+        self.connecting = False     # connect's greeting is the next reply
+        super().__init__(**kw)
+
+    def connect(self, host: str = "localhost", port: int = 0, *args: Any,
+                **kw: Any) -> Tuple[int, bytes]:
+        self.transcript.event("connecting to %s at %s" % (_where(host, port),
+                                                          _iso(time.time())))
+        self.connecting = True
+        return super().connect(host, port, *args, **kw)
+
+    def _connected(self) -> None:
+        """The socket is open and the greeting not yet read: the address
+        it went to (a name may have several) and implicit TLS."""
+        self.connecting = False
+        sock = self.sock
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.transcript.event("connected to %s" % _where(*sock.getpeername()[:2]))
+        if isinstance(sock, ssl.SSLSocket):     # SMTP_SSL
+            self.transcript.event("TLS from the first byte: %s, %s" % (
+                sock.version(), (sock.cipher() or ("?",))[0]))
+
+    def send(self, s: "Union[ReadableBuffer, str]") -> None:
+        t = self.transcript
+        t.sent(s.encode("utf-8", "replace") if isinstance(s, str) else bytes(s))
+        try:
+            super().send(s)
+        except (smtplib.SMTPException, OSError) as e:
+            t.event("cannot send: %s" % (_one_line(str(e)) or type(e).__name__))
+            raise
+
+    def getreply(self) -> Tuple[int, bytes]:
+        t = self.transcript
+        if self.connecting:
+            self._connected()
+        try:
+            code, text = super().getreply()
+        except (smtplib.SMTPException, OSError) as e:
+            t.event("no reply: %s" % (_one_line(str(e)) or type(e).__name__))
+            raise
+        t.reply(code, text)
+        return code, text
+
+    def starttls(self, *args: Any, **kw: Any) -> Tuple[int, bytes]:
+        reply = super().starttls(*args, **kw)
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket):
+            self.transcript.event("TLS: %s, %s" % (sock.version(), (sock.cipher() or ("?",))[0]))
+        return reply
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.transcript.event("closed")
+        super().close()
+
+
+class _TranscribedSMTP_SSL(_TranscribedSMTP, smtplib.SMTP_SSL):
+    """smtplib.SMTP_SSL (implicit TLS) writing a _Transcript."""
+
+
 class _Connection:
     """One open SMTP connection to ``relay`` ("host:port"): its
     smtplib.SMTP, what its server offered, and the pipelined I/O on it.
@@ -3265,6 +3441,8 @@ class _Connection:
         self.smtp = smtp
         self.relay = relay
         self.greeting = greeting
+        #: the transcript of what is sent and read (debug), or None
+        self.transcript = smtp.transcript if isinstance(smtp, _TranscribedSMTP) else None
         self.offered_before_tls = offered_before_tls
         self.encrypted = encrypted
         self.features = dict(smtp.esmtp_features)
@@ -3303,9 +3481,13 @@ class _Connection:
     def answered_since(self, mark: int) -> bool:
         return self.answers > mark
 
-    def send(self, data: bytes) -> None:
-        """Send data with whatever is written after it, before the next
-        reply is read; a megabyte of DATA goes at once."""
+    def send(self, data: bytes, payload: bool = False) -> None:
+        """Send data, commands or (``payload``) a piece of the DATA payload,
+        with whatever is written after it, before the next reply is read; a
+        megabyte of DATA goes at once.  The transcript has each command
+        here, in the order they go; the payload is the caller's to note."""
+        if self.transcript is not None and not payload:
+            self.transcript.sent(data)
         self.unsent.append(data)
         self.unsent_size += len(data)
         if self.unsent_size >= _CHUNK:
@@ -3322,6 +3504,9 @@ class _Connection:
                 raise smtplib.SMTPServerDisconnected("not connected")
             sock.sendall(data)
         except (OSError, AttributeError) as e:
+            if self.transcript is not None:
+                self.transcript.event("cannot send: %s" % (_one_line(str(e)) or
+                                                          type(e).__name__))
             raise _ConnectionLost(_reply_for(
                 smtplib.SMTPServerDisconnected(str(e)), self.relay)) from None
 
@@ -3586,6 +3771,11 @@ class Mailer:
         #: relay -> the transactions a connection to it takes, as learnt
         #: from a MAIL refused because the connection was used up
         self._limits: Dict[str, int] = {}
+        if config.debug and _smtp_log.level == logging.NOTSET:
+            # debug = true asks for the transcript: let it reach the
+            # handlers even where the application logs only INFO or above,
+            # unless the application has set this logger's level itself.
+            _smtp_log.setLevel(logging.DEBUG)
 
     @property
     def where(self) -> str:
@@ -3673,16 +3863,26 @@ class Mailer:
                         "force_tls = true to require it)", e.reply)
             return self._reach_once(host, port, starttls=False)
 
+    def _smtp(self, relay: str) -> smtplib.SMTP:
+        """An smtplib.SMTP (SMTP_SSL for implicit TLS), not yet connected;
+        one that writes a transcript of the connection when debug is set
+        and the gsemail.smtp logger takes DEBUG (asked once a connection,
+        so that the transcript costs nothing when it is off)."""
+        c = self.config
+        kw: Dict[str, Any] = {"local_hostname": c.local_hostname, "timeout": c.timeout}
+        if c.use_implicit_tls:
+            kw["context"] = self._tls_context()
+        if c.debug and _smtp_log.isEnabledFor(logging.DEBUG):
+            kind = _TranscribedSMTP_SSL if c.use_implicit_tls else _TranscribedSMTP
+            return kind(_Transcript(relay), **kw)
+        return smtplib.SMTP_SSL(**kw) if c.use_implicit_tls else smtplib.SMTP(**kw)
+
     def _reach_once(self, host: str, port: int, starttls: bool = True) -> _Connection:
         c = self.config
         relay = _where(host, port)
         smtp: Optional[smtplib.SMTP] = None
         try:
-            if c.use_implicit_tls:
-                smtp = smtplib.SMTP_SSL(local_hostname=c.local_hostname, timeout=c.timeout,
-                                        context=self._tls_context())
-            else:
-                smtp = smtplib.SMTP(local_hostname=c.local_hostname, timeout=c.timeout)
+            smtp = self._smtp(relay)
             # Connected here, not by the constructor, to keep the greeting for
             # check; SMTP_SSL and starttls() take the name they verify from
             # _host, which only the constructor sets.  (The ignore: _host is
@@ -4298,11 +4498,13 @@ class Mailer:
             return _Rest([], limit)
         out.xverp = "XVERP" in params
         out.relay = conn.relay
+        if conn.transcript is not None:
+            conn.transcript.message(wire)
         try:
             for i in range(0, len(wire), _CHUNK):
                 if heartbeat:
                     heartbeat()
-                conn.send(wire[i:i + _CHUNK])
+                conn.send(wire[i:i + _CHUNK], payload=True)
             if more and not carried and not rest and conn.pipelining:
                 conn.owed = (out, accepted)
                 out.waiting = True
@@ -5306,7 +5508,8 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                              "option, or [smtp-INSTANCE] (default: $GSEMAIL_INSTANCE "
                              "or default)")
     parser.add_argument("-v", "--verbose", action="count", default=default(0),
-                        help="log each attempt (-vv: debug messages too)")
+                        help="log each attempt (-vv: debug messages too; -vvv: the "
+                             "SMTP transcript too, redacted, as debug = true)")
 
 
 # The command line's numbers, bounded as the config's are: a threshold of
@@ -5997,6 +6200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.propagate = False
     try:
         config = load_config(args.config, args.instance)
+        if args.verbose >= 3 and not config.debug:
+            config = dataclasses.replace(config, debug=True)
         run: Callable[[SMTPConfig, argparse.Namespace], int] = args.run
         return run(config, args)
     except GsEmailError as e:

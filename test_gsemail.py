@@ -7920,3 +7920,291 @@ class AuthSecretsTests(Base):
                 with open(os.path.join(top, name), "rb") as f:
                     self.secrets_absent(f.read().decode("utf-8", "replace"), self.TOKEN,
                                         "ya29.expired-token")
+
+
+# The SMTP transcript (debug = true, -vvv)
+# ---------------------------------------------------------------------------
+
+TRANSCRIPT_LINE = re.compile(r"#(\d+) (\S+) \+(\d+\.\d{3})s (C:|S:|\*) (.*)\Z")
+
+
+class SASLServer(SMTPServer):
+    """SMTPServer that also speaks AUTH LOGIN and AUTH CRAM-MD5 (RFC 4954's
+    exchanges over 334 challenges) for the account ``sasl`` (user, password)."""
+
+    CHALLENGE = b"<1896.697170952@test.example>"
+
+    def __init__(self, sasl, **kw):
+        self.sasl = sasl
+        self.responses = []     # the client's SASL lines, as sent
+        super().__init__(**kw)
+
+    def _session(self, conn, f, number=0):
+        return super()._session(conn, _SASLReader(self, conn, f), number)
+
+
+class _SASLReader:
+    """The client's lines to SMTPServer._session, an AUTH LOGIN or CRAM-MD5
+    exchange answered here on the way."""
+
+    def __init__(self, server, conn, f):
+        self.server, self.conn, self.f = server, conn, f
+
+    def _ask(self, challenge):
+        self.conn.sendall(b"334 " + base64.b64encode(challenge) + b"\r\n")
+        line = self.f.readline()
+        self.server.responses.append(line)
+        return base64.b64decode(line.strip())
+
+    def readline(self):
+        import hmac
+        line = self.f.readline()
+        user, password = (s.encode() for s in self.server.sasl)
+        if line.upper().startswith(b"AUTH LOGIN"):
+            ok = (self._ask(b"Username:"), self._ask(b"Password:")) == (user, password)
+        elif line.upper().startswith(b"AUTH CRAM-MD5"):
+            digest = hmac.new(password, SASLServer.CHALLENGE, "md5").hexdigest().encode()
+            ok = self._ask(SASLServer.CHALLENGE) == user + b" " + digest
+        else:
+            return line
+        self.conn.sendall(b"235 2.7.0 Authentication successful\r\n" if ok else
+                          b"535 5.7.8 Error: authentication failed\r\n")
+        return self.readline()
+
+
+class TranscriptTests(Base):
+    """debug = true: every command and reply on the gsemail.smtp logger,
+    over real sockets, with AUTH's secrets and the message never shown."""
+
+    USER, PASSWORD = "gs-user", "Pw-7xQ!transcript-secret"
+    BODY_MARK, HEADER_MARK = "BODY-MARK-5f1c", "HEADER-MARK-a9e2"
+
+    def capture(self):
+        """A list that gets every record logged under gsemail, at any level,
+        as "name message" (the logger as it was comes back at cleanup)."""
+        import logging
+        lines = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                lines.append("%s %s" % (record.name, record.getMessage()))
+        root, smtp = logging.getLogger("gsemail"), logging.getLogger("gsemail.smtp")
+        handler = Collect(logging.DEBUG)
+        self.addCleanup(root.setLevel, root.level)
+        self.addCleanup(smtp.setLevel, smtp.level)
+        self.addCleanup(root.removeHandler, handler)
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        return lines
+
+    @staticmethod
+    def transcript(lines):
+        """The gsemail.smtp lines, parsed: (number, relay, direction, text)."""
+        found = []
+        for line in lines:
+            name, _, text = line.partition(" ")
+            if name == "gsemail.smtp":
+                m = TRANSCRIPT_LINE.match(text)
+                assert m, text
+                found.append((int(m.group(1)), m.group(2), m.group(4), m.group(5)))
+        return found
+
+    def secrets(self, user=None, password=None):
+        """What must never be shown: the password, its base64 in the PLAIN
+        and LOGIN forms, and the markers of the message's header and body."""
+        user, password = user or self.USER, password or self.PASSWORD
+        b64 = lambda s: base64.b64encode(s.encode()).decode()   # noqa: E731
+        return [password, b64("\0%s\0%s" % (user, password)), b64(password),
+                b64("%s\0%s" % (user, password)), self.BODY_MARK, self.HEADER_MARK]
+
+    def assertSafe(self, text, user=None, password=None):
+        for secret in self.secrets(user, password):
+            self.assertNotIn(secret, text)
+
+    def marked(self, i):
+        return message(subject="transcript %d" % i,
+                       headers="Message-ID: <t%d@example.org>\nX-Mark: %s\n"
+                       % (i, self.HEADER_MARK),
+                       body="Hello.\n.a line that is dot-stuffed\n%s\n" % self.BODY_MARK)
+
+    def test_commands_and_replies_in_order_with_auth_and_the_message_redacted(self):
+        server = self.server(ehlo=("PIPELINING", "SIZE 10240000", "AUTH PLAIN LOGIN"),
+                             auth=(self.USER, self.PASSWORD))
+        config = self.config(server.port, username=self.USER, password=self.PASSWORD,
+                             debug=True)
+        lines = self.capture()
+        for i in (1, 2):
+            self.enqueue(config, rcpts=["a@example.org", "b@example.org"], msg=self.marked(i))
+        self.assertEqual(self.drain(config).stats["delivered"], 2)
+        got = self.transcript(lines)
+        relay = "127.0.0.1:%d" % server.port
+        self.assertEqual({(n, r) for n, r, _, _ in got}, {(got[0][0], relay)})
+        # every command the server read, in order, AUTH's argument redacted
+        commands = [t for _, _, d, t in got if d == "C:" and t != "." and
+                    not t.startswith("<message:")]
+        self.assertEqual(commands, [c if not c.startswith("AUTH") else "AUTH PLAIN <redacted>"
+                                    for c in server.commands])
+        sizes = [len(t["data"]) for t in server.transactions]
+        rcpts = ["C: MAIL FROM:<bounces@example.org> SIZE=%d" % sizes[0],
+                 "C: RCPT TO:<a@example.org>", "C: RCPT TO:<b@example.org>", "C: DATA"]
+        accepted = ["S: 250 2.1.0 Ok", "S: 250 2.1.5 Ok", "S: 250 2.1.5 Ok",
+                    "S: 354 End data with <CR><LF>.<CR><LF>"]
+        self.assertEqual(sizes[0], sizes[1])
+        want = (["* connecting to %s at " % relay, "* connected to %s" % relay,
+                 "S: 220 test.example ESMTP",
+                 "C: ehlo client.test", "S: 250-test.example", "S: 250-PIPELINING",
+                 "S: 250-SIZE 10240000", "S: 250 AUTH PLAIN LOGIN",
+                 "C: AUTH PLAIN <redacted>", "S: 235 2.7.0 Authentication successful"]
+                + rcpts + accepted
+                + [f"C: <message: {sizes[0]:,} bytes, Message-ID <t1@example.org>>",
+                   "C: ."]
+                # the next message goes with the dot (RFC 2920): its commands
+                # first, then the dot's reply and theirs
+                + rcpts + ["S: 250 2.0.0 Ok: queued"] + accepted
+                + [f"C: <message: {sizes[1]:,} bytes, Message-ID <t2@example.org>>",
+                   "C: .", "S: 250 2.0.0 Ok: queued", "C: quit", "S: 221 2.0.0 Bye",
+                   "* closed"])
+        shown = ["%s %s" % (d, t) for _, _, d, t in got]
+        self.assertTrue(shown[0].startswith(want[0]), shown[0])
+        self.assertEqual(shown[1:], want[1:])
+        self.assertSafe("\n".join(lines))
+        # a wrong password: the 535 is shown, the password is not
+        wrong = dataclasses.replace(config, password="Wrong-9zz-secret")
+        del lines[:]
+        (result,) = gsemail.Mailer(wrong).check()
+        self.assertEqual(result.error.status, "5.7.8")
+        shown = ["%s %s" % (d, t) for _, _, d, t in self.transcript(lines)]
+        self.assertIn("C: AUTH PLAIN <redacted>", shown)
+        self.assertIn("S: 535 5.7.8 Error: authentication failed", shown)
+        self.assertSafe("\n".join(lines), password="Wrong-9zz-secret")
+        # a server that quotes the response back in its reply
+        echo = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=(self.USER, self.PASSWORD),
+                           rules={"AUTH": lambda blob: "535 5.7.8 not accepted: " + blob})
+        del lines[:]
+        (result,) = gsemail.Mailer(dataclasses.replace(config, port=echo.port)).check()
+        self.assertEqual(result.error.status, "5.7.8")
+        shown = ["%s %s" % (d, t) for _, _, d, t in self.transcript(lines)]
+        self.assertIn("S: 535 5.7.8 not accepted: <redacted>", shown)
+        transcript = [line for line in lines if line.startswith("gsemail.smtp ")]
+        self.assertSafe("\n".join(transcript))
+
+    def test_login_and_cram_md5_responses_are_redacted_and_the_challenges_shown(self):
+        for mechanism, challenges in (
+                ("LOGIN", ["S: 334 VXNlcm5hbWU6", "S: 334 UGFzc3dvcmQ6"]),
+                ("CRAM-MD5", ["S: 334 " + base64.b64encode(SASLServer.CHALLENGE).decode()])):
+            with self.subTest(mechanism=mechanism):
+                server = SASLServer((self.USER, self.PASSWORD),
+                                    ehlo=("PIPELINING", "AUTH " + mechanism))
+                self.addCleanup(server.close)
+                config = self.config(server.port, username=self.USER,
+                                     password=self.PASSWORD, debug=True)
+                lines = self.capture()
+                self.enqueue(config, msg=self.marked(1))
+                self.assertEqual(self.drain(config).stats["delivered"], 1)
+                shown = ["%s %s" % (d, t) for _, _, d, t in self.transcript(lines)]
+                start = shown.index("C: AUTH %s" % mechanism)
+                exchange = ["C: AUTH %s" % mechanism]
+                for challenge in challenges:
+                    exchange += [challenge, "C: <AUTH response redacted>"]
+                exchange.append("S: 235 2.7.0 Authentication successful")
+                self.assertEqual(shown[start:start + len(exchange)], exchange)
+                self.assertEqual(len(server.responses), len(challenges))
+                text = "\n".join(lines)
+                self.assertSafe(text)
+                for response in server.responses:   # what went, base64, never shown
+                    self.assertNotIn(response.strip().decode(), text)
+
+    def test_connections_are_numbered_and_debug_off_writes_nothing(self):
+        server = self.server()
+        config = self.config(server.port, messages_per_connection=1, debug=True)
+        lines = self.capture()
+        for i in (1, 2, 3):
+            self.enqueue(config, msg=self.marked(i))
+        self.drain(config)
+        numbers = [n for n, _, _, _ in self.transcript(lines)]
+        first = numbers[0]
+        self.assertEqual(sorted(set(numbers)), [first, first + 1, first + 2])
+        self.assertEqual(numbers, sorted(numbers))      # one connection after another
+        self.assertSafe("\n".join(lines))
+        # debug = false (the default): not one line, whatever the logging level
+        del lines[:]
+        for i in (4, 5):
+            self.enqueue(config, msg=self.marked(i))
+        self.drain(dataclasses.replace(config, debug=False))
+        self.assertEqual(len(server.transactions), 5)
+        self.assertTrue(lines)      # the delivery lines at INFO are there
+        self.assertEqual([line for line in lines if line.startswith("gsemail.smtp")], [])
+
+    def test_command_line_vvv_and_check_with_debug(self):
+        server = self.server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=(self.USER, self.PASSWORD))
+        self.ini_file(server.port, "username = %s\npassword = %s\n" % (self.USER,
+                                                                      self.PASSWORD))
+        config = gsemail.load_config(self.ini_path, "main")
+        self.capture()      # the queue's "created" warning, here
+        self.enqueue(config, msg=self.marked(1))
+        self.enqueue(config, msg=self.marked(2))
+        # -vv: debug messages, but no transcript
+        run = self.gsemail("--once", "-vv")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertNotRegex(run.stderr, r"(?m)^#\d+ ")
+        self.enqueue(config, msg=self.marked(3))
+        run = self.gsemail("--once", "-vvv")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        relay = "127.0.0.1:%d" % server.port
+        for line in ("C: AUTH PLAIN <redacted>", "S: 235 2.7.0 Authentication successful",
+                     "C: MAIL FROM:<bounces@example.org>", "C: RCPT TO:<a@example.org>",
+                     "C: <message: ", "C: .", "S: 250 2.0.0 Ok: queued", "C: quit"):
+            self.assertRegex(run.stderr, r"(?m)^#\d+ %s \+\d+\.\d{3}s %s" % (
+                re.escape(relay), re.escape(line)))
+        self.assertSafe(run.stdout + run.stderr)
+        self.assertEqual(len(server.transactions), 3)
+        # check: with debug = true in the file, without -v
+        self.ini_file(server.port, "username = %s\npassword = %s\ndebug = true\n"
+                      % (self.USER, self.PASSWORD))
+        run = self.gsemail("check")
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.assertRegex(run.stderr, r"(?m)^#\d+ %s \+\d+\.\d{3}s C: AUTH PLAIN <redacted>$"
+                         % re.escape(relay))
+        self.assertIn("S: 250 AUTH PLAIN", run.stderr)
+        self.assertSafe(run.stdout + run.stderr)
+        self.assertEqual(len(server.transactions), 3)       # check sends no mail
+
+    def test_postfix_starttls_and_sasl_auth(self):
+        pf = postfix()
+        p = "transcript-%d-" % time.monotonic_ns()
+        user = Postfix.USER + "@gsemail.test"
+        config = self.config(pf.submit_port, force_tls=True, cafile=pf.cafile,
+                             username=user, password=Postfix.PASSWORD, debug=True)
+        lines = self.capture()
+        self.enqueue(config, rcpts=[p + "a@gsemail.test"], sender="bounces@gsemail.test",
+                     msg=self.marked(1))
+        self.assertEqual(self.drain(config).stats["delivered"], 1)
+        (copy,) = pf.wait_delivered(p, 1)
+        self.assertIn(self.BODY_MARK, copy.get_payload())   # it was sent, and not shown
+        got = self.transcript(lines)
+        shown = ["%s %s" % (d, t) for _, _, d, t in got]
+        at = {text: i for i, text in enumerate(shown)}
+        self.assertRegex(shown[2], r"^S: 220 ")
+        tls = [i for i, text in enumerate(shown) if text.startswith("* TLS: TLSv1.")]
+        self.assertEqual(len(tls), 1, shown)
+        self.assertLess(at["C: STARTTLS"], tls[0])
+        self.assertLess(tls[0], at["C: AUTH PLAIN <redacted>"])
+        auth = at["C: AUTH PLAIN <redacted>"]
+        self.assertRegex(shown[auth + 1], r"^S: 235 2\.7\.0 ")
+        self.assertIn("C: RCPT TO:<%sa@gsemail.test>" % p, shown)
+        self.assertTrue(any(re.match(r"S: 250 2\.0\.0 Ok: queued as \w+$", t) for t in shown),
+                        shown)
+        self.assertIn("C: <message: {:,} bytes, Message-ID <t1@example.org>>".format(
+            len(gsemail._crlf(gsemail._prepare_message(self.marked(1), "b@gsemail.test")))),
+            shown)
+        self.assertEqual(shown[-1], "* closed")
+        self.assertSafe("\n".join(lines), user=user, password=Postfix.PASSWORD)
+        # implicit TLS (SMTPS): TLS before the greeting
+        del lines[:]
+        smtps = self.config(pf.smtps_port, implicit_tls=True, cafile=pf.cafile, debug=True)
+        (result,) = gsemail.Mailer(smtps).check()
+        self.assertTrue(result.ok, result.verdict)
+        shown = ["%s %s" % (d, t) for _, _, d, t in self.transcript(lines)]
+        self.assertEqual(shown[1], "* connected to 127.0.0.1:%d" % pf.smtps_port)
+        self.assertRegex(shown[2], r"^\* TLS from the first byte: TLSv1\.[23], ")
+        self.assertRegex(shown[3], r"^S: 220 ")
