@@ -2494,7 +2494,7 @@ class DeliveryTests(Base):
         state = self.assertDeferred(names[2], ["r2@example.org"])
         self.assertEqual(state["last_error"], "451 4.3.0 later")
         self.assertEqual(server.connections, 1)
-        self.assertEqual(sum("delivered to 1 recipient" in line for line in logs.output), 2)
+        self.assertEqual(sum(": delivered to=<" in line for line in logs.output), 2)
 
     def test_connection_lost_after_a_pipelined_dot(self):
         # The server drops the connection (or says 421) after the second
@@ -2978,9 +2978,9 @@ class PipelinedSettlingTests(Base):
         self.assertEqual(first.rcpts, ["r0@example.org"])
         self.assertEqual(second.rcpts, ["r1@example.org"])
         for name, server in zip(names, (first, second)):
-            self.assertTrue(any("%s: delivered to 1 recipient(s) via 127.0.0.1:%d"
-                                % (name, server.port) in line for line in logs.output),
-                            logs.output)
+            self.assertTrue(any(re.search(r"%s: delivered to=<\S+> .*relay=127\.0\.0\.1:%d "
+                                          % (re.escape(name), server.port), line)
+                                for line in logs.output), logs.output)
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
     def test_a_message_settled_before_a_failover_is_recorded_via_its_relay(self):
@@ -2999,9 +2999,9 @@ class PipelinedSettlingTests(Base):
         self.assertEqual(first.rcpts, ["r0@example.org"])
         self.assertEqual(second.rcpts, ["r1@example.org"])
         for name, server in zip(names, (first, second)):
-            self.assertTrue(any("%s: delivered to 1 recipient(s) via 127.0.0.1:%d"
-                                % (name, server.port) in line for line in logs.output),
-                            logs.output)
+            self.assertTrue(any(re.search(r"%s: delivered to=<\S+> .*relay=127\.0\.0\.1:%d "
+                                          % (re.escape(name), server.port), line)
+                                for line in logs.output), logs.output)
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
 
@@ -3403,7 +3403,7 @@ class RelayReplyTests(Base):
                 with self.assertLogs("gsemail", "INFO") as logs:
                     self.drain(config)
                 (line,) = [line for line in logs.output if "delivered to" in line]
-                self.assertEqual("with XVERP" in line, said, line)
+                self.assertEqual(" verp=xverp " in line, said, line)
                 self.assertEqual("XVERP" in server.transactions[0]["mail"], said)
 
     def test_non_ascii_username_and_password(self):
@@ -3741,12 +3741,13 @@ class PlanTests(unittest.TestCase):
     GONE = gsemail.Reply(550, "5.1.1 no such user")
 
     def plan(self, out, state=None, attempts=0, first_queued=None, rng=None,
-             policy=None):
+             policy=None, msgid=""):
         state = {} if state is None else state
         before = json.dumps(state, sort_keys=True)
         plan = gsemail._plan(self.NAME, state, self.NOW - 60 if first_queued is None
                              else first_queued, attempts, out, self.WHERE,
-                             policy or self.POLICY, self.NOW, rng or Scripted(1.0))
+                             policy or self.POLICY, self.NOW, rng or Scripted(1.0),
+                             msgid=msgid)
         self.assertEqual(json.dumps(state, sort_keys=True), before, "_plan changed the state")
         return plan
 
@@ -3768,9 +3769,11 @@ class PlanTests(unittest.TestCase):
                 self.assertEqual(plan.attempts, before + 1)
                 self.assertEqual(plan.next_attempt, self.NOW + delay)
                 self.assertEqual(plan.state["next_attempt"], self.NOW + delay)
-                self.assertIn(("INFO", "4.2.1 %s: deferred for %d s (attempt %d): "
-                               "451 4.2.1 mailbox busy: <a@example.org>"
-                               % (self.NAME, delay, before + 1)), self.texts(plan))
+                self.assertIn(("INFO", "4.2.1 %s: deferred to=<a@example.org> msgid=none "
+                               "relay=relay.test:25 attempt=%d for=%ds until=%s "
+                               "reply=\"451 4.2.1 mailbox busy\""
+                               % (self.NAME, before + 1, delay,
+                                  gsemail._iso(self.NOW + delay))), self.texts(plan))
 
     def test_jitter_spreads_the_delay_by_a_fifth_either_way(self):
         rng = Scripted("low", "high")
@@ -3802,26 +3805,29 @@ class PlanTests(unittest.TestCase):
                 self.assertEqual(plan.refused, {"a@example.org": why, "b@example.org": why})
                 self.assertEqual(plan.summary, "0 delivered")
                 self.assertEqual(plan.attempts, 7)
-                self.assertIn(("ERROR", "4.2.1 %s: dead letter .rejected-%s for 2 "
-                               "recipient(s): %s" % (self.NAME, self.NAME, why)),
+                self.assertIn(("ERROR", "4.2.1 %s: dead letter .rejected-%s to=<a@example.org>"
+                               ",<b@example.org> msgid=none relay=relay.test:25 attempt=7 "
+                               "reply=\"%s\"" % (self.NAME, self.NAME, why)),
                               self.texts(plan))
 
     def test_delivered_only_removes(self):
-        for xverp, via in [(False, ""), (True, " with XVERP")]:
+        for xverp, via in [(False, ""), (True, " verp=xverp")]:
             with self.subTest(xverp=xverp):
                 out = gsemail.Outcome(delivered=["a@example.org", "b@example.org"],
-                                       final=gsemail.Reply(250, "2.0.0 ok"), xverp=xverp)
-                plan = self.plan(out)
+                                       final=gsemail.Reply(250, "2.0.0 ok"), xverp=xverp,
+                                       took=0.0123)
+                plan = self.plan(out, msgid="<1@example.org>")
                 self.assertEqual((plan.what, plan.refused, plan.state), ("delivered", {}, {}))
                 self.assertEqual(self.texts(plan), [
-                    ("INFO", "2.0.0 %s: delivered to 2 recipient(s) via %s%s"
-                     % (self.NAME, self.WHERE, via))])
+                    ("INFO", "2.0.0 %s: delivered to=<a@example.org>,<b@example.org> "
+                     "msgid=<1@example.org> relay=%s attempt=1 took=0.012s%s "
+                     "reply=\"250 2.0.0 ok\"" % (self.NAME, self.WHERE, via))])
                 self.assertEqual(plan.notes, {"delivered_at": self.NOW,
                                               "delivered_id": self.NAME,
                                               "delivered_via": self.WHERE})
 
     def test_refused_only_is_a_dead_letter_with_every_refusal(self):
-        rcpts = ["r%d@example.org" % i for i in range(7)]
+        rcpts = ["r%d@example.org" % i for i in range(11)]
         other = gsemail.Reply(553, "5.7.1 relaying denied")
         failed = dict.fromkeys(rcpts, self.GONE)
         failed["x@example.org"] = other
@@ -3832,14 +3838,16 @@ class PlanTests(unittest.TestCase):
                 self.assertEqual(plan.what, "dead")
                 self.assertEqual(plan.refused, {r: str(why) for r, why in failed.items()})
                 self.assertEqual(plan.attempts, 1)
+                first = ",".join("<r%d@example.org>" % i for i in range(5))
                 self.assertEqual(self.texts(plan), [
-                    ("WARNING", "5.1.1 %s: refused: 550 5.1.1 no such user: <r0@example"
-                     ".org>, <r1@example.org>, <r2@example.org>, <r3@example.org>, <r4@examp"
-                     "le.org> and 2 more" % self.NAME),
-                    ("WARNING", "5.7.1 %s: refused: 553 5.7.1 relaying denied: "
-                     "<x@example.org>" % self.NAME),
-                    ("ERROR", "5.1.1 %s: dead letter .rejected-%s for 8 recipient(s): "
-                     "550 5.1.1 no such user" % (self.NAME, self.NAME))])
+                    ("WARNING", "5.1.1 %s: refused to=%s,... nrcpt=11 msgid=none relay=%s "
+                     "attempt=1 reply=\"550 5.1.1 no such user\""
+                     % (self.NAME, first, self.WHERE)),
+                    ("WARNING", "5.7.1 %s: refused to=<x@example.org> msgid=none relay=%s "
+                     "attempt=1 reply=\"553 5.7.1 relaying denied\"" % (self.NAME, self.WHERE)),
+                    ("ERROR", "5.1.1 %s: dead letter .rejected-%s to=%s,... nrcpt=12 "
+                     "msgid=none relay=%s attempt=1 reply=\"550 5.1.1 no such user\""
+                     % (self.NAME, self.NAME, first, self.WHERE))])
                 self.assertEqual(plan.notes, {"error_at": self.NOW, "error_id": self.NAME,
                                               "error": "550 5.1.1 no such user"})
 
@@ -3855,20 +3863,22 @@ class PlanTests(unittest.TestCase):
         self.assertEqual(plan.what, "deferred")
         self.assertEqual(plan.refused, {"gone@example.org": "550 5.1.1 no such user"})
         self.assertEqual(plan.recipients, ["later@example.org"])
-        self.assertEqual(plan.summary, "1 delivered")
+        self.assertEqual(plan.summary, "1 delivered via relay.test:25 (250 2.0.0 ok)")
         self.assertAlmostEqual(plan.next_attempt, self.NOW + delay)
         self.assertEqual(plan.state, {
             "custom": "kept", "attempts": 3, "first_queued": first, "last_attempt": self.NOW,
             "failed": {"gone@example.org": "550 5.1.1 no such user"},
-            "history": [{"at": self.NOW, "via": self.WHERE, "delivered": 1, "deferred": 1,
-                         "refused": 1, "reply": "451 4.2.1 mailbox busy"}],
+            "history": [{"at": self.NOW, "via": self.WHERE, "attempt": 3, "delivered": 1,
+                         "deferred": 1, "refused": 1, "sent": ["250 2.0.0 ok"],
+                         "reply": "451 4.2.1 mailbox busy"}],
             "last_error": "451 4.2.1 mailbox busy", "next_attempt": plan.next_attempt,
             "dead_letter": True})
         self.assertEqual([level for level, _ in self.texts(plan)],
                          ["INFO", "WARNING", "INFO", "ERROR"])
         self.assertEqual(self.texts(plan)[-1], (
-            "ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s), the "
-            "others still to do: 550 5.1.1 no such user" % (self.NAME, self.NAME)))
+            "ERROR", "5.1.1 %s: dead letter .rejected-%s to=<gone@example.org> msgid=none "
+            "relay=relay.test:25 attempt=3 still_to_do=1 reply=\"550 5.1.1 no such user\""
+            % (self.NAME, self.NAME)))
         self.assertEqual(plan.notes["delivered_via"], self.WHERE)
         self.assertEqual(plan.notes["error"], "451 4.2.1 mailbox busy")
 
@@ -3903,8 +3913,10 @@ class PlanTests(unittest.TestCase):
         plan = self.plan(gsemail.Outcome(delivered=["a@example.org"]),
                          state={"failed": dict(old)})
         self.assertEqual((plan.what, plan.refused), ("dead", old))
-        self.assertIn(("ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s): "
-                       "550 5.1.1 left long ago" % (self.NAME, self.NAME)), self.texts(plan))
+        self.assertIn(("ERROR", "5.1.1 %s: dead letter .rejected-%s to=<old@example.org> "
+                       "msgid=none relay=relay.test:25 attempt=1 "
+                       "reply=\"550 5.1.1 left long ago\"" % (self.NAME, self.NAME)),
+                      self.texts(plan))
 
     def test_a_state_it_cannot_use_raises_for_the_caller(self):
         for failed in ("x", 5, [["a", "b"]]):
@@ -3931,7 +3943,8 @@ class InjectedClockTests(Base):
         processor = gsemail.QueueProcessor(config, timefunc=lambda: now, rng=rng)
         with self.assertLogs("gsemail", "INFO") as logs:
             processor.drain()
-        self.assertIn("deferred for 72 s (attempt 1)", "\n".join(logs.output))
+        self.assertIn(" attempt=1 took=", "\n".join(logs.output))
+        self.assertIn(" for=72s until=%s " % gsemail._iso(now + 72), "\n".join(logs.output))
         self.assertEqual(rng.calls, [(0.8, 1.2)])
         state = self.assertDeferred(name, ["a@example.org"])
         self.assertAlmostEqual(os.stat(os.path.join(self.queuepath, "cur", name)).st_mtime,
@@ -4302,7 +4315,7 @@ class CLITests(Base):
         self.assertTrue(lines)
         for line in lines:
             self.assertRegex(line, r"^[245]\.\d+\.\d+ ", "a log line without a status code")
-        self.assertIn("delivered to 1 recipient(s)", run.stderr)
+        self.assertIn(": delivered to=<r0@example.org> ", run.stderr)
 
     def test_once_exits_75_when_mail_waits(self):
         path = self.ini_file(free_port())
@@ -4442,9 +4455,9 @@ class ListShowStatusTests(OperatorBase):
         history = self.state(name)["history"]
         self.assertEqual(len(history), 10)
         self.assertEqual([e["deferred"] for e in history], [1] * 10)
-        self.assertEqual(self.ok("show", name).count("attempt via 127.0.0.1:%d: 0 delivered, "
-                                                     "1 deferred, 0 refused: 451 4.3.0 attempt"
-                                                     % server.port), 10)
+        self.assertEqual(len(re.findall(r"attempt \d+ via 127\.0\.0\.1:%d \(took [\d.]+s\): "
+                                        r"0 delivered, 1 deferred, 0 refused: 451 4\.3\.0 attempt"
+                                        % server.port, self.ok("show", name))), 10)
 
     def test_a_zope_claim_shows_as_sending(self):
         config = self.ini(25)
@@ -4465,7 +4478,8 @@ class ListShowStatusTests(OperatorBase):
         self.assertRegex(out, r"(?m)^sender +<bounces@example.org>$")
         self.assertRegex(out, r"(?m)^recipients +1 still to do\n +<later@example.org>$")
         self.assertRegex(out, r"(?m)^attempts +1$")
-        self.assertRegex(out, r"(?m)^history +\S+Z attempt via 127\.0\.0\.1:%d: 1 delivered, "
+        self.assertRegex(out, r"(?m)^history +\S+Z attempt 1 via 127\.0\.0\.1:%d "
+                              r"\(took [\d.]+s\): 1 delivered \(250 2\.0\.0 Ok: queued\), "
                               r"1 deferred, 0 refused: 450 4\.2\.1 mailbox busy$" % server.port)
         self.assertIn("\nSubject: test\n", out)
         self.assertNotIn("Hello.", out)
@@ -4710,7 +4724,7 @@ class CheckAndFailoverTests(OperatorBase):
         self.assertRegex(run.stderr, r"(?m)^4\.4\.1 relay 127\.0\.0\.1:%d: .*connection refused"
                                      r".*: trying the next relay, 127\.0\.0\.1:%d$"
                          % (down, server.port))
-        self.assertRegex(run.stderr, r"delivered to 1 recipient\(s\) via 127\.0\.0\.1:%d"
+        self.assertRegex(run.stderr, r"delivered to=<a@example\.org> .*relay=127\.0\.0\.1:%d "
                          % server.port)
 
     def test_failover_on_421_at_greeting_but_not_on_a_refusal(self):
@@ -5211,7 +5225,7 @@ class FaultTests(Base):
             name = self.enqueue(config, rcpts=["victim@example.org"])
             processor.wake()
             wait_for(lambda: self.dead_letters(), what="the dead letter")
-        deferrals = [line for line in logs.output if "deferred for" in line]
+        deferrals = [line for line in logs.output if ": deferred to=<" in line]
         self.assertGreaterEqual(len(deferrals), 2, logs.output)
         self.assertTrue(all("4.4.1 connection refused" in line for line in deferrals))
         text = self.dead_letter_text()
