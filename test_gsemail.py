@@ -7536,3 +7536,213 @@ class ZopeXverpTests(Base):
         self.drain(self.config(self.postfix.port))
         (copy,) = self.postfix.wait_delivered(p, 1)
         self.assertEqual(copy["Return-Path"], "<bounces@gsemail.test>")
+
+
+class DeliveryLineTests(OperatorBase):
+    """Issue 14, item 5: every outcome line names the queue id, the
+    recipients, the Message-ID, the relay, the relay's own reply, the attempt
+    and how long it took, so that a grep for a recipient says whether it got
+    the message, when, and where the message is now; ``show`` keeps the
+    relay's reply to the dot in the history."""
+
+    TOOK = r"took=\d+\.\d{3}s"
+
+    def ini(self, port, extra="", hostname="127.0.0.1"):
+        """The queue made (its "created" warning is not what is tested), and
+        no processor thread: each test drains the queue itself."""
+        with self.assertLogs("gsemail", "WARNING"):
+            gsemail.Queue(self.queuepath)
+        return super().ini(port, "processorthread = false\n" + extra, hostname)
+
+    def lines_for(self, output, rcpt):
+        """The log lines a grep for rcpt finds (as logged, without the level)."""
+        return [line.split(":", 2)[2] for line in output if rcpt in line]
+
+    def due_now(self, name):
+        for sub in ("new", "cur"):
+            path = os.path.join(self.queuepath, sub, name)
+            if os.path.exists(path):
+                os.utime(path, (time.time() - 1, time.time() - 1))
+
+    def test_a_grep_for_each_recipient_finds_its_story(self):
+        later = []      # dave is refused for now, then accepted
+        server = self.server(rules={
+            "RCPT": lambda a: ("550 5.1.1 <carol@example.com>: Recipient address rejected"
+                               if "carol@" in a else "451 4.2.1 mailbox busy"
+                               if "dave@" in a and not later else None),
+            "DOT": ["250 2.0.0 Ok: queued as ABC123", "250 2.0.0 Ok: queued as DEF456"]})
+        config = self.ini(server.port)
+        gsemail.configure(config)
+        rcpts = ["alice@example.com", "bob@example.com", "carol@example.com",
+                 "dave@example.com"]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            gsemail.send_email("bounces@example.org", rcpts, message())
+            self.drain(config)
+        (name,) = self.listing("cur")
+        (data,) = [t["data"] for t in server.transactions]
+        msgid = message_id(data)
+        self.assertTrue(msgid)
+        head = r"msgid=%s relay=127\.0\.0\.1:%d attempt=1 %s" % (
+            re.escape(msgid), server.port, self.TOOK)
+        n = re.escape(name)
+        queued = r"^2\.0\.0 %s: queued to=<alice@example\.com>,<bob@example\.com>," \
+                 r"<carol@example\.com>,<dave@example\.com> from=<bounces@example\.org> " \
+                 r"msgid=%s size=\d+ queue=%s$" % (n, re.escape(msgid), re.escape(self.queuepath))
+        alice = self.lines_for(logs.output, "alice@example.com")
+        self.assertEqual(len(alice), 2, alice)
+        self.assertRegex(alice[0], queued)
+        self.assertRegex(alice[1], r'^2\.0\.0 %s: delivered to=<alice@example\.com>,'
+                                   r'<bob@example\.com> %s reply="250 2\.0\.0 Ok: queued as '
+                                   r'ABC123"$' % (n, head))
+        carol = self.lines_for(logs.output, "carol@example.com")
+        self.assertEqual(len(carol), 3, carol)
+        self.assertRegex(carol[1], r'^5\.1\.1 %s: refused to=<carol@example\.com> %s '
+                                   r'reply="550 5\.1\.1 <carol@example\.com>: Recipient '
+                                   r'address rejected"$' % (n, head))
+        self.assertRegex(carol[2], r'^5\.1\.1 %s: dead letter \.rejected-%s '
+                                   r'to=<carol@example\.com> %s still_to_do=1 reply="550 '
+                                   r'5\.1\.1 <carol@example\.com>: Recipient address '
+                                   r'rejected"$' % (n, n, head))
+        dave = self.lines_for(logs.output, "dave@example.com")
+        self.assertEqual(len(dave), 2, dave)
+        state = self.state(name)
+        self.assertRegex(dave[1], r'^4\.2\.1 %s: deferred to=<dave@example\.com> %s '
+                                  r'for=\d+s until=%s reply="451 4\.2\.1 mailbox busy"$'
+                         % (n, head, re.escape(gsemail._iso(state["next_attempt"]))))
+        # every line starts with its RFC 3463 code and names the queue id
+        for line in logs.output:
+            self.assertRegex(line.split(":", 2)[2], r"^[245]\.\d+\.\d+ ")
+        # the record keeps the relay's reply to the dot, and show prints it
+        event = state["history"][-1]
+        self.assertEqual((event["attempt"], event["via"], event["sent"]),
+                         (1, "127.0.0.1:%d" % server.port, ["250 2.0.0 Ok: queued as ABC123"]))
+        self.assertIsInstance(event["took"], float)
+        self.assertRegex(self.ok("show", name),
+                         r"(?m)^history +\S+Z attempt 1 via 127\.0\.0\.1:%d \(took [\d.]+s\): "
+                         r"2 delivered \(250 2\.0\.0 Ok: queued as ABC123\), 1 deferred, "
+                         r"1 refused: 451 4\.2\.1 mailbox busy$" % server.port)
+        # so does the dead letter's header (show ID prints the dead letter too)
+        self.assertRegex(self.ok("show", name),
+                         r"(?m)^history +\S+Z dead letter: attempts=1; .*; 2 delivered via "
+                         r"127\.0\.0\.1:%d \(250 2\.0\.0 Ok: queued as ABC123\)$" % server.port)
+        # the second attempt: dave's copy goes, with its own relay id
+        later.append(True)
+        self.due_now(name)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        (line,) = self.lines_for(logs.output, "dave@example.com")
+        self.assertRegex(line, r'^2\.0\.0 %s: delivered to=<dave@example\.com> msgid=%s '
+                               r'relay=127\.0\.0\.1:%d attempt=2 %s reply="250 2\.0\.0 Ok: '
+                               r'queued as DEF456"$' % (n, re.escape(msgid), server.port,
+                                                        self.TOOK))
+        self.assertEqual(self.listing("cur"), [])
+
+    def test_over_ten_recipients_the_first_five_and_the_count(self):
+        server = self.server()
+        config = self.ini(server.port)
+        gsemail.configure(config)
+        ten = ["t%02d@example.com" % i for i in range(10)]
+        twelve = ["r%02d@example.com" % i for i in range(12)]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            gsemail.send_email("bounces@example.org", ten, message())
+            gsemail.send_email("bounces@example.org", twelve, message())
+            self.drain(config)
+        text = "\n".join(logs.output)
+        self.assertEqual(text.count(" to=%s " % ",".join("<%s>" % r for r in ten)), 2, text)
+        first = ",".join("<%s>" % r for r in twelve[:5])
+        self.assertRegex(text, r"(?m): queued to=%s,\.\.\. nrcpt=12 from=" % re.escape(first))
+        self.assertRegex(text, r"(?m): delivered to=%s,\.\.\. nrcpt=12 msgid=<"
+                         % re.escape(first))
+        self.assertNotIn("r05@example.com", text)
+
+    def test_message_id_is_read_from_the_head_only(self):
+        cases = [
+            (b"Message-ID: <a@x>\r\nSubject: s\r\n\r\nbody\r\n", "<a@x>"),
+            (b"Subject: s\r\nmessage-id:\r\n  <folded@x>\r\n\r\n", "<folded@x>"),
+            (b"Subject: s\nMessage-Id: <lf@x>\n\nbody\n", "<lf@x>"),
+            (b"Subject: s\r\n\r\nMessage-ID: <in-body@x>\r\n", ""),
+            (b"\r\nMessage-ID: <no-head@x>\r\n", ""),
+            (b"Message-ID: <esc\x1b[31m@x>\r\n\r\n", "<esc\\x1b[31m@x>"),
+            (b"Message-ID: not-bracketed\r\n\r\n", "not-bracketed"),
+            (b"X-Message-ID: <other@x>\r\n\r\n", ""),
+            (b"Subject: s\r\n", ""),
+        ]
+        for data, want in cases:
+            with self.subTest(data=data):
+                self.assertEqual(gsemail._message_id(data), want)
+        # a huge header block is searched in its first _HEAD_SCAN bytes only
+        huge = b"X-Pad: " + b"x" * (2 * gsemail._HEAD_SCAN) + b"\r\nMessage-ID: <late@x>\r\n"
+        self.assertEqual(gsemail._message_id(huge), "")
+        # claim() reads it; a message without one logs msgid=none
+        server = self.server()
+        config = self.ini(server.port)
+        queue = gsemail.Queue(config.queuepath)
+        name = queue.add("bounces@example.org", ["a@example.org"],
+                         b"Subject: no id\r\n\r\nHello.\r\n")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertIn("%s: delivered to=<a@example.org> msgid=none relay=" % name,
+                      "\n".join(logs.output))
+        name = self.enqueue(config)
+        msg = self.claim(queue, name)
+        self.addCleanup(msg.release)
+        self.assertEqual(msg.message_id, message_id(msg.data))
+
+    def test_a_reply_stays_one_quoted_field(self):
+        server = self.server(rules={"DOT": ['250 2.0.0 Ok: "Q1" \\ \x1b[31m red']})
+        config = self.ini(server.port)
+        self.enqueue(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        (line,) = [line for line in logs.output if ": delivered " in line]
+        self.assertTrue(line.endswith(r' reply="250 2.0.0 Ok: \"Q1\" \\ \x1b[31m red"'), line)
+        self.assertNotIn("\x1b", line)
+
+    def test_took_runs_to_the_reply_of_each_dot(self):
+        # Each dot is answered after 0.3 s; the messages are pipelined (the
+        # second's commands go with the first's dot), and each line's took
+        # runs from its attempt's start to the reply to its own dot.
+        def slow(arg):
+            time.sleep(0.3)
+        server = self.server(rules={"DOT": slow})
+        config = self.ini(server.port)
+        for i in range(2):
+            self.enqueue(config, rcpts=["p%d@example.org" % i])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        took = [float(t) for t in re.findall(r" took=(\d+\.\d+)s ", "\n".join(logs.output))]
+        self.assertEqual(len(took), 2, logs.output)
+        for value in took:
+            self.assertGreaterEqual(value, 0.3)
+            self.assertLess(value, 3.0)
+
+    def test_postfix_queue_id_in_the_line_and_in_show(self):
+        pf = postfix()
+        p = "lines-%d-" % time.monotonic_ns()
+        config = self.ini(pf.port)
+        gsemail.configure(config)
+        ok, gone, later = (p + "a@gsemail.test", "reject5xx-" + p + "@gsemail.test",
+                           "defer4xx-" + p + "@gsemail.test")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            gsemail.send_email("bounces@gsemail.test", [ok, gone, later],
+                               message(subject=self._testMethodName))
+            self.drain(config)
+        pf.wait_delivered(p, 1)
+        (name,) = self.listing("cur")
+        (line,) = [line for line in logs.output if ": delivered " in line]
+        found = re.search(r' msgid=(<[^>]+>) relay=127\.0\.0\.1:%d attempt=1 %s '
+                          r'reply="250 2\.0\.0 Ok: queued as ([0-9A-Za-z]+)"$'
+                          % (pf.port, self.TOOK), line)
+        self.assertTrue(found, line)
+        msgid, relay_id = found.groups()
+        # that is the id Postfix logged for this very message
+        self.assertEqual(postfix_accepted(pf, msgid), [relay_id])
+        self.assertRegex(pf.log(), r"%s: to=<%s>, .*status=sent" % (relay_id, re.escape(ok)))
+        (refused,) = [line for line in logs.output if ": refused " in line]
+        self.assertIn("to=<%s> msgid=%s" % (gone, msgid), refused)
+        self.assertIn('reply="550 5.1.1 ', refused)
+        (deferred,) = [line for line in logs.output if ": deferred " in line]
+        self.assertIn("to=<%s> msgid=%s" % (later, msgid), deferred)
+        self.assertIn('reply="450 4.2.1 ', deferred)
+        self.assertIn("1 delivered (250 2.0.0 Ok: queued as %s)" % relay_id,
+                      self.ok("show", name))
