@@ -1424,12 +1424,13 @@ def _read_file(raw: bytes, name: str) -> _Head:
 
 
 # The Message-ID, for the log lines (_Fields): looked for in the message's
-# header block only, and in at most its first _HEAD_SCAN bytes, with two
-# regular expressions over bytes (no email.parser on the hot path: a few
-# microseconds for a usual head, and never more than _HEAD_SCAN bytes).
+# header block only, and in at most its first _HEAD_SCAN bytes, with
+# bytes.find on the head in lower case and one anchored regular expression
+# (no email.parser on the hot path: about 5 microseconds for a usual head).
 _HEAD_SCAN = 65536
 _HEAD_END = re.compile(rb"\n\r?\n")
-_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)")
+_MESSAGE_ID = re.compile(rb"message-id[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I)
+_BRACKETED = re.compile(r"<[^<>]*>")
 _MSGID_MAX = 250    # characters of a Message-ID shown: RFC 5322 lines are at most 998
 
 
@@ -1440,12 +1441,19 @@ def _message_id(data: bytes) -> str:
     if head.startswith((b"\n", b"\r\n")):
         return ""           # no header at all
     end = _HEAD_END.search(head)
-    found = _MESSAGE_ID.search(head, 0, end.start() + 1 if end else len(head))
-    if not found:
-        return ""
-    text = _one_line(found.group(1).decode("utf-8", "replace"))
-    bracketed = re.search(r"<[^<>]*>", text)
-    return _shown((bracketed.group() if bracketed else text)[:_MSGID_MAX])
+    if end:
+        head = head[:end.start() + 1]
+    # lower[n] is the byte before head[n]: a "\n" found at n starts a line at n
+    lower = b"\n" + head.lower()
+    at = lower.find(b"\nmessage-id")
+    while at >= 0:
+        found = _MESSAGE_ID.match(head, at)
+        if found:
+            text = _one_line(found.group(1).decode("utf-8", "replace"))
+            bracketed = _BRACKETED.search(text)
+            return _shown((bracketed.group() if bracketed else text)[:_MSGID_MAX])
+        at = lower.find(b"\nmessage-id", at + 1)     # Message-IDs: or the like
+    return ""
 
 
 def _detail(reply: Reply) -> str:
@@ -4340,6 +4348,7 @@ class _Fields(NamedTuple):
         return " ".join(parts)
 
 
+_XVERP_FIELD = (("verp", "xverp"),)    # on a delivered line: XVERP went with it
 # The reply of a delivery whose Outcome kept none (one an embedder made).
 _NO_RECEIPT = Reply(250, "2.0.0 delivered (no reply kept)")
 
@@ -4347,8 +4356,13 @@ _NO_RECEIPT = Reply(250, "2.0.0 delivered (no reply kept)")
 def _delivered_groups(out: Outcome) -> List[_Group]:
     """out's delivered recipients, grouped by the reply to their dot: one
     line for each transaction (each has its own id at the relay)."""
+    receipts = out.receipts
+    if receipts and len(receipts) == len(out.delivered):    # most often: one reply
+        first = next(iter(receipts.values()))
+        if all(reply is first for reply in receipts.values()):
+            return [_Group(first, out.delivered)]
     other = out.final if out.final is not None and out.final.ok else _NO_RECEIPT
-    return _by_reply({r: out.receipts.get(r, other) for r in out.delivered})
+    return _by_reply({r: receipts.get(r, other) for r in out.delivered})
 
 
 class _Plan(NamedTuple):
@@ -4398,19 +4412,17 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
     attempts += 1
     lines: List[_LogLine] = []
     notes: Dict[str, object] = {}
-
-    def fields(recipients: List[str], reply: Reply,
-               *extra: Tuple[str, str]) -> _Fields:
-        return _Fields(recipients, msgid, where, attempts, out.took, reply, extra)
+    took = out.took
     sent = _delivered_groups(out) if out.delivered else []
     for group in sent:
         lines.append(_LogLine(logging.INFO, "%s %s: delivered %s", (
             group.reply.status, name,
-            fields(group.recipients, group.reply, *[("verp", "xverp")] * out.xverp))))
+            _Fields(group.recipients, msgid, where, attempts, took, group.reply,
+                    _XVERP_FIELD if out.xverp else ()))))
     for group in _by_reply(out.failed):
-        lines.append(_LogLine(logging.WARNING, "%s %s: refused %s",
-                              (group.reply.status, name,
-                               fields(group.recipients, group.reply))))
+        lines.append(_LogLine(logging.WARNING, "%s %s: refused %s", (
+            group.reply.status, name,
+            _Fields(group.recipients, msgid, where, attempts, took, group.reply))))
     earlier = state.get("failed") or {}
     if not isinstance(earlier, dict):
         raise TypeError("the state's failed is not a mapping: %r" % (earlier,))
@@ -4423,8 +4435,6 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
     if not state.get("dead_letter"):
         fresh = dict(failed)    # refused before dead letters were written early
     summary = "%d delivered" % len(out.delivered)
-    if sent:    # the dead letter's header says where they went
-        summary += " via %s (%s)" % (where, "; ".join(str(g.reply) for g in sent[:3]))
     trouble = out.final if out.final and not out.final.ok else \
         next(iter({**out.deferred, **out.failed}.values()), None)
     if trouble is not None:
@@ -4433,6 +4443,8 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
         notes.update(delivered_at=now, delivered_id=name, delivered_via=where)
     if not out.deferred and not fresh:  # done, every refusal already written
         return _Plan("delivered", attempts, {}, [], now, {}, summary, lines, notes)
+    if sent:    # the dead letter's header says where they went
+        summary += " via %s (%s)" % (where, "; ".join(str(g.reply) for g in sent[:3]))
     event: Dict[str, object] = {"at": round(now, 3), "via": where, "attempt": attempts,
                                 "delivered": len(out.delivered),
                                 "deferred": len(out.deferred), "refused": len(out.failed)}
@@ -4458,14 +4470,15 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
             for group in _by_reply(out.deferred):
                 lines.append(_LogLine(logging.INFO, "%s %s: deferred %s", (
                     group.reply.status, name,
-                    fields(group.recipients, group.reply, ("for", "%ds" % delay),
-                           ("until", _iso(now + delay))))))
+                    _Fields(group.recipients, msgid, where, attempts, took, group.reply,
+                            (("for", "%ds" % delay), ("until", _iso(now + delay)))))))
             if fresh:
                 new["dead_letter"] = True
                 reply = _first_reason(fresh, out.failed)
                 lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s %s", (
                     reply.status, name, name,
-                    fields(list(fresh), reply, ("still_to_do", str(len(out.deferred)))))))
+                    _Fields(list(fresh), msgid, where, attempts, took, reply,
+                            (("still_to_do", str(len(out.deferred))),)))))
             return _Plan("deferred", attempts, new, list(out.deferred), now + delay, fresh,
                          summary, lines, notes)
         for rcpt, reply in out.deferred.items():
@@ -4473,7 +4486,8 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
                 reply, attempts, age / 86400)
     reply = _first_reason(fresh, out.failed)
     lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s %s",
-                          (reply.status, name, name, fields(list(fresh), reply))))
+                          (reply.status, name, name,
+                           _Fields(list(fresh), msgid, where, attempts, took, reply))))
     return _Plan("dead", attempts, new, [], now, fresh, summary, lines, notes)
 
 
