@@ -4267,13 +4267,6 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _listed(recipients: List[str], limit: int = 10) -> str:
-    """'<a>, <b> and N more'."""
-    shown = ", ".join("<%s>" % _shown(r) for r in recipients[:limit])
-    return shown + (" and %d more" % (len(recipients) - limit)
-                    if len(recipients) > limit else "")
-
-
 class _Policy(NamedTuple):
     """The config's numbers that decide what becomes of a message that is
     not done: how long it waits (doubling from min_backoff_time up to
@@ -4960,7 +4953,8 @@ class QueueProcessor:
             problem = e
         delivered = list(delivered)
         safe = not delivered or self.queue._strike(msg, delivered)
-        named = "; delivered to %s" % _listed(delivered) if delivered else ""
+        named = "; delivered %s msgid=%s" % (_to(delivered), msg.message_id or "none") \
+            if delivered else ""
         # Only a full disk stops new work (whose outcomes could not be
         # recorded either, until space returns).  Any other failure (a
         # directory at state/NAME, EACCES, EROFS) keeps this message and

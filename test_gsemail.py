@@ -5790,7 +5790,7 @@ class MergedFixReviewTests(OperatorBase):
         with self.assertLogs("gsemail", "ERROR") as logs:
             processor.run_once()
         self.assertIn("other mail goes on", "\n".join(logs.output))
-        self.assertIn("delivered to <now@example.org>", "\n".join(logs.output))
+        self.assertIn("delivered to=<now@example.org> msgid=<", "\n".join(logs.output))
         self.assertEqual(sorted(server.rcpts), ["now@example.org", "r0@example.org",
                                                 "r1@example.org", "r2@example.org"])
         self.assertEqual(len(processor._unsettled), 1)
