@@ -1426,7 +1426,8 @@ def _read_file(raw: bytes, name: str) -> _Head:
 # The Message-ID, for the log lines (_Fields): looked for in the message's
 # header block only, and in at most its first _HEAD_SCAN bytes, with
 # bytes.find on the head in lower case and one anchored regular expression
-# (no email.parser on the hot path: about 5 microseconds for a usual head).
+# (no email.parser on the hot path: 3 microseconds for a usual head, 6 after
+# 40 Received lines).
 _HEAD_SCAN = 65536
 _HEAD_END = re.compile(rb"\n\r?\n")
 _MESSAGE_ID = re.compile(rb"message-id[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I)
@@ -5462,7 +5463,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
                 attempt, took, sent = (event.get(k) for k in ("attempt", "took", "sent"))
                 text = "attempt%s via %s%s: %s delivered%s, %s deferred, %s refused%s" % (
                     "" if attempt is None else " %s" % attempt, event.get("via"),
-                    " (took %ss)" % took if isinstance(took, (int, float)) else "",
+                    " (took %ss)" % took if isinstance(took, (int, float)) and
+                    not isinstance(took, bool) else "",
                     event.get("delivered"),
                     " (%s)" % "; ".join(map(str, sent)) if isinstance(sent, list) and sent
                     else "", event.get("deferred"), event.get("refused"),
