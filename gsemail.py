@@ -1473,6 +1473,40 @@ def _read_file(raw: bytes, name: str) -> _Head:
     return head
 
 
+# The Message-ID, for the log lines (_Fields): looked for in the message's
+# header block only, and in at most its first _HEAD_SCAN bytes, with
+# bytes.find on the head in lower case and one anchored regular expression
+# (no email.parser on the hot path: 3 microseconds for a usual head, 6 after
+# 40 Received lines).
+_HEAD_SCAN = 65536
+_HEAD_END = re.compile(rb"\n\r?\n")
+_MESSAGE_ID = re.compile(rb"message-id[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I)
+_BRACKETED = re.compile(r"<[^<>]*>")
+_MSGID_MAX = 250    # characters of a Message-ID shown: RFC 5322 lines are at most 998
+
+
+def _message_id(data: bytes) -> str:
+    """The Message-ID of the message data (``<...>``, as the header has it,
+    unfolded), its control characters escaped; "" when it has none."""
+    head = data[:_HEAD_SCAN]
+    if head.startswith((b"\n", b"\r\n")):
+        return ""           # no header at all
+    end = _HEAD_END.search(head)
+    if end:
+        head = head[:end.start() + 1]
+    # lower[n] is the byte before head[n]: a "\n" found at n starts a line at n
+    lower = b"\n" + head.lower()
+    at = lower.find(b"\nmessage-id")
+    while at >= 0:
+        found = _MESSAGE_ID.match(head, at)
+        if found:
+            text = _one_line(found.group(1).decode("utf-8", "replace"))
+            bracketed = _BRACKETED.search(text)
+            return _shown((bracketed.group() if bracketed else text)[:_MSGID_MAX])
+        at = lower.find(b"\nmessage-id", at + 1)     # Message-IDs: or the like
+    return ""
+
+
 def _detail(reply: Reply) -> str:
     """A reply's text without its enhanced status code (MessageError has
     the code apart)."""
@@ -1868,6 +1902,8 @@ class QueuedMessage:
         self._stateful = True    # a state file may exist (claim() knows for sure)
         #: why it cannot be sent (a 554 reply: a file we cannot read), or None
         self.problem: Optional[Reply] = None
+        #: its Message-ID header (``<...>``), "" if it has none: for the log
+        self.message_id = ""
         self._mtime = 0.0    # its file's, when claimed (first_queued falls back on it)
 
     @property
@@ -2425,6 +2461,7 @@ class Queue:
             raise
         msg.sender, msg.recipients, msg.data = read.sender, read.recipients, read.data
         msg.problem = read.problem
+        msg.message_id = _message_id(read.data)
         msg._stateful, msg.state = state is not None, state or {}
         msg.xverp = self._wants_xverp(_asks_xverp(name, read), msg.sender)
         return msg
@@ -3204,6 +3241,15 @@ class Outcome:
     #: the relay its data last went to ("" if none): the record names it,
     #: though the mailer may be on another relay when the record is written
     relay: str = ""
+    #: for each recipient in delivered, the relay's reply to the dot that
+    #: delivered it, whose text has the relay's own queue id (Postfix's
+    #: "250 2.0.0 Ok: queued as 4XyZ"), so the log can lead to its log
+    receipts: Dict[str, Reply] = dataclasses.field(default_factory=dict)
+    #: time.monotonic() when the attempt started (Mailer.deliver), and the
+    #: seconds from then to its final reply (a pipelined message's: the
+    #: reply to its dot); None when nothing was timed (nothing was sent)
+    started: float = 0.0
+    took: Optional[float] = None
 
     def _settle(self, recipients: List[str], reply: Reply) -> None:
         """reply is final for recipients: failed if permanent, else deferred."""
@@ -3266,7 +3312,6 @@ _smtp_log = logging.getLogger("gsemail.smtp")
 _connection_numbers = itertools.count(1)      # per process, for the transcript
 # RFC 4422 3.1: a SASL mechanism's name is up to 20 of these.
 _SASL_NAME = re.compile(r"[A-Z0-9_-]{1,20}\Z", re.I)
-_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:[ \t]*(.*(?:\r\n[ \t].*)*)")
 
 
 class _Transcript:
@@ -3333,10 +3378,7 @@ class _Transcript:
         sent: its size as SIZE counts it and its Message-ID, never a header
         or a line of the body."""
         size = len(wire) - 3 - wire.count(b"\r\n..") - wire.startswith(b"..")
-        end = wire.find(b"\r\n\r\n")
-        found = _MESSAGE_ID.search(wire, 0, end if end >= 0 else len(wire))
-        msgid = _one_line(found.group(1).decode("utf-8", "replace"))[:200] if found \
-            else ""
+        msgid = _message_id(wire)      # the head only, as the delivery lines read it
         self._line("C:", "<message: {:,} bytes, {}>".format(
             size, "Message-ID " + msgid if msgid else "no Message-ID"))
         self._line("C:", ".")
@@ -3554,9 +3596,11 @@ class _Connection:
             raise
         finally:    # whatever happened, the outcome is settled: never "done"
             out.waiting = False
+            out.took = time.monotonic() - out.started
             if final.ok:
                 out.final = final
                 out.delivered += accepted
+                out.receipts.update(dict.fromkeys(accepted, final))
             else:
                 out._settle(accepted, final)
 
@@ -4317,6 +4361,7 @@ class Mailer:
         connection had to be replaced before anything was sent and could
         not be.
         """
+        started = time.monotonic()
         conn = self._replaced_if_closed(self._connected())
         conn.messages += 1
         # Only a connection that goes on can carry the next message's
@@ -4324,9 +4369,10 @@ class Mailer:
         more = more and conn.messages < self.config.messages_per_connection and \
             conn.mails + 1 < self._limits.get(conn.relay, conn.mails + 2)
         mark = conn.mark()      # any reply after it answers this message
-        out = Outcome()
+        out = Outcome(started=started)
         ready = self._preflight(conn, sender, recipients, data, xverp, out)
         if ready is None:
+            out.took = time.monotonic() - out.started
             return out          # refused before anything was sent
         pending, wire, params = ready
         limit = self.config.recipients_per_transaction
@@ -4421,6 +4467,8 @@ class Mailer:
             out.deferred = {**dict.fromkeys(
                 [r for r in pending if r not in out.deferred], why), **out.deferred}
             break
+        if not out.waiting:     # else timed when its dot's reply is read (collect)
+            out.took = time.monotonic() - out.started
         return out
 
     def _reconnect(self, quit: bool = False) -> Optional[Reply]:
@@ -4518,6 +4566,7 @@ class Mailer:
             out._settle(accepted + list(carried) + rest, final)
             return _Rest([], limit)
         out.delivered += accepted
+        out.receipts.update(dict.fromkeys(accepted, final))
         return _Rest(list(carried) + rest, limit)
 
     @staticmethod
@@ -4596,13 +4645,6 @@ class _Group(NamedTuple):
     reply: Reply
     recipients: List[str]
 
-    def line(self, limit: int = 5) -> str:
-        """'reply: <a>, <b> and N more', as the log shows it."""
-        shown = ", ".join("<%s>" % r for r in self.recipients[:limit])
-        if len(self.recipients) > limit:
-            shown += " and %d more" % (len(self.recipients) - limit)
-        return "%s: %s" % (self.reply, shown)
-
 
 def _by_reply(replies: Dict[str, Reply]) -> List[_Group]:
     """The recipients grouped by their reply (as written), in order: one
@@ -4631,13 +4673,6 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _listed(recipients: List[str], limit: int = 10) -> str:
-    """'<a>, <b> and N more'."""
-    shown = ", ".join("<%s>" % _shown(r) for r in recipients[:limit])
-    return shown + (" and %d more" % (len(recipients) - limit)
-                    if len(recipients) > limit else "")
-
-
 class _Policy(NamedTuple):
     """The config's numbers that decide what becomes of a message that is
     not done: how long it waits (doubling from min_backoff_time up to
@@ -4659,6 +4694,74 @@ class _LogLine(NamedTuple):
     level: int
     text: str
     args: Tuple[object, ...]
+
+
+# An outcome line (README's "Delivery lines"), in the spirit of Postfix's
+# "to=<a>, relay=..., delay=..., status=sent (250 ...)": the code, the queue
+# id, what happened, then key=value fields in a fixed order, the relay's
+# reply last and quoted, as it is free text:
+#
+#   2.0.0 ID: delivered to=<a@example.com> msgid=<1@example.org>
+#       relay=127.0.0.1:25 attempt=1 took=0.012s reply="250 2.0.0 Ok: queued as 4XyZ"
+_TO_ALL = 10        # recipients a line names, all of them; over that:
+_TO_FIRST = 5       # the first few, then "..." and nrcpt=
+
+
+def _quoted(text: str) -> str:
+    """text in double quotes, its quotes and backslashes escaped with a
+    backslash and its control characters as Python writes them (_shown),
+    so that a reply can neither end the field nor forge a line."""
+    return '"%s"' % _shown(text.replace("\\", "\\\\").replace('"', '\\"'))
+
+
+def _to(recipients: List[str]) -> str:
+    """The to= field: every recipient, or over _TO_ALL the first few and the
+    count, so that a line stays short for a post to thousands."""
+    if len(recipients) <= _TO_ALL:
+        return "to=" + ",".join("<%s>" % _shown(r) for r in recipients)
+    return "to=%s,... nrcpt=%d" % (",".join("<%s>" % _shown(r)
+                                            for r in recipients[:_TO_FIRST]),
+                                   len(recipients))
+
+
+class _Fields(NamedTuple):
+    """The key=value part of an outcome line.  It becomes text (str) only
+    when the line is logged: _plan runs for every message, and a line below
+    the logger's level costs no formatting."""
+
+    recipients: List[str]
+    msgid: str                      # "" when the message has none
+    relay: str                      # "" when none was used
+    attempt: int
+    took: Optional[float]           # None: nothing was timed
+    reply: Reply
+    extra: Tuple[Tuple[str, str], ...] = ()     # before the reply, in order
+
+    def __str__(self) -> str:
+        parts = [_to(self.recipients), "msgid=%s" % (self.msgid or "none"),
+                 "relay=%s" % (self.relay or "none"), "attempt=%d" % self.attempt]
+        if self.took is not None:
+            parts.append("took=%.3fs" % self.took)
+        parts += ["%s=%s" % kv for kv in self.extra]
+        parts.append("reply=" + _quoted(str(self.reply)))
+        return " ".join(parts)
+
+
+_XVERP_FIELD = (("verp", "xverp"),)    # on a delivered line: XVERP went with it
+# The reply of a delivery whose Outcome kept none (one an embedder made).
+_NO_RECEIPT = Reply(250, "2.0.0 delivered (no reply kept)")
+
+
+def _delivered_groups(out: Outcome) -> List[_Group]:
+    """out's delivered recipients, grouped by the reply to their dot: one
+    line for each transaction (each has its own id at the relay)."""
+    receipts = out.receipts
+    if receipts and len(receipts) == len(out.delivered):    # most often: one reply
+        first = next(iter(receipts.values()))
+        if all(reply is first for reply in receipts.values()):
+            return [_Group(first, out.delivered)]
+    other = out.final if out.final is not None and out.final.ok else _NO_RECEIPT
+    return _by_reply({r: receipts.get(r, other) for r in out.delivered})
 
 
 class _Plan(NamedTuple):
@@ -4697,23 +4800,28 @@ def _first_reason(refused: Dict[str, str], replies: Dict[str, Reply]) -> Reply:
 
 def _plan(name: str, state: _Record, first_queued: float, attempts: int,
           out: Outcome, where: str, policy: _Policy, now: float,
-          rng: random.Random) -> _Plan:
+          rng: random.Random, *, msgid: str = "") -> _Plan:
     """What to do with message name after an attempt whose outcome is out,
     over relay where, at time now.  state, first_queued and attempts (the
-    attempts before this one) are the message's as claimed; rng.uniform
-    spreads the retry's delay.  A pure function: it changes nothing, not
-    even state, and raises (for the caller to decide without the state)
-    when the state's content cannot be used."""
+    attempts before this one) are the message's as claimed, msgid its
+    Message-ID (for the log lines); rng.uniform spreads the retry's delay.
+    A pure function: it changes nothing, not even state, and raises (for
+    the caller to decide without the state) when the state's content
+    cannot be used."""
     attempts += 1
     lines: List[_LogLine] = []
     notes: Dict[str, object] = {}
-    if out.delivered:
-        lines.append(_LogLine(logging.INFO, "2.0.0 %s: delivered to %d recipient(s) via %s%s",
-                              (name, len(out.delivered), where,
-                               " with XVERP" if out.xverp else "")))
+    took = out.took
+    sent = _delivered_groups(out) if out.delivered else []
+    for group in sent:
+        lines.append(_LogLine(logging.INFO, "%s %s: delivered %s", (
+            group.reply.status, name,
+            _Fields(group.recipients, msgid, where, attempts, took, group.reply,
+                    _XVERP_FIELD if out.xverp else ()))))
     for group in _by_reply(out.failed):
-        lines.append(_LogLine(logging.WARNING, "%s %s: refused: %s",
-                              (group.reply.status, name, group.line())))
+        lines.append(_LogLine(logging.WARNING, "%s %s: refused %s", (
+            group.reply.status, name,
+            _Fields(group.recipients, msgid, where, attempts, took, group.reply))))
     earlier = state.get("failed") or {}
     if not isinstance(earlier, dict):
         raise TypeError("the state's failed is not a mapping: %r" % (earlier,))
@@ -4734,9 +4842,15 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
         notes.update(delivered_at=now, delivered_id=name, delivered_via=where)
     if not out.deferred and not fresh:  # done, every refusal already written
         return _Plan("delivered", attempts, {}, [], now, {}, summary, lines, notes)
-    event: Dict[str, object] = {"at": round(now, 3), "via": where,
+    if sent:    # the dead letter's header says where they went
+        summary += " via %s (%s)" % (where, "; ".join(str(g.reply) for g in sent[:3]))
+    event: Dict[str, object] = {"at": round(now, 3), "via": where, "attempt": attempts,
                                 "delivered": len(out.delivered),
                                 "deferred": len(out.deferred), "refused": len(out.failed)}
+    if sent:        # the relay's reply to each dot: its own queue id for them
+        event["sent"] = [str(g.reply) for g in sent]
+    if out.took is not None:
+        event["took"] = round(out.took, 3)
     if trouble is not None:
         event["reply"] = str(trouble)
     new: _Record = {**state, "attempts": attempts, "first_queued": first_queued,
@@ -4753,24 +4867,26 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
             delay *= rng.uniform(*_JITTER)
             new.update({"last_error": str(last), "next_attempt": now + delay})
             for group in _by_reply(out.deferred):
-                lines.append(_LogLine(logging.INFO,
-                                      "%s %s: deferred for %d s (attempt %d): %s",
-                                      (group.reply.status, name, delay, attempts,
-                                       group.line())))
+                lines.append(_LogLine(logging.INFO, "%s %s: deferred %s", (
+                    group.reply.status, name,
+                    _Fields(group.recipients, msgid, where, attempts, took, group.reply,
+                            (("for", "%ds" % delay), ("until", _iso(now + delay)))))))
             if fresh:
                 new["dead_letter"] = True
                 reply = _first_reason(fresh, out.failed)
-                lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s for "
-                                      "%d recipient(s), the others still to do: %s",
-                                      (reply.status, name, name, len(fresh), reply)))
+                lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s %s", (
+                    reply.status, name, name,
+                    _Fields(list(fresh), msgid, where, attempts, took, reply,
+                            (("still_to_do", str(len(out.deferred))),)))))
             return _Plan("deferred", attempts, new, list(out.deferred), now + delay, fresh,
                          summary, lines, notes)
         for rcpt, reply in out.deferred.items():
             fresh[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
                 reply, attempts, age / 86400)
     reply = _first_reason(fresh, out.failed)
-    lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s for %d "
-                          "recipient(s): %s", (reply.status, name, name, len(fresh), reply)))
+    lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s %s",
+                          (reply.status, name, name,
+                           _Fields(list(fresh), msgid, where, attempts, took, reply))))
     return _Plan("dead", attempts, new, [], now, fresh, summary, lines, notes)
 
 
@@ -5184,13 +5300,13 @@ class QueueProcessor:
         first_queued = msg.first_queued if out.deferred or out.failed or msg.state else now
         try:
             plan = _plan(msg.name, msg.state, first_queued, msg.attempts, out,
-                         relay, policy, now, self._rng)
+                         relay, policy, now, self._rng, msgid=msg.message_id)
         except Exception:
             log.exception("4.3.0 %s: its state cannot be used: recording this attempt "
                           "without it", msg.name)
             msg.state = {}
             plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
-                         relay, policy, now, self._rng)
+                         relay, policy, now, self._rng, msgid=msg.message_id)
         self._record(msg, self._change(msg, plan), out.delivered)
         for line in plan.lines:
             log.log(line.level, line.text, *line.args)
@@ -5243,7 +5359,8 @@ class QueueProcessor:
             problem = e
         delivered = list(delivered)
         safe = not delivered or self.queue._strike(msg, delivered)
-        named = "; delivered to %s" % _listed(delivered) if delivered else ""
+        named = "; delivered %s msgid=%s" % (_to(delivered), msg.message_id or "none") \
+            if delivered else ""
         # Only a full disk stops new work (whose outcomes could not be
         # recorded either, until space returns).  Any other failure (a
         # directory at state/NAME, EACCES, EROFS) keeps this message and
@@ -5415,6 +5532,15 @@ def _current_config() -> SMTPConfig:
     return configure(path, instance or "default")
 
 
+def _log_queued(name: str, sender: str, rcpts: List[str], data: bytes, path: str) -> None:
+    """The first line of a message's story in the log (INFO), which a grep
+    for a recipient finds with the outcome lines (README's "Delivery
+    lines"); made only when INFO is logged."""
+    if log.isEnabledFor(logging.INFO):
+        log.info("2.0.0 %s: queued %s from=<%s> msgid=%s size=%d queue=%s", name, _to(rcpts),
+                 _shown(sender), _message_id(data) or "none", len(data), path)
+
+
 def send_email(sender: str, recipients: Union[str, Iterable[str]],
                email: Union[bytes, str, email.message.Message],
                xverp: bool = False) -> None:
@@ -5431,7 +5557,7 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     config = _current_config()
     queue = _queue_for(config)
     name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
-    log.debug("2.0.0 %s: queued for %d recipient(s) in %s", name, len(rcpts), queue.path)
+    _log_queued(name, sender, rcpts, data, queue.path)
     processor = _processors.get(config.queuepath)
     if processor is not None:
         processor.wake()
@@ -5739,9 +5865,16 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
             if "event" in event:
                 text = str(event["event"])
             else:
-                text = "attempt via %s: %s delivered, %s deferred, %s refused%s" % (
-                    event.get("via"), event.get("delivered"), event.get("deferred"),
-                    event.get("refused"), ": %s" % event["reply"] if "reply" in event else "")
+                # attempt, took and sent are newer: a record may lack them
+                attempt, took, sent = (event.get(k) for k in ("attempt", "took", "sent"))
+                text = "attempt%s via %s%s: %s delivered%s, %s deferred, %s refused%s" % (
+                    "" if attempt is None else " %s" % attempt, event.get("via"),
+                    " (took %ss)" % took if isinstance(took, (int, float)) and
+                    not isinstance(took, bool) else "",
+                    event.get("delivered"),
+                    " (%s)" % "; ".join(map(str, sent)) if isinstance(sent, list) and sent
+                    else "", event.get("deferred"), event.get("refused"),
+                    ": %s" % event["reply"] if "reply" in event else "")
             lines.append(("history", "%s %s" % (at, text)))
         for n, (label, value) in enumerate(lines):
             if label == "history" and lines[n - 1][0] == "history":
@@ -6073,6 +6206,7 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     queue = _queue_from(config)
     name = queue._add(sender, rcpts, data,
                      xverp=_with_xverp(args.xverp, sender, config))
+    _log_queued(name, sender, rcpts, data, queue.path)
     print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
     return os.EX_OK
 

@@ -2495,7 +2495,7 @@ class DeliveryTests(Base):
         state = self.assertDeferred(names[2], ["r2@example.org"])
         self.assertEqual(state["last_error"], "451 4.3.0 later")
         self.assertEqual(server.connections, 1)
-        self.assertEqual(sum("delivered to 1 recipient" in line for line in logs.output), 2)
+        self.assertEqual(sum(": delivered to=<" in line for line in logs.output), 2)
 
     def test_connection_lost_after_a_pipelined_dot(self):
         # The server drops the connection (or says 421) after the second
@@ -2979,9 +2979,9 @@ class PipelinedSettlingTests(Base):
         self.assertEqual(first.rcpts, ["r0@example.org"])
         self.assertEqual(second.rcpts, ["r1@example.org"])
         for name, server in zip(names, (first, second)):
-            self.assertTrue(any("%s: delivered to 1 recipient(s) via 127.0.0.1:%d"
-                                % (name, server.port) in line for line in logs.output),
-                            logs.output)
+            self.assertTrue(any(re.search(r"%s: delivered to=<\S+> .*relay=127\.0\.0\.1:%d "
+                                          % (re.escape(name), server.port), line)
+                                for line in logs.output), logs.output)
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
     def test_a_message_settled_before_a_failover_is_recorded_via_its_relay(self):
@@ -3000,9 +3000,9 @@ class PipelinedSettlingTests(Base):
         self.assertEqual(first.rcpts, ["r0@example.org"])
         self.assertEqual(second.rcpts, ["r1@example.org"])
         for name, server in zip(names, (first, second)):
-            self.assertTrue(any("%s: delivered to 1 recipient(s) via 127.0.0.1:%d"
-                                % (name, server.port) in line for line in logs.output),
-                            logs.output)
+            self.assertTrue(any(re.search(r"%s: delivered to=<\S+> .*relay=127\.0\.0\.1:%d "
+                                          % (re.escape(name), server.port), line)
+                                for line in logs.output), logs.output)
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
 
@@ -3404,7 +3404,7 @@ class RelayReplyTests(Base):
                 with self.assertLogs("gsemail", "INFO") as logs:
                     self.drain(config)
                 (line,) = [line for line in logs.output if "delivered to" in line]
-                self.assertEqual("with XVERP" in line, said, line)
+                self.assertEqual(" verp=xverp " in line, said, line)
                 self.assertEqual("XVERP" in server.transactions[0]["mail"], said)
 
     def test_non_ascii_username_and_password(self):
@@ -3742,12 +3742,13 @@ class PlanTests(unittest.TestCase):
     GONE = gsemail.Reply(550, "5.1.1 no such user")
 
     def plan(self, out, state=None, attempts=0, first_queued=None, rng=None,
-             policy=None):
+             policy=None, msgid=""):
         state = {} if state is None else state
         before = json.dumps(state, sort_keys=True)
         plan = gsemail._plan(self.NAME, state, self.NOW - 60 if first_queued is None
                              else first_queued, attempts, out, self.WHERE,
-                             policy or self.POLICY, self.NOW, rng or Scripted(1.0))
+                             policy or self.POLICY, self.NOW, rng or Scripted(1.0),
+                             msgid=msgid)
         self.assertEqual(json.dumps(state, sort_keys=True), before, "_plan changed the state")
         return plan
 
@@ -3769,9 +3770,11 @@ class PlanTests(unittest.TestCase):
                 self.assertEqual(plan.attempts, before + 1)
                 self.assertEqual(plan.next_attempt, self.NOW + delay)
                 self.assertEqual(plan.state["next_attempt"], self.NOW + delay)
-                self.assertIn(("INFO", "4.2.1 %s: deferred for %d s (attempt %d): "
-                               "451 4.2.1 mailbox busy: <a@example.org>"
-                               % (self.NAME, delay, before + 1)), self.texts(plan))
+                self.assertIn(("INFO", "4.2.1 %s: deferred to=<a@example.org> msgid=none "
+                               "relay=relay.test:25 attempt=%d for=%ds until=%s "
+                               "reply=\"451 4.2.1 mailbox busy\""
+                               % (self.NAME, before + 1, delay,
+                                  gsemail._iso(self.NOW + delay))), self.texts(plan))
 
     def test_jitter_spreads_the_delay_by_a_fifth_either_way(self):
         rng = Scripted("low", "high")
@@ -3803,26 +3806,29 @@ class PlanTests(unittest.TestCase):
                 self.assertEqual(plan.refused, {"a@example.org": why, "b@example.org": why})
                 self.assertEqual(plan.summary, "0 delivered")
                 self.assertEqual(plan.attempts, 7)
-                self.assertIn(("ERROR", "4.2.1 %s: dead letter .rejected-%s for 2 "
-                               "recipient(s): %s" % (self.NAME, self.NAME, why)),
+                self.assertIn(("ERROR", "4.2.1 %s: dead letter .rejected-%s to=<a@example.org>"
+                               ",<b@example.org> msgid=none relay=relay.test:25 attempt=7 "
+                               "reply=\"%s\"" % (self.NAME, self.NAME, why)),
                               self.texts(plan))
 
     def test_delivered_only_removes(self):
-        for xverp, via in [(False, ""), (True, " with XVERP")]:
+        for xverp, via in [(False, ""), (True, " verp=xverp")]:
             with self.subTest(xverp=xverp):
                 out = gsemail.Outcome(delivered=["a@example.org", "b@example.org"],
-                                       final=gsemail.Reply(250, "2.0.0 ok"), xverp=xverp)
-                plan = self.plan(out)
+                                       final=gsemail.Reply(250, "2.0.0 ok"), xverp=xverp,
+                                       took=0.0123)
+                plan = self.plan(out, msgid="<1@example.org>")
                 self.assertEqual((plan.what, plan.refused, plan.state), ("delivered", {}, {}))
                 self.assertEqual(self.texts(plan), [
-                    ("INFO", "2.0.0 %s: delivered to 2 recipient(s) via %s%s"
-                     % (self.NAME, self.WHERE, via))])
+                    ("INFO", "2.0.0 %s: delivered to=<a@example.org>,<b@example.org> "
+                     "msgid=<1@example.org> relay=%s attempt=1 took=0.012s%s "
+                     "reply=\"250 2.0.0 ok\"" % (self.NAME, self.WHERE, via))])
                 self.assertEqual(plan.notes, {"delivered_at": self.NOW,
                                               "delivered_id": self.NAME,
                                               "delivered_via": self.WHERE})
 
     def test_refused_only_is_a_dead_letter_with_every_refusal(self):
-        rcpts = ["r%d@example.org" % i for i in range(7)]
+        rcpts = ["r%d@example.org" % i for i in range(11)]
         other = gsemail.Reply(553, "5.7.1 relaying denied")
         failed = dict.fromkeys(rcpts, self.GONE)
         failed["x@example.org"] = other
@@ -3833,14 +3839,16 @@ class PlanTests(unittest.TestCase):
                 self.assertEqual(plan.what, "dead")
                 self.assertEqual(plan.refused, {r: str(why) for r, why in failed.items()})
                 self.assertEqual(plan.attempts, 1)
+                first = ",".join("<r%d@example.org>" % i for i in range(5))
                 self.assertEqual(self.texts(plan), [
-                    ("WARNING", "5.1.1 %s: refused: 550 5.1.1 no such user: <r0@example"
-                     ".org>, <r1@example.org>, <r2@example.org>, <r3@example.org>, <r4@examp"
-                     "le.org> and 2 more" % self.NAME),
-                    ("WARNING", "5.7.1 %s: refused: 553 5.7.1 relaying denied: "
-                     "<x@example.org>" % self.NAME),
-                    ("ERROR", "5.1.1 %s: dead letter .rejected-%s for 8 recipient(s): "
-                     "550 5.1.1 no such user" % (self.NAME, self.NAME))])
+                    ("WARNING", "5.1.1 %s: refused to=%s,... nrcpt=11 msgid=none relay=%s "
+                     "attempt=1 reply=\"550 5.1.1 no such user\""
+                     % (self.NAME, first, self.WHERE)),
+                    ("WARNING", "5.7.1 %s: refused to=<x@example.org> msgid=none relay=%s "
+                     "attempt=1 reply=\"553 5.7.1 relaying denied\"" % (self.NAME, self.WHERE)),
+                    ("ERROR", "5.1.1 %s: dead letter .rejected-%s to=%s,... nrcpt=12 "
+                     "msgid=none relay=%s attempt=1 reply=\"550 5.1.1 no such user\""
+                     % (self.NAME, self.NAME, first, self.WHERE))])
                 self.assertEqual(plan.notes, {"error_at": self.NOW, "error_id": self.NAME,
                                               "error": "550 5.1.1 no such user"})
 
@@ -3856,20 +3864,22 @@ class PlanTests(unittest.TestCase):
         self.assertEqual(plan.what, "deferred")
         self.assertEqual(plan.refused, {"gone@example.org": "550 5.1.1 no such user"})
         self.assertEqual(plan.recipients, ["later@example.org"])
-        self.assertEqual(plan.summary, "1 delivered")
+        self.assertEqual(plan.summary, "1 delivered via relay.test:25 (250 2.0.0 ok)")
         self.assertAlmostEqual(plan.next_attempt, self.NOW + delay)
         self.assertEqual(plan.state, {
             "custom": "kept", "attempts": 3, "first_queued": first, "last_attempt": self.NOW,
             "failed": {"gone@example.org": "550 5.1.1 no such user"},
-            "history": [{"at": self.NOW, "via": self.WHERE, "delivered": 1, "deferred": 1,
-                         "refused": 1, "reply": "451 4.2.1 mailbox busy"}],
+            "history": [{"at": self.NOW, "via": self.WHERE, "attempt": 3, "delivered": 1,
+                         "deferred": 1, "refused": 1, "sent": ["250 2.0.0 ok"],
+                         "reply": "451 4.2.1 mailbox busy"}],
             "last_error": "451 4.2.1 mailbox busy", "next_attempt": plan.next_attempt,
             "dead_letter": True})
         self.assertEqual([level for level, _ in self.texts(plan)],
                          ["INFO", "WARNING", "INFO", "ERROR"])
         self.assertEqual(self.texts(plan)[-1], (
-            "ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s), the "
-            "others still to do: 550 5.1.1 no such user" % (self.NAME, self.NAME)))
+            "ERROR", "5.1.1 %s: dead letter .rejected-%s to=<gone@example.org> msgid=none "
+            "relay=relay.test:25 attempt=3 still_to_do=1 reply=\"550 5.1.1 no such user\""
+            % (self.NAME, self.NAME)))
         self.assertEqual(plan.notes["delivered_via"], self.WHERE)
         self.assertEqual(plan.notes["error"], "451 4.2.1 mailbox busy")
 
@@ -3904,8 +3914,10 @@ class PlanTests(unittest.TestCase):
         plan = self.plan(gsemail.Outcome(delivered=["a@example.org"]),
                          state={"failed": dict(old)})
         self.assertEqual((plan.what, plan.refused), ("dead", old))
-        self.assertIn(("ERROR", "5.1.1 %s: dead letter .rejected-%s for 1 recipient(s): "
-                       "550 5.1.1 left long ago" % (self.NAME, self.NAME)), self.texts(plan))
+        self.assertIn(("ERROR", "5.1.1 %s: dead letter .rejected-%s to=<old@example.org> "
+                       "msgid=none relay=relay.test:25 attempt=1 "
+                       "reply=\"550 5.1.1 left long ago\"" % (self.NAME, self.NAME)),
+                      self.texts(plan))
 
     def test_a_state_it_cannot_use_raises_for_the_caller(self):
         for failed in ("x", 5, [["a", "b"]]):
@@ -3932,7 +3944,8 @@ class InjectedClockTests(Base):
         processor = gsemail.QueueProcessor(config, timefunc=lambda: now, rng=rng)
         with self.assertLogs("gsemail", "INFO") as logs:
             processor.drain()
-        self.assertIn("deferred for 72 s (attempt 1)", "\n".join(logs.output))
+        self.assertIn(" attempt=1 took=", "\n".join(logs.output))
+        self.assertIn(" for=72s until=%s " % gsemail._iso(now + 72), "\n".join(logs.output))
         self.assertEqual(rng.calls, [(0.8, 1.2)])
         state = self.assertDeferred(name, ["a@example.org"])
         self.assertAlmostEqual(os.stat(os.path.join(self.queuepath, "cur", name)).st_mtime,
@@ -4303,7 +4316,7 @@ class CLITests(Base):
         self.assertTrue(lines)
         for line in lines:
             self.assertRegex(line, r"^[245]\.\d+\.\d+ ", "a log line without a status code")
-        self.assertIn("delivered to 1 recipient(s)", run.stderr)
+        self.assertIn(": delivered to=<r0@example.org> ", run.stderr)
 
     def test_once_exits_75_when_mail_waits(self):
         path = self.ini_file(free_port())
@@ -4443,9 +4456,9 @@ class ListShowStatusTests(OperatorBase):
         history = self.state(name)["history"]
         self.assertEqual(len(history), 10)
         self.assertEqual([e["deferred"] for e in history], [1] * 10)
-        self.assertEqual(self.ok("show", name).count("attempt via 127.0.0.1:%d: 0 delivered, "
-                                                     "1 deferred, 0 refused: 451 4.3.0 attempt"
-                                                     % server.port), 10)
+        self.assertEqual(len(re.findall(r"attempt \d+ via 127\.0\.0\.1:%d \(took [\d.]+s\): "
+                                        r"0 delivered, 1 deferred, 0 refused: 451 4\.3\.0 attempt"
+                                        % server.port, self.ok("show", name))), 10)
 
     def test_a_zope_claim_shows_as_sending(self):
         config = self.ini(25)
@@ -4466,7 +4479,8 @@ class ListShowStatusTests(OperatorBase):
         self.assertRegex(out, r"(?m)^sender +<bounces@example.org>$")
         self.assertRegex(out, r"(?m)^recipients +1 still to do\n +<later@example.org>$")
         self.assertRegex(out, r"(?m)^attempts +1$")
-        self.assertRegex(out, r"(?m)^history +\S+Z attempt via 127\.0\.0\.1:%d: 1 delivered, "
+        self.assertRegex(out, r"(?m)^history +\S+Z attempt 1 via 127\.0\.0\.1:%d "
+                              r"\(took [\d.]+s\): 1 delivered \(250 2\.0\.0 Ok: queued\), "
                               r"1 deferred, 0 refused: 450 4\.2\.1 mailbox busy$" % server.port)
         self.assertIn("\nSubject: test\n", out)
         self.assertNotIn("Hello.", out)
@@ -4711,7 +4725,7 @@ class CheckAndFailoverTests(OperatorBase):
         self.assertRegex(run.stderr, r"(?m)^4\.4\.1 relay 127\.0\.0\.1:%d: .*connection refused"
                                      r".*: trying the next relay, 127\.0\.0\.1:%d$"
                          % (down, server.port))
-        self.assertRegex(run.stderr, r"delivered to 1 recipient\(s\) via 127\.0\.0\.1:%d"
+        self.assertRegex(run.stderr, r"delivered to=<a@example\.org> .*relay=127\.0\.0\.1:%d "
                          % server.port)
 
     def test_failover_on_421_at_greeting_but_not_on_a_refusal(self):
@@ -5215,7 +5229,7 @@ class FaultTests(Base):
             # for both (the thread may be between the two)
             wait_for(lambda: self.dead_letters() and
                      any("gave up" in line for line in logs.output), what="the dead letter")
-        deferrals = [line for line in logs.output if "deferred for" in line]
+        deferrals = [line for line in logs.output if ": deferred to=<" in line]
         self.assertGreaterEqual(len(deferrals), 2, logs.output)
         self.assertTrue(all("4.4.1 connection refused" in line for line in deferrals))
         text = self.dead_letter_text()
@@ -5780,7 +5794,7 @@ class MergedFixReviewTests(OperatorBase):
         with self.assertLogs("gsemail", "ERROR") as logs:
             processor.run_once()
         self.assertIn("other mail goes on", "\n".join(logs.output))
-        self.assertIn("delivered to <now@example.org>", "\n".join(logs.output))
+        self.assertIn("delivered to=<now@example.org> msgid=<", "\n".join(logs.output))
         self.assertEqual(sorted(server.rcpts), ["now@example.org", "r0@example.org",
                                                 "r1@example.org", "r2@example.org"])
         self.assertEqual(len(processor._unsettled), 1)
@@ -8208,3 +8222,213 @@ class TranscriptTests(Base):
         self.assertEqual(shown[1], "* connected to 127.0.0.1:%d" % pf.smtps_port)
         self.assertRegex(shown[2], r"^\* TLS from the first byte: TLSv1\.[23], ")
         self.assertRegex(shown[3], r"^S: 220 ")
+
+
+class DeliveryLineTests(OperatorBase):
+    """Issue 14, item 5: every outcome line names the queue id, the
+    recipients, the Message-ID, the relay, the relay's own reply, the attempt
+    and how long it took, so that a grep for a recipient says whether it got
+    the message, when, and where the message is now; ``show`` keeps the
+    relay's reply to the dot in the history."""
+
+    TOOK = r"took=\d+\.\d{3}s"
+
+    def ini(self, port, extra="", hostname="127.0.0.1"):
+        """The queue made (its "created" warning is not what is tested), and
+        no processor thread: each test drains the queue itself."""
+        with self.assertLogs("gsemail", "WARNING"):
+            gsemail.Queue(self.queuepath)
+        return super().ini(port, "processorthread = false\n" + extra, hostname)
+
+    def lines_for(self, output, rcpt):
+        """The log lines a grep for rcpt finds (as logged, without the level)."""
+        return [line.split(":", 2)[2] for line in output if rcpt in line]
+
+    def due_now(self, name):
+        for sub in ("new", "cur"):
+            path = os.path.join(self.queuepath, sub, name)
+            if os.path.exists(path):
+                os.utime(path, (time.time() - 1, time.time() - 1))
+
+    def test_a_grep_for_each_recipient_finds_its_story(self):
+        later = []      # dave is refused for now, then accepted
+        server = self.server(rules={
+            "RCPT": lambda a: ("550 5.1.1 <carol@example.com>: Recipient address rejected"
+                               if "carol@" in a else "451 4.2.1 mailbox busy"
+                               if "dave@" in a and not later else None),
+            "DOT": ["250 2.0.0 Ok: queued as ABC123", "250 2.0.0 Ok: queued as DEF456"]})
+        config = self.ini(server.port)
+        gsemail.configure(config)
+        rcpts = ["alice@example.com", "bob@example.com", "carol@example.com",
+                 "dave@example.com"]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            gsemail.send_email("bounces@example.org", rcpts, message())
+            self.drain(config)
+        (name,) = self.listing("cur")
+        (data,) = [t["data"] for t in server.transactions]
+        msgid = message_id(data)
+        self.assertTrue(msgid)
+        head = r"msgid=%s relay=127\.0\.0\.1:%d attempt=1 %s" % (
+            re.escape(msgid), server.port, self.TOOK)
+        n = re.escape(name)
+        queued = r"^2\.0\.0 %s: queued to=<alice@example\.com>,<bob@example\.com>," \
+                 r"<carol@example\.com>,<dave@example\.com> from=<bounces@example\.org> " \
+                 r"msgid=%s size=\d+ queue=%s$" % (n, re.escape(msgid), re.escape(self.queuepath))
+        alice = self.lines_for(logs.output, "alice@example.com")
+        self.assertEqual(len(alice), 2, alice)
+        self.assertRegex(alice[0], queued)
+        self.assertRegex(alice[1], r'^2\.0\.0 %s: delivered to=<alice@example\.com>,'
+                                   r'<bob@example\.com> %s reply="250 2\.0\.0 Ok: queued as '
+                                   r'ABC123"$' % (n, head))
+        carol = self.lines_for(logs.output, "carol@example.com")
+        self.assertEqual(len(carol), 3, carol)
+        self.assertRegex(carol[1], r'^5\.1\.1 %s: refused to=<carol@example\.com> %s '
+                                   r'reply="550 5\.1\.1 <carol@example\.com>: Recipient '
+                                   r'address rejected"$' % (n, head))
+        self.assertRegex(carol[2], r'^5\.1\.1 %s: dead letter \.rejected-%s '
+                                   r'to=<carol@example\.com> %s still_to_do=1 reply="550 '
+                                   r'5\.1\.1 <carol@example\.com>: Recipient address '
+                                   r'rejected"$' % (n, n, head))
+        dave = self.lines_for(logs.output, "dave@example.com")
+        self.assertEqual(len(dave), 2, dave)
+        state = self.state(name)
+        self.assertRegex(dave[1], r'^4\.2\.1 %s: deferred to=<dave@example\.com> %s '
+                                  r'for=\d+s until=%s reply="451 4\.2\.1 mailbox busy"$'
+                         % (n, head, re.escape(gsemail._iso(state["next_attempt"]))))
+        # every line starts with its RFC 3463 code and names the queue id
+        for line in logs.output:
+            self.assertRegex(line.split(":", 2)[2], r"^[245]\.\d+\.\d+ ")
+        # the record keeps the relay's reply to the dot, and show prints it
+        event = state["history"][-1]
+        self.assertEqual((event["attempt"], event["via"], event["sent"]),
+                         (1, "127.0.0.1:%d" % server.port, ["250 2.0.0 Ok: queued as ABC123"]))
+        self.assertIsInstance(event["took"], float)
+        self.assertRegex(self.ok("show", name),
+                         r"(?m)^history +\S+Z attempt 1 via 127\.0\.0\.1:%d \(took [\d.]+s\): "
+                         r"2 delivered \(250 2\.0\.0 Ok: queued as ABC123\), 1 deferred, "
+                         r"1 refused: 451 4\.2\.1 mailbox busy$" % server.port)
+        # so does the dead letter's header (show ID prints the dead letter too)
+        self.assertRegex(self.ok("show", name),
+                         r"(?m)^history +\S+Z dead letter: attempts=1; .*; 2 delivered via "
+                         r"127\.0\.0\.1:%d \(250 2\.0\.0 Ok: queued as ABC123\)$" % server.port)
+        # the second attempt: dave's copy goes, with its own relay id
+        later.append(True)
+        self.due_now(name)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        (line,) = self.lines_for(logs.output, "dave@example.com")
+        self.assertRegex(line, r'^2\.0\.0 %s: delivered to=<dave@example\.com> msgid=%s '
+                               r'relay=127\.0\.0\.1:%d attempt=2 %s reply="250 2\.0\.0 Ok: '
+                               r'queued as DEF456"$' % (n, re.escape(msgid), server.port,
+                                                        self.TOOK))
+        self.assertEqual(self.listing("cur"), [])
+
+    def test_over_ten_recipients_the_first_five_and_the_count(self):
+        server = self.server()
+        config = self.ini(server.port)
+        gsemail.configure(config)
+        ten = ["t%02d@example.com" % i for i in range(10)]
+        twelve = ["r%02d@example.com" % i for i in range(12)]
+        with self.assertLogs("gsemail", "INFO") as logs:
+            gsemail.send_email("bounces@example.org", ten, message())
+            gsemail.send_email("bounces@example.org", twelve, message())
+            self.drain(config)
+        text = "\n".join(logs.output)
+        self.assertEqual(text.count(" to=%s " % ",".join("<%s>" % r for r in ten)), 2, text)
+        first = ",".join("<%s>" % r for r in twelve[:5])
+        self.assertRegex(text, r"(?m): queued to=%s,\.\.\. nrcpt=12 from=" % re.escape(first))
+        self.assertRegex(text, r"(?m): delivered to=%s,\.\.\. nrcpt=12 msgid=<"
+                         % re.escape(first))
+        self.assertNotIn("r05@example.com", text)
+
+    def test_message_id_is_read_from_the_head_only(self):
+        cases = [
+            (b"Message-ID: <a@x>\r\nSubject: s\r\n\r\nbody\r\n", "<a@x>"),
+            (b"Subject: s\r\nmessage-id:\r\n  <folded@x>\r\n\r\n", "<folded@x>"),
+            (b"Subject: s\nMessage-Id: <lf@x>\n\nbody\n", "<lf@x>"),
+            (b"Subject: s\r\n\r\nMessage-ID: <in-body@x>\r\n", ""),
+            (b"\r\nMessage-ID: <no-head@x>\r\n", ""),
+            (b"Message-ID: <esc\x1b[31m@x>\r\n\r\n", "<esc\\x1b[31m@x>"),
+            (b"Message-ID: not-bracketed\r\n\r\n", "not-bracketed"),
+            (b"X-Message-ID: <other@x>\r\n\r\n", ""),
+            (b"Subject: s\r\n", ""),
+        ]
+        for data, want in cases:
+            with self.subTest(data=data):
+                self.assertEqual(gsemail._message_id(data), want)
+        # a huge header block is searched in its first _HEAD_SCAN bytes only
+        huge = b"X-Pad: " + b"x" * (2 * gsemail._HEAD_SCAN) + b"\r\nMessage-ID: <late@x>\r\n"
+        self.assertEqual(gsemail._message_id(huge), "")
+        # claim() reads it; a message without one logs msgid=none
+        server = self.server()
+        config = self.ini(server.port)
+        queue = gsemail.Queue(config.queuepath)
+        name = queue.add("bounces@example.org", ["a@example.org"],
+                         b"Subject: no id\r\n\r\nHello.\r\n")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertIn("%s: delivered to=<a@example.org> msgid=none relay=" % name,
+                      "\n".join(logs.output))
+        name = self.enqueue(config)
+        msg = self.claim(queue, name)
+        self.addCleanup(msg.release)
+        self.assertEqual(msg.message_id, message_id(msg.data))
+
+    def test_a_reply_stays_one_quoted_field(self):
+        server = self.server(rules={"DOT": ['250 2.0.0 Ok: "Q1" \\ \x1b[31m red']})
+        config = self.ini(server.port)
+        self.enqueue(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        (line,) = [line for line in logs.output if ": delivered " in line]
+        self.assertTrue(line.endswith(r' reply="250 2.0.0 Ok: \"Q1\" \\ \x1b[31m red"'), line)
+        self.assertNotIn("\x1b", line)
+
+    def test_took_runs_to_the_reply_of_each_dot(self):
+        # Each dot is answered after 0.3 s; the messages are pipelined (the
+        # second's commands go with the first's dot), and each line's took
+        # runs from its attempt's start to the reply to its own dot.
+        def slow(arg):
+            time.sleep(0.3)
+        server = self.server(rules={"DOT": slow})
+        config = self.ini(server.port)
+        for i in range(2):
+            self.enqueue(config, rcpts=["p%d@example.org" % i])
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        took = [float(t) for t in re.findall(r" took=(\d+\.\d+)s ", "\n".join(logs.output))]
+        self.assertEqual(len(took), 2, logs.output)
+        for value in took:
+            self.assertGreaterEqual(value, 0.3)
+            self.assertLess(value, 3.0)
+
+    def test_postfix_queue_id_in_the_line_and_in_show(self):
+        pf = postfix()
+        p = "lines-%d-" % time.monotonic_ns()
+        config = self.ini(pf.port)
+        gsemail.configure(config)
+        ok, gone, later = (p + "a@gsemail.test", "reject5xx-" + p + "@gsemail.test",
+                           "defer4xx-" + p + "@gsemail.test")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            gsemail.send_email("bounces@gsemail.test", [ok, gone, later],
+                               message(subject=self._testMethodName))
+            self.drain(config)
+        pf.wait_delivered(p, 1)
+        (name,) = self.listing("cur")
+        (line,) = [line for line in logs.output if ": delivered " in line]
+        found = re.search(r' msgid=(<[^>]+>) relay=127\.0\.0\.1:%d attempt=1 %s '
+                          r'reply="250 2\.0\.0 Ok: queued as ([0-9A-Za-z]+)"$'
+                          % (pf.port, self.TOOK), line)
+        self.assertTrue(found, line)
+        msgid, relay_id = found.groups()
+        # that is the id Postfix logged for this very message
+        self.assertEqual(postfix_accepted(pf, msgid), [relay_id])
+        self.assertRegex(pf.log(), r"%s: to=<%s>, .*status=sent" % (relay_id, re.escape(ok)))
+        (refused,) = [line for line in logs.output if ": refused " in line]
+        self.assertIn("to=<%s> msgid=%s" % (gone, msgid), refused)
+        self.assertIn('reply="550 5.1.1 ', refused)
+        (deferred,) = [line for line in logs.output if ": deferred " in line]
+        self.assertIn("to=<%s> msgid=%s" % (later, msgid), deferred)
+        self.assertIn('reply="450 4.2.1 ', deferred)
+        self.assertIn("1 delivered (250 2.0.0 Ok: queued as %s)" % relay_id,
+                      self.ok("show", name))
