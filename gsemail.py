@@ -5713,8 +5713,9 @@ def _cmd_purge(config: SMTPConfig, args: argparse.Namespace) -> int:
 # for our mail when a relay does not offer one.
 _MEANING = {
     "SIZE": "no size limit announced",
-    "XVERP": "not offered to this client: bounces of mail sent with xverp will not "
-             "name the recipient",
+    "XVERP": "not offered to this client: gsemail does the VERP of mail sent with xverp "
+             "itself, a transaction per recipient (with verp_fallback = plain, bounces "
+             "will not name the recipient)",
     "PIPELINING": "one command per round trip (slower with many recipients)",
     "SMTPUTF8": "non-ASCII addresses are refused (5.6.7)",
     "8BITMIME": "messages with 8-bit data are refused (5.6.3)",
