@@ -4199,11 +4199,14 @@ class Mailer:
                 ).encode(encoding)
         rcpts = [("RCPT TO:<%s>\r\n" % r).encode(encoding) for r in batch]
         replies: List[Reply] = []
+        # The reply owed for this message's previous transaction (chain)
+        # is read first: a failure there is not an answer to this MAIL.
+        chained = conn.owed is not None and conn.owed[0] is out
         try:
             conn.exchange(mail, rcpts, replies)
         except _ConnectionLost as e:
             e.todo = self._answered(batch, replies, out)
-            e.at_mail = not replies
+            e.at_mail = not replies and not chained
             raise
         mail_reply = replies[0]
         if not mail_reply.ok:
