@@ -7659,6 +7659,25 @@ class ClientVerpTests(Base):
         self.assertEqual(self.mails(server)[-1], "<%s>" % self.verp("b@example.org"))
         self.assertEqual(self.listing("new") + self.listing("cur"), [])
 
+    def test_an_error_limit_hang_up_goes_on_with_the_rest(self):
+        # as Postfix's smtpd_hard_error_limit: the refusal, then the hang-up
+        server = self.server(rules={
+            "RCPT": lambda a: "550 5.1.1 no such user" if a.startswith("<b@") else None,
+            "RSET": [DROP]})
+        config = self.config(server.port)
+        rcpts = ["a@example.org", "b@example.org", "c@example.org"]
+        name = self.enqueue(config, rcpts=rcpts, xverp=True)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "c@example.org"])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual([n for n in self.listing("new") + self.listing("cur")
+                          if not n.startswith(".rejected-")], [])
+        self.assertIn("after settling 2 recipient(s) of the message: going on at once",
+                      "\n".join(logs.output))
+        (dead,) = self.dead_letters()
+        self.assertIn(name, dead)
+
     def test_xverp_refused_with_501_504_555_means_client_verp(self):
         for code in ("501 5.5.4 Syntax error", "504 5.5.4 XVERP not supported",
                      "555 5.5.4 Unsupported option: XVERP"):
