@@ -4130,7 +4130,7 @@ class Mailer:
                              "recipient(s) of the message: going on at once on a new "
                              "connection with the %d still to do, %d per transaction",
                              e.reply.status, conn.relay, e.reply, settled() - before,
-                             len(pending), limit)
+                             len(pending), 1 if verp == "client" else limit)
                     why = self._reconnect()
                 reconnects += 1
             except Exception as e:
