@@ -416,10 +416,10 @@ def _open_file(path: str) -> io.BufferedReader:
 # Configuration: GroupServer's gsconfig.ini.
 # ---------------------------------------------------------------------------
 
-# The largest value of each numeric option (README's option table).  port's
-# is 65535, and every lower bound is above zero.
 # Postfix's default verp_delimiter_filter: the characters XVERP=.. may use.
 _VERP_DELIMITERS = "-=+"
+# The largest value of each numeric option (README's option table).  port's
+# is 65535, and every lower bound is above zero.
 _LIMITS: Dict[str, float] = {
     "timeout": 3600.0, "min_backoff_time": 86400.0, "max_backoff_time": 86400.0,
     "max_queue_lifetime": 30 * 86400.0, "poll_interval": 3600.0,
@@ -4062,6 +4062,8 @@ class Mailer:
             too_long = {r for r in pending
                         if _too_long(_verp_address(sender, r, self.config.verp_delimiters))}
             out.verp_too_long = [r for r in pending if r in too_long]
+        if verp == "client":    # one copy each, as Postfix's cleanup makes of a duplicate
+            pending = list(dict.fromkeys(pending))
 
         def settled() -> int:
             return len(out.delivered) + len(out.failed) + len(out.deferred)
@@ -4088,6 +4090,8 @@ class Mailer:
                         conn.refused_xverp = conn.warned_xverp = True
                         params = plain
                         verp = "client" if self.config.verp_fallback == "client" else ""
+                        if verp:
+                            pending = list(dict.fromkeys(pending))
             except _UsedUp as e:
                 self._learn(conn, e.reply)
                 why = self._reconnect(quit=True) if reconnects < _RECONNECTS else \

@@ -7601,6 +7601,15 @@ class ClientVerpTests(Base):
                                r"127\.0\.0\.1:%d with client VERP" % (re.escape(name), server.port))
         self.assertNotIn("WARNING", text)
 
+    def test_a_recipient_listed_twice_gets_one_copy(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["a@example.org", "b@example.org", "a@example.org"],
+                     xverp=True)
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
     def test_pipelined_each_dot_goes_with_the_next_recipients_commands(self):
         # hold_dot holds the reply to each dot until the next command comes:
         # "ahead" says the next transaction's MAIL came with the dot, unasked
