@@ -4317,6 +4317,10 @@ class Mailer:
         rcpts, data = _prepared(sender, recipients, message, xverp)
         self.open()
         out = self.deliver(sender, rcpts, data, xverp=_with_xverp(xverp, sender, self.config))
+        if out.verp_too_long:   # the processor's _plan says it with the queue id
+            log.warning("4.3.3 without VERP to %s: the VERP address would be longer than "
+                        "RFC 5321's %d-octet path", ", ".join(
+                            "<%s>" % _shown(r) for r in out.verp_too_long), _MAX_PATH)
         refused = dict(out.failed)
         refused.update(out.deferred)
         if not out.delivered:

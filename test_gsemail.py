@@ -7773,6 +7773,16 @@ class ClientVerpTests(Base):
         self.assertEqual([(t["mail"], t["rcpts"]) for t in offered.transactions],
                          [("<bounces@example.org> XVERP", ["a@example.org", fits]),
                           ("<bounces@example.org>", [over])])
+        # sent at once, without the queue (Mailer.send, gsemail send)
+        with gsemail.Mailer(self.config(server.port)) as mailer, \
+                self.assertLogs("gsemail", "WARNING") as logs:
+            self.assertEqual(mailer.send(self.SENDER, [over, "b@example.org"], message(),
+                                         xverp=True), {})
+        self.assertEqual(logs.output, ["WARNING:gsemail:4.3.3 without VERP to <%s>: the VERP "
+                                       "address would be longer than RFC 5321's 256-octet "
+                                       "path" % over])
+        self.assertEqual(self.mails(server)[-2:], ["<%s>" % self.verp("b@example.org"),
+                                                   "<bounces@example.org>"])
 
     def test_an_empty_sender_never_gets_verp(self):
         server = self.server(ehlo=("PIPELINING",))
