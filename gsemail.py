@@ -418,6 +418,8 @@ def _open_file(path: str) -> io.BufferedReader:
 # Configuration: GroupServer's gsconfig.ini.
 # ---------------------------------------------------------------------------
 
+# Postfix's default verp_delimiter_filter: the characters XVERP=.. may use.
+_VERP_DELIMITERS = "-=+"
 # The largest value of each numeric option (README's option table).  port's
 # is 65535, and every lower bound is above zero.
 _LIMITS: Dict[str, float] = {
@@ -549,6 +551,12 @@ class SMTPConfig:
     #: log every command and reply, redacted, on the gsemail.smtp logger
     #: (TurboMail's option; -vvv sets it for one run)
     debug: bool = False
+    #: what a message asking for VERP does on a relay without XVERP:
+    #: "client" (gsemail makes each recipient's bounce address itself, one
+    #: transaction per recipient) or "plain" (sent once, without VERP)
+    verp_fallback: str = "client"
+    #: VERP's two delimiters, as Postfix's XVERP=+= (each from -=+)
+    verp_delimiters: str = "+="
     source: str = dataclasses.field(default="", compare=False)
     # hostname parsed, once, by __post_init__: not an argument, and left out
     # of comparison and repr (hostname says it); dataclasses.replace makes a
@@ -620,6 +628,18 @@ class SMTPConfig:
         if self.max_backoff_time < self.min_backoff_time:
             raise bad("max_backoff_time", self.max_backoff_time,
                       "must not be less than min_backoff_time")
+        fallback = self.verp_fallback
+        if not isinstance(fallback, str) or fallback.lower() not in ("client", "plain"):
+            raise bad("verp_fallback", fallback, "must be client or plain")
+        object.__setattr__(self, "verp_fallback", fallback.lower())
+        # Postfix's verp_delimiter_filter (-=+ by default) is what a relay
+        # that offers XVERP takes; the same rule here, so that client VERP
+        # makes only addresses Postfix would have made.
+        delims = self.verp_delimiters
+        if not isinstance(delims, str) or len(delims) != 2 or \
+                not all(c in _VERP_DELIMITERS for c in delims):
+            raise bad("verp_delimiters", delims, "must be two characters, each one of "
+                      "%s (as Postfix's verp_delimiter_filter)" % _VERP_DELIMITERS)
 
     @property
     def relays(self) -> List[Tuple[str, int]]:
@@ -678,7 +698,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "max_backoff_time": _duration, "max_queue_lifetime": _duration,
     "poll_interval": _duration, "sessions": _integer, "password_env": str,
     "password_file": str, "password_command": str, "auth_mechanism": str,
-    "debug": _boolean,
+    "debug": _boolean, "verp_fallback": str, "verp_delimiters": str,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
@@ -3238,6 +3258,12 @@ class Outcome:
     unanswered: bool = False
     #: XVERP went out with the message (asked for, offered and not refused)
     xverp: bool = False
+    #: the relay did not do VERP (no XVERP, or refused): gsemail did, a
+    #: transaction per recipient, each from that recipient's VERP address
+    client_verp: bool = False
+    #: recipients sent from the plain sender though VERP was asked for:
+    #: their VERP address would be longer than RFC 5321 lets a path be
+    verp_too_long: List[str] = dataclasses.field(default_factory=list)
     #: the relay its data last went to ("" if none): the record names it,
     #: though the mailer may be on another relay when the record is written
     relay: str = ""
@@ -3499,6 +3525,7 @@ class _Connection:
         self.errors = 0         # 4xx and 5xx replies read (error limits count them)
         self.broken = False
         self.warned_xverp = False
+        self.refused_xverp = False  # MAIL with XVERP got 501/504/555: not asked again
         # Written but not yet sent: commands go out together when a reply
         # is needed (RFC 2920), and a small message in the same packet.
         self.unsent: List[bytes] = []
@@ -3683,6 +3710,69 @@ class _Connection:
 # The mailer: connecting (TLS, AUTH, failover), checking relays, and
 # what to do with one message on a connection (deliver's policy).
 # ---------------------------------------------------------------------------
+
+# RFC 5321 4.5.3.1.3: "The maximum total length of a reverse-path or
+# forward-path is 256 octets (including the punctuation and element
+# separators)": the path is "<" mailbox ">", so a mailbox of 254 octets.
+_MAX_PATH = 256
+# A local part that needs no quotes (RFC 5321's Dot-string; RFC 6531 adds
+# UTF-8, which a non-ASCII address may carry only with SMTPUTF8).
+_ATOM = r'[^\x00-\x20\x7f()<>\[\]:;@\\,."]+'
+_DOT_STRING = re.compile(r"%s(?:\.%s)*" % (_ATOM, _ATOM))
+
+
+def _local_and_domain(address: str) -> Tuple[str, str]:
+    """address's local part, unquoted (as Postfix keeps addresses inside),
+    and its domain ("" if none), split at the last '@' as Postfix does."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local, domain
+
+
+def _verp_address(sender: str, recipient: str, delimiters: str) -> str:
+    """The envelope sender Postfix's XVERP makes for recipient (its
+    verp_sender()): sender's local part, the first delimiter, recipient's
+    local part, the second delimiter and recipient's domain, then '@' and
+    sender's domain.  bounces@lists.example.org to alice@example.com with
+    "+=" is bounces+alice=example.com@lists.example.org.  A recipient
+    without a domain adds no second delimiter; a sender without one gives
+    an address without '@'.  A local part that needs quotes gets them, as
+    Postfix's SMTP client quotes it on the wire."""
+    s_local, s_domain = _local_and_domain(sender)
+    r_local, r_domain = _local_and_domain(recipient)
+    local = s_local + delimiters[0] + r_local
+    if r_domain:
+        local += delimiters[1] + r_domain
+    if not _DOT_STRING.fullmatch(local):
+        local = '"%s"' % re.sub(r'(["\\])', r"\\\1", local)
+    return local + "@" + s_domain if s_domain else local
+
+
+def _too_long(address: str) -> bool:
+    """address, as MAIL FROM's reverse-path, is longer than RFC 5321 allows."""
+    return len(address.encode("utf-8")) + 2 > _MAX_PATH
+
+
+def _has_xverp(params: List[str]) -> bool:
+    """MAIL's parameters ask the server for VERP (XVERP or XVERP=..)."""
+    return any(p == "XVERP" or p.startswith("XVERP=") for p in params)
+
+
+class _Next(NamedTuple):
+    """The next transaction of a message (Mailer._next): its sender, MAIL
+    parameters, recipients and recipients per transaction, and the
+    recipients that are left for the transactions after it."""
+
+    sender: str
+    params: List[str]
+    rcpts: List[str]
+    limit: int
+    others: List[str]
+    client_verp: bool
+
 
 class _Rest(NamedTuple):
     """What one transaction (Mailer._transaction) leaves for the next of
@@ -4221,6 +4311,11 @@ class Mailer:
             return "%s %s cannot be used: %s; %s" % (status, r.relay, r.error, fix)
         if "XVERP" in r.offered:
             bounces = "XVERP is offered, so each bounce names the recipient it is for"
+        elif self.config.verp_fallback == "client":
+            bounces = ("XVERP is not offered to this client: gsemail does the VERP of mail "
+                       "sent with xverp itself, one transaction per recipient (on a "
+                       "Postfix relay, add this host to smtpd_authorized_verp_clients "
+                       "to have one transaction carry them all)")
         else:
             bounces = ("XVERP is not offered to this client: mail sent with xverp goes "
                        "without it, so a bounce will not say which recipient bounced "
@@ -4326,13 +4421,44 @@ class Mailer:
         if not (sender.isascii() and all(r.isascii() for r in pending)):
             params.append("SMTPUTF8")   # non-ASCII got this far only if offered
         if xverp and sender:
-            if "xverp" in conn.features:
-                params.append("XVERP")
+            if "xverp" in conn.features and not conn.refused_xverp:
+                params.append(self._xverp_parameter())
             elif not conn.warned_xverp:    # once per connection, not per message
                 conn.warned_xverp = True
-                log.warning("4.3.3 %s does not offer XVERP to this client: sending "
-                            "without it (bounces will not name the recipient)", conn.relay)
+                if self.config.verp_fallback == "client":
+                    log.info("%s does not offer XVERP to this client: gsemail does the "
+                             "VERP itself, one transaction per recipient", conn.relay)
+                else:
+                    log.warning("4.3.3 %s does not offer XVERP to this client: sending "
+                                "without it (bounces will not name the recipient)",
+                                conn.relay)
         return pending, wire, params
+
+    def _xverp_parameter(self) -> str:
+        """MAIL's XVERP parameter: bare for Postfix's default delimiters
+        (+=), else XVERP=.. with ours, as Postfix's smtpd reads it."""
+        delims = self.config.verp_delimiters
+        return "XVERP" if delims == "+=" else "XVERP=" + delims
+
+    def _next(self, verp: str, sender: str, params: List[str], plain: List[str],
+              pending: List[str], too_long: set[str], limit: int) -> _Next:
+        """The next transaction for pending.  verp is "" (none), "xverp"
+        (the relay does it: params carry XVERP) or "client" (one recipient,
+        from its own VERP address, plain params).  Recipients whose VERP
+        address would be too long go last, from sender, in plain
+        transactions of their own."""
+        if verp:
+            if verp == "client":
+                for i, rcpt in enumerate(pending):
+                    if rcpt not in too_long:
+                        return _Next(_verp_address(sender, rcpt, self.config.verp_delimiters),
+                                     plain, [rcpt], 1, pending[:i] + pending[i + 1:], True)
+            else:
+                fits = [r for r in pending if r not in too_long]
+                if fits:
+                    return _Next(sender, params, fits, limit,
+                                 [r for r in pending if r in too_long], False)
+        return _Next(sender, plain, pending, limit, [], False)
 
     def deliver(self, sender: str, recipients: List[str], data: bytes,
                 xverp: bool = False,
@@ -4377,6 +4503,20 @@ class Mailer:
         pending, wire, params = ready
         limit = self.config.recipients_per_transaction
         first, reconnects = conn, 0
+        # VERP: by the relay (XVERP), by us (client), or none.  params keep
+        # XVERP only while the relay is to do it; plain never has it.
+        plain = [p for p in params if not _has_xverp([p])]
+        verp = ""
+        if xverp and sender:
+            verp = "xverp" if len(plain) < len(params) else \
+                "client" if self.config.verp_fallback == "client" else ""
+        too_long: set[str] = set()
+        if verp:
+            too_long = {r for r in pending
+                        if _too_long(_verp_address(sender, r, self.config.verp_delimiters))}
+            out.verp_too_long = [r for r in pending if r in too_long]
+        if verp == "client":    # one copy each, as Postfix's cleanup makes of a duplicate
+            pending = list(dict.fromkeys(pending))
 
         def settled() -> int:
             return len(out.delivered) + len(out.failed) + len(out.deferred)
@@ -4388,11 +4528,23 @@ class Mailer:
                 if self._used_up(conn):     # as the server taught us, before it refuses MAIL
                     why = self._reconnect(quit=True)
                 else:
-                    rest = self._transaction(conn, sender, params, pending, wire,
-                                             out, heartbeat, more, limit)
-                    pending, limit = rest.pending, rest.limit
+                    step = self._next(verp, sender, params, plain, pending, too_long, limit)
+                    # A transaction with others after it may leave its final
+                    # reply owed, to go with the next one's commands (the
+                    # pipelined dot of the picture, within one message).
+                    rest = self._transaction(conn, step.sender, step.params, step.rcpts,
+                                             wire, out, heartbeat, more and not step.others,
+                                             step.limit, chain=bool(step.others),
+                                             client_verp=step.client_verp)
+                    pending = rest.pending + step.others
+                    if step.limit == limit:
+                        limit = rest.limit
                     if rest.without_xverp:  # the server refused it: again without
-                        params.remove("XVERP")
+                        conn.refused_xverp = conn.warned_xverp = True
+                        params = plain
+                        verp = "client" if self.config.verp_fallback == "client" else ""
+                        if verp:
+                            pending = list(dict.fromkeys(pending))
             except _UsedUp as e:
                 self._learn(conn, e.reply)
                 why = self._reconnect(quit=True) if reconnects < _RECONNECTS else \
@@ -4435,7 +4587,7 @@ class Mailer:
                              "recipient(s) of the message: going on at once on a new "
                              "connection with the %d still to do, %d per transaction",
                              e.reply.status, conn.relay, e.reply, settled() - before,
-                             len(pending), limit)
+                             len(pending), 1 if verp == "client" else limit)
                     why = self._reconnect()
                 reconnects += 1
             except Exception as e:
@@ -4486,12 +4638,18 @@ class Mailer:
     def _transaction(self, conn: _Connection, sender: str, params: List[str],
                      pending: List[str], wire: bytes, out: Outcome,
                      heartbeat: Optional[Callable[[], None]],
-                     more: bool, limit: int) -> _Rest:
+                     more: bool, limit: int, chain: bool = False,
+                     client_verp: bool = False) -> _Rest:
         """One MAIL..DATA transaction on conn for up to limit of pending;
         settles them in out and returns what is left for the next one:
         those still to try, the limit for the next transaction (the
         server's, once it said "too many"), and whether the server refused
-        XVERP (the caller drops it from params and tries again)."""
+        XVERP (the caller drops it from params and tries again).
+
+        chain says another transaction of the same message follows at
+        once: with PIPELINING its final reply is left owed, read with the
+        next transaction's replies (it settles these recipients then).
+        client_verp says sender is a recipient's VERP address."""
         if heartbeat:
             heartbeat()
         batch, rest = pending[:limit], pending[limit:]
@@ -4500,19 +4658,27 @@ class Mailer:
                 ).encode(encoding)
         rcpts = [("RCPT TO:<%s>\r\n" % r).encode(encoding) for r in batch]
         replies: List[Reply] = []
+        # The reply owed for this message's previous transaction (chain)
+        # is read first: a failure there is not an answer to this MAIL.
+        chained = conn.owed is not None and conn.owed[0] is out
         try:
             conn.exchange(mail, rcpts, replies)
         except _ConnectionLost as e:
             e.todo = self._answered(batch, replies, out)
-            e.at_mail = not replies
+            e.at_mail = not replies and not chained
             raise
         mail_reply = replies[0]
         if not mail_reply.ok:
             if conn.mails and _too_many(mail_reply):
                 raise _UsedUp(mail_reply)       # the connection is used up
-            if "XVERP" in params and mail_reply.code in (501, 504, 555):
-                log.warning("4.3.3 %s refused XVERP (%s): sending without it",
-                            conn.relay, mail_reply)
+            if _has_xverp(params) and mail_reply.code in (501, 504, 555):
+                if self.config.verp_fallback == "client":
+                    log.warning("4.3.3 %s refused XVERP (%s): gsemail does the VERP "
+                                "itself, one transaction per recipient", conn.relay,
+                                mail_reply)
+                else:
+                    log.warning("4.3.3 %s refused XVERP (%s): sending without it",
+                                conn.relay, mail_reply)
                 conn.rset()
                 return _Rest(pending, limit, without_xverp=True)
             out._settle(pending, mail_reply)
@@ -4544,7 +4710,8 @@ class Mailer:
             out._settle(accepted + list(carried) + rest, data_reply or mail_reply)
             conn.rset()
             return _Rest([], limit)
-        out.xverp = "XVERP" in params
+        out.xverp = out.xverp or _has_xverp(params)
+        out.client_verp = out.client_verp or client_verp
         out.relay = conn.relay
         if conn.transcript is not None:
             conn.transcript.message(wire)
@@ -4553,9 +4720,9 @@ class Mailer:
                 if heartbeat:
                     heartbeat()
                 conn.send(wire[i:i + _CHUNK], payload=True)
-            if more and not carried and not rest and conn.pipelining:
+            if (more or chain) and not carried and not rest and conn.pipelining:
                 conn.owed = (out, accepted)
-                out.waiting = True
+                out.waiting = not chain     # a later transaction of ours reads it
                 return _Rest([], limit)
             final = conn.reply()
         except _ConnectionLost as e:
@@ -4608,6 +4775,10 @@ class Mailer:
         rcpts, data = _prepared(sender, recipients, message, xverp)
         self.open()
         out = self.deliver(sender, rcpts, data, xverp=_with_xverp(xverp, sender, self.config))
+        if out.verp_too_long:   # the processor's _plan says it with the queue id
+            log.warning("4.3.3 without VERP to %s: the VERP address would be longer than "
+                        "RFC 5321's %d-octet path", ", ".join(
+                            "<%s>" % _shown(r) for r in out.verp_too_long), _MAX_PATH)
         refused = dict(out.failed)
         refused.update(out.deferred)
         if not out.delivered:
@@ -4748,6 +4919,7 @@ class _Fields(NamedTuple):
 
 
 _XVERP_FIELD = (("verp", "xverp"),)    # on a delivered line: XVERP went with it
+_CLIENT_VERP_FIELD = (("verp", "client"),)  # or gsemail made the VERP addresses
 # The reply of a delivery whose Outcome kept none (one an embedder made).
 _NO_RECEIPT = Reply(250, "2.0.0 delivered (no reply kept)")
 
@@ -4817,7 +4989,12 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
         lines.append(_LogLine(logging.INFO, "%s %s: delivered %s", (
             group.reply.status, name,
             _Fields(group.recipients, msgid, where, attempts, took, group.reply,
-                    _XVERP_FIELD if out.xverp else ()))))
+                    _XVERP_FIELD if out.xverp else
+                    _CLIENT_VERP_FIELD if out.client_verp else ()))))
+    if out.verp_too_long:
+        lines.append(_LogLine(logging.WARNING, "4.3.3 %s: without VERP %s msgid=%s: the "
+                              "VERP address would be longer than RFC 5321's %d-octet path",
+                              (name, _to(out.verp_too_long), msgid or "none", _MAX_PATH)))
     for group in _by_reply(out.failed):
         lines.append(_LogLine(logging.WARNING, "%s %s: refused %s", (
             group.reply.status, name,
@@ -6091,8 +6268,9 @@ def _cmd_purge(config: SMTPConfig, args: argparse.Namespace) -> int:
 # for our mail when a relay does not offer one.
 _MEANING = {
     "SIZE": "no size limit announced",
-    "XVERP": "not offered to this client: bounces of mail sent with xverp will not "
-             "name the recipient",
+    "XVERP": "not offered to this client: gsemail does the VERP of mail sent with xverp "
+             "itself, a transaction per recipient (with verp_fallback = plain, bounces "
+             "will not name the recipient)",
     "PIPELINING": "one command per round trip (slower with many recipients)",
     "SMTPUTF8": "non-ASCII addresses are refused (5.6.7)",
     "8BITMIME": "messages with 8-bit data are refused (5.6.3)",

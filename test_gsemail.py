@@ -2768,7 +2768,7 @@ class DeliveryTests(Base):
 
     def test_xverp_not_offered_delivers_without_it(self):
         server = self.server(ehlo=("PIPELINING",))
-        config = self.config(server.port)
+        config = self.config(server.port, verp_fallback="plain")
         self.enqueue(config, xverp=True)
         with self.assertLogs("gsemail", "WARNING") as logs:
             self.drain(config)
@@ -2778,7 +2778,7 @@ class DeliveryTests(Base):
     def test_xverp_offered_but_refused_delivers_without_it(self):
         server = self.server(ehlo=("PIPELINING", "XVERP"), rules={
             "MAIL": lambda a: "555 5.5.4 Unsupported option: XVERP" if "XVERP" in a else None})
-        config = self.config(server.port)
+        config = self.config(server.port, verp_fallback="plain")
         self.enqueue(config, xverp=True)
         with self.assertLogs("gsemail", "WARNING"):
             self.drain(config)
@@ -5203,7 +5203,7 @@ class FaultTests(Base):
 
     def test_xverp_not_offered(self):
         server = self.server(ehlo=("PIPELINING",))
-        config = self.config(server.port, poll_interval=0.2)
+        config = self.config(server.port, poll_interval=0.2, verp_fallback="plain")
         processor = gsemail.QueueProcessor(config)
         processor.start()
         self.addCleanup(processor.stop, 10)
@@ -7170,7 +7170,7 @@ class PostfixTests(Base):
 
     def test_without_xverp_authorisation_delivers_plain(self):
         p = self.prefix()
-        config = self.config(self.postfix.noverp_port)
+        config = self.config(self.postfix.noverp_port, verp_fallback="plain")
         gsemail.Queue(config.queuepath)     # its "created" WARNING is not the one tested
         with self.assertLogs("gsemail", "WARNING") as logs:
             self.send(config, [p + "a@gsemail.test"], xverp=True)
@@ -7320,14 +7320,20 @@ class PostfixOperatorTests(OperatorBase):
                               r"recipient it is for$" % self.postfix.port)
         self.ini(self.postfix.noverp_port, "xverp = true\n")
         out = self.ok("check")
-        self.assertIn("\n  XVERP       no: not offered to this client: bounces of mail sent "
-                      "with xverp will not name the recipient\n", out)
+        self.assertIn("\n  XVERP       no: not offered to this client: gsemail does the VERP "
+                      "of mail sent with xverp itself, a transaction per recipient (with "
+                      "verp_fallback = plain, bounces will not name the recipient)\n", out)
         self.assertIn("\n  PIPELINING  yes\n", out)
         self.assertRegex(out, r"(?m)^verdict: 2\.0\.0 127\.0\.0\.1:%d answered EHLO over TLS; "
-                              r"XVERP is not offered to this client: mail sent "
-                              r"with xverp goes without it, so a bounce will not say which "
-                              r"recipient bounced .*smtpd_authorized_verp_clients\)$"
+                              r"XVERP is not offered to this client: gsemail does the VERP "
+                              r"of mail sent with xverp itself, one transaction per recipient "
+                              r"\(on a Postfix relay, add this host to "
+                              r"smtpd_authorized_verp_clients .*\)$"
                          % self.postfix.noverp_port)
+        self.ini(self.postfix.noverp_port, "xverp = true\nverp_fallback = plain\n")
+        self.assertRegex(self.ok("check"), r"(?m)^verdict: .*XVERP is not offered to this "
+                         r"client: mail sent with xverp goes without it, so a bounce will not "
+                         r"say which recipient bounced .*smtpd_authorized_verp_clients\)$")
 
     def test_check_with_tls_and_auth_and_a_password_file(self):
         secret = os.path.join(self.tmp, "relay.secret")
@@ -8432,3 +8438,330 @@ class DeliveryLineTests(OperatorBase):
         self.assertIn('reply="450 4.2.1 ', deferred)
         self.assertIn("1 delivered (250 2.0.0 Ok: queued as %s)" % relay_id,
                       self.ok("show", name))
+
+
+class ClientVerpTests(Base):
+    """VERP without XVERP: gsemail makes each recipient's bounce address
+    itself, as Postfix's XVERP would, one pipelined transaction per
+    recipient (issue 14); verp_fallback, verp_delimiters, the 256-octet path."""
+
+    SENDER = "bounces@example.org"
+
+    def verp(self, rcpt, delims="+="):
+        local, domain = rcpt.rsplit("@", 1)
+        return "bounces%s%s%s%s@example.org" % (delims[0], local, delims[1], domain)
+
+    def mails(self, server):
+        """Each transaction's reverse-path, without MAIL's parameters (SIZE)."""
+        return [t["mail"].split()[0] for t in server.transactions]
+
+    def test_the_address_is_the_one_postfix_makes(self):
+        va = gsemail._verp_address
+        self.assertEqual(va("bounces@lists.example.org", "alice@example.com", "+="),
+                         "bounces+alice=example.com@lists.example.org")
+        self.assertEqual(va("bounces@lists.example.org", "alice@example.com", "-="),
+                         "bounces-alice=example.com@lists.example.org")
+        # Postfix's verp_sender(): split at the last '@'; no domain, no delimiter 2
+        # (recipient) or no '@' (sender), which Postfix then qualifies with myorigin
+        self.assertEqual(va("bounces", "alice@example.com", "+="), "bounces+alice=example.com")
+        self.assertEqual(va("bounces@x.org", "alice", "+="), "bounces+alice@x.org")
+        self.assertEqual(va("a+b@x.org", "c.d@e.org", "+="), "a+b+c.d=e.org@x.org")
+        # quoted local parts: unquoted inside, quoted again on the wire
+        self.assertEqual(va('"a b"@x.org', "c@e.org", "+="), '"a b+c=e.org"@x.org')
+        self.assertEqual(va("a@x.org", '"c\\"d"@e.org', "+="), '"a+c\\"d=e.org"@x.org')
+        self.assertEqual(va("a@x.org", "j\u00f6rg@e.org", "+="), "a+j\u00f6rg=e.org@x.org")
+
+    def test_options_and_their_checks(self):
+        config = self.config(25)
+        self.assertEqual((config.verp_fallback, config.verp_delimiters), ("client", "+="))
+        self.assertEqual(self.config(25, verp_fallback="Plain").verp_fallback, "plain")
+        self.assertEqual(self.config(25, verp_delimiters="-=").verp_delimiters, "-=")
+        for option, value in (("verp_fallback", "server"), ("verp_fallback", ""),
+                              ("verp_delimiters", "+"), ("verp_delimiters", "+=-"),
+                              ("verp_delimiters", "+@"), ("verp_delimiters", "")):
+            with self.assertRaises(gsemail.ConfigError) as cm:
+                self.config(25, **{option: value})
+            self.assertIn("option %s = %r" % (option, value), str(cm.exception))
+        ini = os.path.join(self.tmp, "gsconfig.ini")
+        with open(ini, "w") as f:
+            f.write("[config-main]\nsmtp = out\n[smtp-out]\nhostname = localhost\nport = 25\n"
+                    "verp_fallback = plain\nverp_delimiters = -+\n")
+        config = gsemail.load_config(ini, "main")
+        self.assertEqual((config.verp_fallback, config.verp_delimiters), ("plain", "-+"))
+        with open(ini, "a") as f:
+            f.write("verp_delimiters = ++x\n")
+        with self.assertRaises(gsemail.ConfigError):
+            gsemail.load_config(ini, "main")
+
+    def test_a_transaction_per_recipient_each_from_its_verp_address(self):
+        server = self.server(ehlo=("PIPELINING", "8BITMIME"))
+        config = self.config(server.port)
+        rcpts = ["a@example.org", "b@example.net", "c@example.org"]
+        name = self.enqueue(config, rcpts=rcpts, sender=self.SENDER, xverp=True)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(self.mails(server), ["<%s>" % self.verp(r) for r in rcpts])
+        self.assertEqual([t["rcpts"] for t in server.transactions], [[r] for r in rcpts])
+        self.assertEqual(len({t["data"] for t in server.transactions}), 1)  # the same bytes
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+        text = "\n".join(logs.output)
+        self.assertIn("does not offer XVERP to this client: gsemail does the VERP itself", text)
+        self.assertRegex(text, r"2\.0\.0 %s: delivered to=<a@example\.org>,<b@example\.net>,"
+                               r"<c@example\.org> msgid=\S+ relay=127\.0\.0\.1:%d attempt=1 "
+                               r"took=\S+ verp=client reply=" % (re.escape(name), server.port))
+        self.assertNotIn("WARNING", text)
+
+    def test_a_recipient_listed_twice_gets_one_copy(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port)
+        self.enqueue(config, rcpts=["a@example.org", "b@example.org", "a@example.org"],
+                     xverp=True)
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_pipelined_each_dot_goes_with_the_next_recipients_commands(self):
+        # hold_dot holds the reply to each dot until the next command comes:
+        # "ahead" says the next transaction's MAIL came with the dot, unasked
+        server = self.server(ehlo=("PIPELINING",), hold_dot=1.0)
+        config = self.config(server.port)
+        rcpts = ["r%d@example.org" % i for i in range(5)]
+        self.enqueue(config, rcpts=rcpts, xverp=True)
+        started = time.monotonic()
+        self.drain(config)
+        self.assertEqual([t["ahead"] for t in server.transactions], [True] * 4 + [False])
+        self.assertLess(time.monotonic() - started, 4.0)    # not a held second each
+        # every per-recipient transaction's MAIL, RCPT and DATA went together:
+        # the server read them before it answered the one before (its dot)
+        self.assertEqual(server.rcpts, rcpts)
+        # without PIPELINING, one command at a time, each reply read first
+        plain = self.server(ehlo=("8BITMIME",), hold_dot=0.2)
+        config = self.config(plain.port)
+        self.enqueue(config, rcpts=rcpts[:2], xverp=True)
+        self.drain(config)
+        self.assertEqual([t["ahead"] for t in plain.transactions], [False, False])
+        self.assertEqual(self.mails(plain), ["<%s>" % self.verp(r) for r in rcpts[:2]])
+
+    def test_a_refused_recipient_costs_the_others_nothing(self):
+        server = self.server(rules={
+            "RCPT": lambda a: "550 5.1.1 no such user" if a.startswith("<b@") else
+            "450 4.2.1 mailbox busy" if a.startswith("<c@") else None})
+        config = self.config(server.port)
+        rcpts = ["a@example.org", "b@example.org", "c@example.org", "d@example.org"]
+        name = self.enqueue(config, rcpts=rcpts, xverp=True)
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "d@example.org"])
+        self.assertEqual(self.mails(server), ["<%s>" % self.verp("a@example.org"),
+                                              "<%s>" % self.verp("d@example.org")])
+        state = self.assertDeferred(name, ["c@example.org"])
+        self.assertIn("550 5.1.1", state["failed"]["b@example.org"])
+        (dead,) = self.dead_letters()
+        with open(dead, "rb") as f:
+            self.assertIn(b"b@example.org", f.read())
+
+    def test_a_lost_connection_keeps_what_was_answered(self):
+        # the second recipient's dot is never answered: it may have gone,
+        # so it waits (deferred), and the rest goes on a new connection
+        server = self.server(rules={"DOT": ["250 2.0.0 Ok: queued as A1", DROP]})
+        config = self.config(server.port)
+        rcpts = ["a@example.org", "b@example.org", "c@example.org"]
+        name = self.enqueue(config, rcpts=rcpts, xverp=True)
+        with self.assertLogs("gsemail", "INFO"):
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "c@example.org"])
+        self.assertDeferred(name, ["b@example.org"])
+        self.assertEqual(server.connections, 2)
+        os.utime(os.path.join(self.queuepath, "cur", name), (0, 0))
+        self.drain(config)
+        self.assertEqual(server.rcpts, rcpts[:1] + rcpts[2:] + ["b@example.org"])
+        self.assertEqual(self.mails(server)[-1], "<%s>" % self.verp("b@example.org"))
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+
+    def test_an_error_limit_hang_up_goes_on_with_the_rest(self):
+        # as Postfix's smtpd_hard_error_limit: the refusal, then the hang-up
+        server = self.server(rules={
+            "RCPT": lambda a: "550 5.1.1 no such user" if a.startswith("<b@") else None,
+            "RSET": [DROP]})
+        config = self.config(server.port)
+        rcpts = ["a@example.org", "b@example.org", "c@example.org"]
+        name = self.enqueue(config, rcpts=rcpts, xverp=True)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org", "c@example.org"])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual([n for n in self.listing("new") + self.listing("cur")
+                          if not n.startswith(".rejected-")], [])
+        self.assertIn("after settling 2 recipient(s) of the message: going on at once",
+                      "\n".join(logs.output))
+        (dead,) = self.dead_letters()
+        self.assertIn(name, dead)
+
+    def test_xverp_refused_with_501_504_555_means_client_verp(self):
+        for code in ("501 5.5.4 Syntax error", "504 5.5.4 XVERP not supported",
+                     "555 5.5.4 Unsupported option: XVERP"):
+            with self.subTest(code=code):
+                server = self.server(ehlo=("PIPELINING", "XVERP"), rules={
+                    "MAIL": lambda a, code=code: code if "XVERP" in a else None})
+                config = self.config(server.port, queuepath=os.path.join(self.tmp, code[:3]))
+                rcpts = ["a@example.org", "b@example.org"]
+                self.enqueue(config, rcpts=rcpts, xverp=True)
+                self.enqueue(config, rcpts=["c@example.org"], xverp=True)
+                with self.assertLogs("gsemail", "WARNING") as logs:
+                    self.drain(config)
+                self.assertEqual(sorted(self.mails(server)),
+                                 sorted("<%s>" % self.verp(r) for r in rcpts + ["c@example.org"]))
+                self.assertEqual(server.rcpts, rcpts + ["c@example.org"] if
+                                 server.rcpts[0] == "a@example.org" else
+                                 ["c@example.org"] + rcpts)
+                # asked once on the connection, not again for the next message
+                self.assertEqual(sum("XVERP" in c for c in server.commands), 1)
+                refused = [line for line in logs.output if "refused XVERP" in line]
+                self.assertEqual(len(refused), 1, logs.output)
+                self.assertIn("gsemail does the VERP itself", refused[0])
+
+    def test_verp_fallback_plain_is_the_old_behaviour(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port, verp_fallback="plain")
+        name = self.enqueue(config, rcpts=["a@example.org", "b@example.org"], xverp=True)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(self.mails(server), ["<bounces@example.org>"])
+        self.assertEqual(server.rcpts, ["a@example.org", "b@example.org"])
+        text = "\n".join(logs.output)
+        self.assertIn("WARNING:gsemail:4.3.3 127.0.0.1:%d does not offer XVERP to this client: "
+                      "sending without it" % server.port, text)
+        self.assertRegex(text, r"delivered to=<a@example\.org>,<b@example\.org> msgid=\S+ "
+                               r"relay=127\.0\.0\.1:%d attempt=1 took=\S+ reply=" % server.port)
+        self.assertNotIn("verp=", text)
+        self.assertNotIn("VERP\n", text.replace(name, ""))
+
+    def test_delimiters_client_side_and_as_xverp_parameter(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port, verp_delimiters="-=")
+        self.enqueue(config, rcpts=["a@example.org"], xverp=True)
+        self.drain(config)
+        self.assertEqual(self.mails(server), ["<bounces-a=example.org@example.org>"])
+        offered = self.server(ehlo=("PIPELINING", "XVERP"))
+        for delims, param in (("-=", " XVERP=-="), ("+=", " XVERP"), ("=+", " XVERP==+")):
+            config = self.config(offered.port, verp_delimiters=delims)
+            self.enqueue(config, rcpts=["a@example.org", "b@example.org"], xverp=True)
+            self.drain(config)
+            self.assertEqual(offered.transactions[-1]["mail"], "<bounces@example.org>" + param)
+            self.assertEqual(offered.transactions[-1]["rcpts"], ["a@example.org", "b@example.org"])
+
+    def long_recipients(self):
+        # bounces+LOCAL=DOMAIN@example.org: 7 + 1 + 64 + 1 + len(domain) + 12 octets
+        local = "l" * 64
+        fits = local + "@" + ".".join(["d" * 63, "d" * 63, "d" * 41])     # 169-octet domain
+        over = local + "@" + ".".join(["e" * 63, "e" * 63, "e" * 42])     # 170 octets
+        self.assertEqual(len("<%s>" % self.verp(fits)), 256)
+        self.assertEqual(len("<%s>" % self.verp(over)), 257)
+        return fits, over
+
+    def test_a_verp_address_over_256_octets_goes_from_the_plain_sender(self):
+        fits, over = self.long_recipients()
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port)
+        rcpts = [over, "a@example.org", fits]
+        name = self.enqueue(config, rcpts=rcpts, xverp=True)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(self.mails(server), ["<%s>" % self.verp("a@example.org"),
+                                              "<%s>" % self.verp(fits), "<bounces@example.org>"])
+        self.assertEqual(server.rcpts, ["a@example.org", fits, over])
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+        (warning,) = [line for line in logs.output if line.startswith("WARNING")]
+        self.assertRegex(warning, r"WARNING:gsemail:4\.3\.3 %s: without VERP to=<%s> msgid=\S+: "
+                         r"the VERP address would be longer than RFC 5321's 256-octet path\Z"
+                         % (re.escape(name), re.escape(over)))
+        # with XVERP the relay would make the same address: that one goes alone
+        offered = self.server(ehlo=("PIPELINING", "XVERP"))
+        config = self.config(offered.port)
+        self.enqueue(config, rcpts=rcpts, xverp=True)
+        with self.assertLogs("gsemail", "WARNING"):
+            self.drain(config)
+        self.assertEqual([(t["mail"], t["rcpts"]) for t in offered.transactions],
+                         [("<bounces@example.org> XVERP", ["a@example.org", fits]),
+                          ("<bounces@example.org>", [over])])
+        # sent at once, without the queue (Mailer.send, gsemail send)
+        with gsemail.Mailer(self.config(server.port)) as mailer, \
+                self.assertLogs("gsemail", "WARNING") as logs:
+            self.assertEqual(mailer.send(self.SENDER, [over, "b@example.org"], message(),
+                                         xverp=True), {})
+        self.assertEqual(logs.output, ["WARNING:gsemail:4.3.3 without VERP to <%s>: the VERP "
+                                       "address would be longer than RFC 5321's 256-octet "
+                                       "path" % over])
+        self.assertEqual(self.mails(server)[-2:], ["<%s>" % self.verp("b@example.org"),
+                                                   "<bounces@example.org>"])
+
+    def test_an_empty_sender_never_gets_verp(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port, xverp=True)
+        self.enqueue(config, rcpts=["a@example.org", "b@example.org"], sender="")
+        self.drain(config)
+        self.assertEqual(self.mails(server), ["<>"])
+        with gsemail.Mailer(config) as mailer:
+            mailer.open()
+            out = mailer.deliver("", ["c@example.org", "d@example.org"], message().encode(),
+                                 xverp=True)
+        self.assertEqual(out.delivered, ["c@example.org", "d@example.org"])
+        self.assertFalse(out.client_verp or out.xverp)
+        self.assertEqual(self.mails(server), ["<>", "<>"])
+
+    def test_mailer_send_and_outcome_say_how_it_went(self):
+        server = self.server(ehlo=("PIPELINING",))
+        config = self.config(server.port)
+        with gsemail.Mailer(config) as mailer:
+            replies = mailer.send(self.SENDER, ["a@example.org", "b@example.org"], message(),
+                                  xverp=True)
+            self.assertTrue(all(r.ok for r in replies.values()))
+            out = mailer.deliver(self.SENDER, ["c@example.org"], message().encode(), xverp=True)
+        self.assertTrue(out.client_verp)
+        self.assertFalse(out.xverp)
+        self.assertEqual(self.mails(server), ["<%s>" % self.verp(r) for r in
+                                              ("a@example.org", "b@example.org", "c@example.org")])
+
+    # -- at a real Postfix ---------------------------------------------------------
+
+    def postfix_copies(self, port, p, rcpts, **kw):
+        config = self.config(port, queuepath=os.path.join(self.tmp, "q%d" % port), **kw)
+        queue = gsemail.Queue(config.queuepath)
+        data = gsemail._prepare_message(message(subject=self._testMethodName),
+                                        "bounces@gsemail.test")
+        queue.add("bounces@gsemail.test", [p + r for r in rcpts], data, True)
+        gsemail.QueueProcessor(config).drain()
+        copies = self.pf.wait_delivered(p, len(rcpts))
+        self.assertEqual(len(copies), len(rcpts))
+        return sorted((m["Delivered-To"][len(p):], m["Return-Path"].replace(p, "P"))
+                      for m in copies)
+
+    def test_postfix_return_path_the_same_with_xverp_and_client_verp(self):
+        self.pf = postfix()
+        rcpts = ["a@gsemail.test", "b.c@gsemail.test", "d+e@gsemail.test"]
+        stamp = time.monotonic_ns()
+        with self.assertLogs("gsemail", "INFO") as logs:
+            by_postfix = self.postfix_copies(self.pf.port, "xv%d-" % stamp, rcpts)
+            by_us = self.postfix_copies(self.pf.noverp_port, "cv%d-" % stamp, rcpts)
+        self.assertEqual(by_us, by_postfix)
+        self.assertEqual(by_us, [("a@gsemail.test", "<bounces+Pa=gsemail.test@gsemail.test>"),
+                                 ("b.c@gsemail.test", "<bounces+Pb.c=gsemail.test@gsemail.test>"),
+                                 ("d+e@gsemail.test", "<bounces+Pd+e=gsemail.test@gsemail.test>")])
+        text = "\n".join(logs.output)
+        self.assertRegex(text, r"relay=127\.0\.0\.1:%d attempt=1 took=\S+ verp=xverp "
+                               % self.pf.port)
+        self.assertRegex(text, r"relay=127\.0\.0\.1:%d attempt=1 took=\S+ verp=client "
+                               % self.pf.noverp_port)
+
+    def test_postfix_return_path_the_same_with_other_delimiters(self):
+        self.pf = postfix()
+        rcpts = ["a@gsemail.test", "b@gsemail.test"]
+        stamp = time.monotonic_ns()
+        by_postfix = self.postfix_copies(self.pf.port, "xd%d-" % stamp, rcpts,
+                                         verp_delimiters="-=")
+        by_us = self.postfix_copies(self.pf.noverp_port, "cd%d-" % stamp, rcpts,
+                                    verp_delimiters="-=")
+        self.assertEqual(by_us, by_postfix)
+        self.assertEqual(by_us, [("a@gsemail.test", "<bounces-Pa=gsemail.test@gsemail.test>"),
+                                 ("b@gsemail.test", "<bounces-Pb=gsemail.test@gsemail.test>")])
