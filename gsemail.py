@@ -3840,6 +3840,8 @@ class Mailer:
         pins = self.config.fingerprints
         sock = smtp.sock
         if not pins:
+            if verify and not self.config.verify_certificates:
+                return "verified (before AUTH: username is set and the relay is not loopback)"
             return "verified" if verify else \
                 "not verified (set tls_verify = true to require it)"
         der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
@@ -4003,8 +4005,8 @@ class Mailer:
     def _verdict(self, r: RelayCheck) -> str:
         if r.error is not None:
             hint = {"4.4": "is it running, and listening on that address and port?",
-                    "4.7": "fix TLS (cafile, tls_verify, force_tls) or AUTH (username, "
-                           "password)",
+                    "4.7": "fix TLS (cafile, tls_fingerprint, tls_verify, force_tls) or AUTH "
+                           "(username, password)",
                     "5.7": "fix AUTH (username, password) or the relay's access rules"}
             status = r.error.status
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused

@@ -7784,6 +7784,17 @@ class TlsPinTests(OperatorBase):
                 self.enqueue(config)
                 self.drain(config)
             self.assertEqual(len(server.transactions), 2)
+            # a certificate that verifies (cafile) takes the password
+            good = self.tls_server("soon", ehlo=("PIPELINING", "AUTH PLAIN"), auth=auth)
+            config = self.config(good.port, username="user", password="secret",
+                                 cafile=self.path("ca.pem"))
+            self.enqueue(config)
+            with self.assertLogs("gsemail", "INFO") as logs:
+                self.drain(config)
+            self.assertEqual(good.rcpts, ["a@example.org"])
+            self.assertIn("certificate verified (before AUTH: username is set and the relay "
+                          "is not loopback)", "\n".join(logs.output))
+            self.assertTrue(any(c.startswith("AUTH PLAIN") for c in good.commands))
         # on loopback, opportunistic TLS takes the certificate as it is
         config = self.config(server.port, username="user", password="secret")
         self.enqueue(config)
