@@ -3771,7 +3771,7 @@ class Mailer:
             greeting = Reply(code, _one_line(text.decode("utf-8", "replace")))
             if code != 220:
                 raise smtplib.SMTPConnectError(code, text)
-            checked = self._pinned(smtp, relay, verify) if c.use_implicit_tls else ""
+            checked = self._certificate_checked(smtp, relay, verify) if c.use_implicit_tls else ""
             self._hello(smtp)
             before = dict(smtp.esmtp_features)
             encrypted = c.use_implicit_tls
@@ -3793,7 +3793,7 @@ class Mailer:
                                     "text", relay, e.smtp_code)
                     else:
                         # before anything is sent over it, EHLO included
-                        checked = self._pinned(smtp, relay, verify)
+                        checked = self._certificate_checked(smtp, relay, verify)
                         self._hello(smtp)
                         encrypted = True
                 elif c.tls_required:
@@ -3833,7 +3833,7 @@ class Mailer:
         return "force_tls is set" if c.force_tls else \
             "tls_fingerprint pins its certificate" if c.fingerprints else "TLS is required"
 
-    def _pinned(self, smtp: smtplib.SMTP, relay: str, verify: bool) -> str:
+    def _certificate_checked(self, smtp: smtplib.SMTP, relay: str, verify: bool) -> str:
         """How the certificate of the TLS session on smtp was checked, for
         the log; raises _CertificateRefused when tls_fingerprint pins others.
         Called as soon as TLS is up, before anything is sent over it."""
