@@ -3271,11 +3271,14 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
 def _loopback(address: str) -> bool:
     """address (an IP address as getpeername gives it, "fe80::1%eth0" too)
     is this host's loopback: 127.0.0.0/8 or ::1, where no one on the way
-    can read or change what is sent."""
+    can read or change what is sent.  ::ffff:127.0.0.1 is too, as Python
+    3.13 says and 3.12 did not."""
     try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+        ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
 
 
 def _fingerprint(der: bytes) -> str:

@@ -7850,3 +7850,11 @@ class TlsPinTests(OperatorBase):
                       "without the keyUsage extension, as a bare openssl req -x509 makes: "
                       "make the CA again with keyUsage, see README's troubleshooting)"
                       % server.port, "\n".join(logs.output))
+
+    def test_what_is_loopback(self):
+        # the one function the AUTH test patches: all of 127.0.0.0/8 and ::1
+        for address, loopback in (("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                  ("::ffff:127.0.0.1", True), ("10.0.0.25", False),
+                                  ("192.0.2.1", False), ("fe80::1%eth0", False),
+                                  ("2001:db8::1", False), ("not an address", False)):
+            self.assertEqual(gsemail._loopback(address), loopback, address)
