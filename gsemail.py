@@ -104,6 +104,7 @@ import errno
 import fcntl
 import functools
 import grp
+import hashlib
 import heapq
 import hmac
 import io
@@ -125,6 +126,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -488,6 +490,43 @@ def _ipv6(text: str) -> bool:
     return True
 
 
+def _fingerprints(text: str) -> Tuple[str, ...]:
+    """The SHA-256 fingerprints in a tls_fingerprint value, each as
+    "AB:CD:..." (upper case, colons): 'sha256:AB:CD:..., abcd...' with or
+    without the prefix (msmtp writes none), with or without colons (dma
+    writes none), upper or lower case.  Raises ValueError saying why not."""
+    found = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        bare = entry[7:] if entry[:7].lower() == "sha256:" else entry
+        digits = bare.replace(":", "")
+        if not entry or not re.fullmatch(r"[0-9A-Fa-f]*", digits) or (
+                ":" in bare and not re.fullmatch(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*", bare)):
+            raise ValueError("%r is not a fingerprint: write sha256: and 32 hexadecimal "
+                             "pairs, as gsemail check prints them" % entry)
+        if len(digits) in (32, 40):     # MD5, SHA-1: what older tools print
+            raise ValueError("%r is an MD5 or SHA-1 fingerprint: give the SHA-256 one "
+                             "(gsemail check prints it)" % entry)
+        if len(digits) != 64:
+            raise ValueError("%r has %d hexadecimal digits, not the 64 of a SHA-256 "
+                             "fingerprint" % (entry, len(digits)))
+        found.append(":".join(re.findall("..", digits.upper())))
+    return tuple(found)
+
+
+def _servername(name: str) -> bool:
+    """name can be verified in a certificate and sent as SNI: an ASCII host
+    name (an internationalised one in its xn-- form) or an IP address."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return len(name) <= 253 and re.fullmatch(
+        r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+        r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?", name) is not None
+
+
 def _relays(hostname: str, port: int) -> List[Tuple[str, int]]:
     """'a.example.org, b.example.org:2525, [2001:db8::1]:25' as (host, port)
     pairs; an entry without a port has the port option's.  Raises ValueError
@@ -557,6 +596,8 @@ class SMTPConfig:
     verp_fallback: str = "client"
     #: VERP's two delimiters, as Postfix's XVERP=+= (each from -=+)
     verp_delimiters: str = "+="
+    tls_fingerprint: Optional[str] = None
+    tls_servername: Optional[str] = None
     source: str = dataclasses.field(default="", compare=False)
     # hostname parsed, once, by __post_init__: not an argument, and left out
     # of comparison and repr (hostname says it); dataclasses.replace makes a
@@ -610,6 +651,25 @@ class SMTPConfig:
                            os.path.abspath(os.path.expanduser(self.queuepath)))
         if self.cafile is not None and not os.path.isfile(self.cafile):
             raise bad("cafile", self.cafile, "no such file")
+        if self.tls_fingerprint not in (None, ""):     # empty means unset
+            try:
+                _fingerprints(self.tls_fingerprint)
+            except (ValueError, AttributeError) as e:     # AttributeError: not a str
+                raise bad("tls_fingerprint", self.tls_fingerprint, str(e)) from None
+            # A pin is a promise that this relay talks TLS: without TLS it
+            # pins nothing (as Postfix's "fingerprint" level, which is mandatory TLS).
+            if self.no_tls:
+                raise ConfigError("options no_tls and tls_fingerprint are both set%s: "
+                                  "a pinned certificate needs TLS; choose one" % where)
+            if self.tls_verify is False:
+                raise ConfigError("options tls_verify = false and tls_fingerprint are "
+                                  "both set%s: the fingerprint is a check; choose one"
+                                  % where)
+        if self.tls_servername not in (None, "") and (
+                not isinstance(self.tls_servername, str) or
+                not _servername(self.tls_servername)):
+            raise bad("tls_servername", self.tls_servername, "must be a host name (an "
+                      "internationalised one in its xn-- form) or an IP address")
         # Every number has an upper bound (README's option table): a huge
         # value would otherwise fail later, at a socket or a wait, where it
         # can only defer mail or stop a processor.
@@ -655,14 +715,24 @@ class SMTPConfig:
 
     @property
     def tls_required(self) -> bool:
-        return self.force_tls or self.use_implicit_tls
+        """TLS or nothing: force_tls, implicit TLS or a pinned certificate."""
+        return self.force_tls or self.use_implicit_tls or bool(self.fingerprints)
+
+    @property
+    def fingerprints(self) -> Tuple[str, ...]:
+        """tls_fingerprint's SHA-256 fingerprints, each as "AB:CD:..."."""
+        return _fingerprints(self.tls_fingerprint) if self.tls_fingerprint else ()
 
     @property
     def verify_certificates(self) -> bool:
-        """Verify where TLS is required, unless tls_verify says otherwise."""
-        if self.tls_verify is None:
-            return self.tls_required
-        return self.tls_verify
+        """Whether the certificate is verified against the CAs, for every
+        relay: where TLS is required, unless tls_verify says otherwise or a
+        pinned fingerprint decides instead.  (Mailer also verifies it, even
+        when TLS is only opportunistic, before AUTH to a relay that is not
+        loopback: see README's tls_verify.)"""
+        if self.tls_verify is not None:
+            return self.tls_verify
+        return self.tls_required and not self.fingerprints
 
     @property
     def local_hostname(self) -> str:
@@ -699,6 +769,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "poll_interval": _duration, "sessions": _integer, "password_env": str,
     "password_file": str, "password_command": str, "auth_mechanism": str,
     "debug": _boolean, "verp_fallback": str, "verp_delimiters": str,
+    "tls_fingerprint": str, "tls_servername": str,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
@@ -3284,11 +3355,23 @@ class Outcome:
             (self.failed if reply.permanent else self.deferred)[rcpt] = reply
 
 
+# OpenSSL 3's X509_V_ERR_CA_CERT_MISSING_KEY_USAGE: the verify error of a
+# CA without keyUsage, which Python 3.13's ssl.VERIFY_X509_STRICT (on in
+# create_default_context) refuses and 3.12 accepted; a CA made with a bare
+# ``openssl req -x509`` is one.  The number is decided on, not the wording.
+_MISSING_KEY_USAGE = 92
+
+
 def _reply_for(exc: BaseException, where: str) -> Reply:
     """The Reply that stands for an exception raised while talking SMTP."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Reply(454, "4.7.5 certificate of %s did not verify: %s"
-                     % (where, exc.verify_message or exc))
+        hint = ""
+        if exc.verify_code == _MISSING_KEY_USAGE:
+            hint = (" (Python %d.%d refuses a CA certificate without the keyUsage "
+                    "extension, as a bare openssl req -x509 makes: make the CA again "
+                    "with keyUsage, see README's troubleshooting)" % sys.version_info[:2])
+        return Reply(454, "4.7.5 certificate of %s did not verify: %s%s"
+                     % (where, exc.verify_message or exc, hint))
     if isinstance(exc, ssl.SSLError):
         return Reply(454, "4.7.5 TLS with %s failed: %s" % (where, exc.reason or exc))
     if isinstance(exc, smtplib.SMTPResponseException):
@@ -3305,6 +3388,79 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
     if isinstance(exc, OSError):
         return Reply(451, "4.4.1 cannot talk to %s: %s" % (where, exc.strerror or exc))
     return Reply(451, "4.3.0 %s: %s" % (type(exc).__name__, exc))
+
+
+def _loopback(address: str) -> bool:
+    """address (an IP address as getpeername gives it, "fe80::1%eth0" too)
+    is this host's loopback: 127.0.0.0/8 or ::1, where no one on the way
+    can read or change what is sent.  ::ffff:127.0.0.1 is too, as Python
+    3.13 says and 3.12 did not."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def _fingerprint(der: bytes) -> str:
+    """The SHA-256 fingerprint of a certificate's DER bytes, as
+    tls_fingerprint takes it and ``openssl x509 -fingerprint -sha256``
+    prints it: "sha256:AB:CD:..."."""
+    return "sha256:" + ":".join("%02X" % b for b in hashlib.sha256(der).digest())
+
+
+class _Certificate(NamedTuple):
+    """What check shows of a relay's certificate."""
+
+    subject: str                # "CN=mail.example.org, O=Example"
+    issuer: str
+    names: List[str]            # its subjectAltNames: "DNS:mail.example.org", "IP:192.0.2.1"
+    expires: Optional[float]    # notAfter, seconds since the epoch; None if unreadable
+    fingerprint: str            # "sha256:AB:CD:..."
+
+
+# getpeercert()'s long attribute names, as openssl and Postfix print them
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+                "domainComponent": "DC"}
+
+
+def _decoded(der: bytes) -> Dict[str, Any]:
+    """The fields of a certificate that was not verified (pinned, or
+    opportunistic TLS), in getpeercert()'s form, which gives them only for a
+    verified one.  The ssl module's only parser of a certificate is
+    _test_decode_cert, which reads a PEM file: used for check only, and
+    without it check shows the fingerprint alone."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return {}
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:    # mode 0600, O_EXCL
+        f.write(ssl.DER_cert_to_PEM_cert(der))
+        f.flush()
+        try:
+            return dict(decode(f.name))
+        except (ssl.SSLError, OSError, ValueError):
+            return {}
+
+
+def _certificate(sock: ssl.SSLSocket) -> Optional[_Certificate]:
+    """The relay's certificate on sock, or None if it sent none."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return None
+    fields: Dict[str, Any] = dict(sock.getpeercert() or {}) or _decoded(der)
+
+    def name(rdns: Iterable[Iterable[Tuple[str, str]]]) -> str:
+        return ", ".join("%s=%s" % (_SHORT_NAMES.get(k, k), v) for rdn in rdns for k, v in rdn)
+    try:
+        expires: Optional[float] = ssl.cert_time_to_seconds(fields["notAfter"])
+    except (KeyError, ValueError):
+        expires = None
+    return _Certificate(name(fields.get("subject", ())), name(fields.get("issuer", ())),
+                        ["%s:%s" % ("IP" if kind == "IP Address" else kind, value)
+                         for kind, value in fields.get("subjectAltName", ())],
+                        expires, _fingerprint(der))
 
 
 def _relay_trouble(where: str, e: DeliveryError) -> Reply:
@@ -3526,6 +3682,9 @@ class _Connection:
         self.broken = False
         self.warned_xverp = False
         self.refused_xverp = False  # MAIL with XVERP got 501/504/555: not asked again
+        #: how its certificate was checked, for log lines and check
+        #: (Mailer._reach_once says): "verified", "pinned (...)", ...
+        self.certificate = "none (no TLS)"
         # Written but not yet sent: commands go out together when a reply
         # is needed (RFC 2920), and a small message in the same packet.
         self.unsent: List[bytes] = []
@@ -3791,7 +3950,12 @@ class RelayCheck:
     offered after TLS; ``offered_before_tls`` as offered before it.
     ``error`` is the Reply that made the relay unusable, or None.
     ``verdict`` is one line, starting with an RFC 3463 code, saying what
-    it all means for mail sent with this configuration.
+    it all means for mail sent with this configuration.  The
+    ``certificate_`` fields describe the relay's TLS certificate (empty
+    without TLS): its subject and issuer ("CN=..., O=..."), its
+    subjectAltNames ("DNS:mail.example.org"), when it expires (seconds
+    since the epoch, or None) and its SHA-256 fingerprint in the
+    "sha256:AB:CD:..." form that tls_fingerprint takes.
     """
 
     relay: str
@@ -3802,10 +3966,28 @@ class RelayCheck:
     auth: str = "not configured (no username)"
     error: Optional[Reply] = None
     verdict: str = ""
+    certificate_subject: str = ""
+    certificate_issuer: str = ""
+    certificate_names: List[str] = dataclasses.field(default_factory=list)
+    certificate_expires: Optional[float] = None
+    certificate_fingerprint: str = ""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def certificate_days_left(self) -> Optional[float]:
+        """Days until the certificate expires (below 0: it has), or None."""
+        if self.certificate_expires is None:
+            return None
+        return (self.certificate_expires - time.time()) / 86400
+
+
+class _CertificateRefused(TLSError):
+    """The relay's certificate did not verify, or is not the one pinned:
+    never a reason to try again in plain text, as other TLS trouble is when
+    TLS is only opportunistic."""
 
 
 def _oauth_error(challenge: bytes) -> str:
@@ -3901,7 +4083,7 @@ class Mailer:
         self.config = config
         self._connection: Optional[_Connection] = None
         self._tried = _where(*config.relays[0])     # the last relay _reach tried
-        self._context: Optional[ssl.SSLContext] = None
+        self._contexts: Dict[bool, ssl.SSLContext] = {}    # verify -> context
         #: relay -> the transactions a connection to it takes, as learnt
         #: from a MAIL refused because the connection was used up
         self._limits: Dict[str, int] = {}
@@ -3921,14 +4103,32 @@ class Mailer:
 
     # -- connecting ---------------------------------------------------------
 
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._context is None:
+    def _tls_context(self, verify: bool) -> ssl.SSLContext:
+        """The context for a handshake that verifies the certificate against
+        the CAs (and cafile) and the name, or one that takes any certificate
+        (opportunistic TLS, or a pinned one: _reach_once checks the pin)."""
+        context = self._contexts.get(verify)
+        if context is None:
             context = ssl.create_default_context(cafile=self.config.cafile)
-            if not self.config.verify_certificates:
+            if not verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-            self._context = context
-        return self._context
+            self._contexts[verify] = context
+        return context
+
+    def _verifies(self, peer: Optional[str]) -> bool:
+        """Whether the handshake with the relay at address peer (None: not
+        known yet, as for implicit TLS) verifies the certificate."""
+        c = self.config
+        if c.verify_certificates:
+            return True
+        # The password never goes to a peer no CA vouched for, even when TLS
+        # is only opportunistic: an active attacker would offer STARTTLS with
+        # a certificate of their own and read it.  Not on loopback, where no
+        # one is on the way, nor against tls_verify = false said outright or
+        # a pin, which is a check of its own.
+        return c.tls_verify is None and not c.fingerprints and bool(c.username) and \
+            peer is not None and not _loopback(peer)
 
     def open(self) -> None:
         """Make sure a usable connection is open: raises DeliveryError (a
@@ -3991,21 +4191,23 @@ class Mailer:
             # no worse than a server without STARTTLS, so try again in plain
             # text.  Never when TLS is required or certificates are checked.
             c = self.config
-            if c.tls_required or c.verify_certificates or e.status != "4.7.5":
+            if c.tls_required or c.verify_certificates or e.status != "4.7.5" or \
+                    isinstance(e, _CertificateRefused):
                 raise
             log.warning("%s: sending in plain text, as TLS is not required (set "
                         "force_tls = true to require it)", e.reply)
             return self._reach_once(host, port, starttls=False)
 
-    def _smtp(self, relay: str) -> smtplib.SMTP:
-        """An smtplib.SMTP (SMTP_SSL for implicit TLS), not yet connected;
-        one that writes a transcript of the connection when debug is set
-        and the gsemail.smtp logger takes DEBUG (asked once a connection,
-        so that the transcript costs nothing when it is off)."""
+    def _smtp(self, relay: str, verify: bool) -> smtplib.SMTP:
+        """An smtplib.SMTP (SMTP_SSL for implicit TLS, verifying the
+        certificate or not: see _tls_context), not yet connected; one that
+        writes a transcript of the connection when debug is set and the
+        gsemail.smtp logger takes DEBUG (asked once a connection, so that
+        the transcript costs nothing when it is off)."""
         c = self.config
         kw: Dict[str, Any] = {"local_hostname": c.local_hostname, "timeout": c.timeout}
         if c.use_implicit_tls:
-            kw["context"] = self._tls_context()
+            kw["context"] = self._tls_context(verify)
         if c.debug and _smtp_log.isEnabledFor(logging.DEBUG):
             kind = _TranscribedSMTP_SSL if c.use_implicit_tls else _TranscribedSMTP
             return kind(_Transcript(relay), **kw)
@@ -4015,45 +4217,53 @@ class Mailer:
         c = self.config
         relay = _where(host, port)
         smtp: Optional[smtplib.SMTP] = None
+        verify = self._verifies(None)
         try:
-            smtp = self._smtp(relay)
+            smtp = self._smtp(relay, verify)
             # Connected here, not by the constructor, to keep the greeting for
-            # check; SMTP_SSL and starttls() take the name they verify from
-            # _host, which only the constructor sets.  (The ignore: _host is
-            # smtplib's private attribute, which typeshed does not declare.)
-            smtp._host = host  # type: ignore[attr-defined]
+            # check; SMTP_SSL and starttls() take the name they verify and
+            # send as SNI from _host, which only the constructor sets: the
+            # relay's, or tls_servername.  (The ignore: _host is smtplib's
+            # private attribute, which typeshed does not declare.)
+            smtp._host = c.tls_servername or host  # type: ignore[attr-defined]
             code, text = smtp.connect(host, port)
             greeting = Reply(code, _one_line(text.decode("utf-8", "replace")))
             if code != 220:
                 raise smtplib.SMTPConnectError(code, text)
+            checked = self._certificate_checked(smtp, relay, verify) if c.use_implicit_tls else ""
             self._hello(smtp)
             before = dict(smtp.esmtp_features)
             encrypted = c.use_implicit_tls
             if not encrypted and not c.no_tls and starttls:
                 if smtp.has_extn("starttls"):
+                    sock = smtp.sock
+                    verify = self._verifies(sock.getpeername()[0] if sock else None)
                     try:
                         # verifies the name in _host, set above
-                        smtp.starttls(context=self._tls_context())
+                        smtp.starttls(context=self._tls_context(verify))
                     except smtplib.SMTPResponseException as e:     # not 220
-                        if c.force_tls:
+                        if c.tls_required:
                             said = _reply_for(e, relay)
                             raise TLSError(Reply(454, "4.7.4 %s refused STARTTLS (%d %s) "
-                                                 "and force_tls is set" % (
-                                                     relay, said.code, said.text))) from None
+                                                 "and %s" % (
+                                                     relay, said.code, said.text,
+                                                     self._requiring()))) from None
                         log.warning("4.7.4 %s refused STARTTLS (%d): sending in plain "
                                     "text", relay, e.smtp_code)
                     else:
+                        # before anything is sent over it, EHLO included
+                        checked = self._certificate_checked(smtp, relay, verify)
                         self._hello(smtp)
                         encrypted = True
-                elif c.force_tls:
-                    raise TLSError(Reply(454, "4.7.4 %s does not offer STARTTLS and "
-                                         "force_tls is set: nothing is sent in plain "
-                                         "text" % relay))
+                elif c.tls_required:
+                    raise TLSError(Reply(454, "4.7.4 %s does not offer STARTTLS and %s: "
+                                         "nothing is sent in plain text" % (
+                                             relay, self._requiring())))
             conn = _Connection(smtp, relay, greeting, before, encrypted)
             if encrypted:
+                conn.certificate = checked
                 log.info("2.7.0 TLS with %s (%s), certificate %s", relay,
-                         conn.tls_version, "verified" if c.verify_certificates
-                         else "not verified (set tls_verify = true to require it)")
+                         conn.tls_version, checked)
             return conn
         except BaseException as e:
             if smtp is not None:
@@ -4065,9 +4275,42 @@ class Mailer:
             reply = _reply_for(e, relay)
             if isinstance(e, smtplib.SMTPConnectError):
                 reply = Reply(reply.code, "%s (greeting from %s)" % (reply.text, relay))
+            if isinstance(e, ssl.SSLCertVerificationError):
+                if not c.verify_certificates:   # verified only because of the password
+                    reply = Reply(reply.code, "%s; it is verified as username is set and "
+                                  "%s is not loopback: give its CA as cafile, pin it with "
+                                  "tls_fingerprint, or set tls_verify = false" % (
+                                      reply.text, relay))
+                raise _CertificateRefused(reply) from None
             if reply.status.startswith(("4.7.5", "4.7.4")):
                 raise TLSError(reply) from None
             raise DeliveryError(reply) from None
+
+    def _requiring(self) -> str:
+        """Which option makes TLS required, for an error that says so."""
+        c = self.config
+        return "force_tls is set" if c.force_tls else \
+            "tls_fingerprint pins its certificate" if c.fingerprints else "TLS is required"
+
+    def _certificate_checked(self, smtp: smtplib.SMTP, relay: str, verify: bool) -> str:
+        """How the certificate of the TLS session on smtp was checked, for
+        the log; raises _CertificateRefused when tls_fingerprint pins others.
+        Called as soon as TLS is up, before anything is sent over it."""
+        pins = self.config.fingerprints
+        sock = smtp.sock
+        if not pins:
+            if verify and not self.config.verify_certificates:
+                return "verified (before AUTH: username is set and the relay is not loopback)"
+            return "verified" if verify else \
+                "not verified (set tls_verify = true to require it)"
+        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        seen = _fingerprint(der) if der else "none (no certificate)"
+        if seen[7:] not in pins:
+            raise _CertificateRefused(Reply(454, "4.7.5 certificate of %s is %s, not the "
+                                            "one tls_fingerprint pins (%s): nothing is "
+                                            "sent to it" % (relay, seen, ", ".join(
+                                                "sha256:" + p for p in pins))))
+        return "pinned (%s)%s" % (seen, " and verified" if verify else "")
 
     @staticmethod
     def _hello(smtp: smtplib.SMTP) -> None:
@@ -4134,8 +4377,7 @@ class Mailer:
         sock = smtp.sock
         if sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
-        peer = sock.getpeername()[0]
-        if not encrypted and not ipaddress.ip_address(peer.split("%")[0]).is_loopback:
+        if not encrypted and not _loopback(sock.getpeername()[0]):
             raise DeliveryError(Reply(454, "4.7.0 refusing to send the password for %s "
                                       "in plain text to %s: enable TLS on the relay "
                                       "or unset no_tls" % (c.username, relay)))
@@ -4262,13 +4504,22 @@ class Mailer:
                                              conn.offered_before_tls.items()}
                 result.offered = {k.upper(): v for k, v in conn.features.items()}
                 if conn.encrypted:
+                    checked = conn.certificate
+                    if checked.startswith("not verified"):
+                        checked = "not verified (tls_verify = false)" if c.tls_verify \
+                            is False else "not verified (TLS is only opportunistic: " \
+                            "force_tls or tls_verify = true would verify it)"
                     result.tls = "%s%s, certificate %s" % (
                         conn.tls_version,
-                        "" if c.use_implicit_tls else " after STARTTLS",
-                        "verified" if c.verify_certificates else
-                        "not verified (tls_verify = false)" if c.tls_verify is False else
-                        "not verified (TLS is only opportunistic: force_tls or tls_verify "
-                        "= true would verify it)")
+                        "" if c.use_implicit_tls else " after STARTTLS", checked)
+                    sock = conn.smtp.sock
+                    cert = _certificate(sock) if isinstance(sock, ssl.SSLSocket) else None
+                    if cert is not None:
+                        result.certificate_subject = cert.subject
+                        result.certificate_issuer = cert.issuer
+                        result.certificate_names = cert.names
+                        result.certificate_expires = cert.expires
+                        result.certificate_fingerprint = cert.fingerprint
                 elif "starttls" in conn.offered_before_tls and not c.no_tls:
                     result.tls = ("none: the STARTTLS handshake failed, so mail goes in "
                                   "plain text (TLS is only opportunistic)")
@@ -4299,8 +4550,8 @@ class Mailer:
     def _verdict(self, r: RelayCheck) -> str:
         if r.error is not None:
             hint = {"4.4": "is it running, and listening on that address and port?",
-                    "4.7": "fix TLS (cafile, tls_verify, force_tls) or AUTH (username, "
-                           "password or password_command: run it by hand)",
+                    "4.7": "fix TLS (cafile, tls_fingerprint, tls_verify, force_tls) or AUTH "
+                           "(username, password or password_command: run it by hand)",
                     "5.7": "fix AUTH (username, password) or the relay's access rules"}
             status = r.error.status
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
@@ -6278,6 +6529,32 @@ _MEANING = {
 }
 
 
+# check warns of a certificate that expires sooner than this, in days (as
+# certbot renews 30 days ahead, a certificate this close has missed renewals)
+_EXPIRY_WARNING = 14
+
+
+def _print_certificate(r: RelayCheck) -> None:
+    """check's lines on the relay's certificate: one to paste into
+    tls_fingerprint, and a warning when it expires soon."""
+    for label, value in (("subject", r.certificate_subject), ("issuer", r.certificate_issuer),
+                         ("names", ", ".join(r.certificate_names))):
+        if value:
+            print("  %-11s %s" % (label, value))
+    left = r.certificate_days_left
+    if r.certificate_expires is not None and left is not None:
+        print("  %-11s %s (%s)" % ("expires", _iso(r.certificate_expires),
+                                   "in %d days" % round(left) if left >= 0 else "EXPIRED"))
+    elif not r.certificate_subject:
+        print("  %-11s %s" % ("details", "not readable without verifying it (this "
+                              "Python's ssl shows only a verified certificate)"))
+    print("  %-11s %s" % ("fingerprint", r.certificate_fingerprint))
+    if left is not None and left < _EXPIRY_WARNING:
+        print("  %-11s 4.7.0 the relay's certificate %s: renew it (gsemail check warns "
+              "%d days ahead)" % ("WARNING", "expires in %.1f days" % left if left >= 0
+                                  else "has expired", _EXPIRY_WARNING))
+
+
 def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
     results = Mailer(config).check()
     for r in results:
@@ -6286,6 +6563,8 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
             print("  %-11s %s" % ("greeting", r.greeting))
         if r.offered:
             print("  %-11s %s" % ("TLS", r.tls))
+            if r.certificate_fingerprint:
+                _print_certificate(r)
             print("  %-11s %s" % ("AUTH", r.auth))
             for name, meaning in _MEANING.items():
                 offered = r.offered_before_tls if name == "STARTTLS" else r.offered

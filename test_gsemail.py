@@ -27,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -8765,3 +8766,338 @@ class ClientVerpTests(Base):
         self.assertEqual(by_us, by_postfix)
         self.assertEqual(by_us, [("a@gsemail.test", "<bounces-Pa=gsemail.test@gsemail.test>"),
                                  ("b@gsemail.test", "<bounces-Pb=gsemail.test@gsemail.test>")])
+
+
+# Real TLS for the pinning tests: certificates made with openssl, and an
+# SMTPServer that speaks TLS over its socket.
+class TlsServer(SMTPServer):
+    """SMTPServer with real TLS, the certificate certfile: STARTTLS (offered
+    in plain text, where every line received is kept in ``plain``; ``ehlo``
+    is what it offers after TLS) or, with implicit=True, TLS from the first
+    byte.  ``failed_handshakes`` counts handshakes the client broke off;
+    ``names`` the SNI names clients sent."""
+
+    def __init__(self, certfile, keyfile, implicit=False, **kw):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.context.sni_callback = lambda sock, name, context: self.names.append(name)
+        self.implicit = implicit
+        self.plain = []
+        self.names = []
+        self.failed_handshakes = 0
+        self._greeted = threading.local()
+        super().__init__(**kw)
+
+    def _serve(self, conn, number):
+        try:
+            if not self.implicit and not self._before_tls(conn):
+                raise _Dropped()
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (OSError, ValueError, _Dropped) as e:    # ssl.SSLError is an OSError
+            if isinstance(e, ssl.SSLError):
+                with self._lock:
+                    self.failed_handshakes += 1
+            self.ended[number] = "eof"
+            conn.close()
+            return
+        self._clients.append(tls)
+        self._greeted.done = not self.implicit
+        super()._serve(tls, number)
+
+    def _before_tls(self, conn):
+        """The plain-text part of a session, up to STARTTLS (True) or its end."""
+        f = conn.makefile("rb")     # the client says nothing after STARTTLS until 220
+        conn.sendall(b"220 tls.test ESMTP\r\n")
+        while True:
+            line = f.readline()
+            if not line:
+                return False
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            self.plain.append(text)
+            verb = text.split(" ")[0].upper()
+            if verb in ("EHLO", "HELO"):
+                conn.sendall(b"250-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            elif verb == "STARTTLS":
+                conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                return True
+            elif verb == "QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return False
+            else:
+                conn.sendall(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+
+    def _say(self, conn, text):
+        if getattr(self._greeted, "done", False):   # it greeted before STARTTLS
+            self._greeted.done = False
+            return
+        super()._say(conn, text)
+
+
+class TlsPinTests(OperatorBase):
+    """tls_fingerprint, tls_servername, verification before AUTH, check's
+    certificate lines and Python 3.13's keyUsage rule, over real TLS."""
+
+    @classmethod
+    def setUpClass(cls):
+        need(shutil.which("openssl"), "the TLS tests need openssl")
+        cls.dir = tempfile.mkdtemp(prefix="gsemail-tls-")
+        cls.addClassCleanup(shutil.rmtree, cls.dir, True)
+        # a self-signed certificate that no CA vouches for (what pinning is for)
+        cls.make("self", "-x509", "-subj", "/CN=relay.test/O=Pinned",
+                 "-addext", "subjectAltName=DNS:relay.test")
+        cls.make("other", "-x509", "-subj", "/CN=other.test",
+                 "-addext", "subjectAltName=DNS:other.test")
+        # a CA as Python 3.13 wants it, and one as a bare openssl req -x509 makes it
+        cls.make("ca", "-x509", "-subj", "/CN=gsemail pin test CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        cls.make("bareca", "-x509", "-subj", "/CN=bare CA")
+        cls.signed("named", "ca", "DNS:mail.other.test", days=30)
+        cls.signed("soon", "ca", "IP:127.0.0.1, DNS:localhost", days=3)
+        cls.signed("bare", "bareca", "IP:127.0.0.1, DNS:localhost", days=30)
+
+    @classmethod
+    def openssl(cls, *args):
+        return subprocess.run(["openssl"] + list(args), check=True, capture_output=True,
+                              text=True, cwd=cls.dir).stdout
+
+    @classmethod
+    def make(cls, name, *args, days=30):
+        cls.openssl("req", "-newkey", "rsa:2048", "-nodes", "-days", str(days),
+                    "-keyout", name + ".key", "-out", name + (".pem" if "-x509" in args
+                                                             else ".csr"), *args)
+
+    @classmethod
+    def signed(cls, name, ca, names, days):
+        with open(os.path.join(cls.dir, name + ".ext"), "w") as f:
+            f.write("basicConstraints = critical, CA:FALSE\n"
+                    "keyUsage = critical, digitalSignature, keyEncipherment\n"
+                    "extendedKeyUsage = serverAuth\nsubjectAltName = %s\n"
+                    "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid:always\n"
+                    % names)
+        cls.make(name, "-subj", "/CN=%s" % names.split(":")[-1])
+        cls.openssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey",
+                    ca + ".key", "-CAcreateserial", "-days", str(days), "-out",
+                    name + ".pem", "-extfile", name + ".ext")
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def fingerprint(self, name):
+        """openssl's SHA-256 fingerprint of the certificate name: "AB:CD:..."."""
+        out = self.openssl("x509", "-in", name + ".pem", "-noout", "-fingerprint", "-sha256")
+        return out.strip().split("=", 1)[1]
+
+    def tls_server(self, name="self", **kw):
+        server = TlsServer(self.path(name + ".pem"), self.path(name + ".key"), **kw)
+        self.addCleanup(server.close)
+        return server
+
+    def test_a_pinned_self_signed_certificate_is_accepted(self):
+        server = self.tls_server()
+        pin = self.fingerprint("self")
+        config = self.config(server.port, tls_fingerprint="sha256:" + pin)
+        self.assertTrue(config.tls_required)
+        self.assertFalse(config.verify_certificates)
+        self.enqueue(config)
+        with self.assertLogs("gsemail", "INFO") as logs:
+            self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(server.plain, ["ehlo client.test", "STARTTLS"])
+        self.assertIn("certificate pinned (sha256:%s)" % pin, "\n".join(logs.output))
+        self.assertEqual(self.listing("new") + self.listing("cur"), [])
+        # with implicit TLS too
+        smtps = self.tls_server(implicit=True)
+        config = self.config(smtps.port, implicit_tls=True, tls_fingerprint=pin)
+        self.enqueue(config)
+        self.drain(config)
+        self.assertEqual(smtps.rcpts, ["a@example.org"])
+
+    def test_several_fingerprints_in_any_case_with_or_without_colons(self):
+        server = self.tls_server()
+        pin = self.fingerprint("self")
+        for written in ("sha256:%s, sha256:%s" % (self.fingerprint("other"), pin),
+                        "%s,%s" % (self.fingerprint("other").replace(":", ""),
+                                   pin.replace(":", "").lower()),
+                        "SHA256:" + pin.lower()):
+            config = self.ini(server.port, "tls_fingerprint = %s\n" % written)
+            self.assertIn(pin, config.fingerprints)
+            self.enqueue(config)
+            self.drain(config)
+        self.assertEqual(len(server.transactions), 3)
+
+    def test_a_certificate_that_is_not_the_pinned_one_is_refused(self):
+        server = self.tls_server()
+        pin, seen = self.fingerprint("other"), self.fingerprint("self")
+        config = self.config(server.port, tls_fingerprint=pin)
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        state = self.assertDeferred(name, ["a@example.org"])
+        line = "\n".join(logs.output)
+        self.assertIn("4.7.5 relay 127.0.0.1:%d: 454 4.7.5 certificate of 127.0.0.1:%d is "
+                      "sha256:%s, not the one tls_fingerprint pins (sha256:%s): nothing is "
+                      "sent to it" % (server.port, server.port, seen, pin), line)
+        self.assertIn("4.7.5", json.dumps(state))
+        # nothing went in plain text, nor anything after TLS, and no plain try again
+        self.assertEqual(server.plain, ["ehlo client.test", "STARTTLS"])
+        self.assertEqual((server.transactions, server.commands), ([], []))
+        # a pin needs TLS: a relay without STARTTLS gets nothing
+        plain = self.server()
+        config = self.config(plain.port, tls_fingerprint=pin)
+        self.enqueue(config)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        self.assertEqual(plain.transactions, [])
+        self.assertIn("does not offer STARTTLS and tls_fingerprint pins its certificate",
+                      "\n".join(logs.output))
+
+    def test_bad_values(self):
+        good = "sha256:" + ":".join(["AB"] * 32)
+        for value, why in (("sha256:AB:CD", "has 4 hexadecimal digits"),
+                           ("sha1:" + "ab" * 32, "is not a fingerprint"),
+                           ("ab" * 20, "is an MD5 or SHA-1 fingerprint"),
+                           ("AB:CDEF" + ":AB" * 30, "is not a fingerprint"),
+                           ("zz" * 32, "is not a fingerprint"),
+                           (good + ",", "'' is not a fingerprint"),
+                           (good + "; " + good, "is not a fingerprint")):
+            with self.assertRaises(gsemail.ConfigError) as caught:
+                self.ini(25, "tls_fingerprint = %s\n" % value)
+            text = str(caught.exception)
+            self.assertIn("option tls_fingerprint = %r" % value, text)
+            self.assertIn(why, text)
+        for extra, why in (("no_tls = true\n", "no_tls and tls_fingerprint"),
+                           ("tls_verify = false\n", "tls_verify = false and tls_fingerprint")):
+            with self.assertRaisesRegex(gsemail.ConfigError, why):
+                self.ini(25, "tls_fingerprint = %s\n%s" % (good, extra))
+        for value in ("mail example.org", "-mail.example.org", "mail_.example.org", "bücher.de"):
+            with self.assertRaises(gsemail.ConfigError) as caught:
+                self.ini(25, "tls_servername = %s\n" % value)
+            self.assertIn("option tls_servername = %r" % value, str(caught.exception))
+        self.assertEqual(self.ini(25, "tls_servername = mail.example.org.\n").tls_servername,
+                         "mail.example.org.")
+        self.assertEqual(self.ini(25, "tls_fingerprint =\n").fingerprints, ())
+
+    def test_tls_servername_verifies_another_name(self):
+        server = self.tls_server("named")
+        config = self.config(server.port, force_tls=True, cafile=self.path("ca.pem"),
+                             tls_servername="mail.other.test")
+        self.enqueue(config)
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(server.names, ["mail.other.test"])     # sent as SNI
+        # without it, 127.0.0.1 is verified, which the certificate does not name
+        config = self.config(server.port, force_tls=True, cafile=self.path("ca.pem"))
+        name = self.enqueue(config)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertRegex("\n".join(logs.output), r"4\.7\.5 certificate of 127\.0\.0\.1:%d "
+                         r"did not verify: .*(IP address mismatch|Hostname mismatch)"
+                         % server.port)
+        self.assertEqual(len(server.transactions), 1)
+
+    def test_the_password_goes_only_to_a_verified_relay_unless_loopback(self):
+        # The rule is on the address connected to (as for plain-text AUTH):
+        # what decides whether anyone is on the way is where the packets go,
+        # not the name.  All of 127.0.0.0/8 is loopback, so a relay that is
+        # not is made by patching the one function that tells (_loopback).
+        auth = ("user", "secret")
+        server = self.tls_server(ehlo=("PIPELINING", "AUTH PLAIN"), auth=auth)
+        config = self.config(server.port, username="user", password="secret")
+        with unittest.mock.patch.object(gsemail, "_loopback", lambda address: False):
+            name = self.enqueue(config)
+            with self.assertLogs("gsemail", "WARNING") as logs:
+                self.drain(config)
+            self.assertDeferred(name, ["a@example.org"])
+            self.assertIn("did not verify: self-signed certificate; it is verified as "
+                          "username is set and 127.0.0.1:%d is not loopback: give its CA "
+                          "as cafile, pin it with tls_fingerprint, or set tls_verify = "
+                          "false" % server.port, "\n".join(logs.output))
+            wait_for(lambda: server.failed_handshakes == 1, 5, "the broken-off handshake")
+            # no AUTH anywhere, nor a try again in plain text
+            self.assertEqual(server.plain, ["ehlo client.test", "STARTTLS"])
+            self.assertEqual(server.commands, [])
+            os.unlink(os.path.join(self.queuepath, "cur", name))
+            # a pin, or tls_verify = false said outright, lets it go
+            for extra in ({"tls_fingerprint": self.fingerprint("self")},
+                          {"tls_verify": False}):
+                config = self.config(server.port, username="user", password="secret",
+                                     **extra)
+                self.enqueue(config)
+                self.drain(config)
+            self.assertEqual(len(server.transactions), 2)
+            # a certificate that verifies (cafile) takes the password
+            good = self.tls_server("soon", ehlo=("PIPELINING", "AUTH PLAIN"), auth=auth)
+            config = self.config(good.port, username="user", password="secret",
+                                 cafile=self.path("ca.pem"))
+            self.enqueue(config)
+            with self.assertLogs("gsemail", "INFO") as logs:
+                self.drain(config)
+            self.assertEqual(good.rcpts, ["a@example.org"])
+            self.assertIn("certificate verified (before AUTH: username is set and the relay "
+                          "is not loopback)", "\n".join(logs.output))
+            self.assertTrue(any(c.startswith("AUTH PLAIN") for c in good.commands))
+        # on loopback, opportunistic TLS takes the certificate as it is
+        config = self.config(server.port, username="user", password="secret")
+        self.enqueue(config)
+        self.drain(config)
+        self.assertEqual(len(server.transactions), 3)
+        self.assertEqual(server.plain.count("STARTTLS"), 4)
+        self.assertNotIn("AUTH", " ".join(server.plain))
+
+    def test_check_shows_the_certificate_and_warns_before_it_expires(self):
+        server = self.tls_server("soon")
+        self.ini(server.port, "force_tls = true\ncafile = %s\n" % self.path("ca.pem"))
+        out = self.ok("check")
+        pin = self.fingerprint("soon")
+        self.assertIn("certificate verified\n", out)
+        self.assertIn("  subject     CN=localhost\n", out)
+        self.assertIn("  issuer      CN=gsemail pin test CA\n", out)
+        self.assertIn("  names       IP:127.0.0.1, DNS:localhost\n", out)
+        self.assertRegex(out, r"  expires     20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ \(in 3 days\)\n")
+        self.assertIn("  fingerprint sha256:%s\n" % pin, out)
+        self.assertRegex(out, r"  WARNING     4\.7\.0 the relay's certificate expires in "
+                              r"(2\.9|3\.0) days: renew it \(gsemail check warns 14 days ahead\)")
+        (result,) = gsemail.Mailer(gsemail.load_config(self.ini_path, "main")).check()
+        self.assertEqual((result.certificate_subject, result.certificate_issuer,
+                          result.certificate_names, result.certificate_fingerprint),
+                         ("CN=localhost", "CN=gsemail pin test CA",
+                          ["IP:127.0.0.1", "DNS:localhost"], "sha256:" + pin))
+        self.assertAlmostEqual(result.certificate_days_left, 3, delta=0.2)
+        # a pinned self-signed one, not verified: its fields all the same,
+        # and the fingerprint to paste is the one that lets it through
+        pinned = self.tls_server()
+        self.ini(pinned.port, "tls_fingerprint = %s\n" % self.fingerprint("self"))
+        out = self.ok("check")
+        self.assertIn("certificate pinned (sha256:%s)" % self.fingerprint("self"), out)
+        self.assertIn("  subject     CN=relay.test, O=Pinned\n", out)
+        self.assertIn("  issuer      CN=relay.test, O=Pinned\n", out)
+        self.assertIn("  names       DNS:relay.test\n", out)
+        self.assertRegex(out, r"\(in 30 days\)\n")
+        self.assertNotIn("WARNING", out)
+
+    def test_a_ca_without_key_usage(self):
+        server = self.tls_server("bare")
+        config = self.config(server.port, force_tls=True, cafile=self.path("bareca.pem"))
+        name = self.enqueue(config)
+        if sys.version_info < (3, 13):      # no VERIFY_X509_STRICT: it verifies
+            self.drain(config)
+            self.assertEqual(server.rcpts, ["a@example.org"])
+            return
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(config)
+        self.assertDeferred(name, ["a@example.org"])
+        self.assertIn("4.7.5 certificate of 127.0.0.1:%d did not verify: CA cert does not "
+                      "include key usage extension (Python 3.13 refuses a CA certificate "
+                      "without the keyUsage extension, as a bare openssl req -x509 makes: "
+                      "make the CA again with keyUsage, see README's troubleshooting)"
+                      % server.port, "\n".join(logs.output))
+
+    def test_what_is_loopback(self):
+        # the one function the AUTH test patches: all of 127.0.0.0/8 and ::1
+        for address, loopback in (("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                  ("::ffff:127.0.0.1", True), ("10.0.0.25", False),
+                                  ("192.0.2.1", False), ("fe80::1%eth0", False),
+                                  ("2001:db8::1", False), ("not an address", False)):
+            self.assertEqual(gsemail._loopback(address), loopback, address)
