@@ -4884,10 +4884,15 @@ class QueueProcessor:
                         failed=dict.fromkeys(msg.recipients or [_NO_RECIPIENT], msg.problem)))
                     continue
                 if down is None:
-                    if self._rates is not None and \
-                            not self._wait(mailer, waiting, msg, len(msg.recipients)):
-                        msg.release()   # stopped: nothing of it went, no attempt
-                        break
+                    if self._rates is not None:
+                        try:
+                            go = self._wait(mailer, waiting, msg, len(msg.recipients))
+                        except BaseException:   # the rates file became unsafe
+                            msg.release()
+                            raise
+                        if not go:
+                            msg.release()   # stopped: nothing of it went, no attempt
+                            break
                     try:
                         mailer.open()
                     except DeliveryError as e:
@@ -4896,6 +4901,7 @@ class QueueProcessor:
                             # "421 4.7.0 too many connections": not an attempt;
                             # it goes in the next pass, after the pause
                             msg.release()
+                            self._record_settled(mailer, waiting)   # open() read it
                             continue
                         down = self._relay_down(mailer, e)
                     except Exception as e:  # a bug of ours: the message must not stay claimed
@@ -4961,22 +4967,21 @@ class QueueProcessor:
         """The relay sent a throttling reply: pause mail to it (every
         session of this processor), twice as long as the last pause if
         there was one since the last unthrottled delivery; logged once a
-        pause.  False when the pause is already the longest (a relay
+        pause.  False when the last pause was already the longest (a relay
         that refuses us for that long is down, not busy)."""
         with self._lock:
             now = time.monotonic()
             if now < self._throttle_until:
                 return True     # this pause covers it (a pipelined message, a session)
             longest = min(_THROTTLE_MOST, self.config.max_backoff_time)
-            if self._throttle_pause >= longest:
-                return False
+            busy = self._throttle_pause < longest
             pause = min(longest, max(_THROTTLE_FIRST, 2 * self._throttle_pause))
             self._throttle_pause = pause
             self._throttle_until = now + pause
         log.warning("%s relay %s throttles this client (%s): no new mail goes to it for "
                     "%d s; mail waiting meanwhile is not deferred", reply.status, relay,
                     reply, pause)
-        return True
+        return busy
 
     def _record_settled(self, mailer: Mailer,
                         waiting: List[Tuple[QueuedMessage, Outcome]]) -> None:
