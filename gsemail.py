@@ -3161,7 +3161,8 @@ def _too_many(reply: Reply) -> bool:
 # "... too many recipients from", "421 4.7.0 ... too many connections from";
 # Gmail's "421 4.7.0 Try again later"), X.7.28 (Gmail's "unusual rate") or
 # X.7.500-699 (Microsoft 365's "451 4.7.500 Server busy"); other X.7 codes
-# are TLS or AUTH trouble.  The text decides only when the reply has no
+# are TLS or AUTH trouble.  (Greylisting's 450 4.7.1 to a RCPT reads the
+# same: it costs a short pause.)  The text decides only when the reply has no
 # enhanced code: Amazon SES's "454 Throttling failure: Maximum sending rate
 # exceeded" (and "... Daily message quota exceeded") has none.
 _THROTTLE_CODES = (421, 450, 451, 454)
