@@ -4929,7 +4929,7 @@ class QueueProcessor:
                     # recorded.
                     waiting.append((msg, outcome))
                 else:
-                    self._apply(mailer, msg, outcome)
+                    self._conclude(mailer, msg, outcome)
         finally:
             try:
                 mailer.wait()
@@ -4964,6 +4964,27 @@ class QueueProcessor:
             self._stopping.wait(min(wait, _RATE_LOOK))
         return False
 
+    def _conclude(self, mailer: Mailer, msg: QueuedMessage, out: Outcome) -> None:
+        """Record an attempt (_apply), unless the relay refused the whole
+        message with a throttling reply, to MAIL or to the dot, taking none
+        of it: then it was no attempt, and the message, untouched, goes
+        again in the next pass, after the pause (see _throttled)."""
+        throttled = self._refused_whole(out)
+        if throttled is not None and self._throttled(out.relay or mailer.where, throttled):
+            msg.release()
+            return
+        self._apply(mailer, msg, out)
+
+    @staticmethod
+    def _refused_whole(out: Outcome) -> Optional[Reply]:
+        """The throttling reply with which the relay refused the whole
+        message (to MAIL, or to the dot), taking none of it: nothing
+        delivered, nothing refused for good; else None."""
+        if out.throttled is not None and out.final is out.throttled and \
+                not out.delivered and not out.failed and not out.waiting:
+            return out.throttled
+        return None
+
     def _throttled(self, relay: str, reply: Reply) -> bool:
         """The relay sent a throttling reply: pause mail to it (every
         session of this processor), twice as long as the last pause if
@@ -4992,7 +5013,7 @@ class QueueProcessor:
         and at each heartbeat, which comes before any data goes."""
         while waiting and not waiting[0][1].waiting:
             msg, outcome = waiting.pop(0)
-            self._apply(mailer, msg, outcome)
+            self._conclude(mailer, msg, outcome)
 
     def _attempt(self, mailer: Mailer, msg: QueuedMessage, more: bool,
                  waiting: List[Tuple[QueuedMessage, Outcome]]) -> Outcome:

@@ -7704,18 +7704,20 @@ class RateLimitTests(Base):
         self.queue_many(config, 4, "throttle")
         with self.assertLogs("gsemail", "INFO") as logs:
             processor = self.drain(config)
-        self.assertEqual(processor.stats, {"delivered": 3, "deferred": 1, "dead": 0})
+        # refused whole at MAIL: no attempt, sent again after the pause
+        self.assertEqual(processor.stats, {"delivered": 4, "deferred": 0, "dead": 0})
+        self.assertEqual(len(server.transactions), 4)
         pauses = [line for line in logs.output if "throttles this client" in line]
         self.assertEqual(len(pauses), 1, logs.output)
         self.assertIn("127.0.0.1:%d" % server.port, pauses[0])
         self.assertIn("450 4.7.1 Error: too much mail from 127.0.0.1", pauses[0])
         self.assertGreaterEqual(times[1] - times[0], 1.9)    # the pause: 2 s
-        (deferred,) = self.listing("cur")
-        self.assertEqual(self.state(deferred)["attempts"], 1)
+        self.assertEqual(self.listing("cur") + self.listing("state"), [])
 
-        # SES: no enhanced code, at the dot; and a RCPT's 4.7.1
+        # SES: no enhanced code, at the dot (refused whole: no attempt); and a
+        # RCPT's 4.7.1 while the other recipient is taken (deferred, as tried)
         for rules, count in (({"DOT": ["454 Throttling failure: Maximum sending rate "
-                                       "exceeded."]}, 1),
+                                       "exceeded."]}, 0),
                              ({"RCPT": lambda a: "450 4.7.1 Error: too many recipients "
                                "from 127.0.0.1" if "ses0-1" in a else None}, 1)):
             server = self.server(ehlo=("PIPELINING",), rules=rules)
@@ -7725,6 +7727,7 @@ class RateLimitTests(Base):
             with self.assertLogs("gsemail", "INFO") as logs:
                 processor = self.drain(config)
             self.assertEqual(processor.stats["deferred"], count, logs.output)
+            self.assertEqual(len(server.rcpts), 6 - count)
             self.assertEqual(len([line for line in logs.output
                                   if "throttles this client" in line]), 1, logs.output)
 
@@ -7804,6 +7807,9 @@ class RateLimitPostfixTests(Base):
         pauses = [line for line in logs.output if "throttles this client" in line]
         self.assertTrue(pauses)
         self.assertTrue(all("4.7.1" in line for line in pauses), pauses)
+        # anvil refused them at MAIL (its recipient count stays at two per
+        # message taken): refused whole, no attempt, none deferred
+        self.assertEqual(processor.stats, {"delivered": 8, "deferred": 0, "dead": 0})
         print("anvil over: 8 messages (16 recipients) at message_rate = 3/s in %.1f s, "
               "%d refusals by anvil, %d pauses, %d deferrals" % (
                   took, len(a.refusals(a.noverp_port)), len(pauses),
