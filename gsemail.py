@@ -423,7 +423,7 @@ _LIMITS: Dict[str, float] = {
     "max_queue_lifetime": 30 * 86400.0, "poll_interval": 3600.0,
     "messages_per_connection": 100000, "recipients_per_transaction": 100000,
     "sessions": 100,
-    # message_rate and recipient_rate, per second (at least 1/d: see _rate)
+    # message_rate and recipient_rate, per second (and at least 1/d)
     "message_rate": 100000.0, "recipient_rate": 100000.0,
 }
 
@@ -623,7 +623,8 @@ class SMTPConfig:
         if self.max_backoff_time < self.min_backoff_time:
             raise bad("max_backoff_time", self.max_backoff_time,
                       "must not be less than min_backoff_time")
-        for name in ("message_rate", "recipient_rate"):
+        for name, parsed in (("message_rate", "_message_limit"),
+                             ("recipient_rate", "_recipient_limit")):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -639,7 +640,7 @@ class SMTPConfig:
             if not 1 / 86400.0 <= limit.per_second <= _LIMITS[name]:
                 raise bad(name, value, "must be at least 1/d and at most %d/s"
                           % _LIMITS[name])
-            object.__setattr__(self, "_" + name.split("_")[0] + "_limit", limit)
+            object.__setattr__(self, parsed, limit)     # frozen, as _relay_list
 
     @property
     def relays(self) -> List[Tuple[str, int]]:
