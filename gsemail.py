@@ -429,6 +429,8 @@ _LIMITS: Dict[str, float] = {
     "max_queue_lifetime": 30 * 86400.0, "poll_interval": 3600.0,
     "messages_per_connection": 100000, "recipients_per_transaction": 100000,
     "sessions": 100,
+    # message_rate and recipient_rate, per second (and at least 1/d)
+    "message_rate": 100000.0, "recipient_rate": 100000.0,
 }
 
 
@@ -473,6 +475,45 @@ def _duration(text: str) -> float:
         raise ValueError(text)
     scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     return float(match.group(1)) * scale[match.group(2)]
+
+
+class _Rate(NamedTuple):
+    """A rate limit (message_rate, recipient_rate): number per unit seconds,
+    as the option wrote it (text)."""
+
+    number: float
+    unit: float
+    text: str
+
+    @property
+    def interval(self) -> float:
+        """Seconds one message (or recipient) takes of the limit."""
+        return self.unit / self.number
+
+    @property
+    def per_second(self) -> float:
+        return self.number / self.unit
+
+
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _rate(text: str) -> _Rate:
+    """'14/s', '200/m', '10000/h' or '50000/d' (ASCII digits, N above zero,
+    spaces allowed around each part) as a _Rate; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*([smhd])\s*", text.lower())
+    if not match or not float(match.group(1)) > 0:
+        raise ValueError(text)
+    return _Rate(float(match.group(1)), _RATE_UNITS[match.group(2)],
+                 "%s/%s" % (match.group(1), match.group(2)))
+
+
+def _rate_option(text: str) -> Optional[str]:
+    """An option's rate, checked (SMTPConfig keeps the text and parses it
+    again, as it must for a config built directly); empty is no limit."""
+    if not text.strip():
+        return None
+    return _rate(text).text
 
 
 @functools.cache
@@ -598,12 +639,19 @@ class SMTPConfig:
     verp_delimiters: str = "+="
     tls_fingerprint: Optional[str] = None
     tls_servername: Optional[str] = None
+    message_rate: Optional[str] = None
+    recipient_rate: Optional[str] = None
     source: str = dataclasses.field(default="", compare=False)
     # hostname parsed, once, by __post_init__: not an argument, and left out
     # of comparison and repr (hostname says it); dataclasses.replace makes a
     # new instance, so a new hostname is parsed anew.
     _relay_list: Tuple[Tuple[str, int], ...] = dataclasses.field(
         default=(), init=False, repr=False, compare=False)
+    # message_rate and recipient_rate parsed, by __post_init__ (None: no limit)
+    _message_limit: Optional[_Rate] = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
+    _recipient_limit: Optional[_Rate] = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         where = (" in %s" % self.source) if self.source else ""
@@ -700,6 +748,24 @@ class SMTPConfig:
                 not all(c in _VERP_DELIMITERS for c in delims):
             raise bad("verp_delimiters", delims, "must be two characters, each one of "
                       "%s (as Postfix's verp_delimiter_filter)" % _VERP_DELIMITERS)
+        for name, parsed in (("message_rate", "_message_limit"),
+                             ("recipient_rate", "_recipient_limit")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                limit = _rate(value) if isinstance(value, str) else None
+            except ValueError:
+                limit = None
+            if limit is None:
+                raise bad(name, value, "must be a rate such as 14/s, 200/m, 10000/h or "
+                          "50000/d (N above zero)")
+            # At least one a day: a slower limit would hold mail for longer
+            # than max_queue_lifetime allows it to wait.
+            if not 1 / 86400.0 <= limit.per_second <= _LIMITS[name]:
+                raise bad(name, value, "must be at least 1/d and at most %d/s"
+                          % _LIMITS[name])
+            object.__setattr__(self, parsed, limit)     # frozen, as _relay_list
 
     @property
     def relays(self) -> List[Tuple[str, int]]:
@@ -770,12 +836,14 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "password_file": str, "password_command": str, "auth_mechanism": str,
     "debug": _boolean, "verp_fallback": str, "verp_delimiters": str,
     "tls_fingerprint": str, "tls_servername": str,
+    "message_rate": _rate_option, "recipient_rate": _rate_option,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
     _boolean: "boolean (use true/false, yes/no, on/off or 1/0)",
     _integer: "whole number",
     _duration: "duration such as 60, 5m, 1h or 5d",
+    _rate_option: "rate such as 14/s, 200/m, 10000/h or 50000/d",
 }
 _REQUIRED = ("hostname", "port")
 # The four ways to give the password: at most one of them (_resolve_password).
@@ -3266,6 +3334,31 @@ def _too_many(reply: Reply) -> bool:
             and bool(_TOO_MANY_TEXT.search(reply.text)))
 
 
+# Throttling: the relay meters what this client sends and asks it to slow
+# down.  Decided on the codes: a transient reply (421, 450, 451, 454) with
+# X.7.0 or X.7.1 (Postfix's anvil: "450 4.7.1 Error: too much mail from",
+# "... too many recipients from", "421 4.7.0 ... too many connections from";
+# Gmail's "421 4.7.0 Try again later"), X.7.28 (Gmail's "unusual rate") or
+# X.7.500-699 (Microsoft 365's "451 4.7.500 Server busy"); other X.7 codes
+# are TLS or AUTH trouble.  (Greylisting's 450 4.7.1 to a RCPT reads the
+# same: it costs a short pause.)  The text decides only when the reply has no
+# enhanced code: Amazon SES's "454 Throttling failure: Maximum sending rate
+# exceeded" (and "... Daily message quota exceeded") has none.
+_THROTTLE_CODES = (421, 450, 451, 454)
+_THROTTLE_TEXT = re.compile(r"throttl|\brate\b|\bquota\b|too (?:many|much) "
+                            r"(?:mail|messages|connections)", re.I)
+
+
+def _throttling(reply: Reply) -> bool:
+    """The reply asks this client to send more slowly (see above)."""
+    if reply.code not in _THROTTLE_CODES:
+        return False
+    if not _ENHANCED.match(reply.text):
+        return bool(_THROTTLE_TEXT.search(reply.text))
+    kind, detail = reply.status.split(".")[1:]
+    return kind == "7" and (detail in ("0", "1", "28") or 500 <= int(detail) <= 699)
+
+
 def _wire(data: bytes) -> Tuple[bytes, int]:
     """The DATA payload (CRLF line ends, dot-stuffed, ending in CRLF.CRLF)
     and the message's size as RFC 1870 counts it for SIZE: CRLF line ends,
@@ -3347,6 +3440,10 @@ class Outcome:
     #: reply to its dot); None when nothing was timed (nothing was sent)
     started: float = 0.0
     took: Optional[float] = None
+    #: the relay asked us to slow down (a throttling reply to MAIL, a RCPT
+    #: or the dot, such as Postfix's "450 4.7.1 Error: too much mail"): the
+    #: processor pauses before its next message
+    throttled: Optional[Reply] = None
 
     def _settle(self, recipients: List[str], reply: Reply) -> None:
         """reply is final for recipients: failed if permanent, else deferred."""
@@ -3789,6 +3886,8 @@ class _Connection:
                 out.receipts.update(dict.fromkeys(accepted, final))
             else:
                 out._settle(accepted, final)
+                if _throttling(final):
+                    out.throttled = final
 
     def wait(self) -> None:
         """Read the final reply the server still owes for the last message
@@ -4933,6 +5032,8 @@ class Mailer:
                 conn.rset()
                 return _Rest(pending, limit, without_xverp=True)
             out._settle(pending, mail_reply)
+            if _throttling(mail_reply):
+                out.throttled = mail_reply
             conn.rset()
             return _Rest([], limit)
         conn.mails += 1
@@ -4947,6 +5048,8 @@ class Mailer:
                 out.failed[rcpt] = reply
             else:
                 out.deferred[rcpt] = reply
+                if _throttling(reply):
+                    out.throttled = reply
         data_reply = replies[len(batch) + 1] if len(replies) > len(batch) + 1 else None
         if not accepted:
             out.deferred.update(carried)    # "too many" with none taken: try later
@@ -4982,6 +5085,8 @@ class Mailer:
         out.final = final
         if not final.ok:
             out._settle(accepted + list(carried) + rest, final)
+            if _throttling(final):
+                out.throttled = final
             return _Rest([], limit)
         out.delivered += accepted
         out.receipts.update(dict.fromkeys(accepted, final))
@@ -5059,6 +5164,16 @@ _JITTER = (0.8, 1.2)        # a retry's delay is spread by this factor
 # would overflow a float after a thousand attempts (and attempts come
 # from a state file).
 _DOUBLINGS_MAX = 64
+# A relay's throttling reply pauses the processor's mail to it: 2 s at
+# first (what a per-second meter such as SES's needs), doubled at each
+# throttling reply in a row, up to 5 minutes (Postfix's anvil counts per
+# anvil_rate_time_unit, 60 s by default); the first message delivered
+# unthrottled starts the doubling again.
+_THROTTLE_FIRST = 2.0
+_THROTTLE_MOST = 300.0
+_RATE_LOOK = 1.0            # s: the longest sleep between two looks at a limit
+_RATES = "rates"            # queuepath/rates: the queue's shared token buckets
+_RATES_MAGIC = b"gsemail-rates 1"
 
 
 class _Group(NamedTuple):
@@ -5318,6 +5433,121 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
     return _Plan("dead", attempts, new, [], now, fresh, summary, lines, notes)
 
 
+class _RateLimiter:
+    """message_rate and recipient_rate for one queue: two token buckets in
+    the file queuepath/rates, shared by every session, thread and process
+    that sends from the queue on this host (an flock, and a lock for the
+    sessions of one processor, which share its descriptor).
+
+    Each bucket holds a single token (the smallest burst): a message (or
+    recipient) may go once the bucket's "next" time has passed, and moves
+    it on by one interval (1/N of the unit) from then, or from now if that
+    is later (no credit for a quiet spell).  So in any span of the unit, at
+    most N messages go, evenly spaced, however many processes send:
+    50000/d is one message every 1.7 s, never the day's quota at once, and
+    14/s is one every 71 ms, which SES's per-second meter accepts.  A
+    message of k recipients takes k recipient tokens at once: it waits for
+    the bucket's one token, goes whole, and the bucket owes k - 1 intervals,
+    which the next message waits for (so a message larger than any limit
+    still goes, and the average holds).
+
+    The times are time.monotonic(), the same for every process of a host
+    (Linux's CLOCK_MONOTONIC), and the file keeps when it was written: a
+    time after now is another boot's, and the buckets start again.  The
+    file is advice that is never needed to send mail; if it cannot be
+    opened safely (a link, not a regular file), QueueError: nothing is
+    sent, rather than sent above the limit, until it is fixed.
+    """
+
+    def __init__(self, queue: "Queue", messages: Optional[_Rate],
+                 recipients: Optional[_Rate]) -> None:
+        self.path = os.path.join(queue.path, _RATES)
+        self._queue = queue
+        self._limits = (messages, recipients)
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._pid = 0       # the process _fd was opened in: a fork's child opens its own
+
+    def _open(self) -> int:
+        if self._fd >= 0 and self._pid == os.getpid():
+            return self._fd
+        if self._fd >= 0:   # the parent's, after a fork: its flock is the parent's too
+            os.close(self._fd)
+            self._fd = -1
+        self._queue._check_identity()
+        try:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC)
+        except OSError as e:
+            try:
+                st: Optional[os.stat_result] = os.lstat(self.path)
+            except OSError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise QueueError("queue %s: %s is %s, not a regular file: no mail is sent "
+                                 "with message_rate or recipient_rate until it is removed"
+                                 % (self._queue.path, self.path, _kind(st.st_mode))) from None
+            raise self._queue._error("cannot open the rate-limit file %s" % self.path,
+                                     e) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise QueueError("queue %s: %s is %s, not a regular file" % (
+                self._queue.path, self.path, _kind(st.st_mode)))
+        self._fd, self._pid = fd, os.getpid()
+        return fd
+
+    @staticmethod
+    def _read(fd: int, now: float) -> List[float]:
+        """The buckets' next times; now for each when the file is new, not
+        ours, or written in another boot (a time after now)."""
+        try:
+            fields = os.pread(fd, 256, 0).split()
+            if len(fields) == 5 and b" ".join(fields[:2]) == _RATES_MAGIC:
+                times = [float(f) for f in fields[2:]]
+                if all(math.isfinite(t) for t in times) and times[2] <= now:
+                    return times[:2]
+        except (OSError, ValueError):
+            pass
+        return [now, now]
+
+    def take(self, recipients: int, look: bool = False) -> float:
+        """Take a message's token and recipients' tokens when both buckets
+        have them, and return 0; else take nothing and return how long
+        until they may.  look: only look (a processor looks before it
+        claims a message, whose recipients it cannot know before)."""
+        wanted = (1, recipients)
+        with self._lock:
+            fd = self._open()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                now = time.monotonic()
+                times = self._read(fd, now)
+                wait = max([times[i] - now for i, limit in enumerate(self._limits)
+                            if limit is not None and wanted[i]] + [0.0])
+                if wait > 0 or look:
+                    return wait
+                for i, limit in enumerate(self._limits):
+                    if limit is not None:
+                        times[i] = max(times[i], now) + wanted[i] * limit.interval
+                data = b"%s %r %r %r\n" % (_RATES_MAGIC, times[0], times[1], now)
+                os.pwrite(fd, data, 0)      # one block, rewritten in place
+                os.ftruncate(fd, len(data))
+                return 0.0
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0 and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = -1
+
+
 class _Unsettled(NamedTuple):
     """An outcome the queue could not record (see QueueProcessor._record)."""
 
@@ -5378,6 +5608,13 @@ class QueueProcessor:
         self._progress: Optional[Callable[[Dict[str, int], int], None]] = None
         #: messages handled so far, by what became of them
         self.stats = {"delivered": 0, "deferred": 0, "dead": 0}
+        # message_rate, recipient_rate: the queue's buckets (see _wait)
+        self._rates = _RateLimiter(self.queue, config._message_limit, config._recipient_limit) \
+            if config._message_limit or config._recipient_limit else None
+        # A relay's throttling: no new message before _throttle_until
+        # (monotonic), the last pause _throttle_pause s (see _throttled).
+        self._throttle_until = 0.0
+        self._throttle_pause = 0.0
 
     def start(self) -> None:
         """Run in a daemon thread; the backlog is delivered at once."""
@@ -5479,6 +5716,8 @@ class QueueProcessor:
         """At the end of run() or drain(): a last try at the outcomes not
         recorded; then leave, for each one left, what a later run honours
         (see _record), and let its claim go."""
+        if self._rates is not None:
+            self._rates.close()     # opened again if the processor runs again
         if self._unsettled and not self._recorded():
             with self._record_lock:
                 unsettled, self._unsettled = self._unsettled, []
@@ -5581,6 +5820,11 @@ class QueueProcessor:
                 if self._stopping.is_set() or (self._full and not self._recorded()
                                                and self._full):   # retried, still full
                     break   # see _record: no new work while the disk is full
+                # A throttling pause, and the rate limits, are waited for
+                # before the claim (no claim is held for them), unless the
+                # relay is down: then the message is only deferred.
+                if down is None and not self._wait(mailer, waiting):
+                    break   # stop() came first
                 try:
                     msg = self.queue.claim(path)
                 except OSError as e:
@@ -5595,9 +5839,25 @@ class QueueProcessor:
                         failed=dict.fromkeys(msg.recipients or [_NO_RECIPIENT], msg.problem)))
                     continue
                 if down is None:
+                    if self._rates is not None:
+                        try:
+                            go = self._wait(mailer, waiting, msg, len(msg.recipients))
+                        except BaseException:   # the rates file became unsafe
+                            msg.release()
+                            raise
+                        if not go:
+                            msg.release()   # stopped: nothing of it went, no attempt
+                            break
                     try:
                         mailer.open()
                     except DeliveryError as e:
+                        if _throttling(e.reply) and e.reply.code == 421 and \
+                                self._throttled(mailer.where, e.reply):
+                            # "421 4.7.0 too many connections": not an attempt;
+                            # it goes in the next pass, after the pause
+                            msg.release()
+                            self._record_settled(mailer, waiting)   # open() read it
+                            continue
                         down = self._relay_down(mailer, e)
                     except Exception as e:  # a bug of ours: the message must not stay claimed
                         log.exception("4.3.0 relay %s: unexpected error while connecting",
@@ -5623,13 +5883,81 @@ class QueueProcessor:
                     # recorded.
                     waiting.append((msg, outcome))
                 else:
-                    self._apply(mailer, msg, outcome)
+                    self._conclude(mailer, msg, outcome)
         finally:
             try:
                 mailer.wait()
             finally:
                 self._record_settled(mailer, waiting)
         return handled
+
+    def _wait(self, mailer: Mailer, waiting: List[Tuple[QueuedMessage, Outcome]],
+              msg: Optional[QueuedMessage] = None, recipients: int = 1) -> bool:
+        """Wait for the end of a relay's throttling pause and until the rate
+        limits let a message go: without msg, only look (before a claim);
+        with msg (claimed), take its tokens.  The mail waiting meanwhile is
+        not deferred and no attempt is counted.  False when stop() came
+        first.  Before any wait, the message sent before is read and
+        recorded, and a connection that would be idle longer than a relay
+        keeps one is closed (see _IDLE_CLOSE)."""
+        settled = False
+        while not self._stopping.is_set():
+            wait = self._throttle_until - time.monotonic()
+            if wait <= 0 and self._rates is not None:
+                wait = self._rates.take(recipients, look=msg is None)
+            if wait <= 0:
+                return True
+            if not settled:
+                settled = True
+                mailer.wait()
+                self._record_settled(mailer, waiting)
+            if wait > min(_IDLE_CLOSE, self.config.timeout) and mailer._connection is not None:
+                mailer.close()
+            if msg is not None:
+                msg.heartbeat()
+            self._stopping.wait(min(wait, _RATE_LOOK))
+        return False
+
+    def _conclude(self, mailer: Mailer, msg: QueuedMessage, out: Outcome) -> None:
+        """Record an attempt (_apply), unless the relay refused the whole
+        message with a throttling reply, to MAIL or to the dot, taking none
+        of it: then it was no attempt, and the message, untouched, goes
+        again in the next pass, after the pause (see _throttled)."""
+        throttled = self._refused_whole(out)
+        if throttled is not None and self._throttled(out.relay or mailer.where, throttled):
+            msg.release()
+            return
+        self._apply(mailer, msg, out)
+
+    @staticmethod
+    def _refused_whole(out: Outcome) -> Optional[Reply]:
+        """The throttling reply with which the relay refused the whole
+        message (to MAIL, or to the dot), taking none of it: nothing
+        delivered, nothing refused for good; else None."""
+        if out.throttled is not None and out.final is out.throttled and \
+                not out.delivered and not out.failed and not out.waiting:
+            return out.throttled
+        return None
+
+    def _throttled(self, relay: str, reply: Reply) -> bool:
+        """The relay sent a throttling reply: pause mail to it (every
+        session of this processor), twice as long as the last pause if
+        there was one since the last unthrottled delivery; logged once a
+        pause.  False when the last pause was already the longest (a relay
+        that refuses us for that long is down, not busy)."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._throttle_until:
+                return True     # this pause covers it (a pipelined message, a session)
+            longest = min(_THROTTLE_MOST, self.config.max_backoff_time)
+            busy = self._throttle_pause < longest
+            pause = min(longest, max(_THROTTLE_FIRST, 2 * self._throttle_pause))
+            self._throttle_pause = pause
+            self._throttle_until = now + pause
+        log.warning("%s relay %s throttles this client (%s): no new mail goes to it for "
+                    "%d s; mail waiting meanwhile is not deferred", reply.status, relay,
+                    reply, pause)
+        return busy
 
     def _record_settled(self, mailer: Mailer,
                         waiting: List[Tuple[QueuedMessage, Outcome]]) -> None:
@@ -5639,7 +5967,7 @@ class QueueProcessor:
         and at each heartbeat, which comes before any data goes."""
         while waiting and not waiting[0][1].waiting:
             msg, outcome = waiting.pop(0)
-            self._apply(mailer, msg, outcome)
+            self._conclude(mailer, msg, outcome)
 
     def _attempt(self, mailer: Mailer, msg: QueuedMessage, more: bool,
                  waiting: List[Tuple[QueuedMessage, Outcome]]) -> Outcome:
@@ -5740,6 +6068,11 @@ class QueueProcessor:
             log.log(line.level, line.text, *line.args)
         self._count(plan.what)
         self._note(plan.notes)
+        if out.throttled is not None:
+            self._throttled(relay, out.throttled)
+        elif out.delivered and self._throttle_pause:
+            with self._lock:
+                self._throttle_pause = 0.0      # it takes mail again: start afresh
 
     def _change(self, msg: QueuedMessage, plan: _Plan) -> Callable[[], object]:
         """The queue change that records plan (done, or kept to try again,

@@ -9101,3 +9101,295 @@ class TlsPinTests(OperatorBase):
                                   ("192.0.2.1", False), ("fe80::1%eth0", False),
                                   ("2001:db8::1", False), ("not an address", False)):
             self.assertEqual(gsemail._loopback(address), loopback, address)
+
+
+# Rate limits: message_rate, recipient_rate and throttling replies
+class _AnvilPostfix(Postfix):
+    """A private Postfix whose anvil meters loopback clients: at most
+    MESSAGES messages and RECIPIENTS recipients per client and listener in
+    each UNIT (anvil_rate_time_unit; anvil's minimum is 1 s)."""
+
+    UNIT, MESSAGES, RECIPIENTS = 5, 5, 10
+
+    def _write_config(self):
+        super()._write_config()
+        with open(os.path.join(self.etc, "main.cf"), "a") as f:
+            f.write("anvil_rate_time_unit = %ds\n"
+                    "smtpd_client_message_rate_limit = %d\n"
+                    "smtpd_client_recipient_rate_limit = %d\n"
+                    "smtpd_client_event_limit_exceptions =\n"
+                    % (self.UNIT, self.MESSAGES, self.RECIPIENTS))
+
+    def refusals(self, port):
+        """anvil's refusals logged for the listener on port."""
+        return [line for line in self.log().splitlines()
+                if "rate limit exceeded" in line and ":%d" % port in line]
+
+
+def arrivals(times):
+    """A MAIL rule for SMTPServer that notes when each MAIL arrived."""
+    def rule(arg):
+        times.append(time.monotonic())
+    return rule
+
+
+class RateLimitTests(Base):
+    def test_rate_options_are_parsed_and_checked(self):
+        good = [("14/s", 14, 1), (" 30 / m ", 30, 60), ("10000/h", 10000, 3600),
+                ("50000/d", 50000, 86400), ("0.5/s", 0.5, 1), ("1/d", 1, 86400),
+                ("2/M", 2, 60), ("100000/s", 100000, 1)]
+        for text, number, unit in good:
+            with self.subTest(text=text):
+                config = self.ini(25, "message_rate = %s\nrecipient_rate = %s\n" % (text, text))
+                for limit in (config._message_limit, config._recipient_limit):
+                    self.assertEqual((limit.number, limit.unit), (number, unit))
+                self.assertAlmostEqual(limit.interval, unit / number)
+        bad = ["0/s", "-1/s", "14", "14/w", "14/sec", "14 per s", "1e3/s", "x/s", "/s",
+               "14//s", "0.9/d", "100001/s", "١٤/s", "14/s/m", "inf/s", "nan/s"]
+        for text in bad:
+            for option in ("message_rate", "recipient_rate"):
+                with self.subTest(text=text, option=option):
+                    with self.assertRaises(gsemail.ConfigError) as cm:
+                        self.ini(25, "%s = %s\n" % (option, text))
+                    self.assertIn(option, str(cm.exception))
+                    self.assertIn(repr(text.strip()), str(cm.exception))
+        # no limit: unset, or empty; a config built directly is checked too
+        self.assertIsNone(self.ini(25)._message_limit)
+        self.assertIsNone(self.ini(25, "recipient_rate =\n")._recipient_limit)
+        self.assertEqual(self.config(25, recipient_rate="3/m")._recipient_limit.number, 3)
+        for value in ("3/x", 3, 0.5):
+            with self.assertRaises(gsemail.ConfigError):
+                self.config(25, message_rate=value)
+
+    def test_throttling_replies_are_known_by_their_codes(self):
+        R = gsemail.Reply
+        throttling = [
+            R(450, "4.7.1 Error: too much mail from 127.0.0.1"),         # Postfix anvil
+            R(450, "4.7.1 Error: too many recipients from 127.0.0.1"),
+            R(421, "4.7.0 mx.example Error: too many connections from 127.0.0.1"),
+            R(421, "4.7.0 Try again later, closing connection."),          # Gmail
+            R(421, "4.7.28 unusual rate of mail"),
+            R(451, "4.7.500 Server busy. Please try again later"),         # Microsoft 365
+            R(454, "Throttling failure: Maximum sending rate exceeded."),   # SES
+            R(454, "Throttling failure: Daily message quota exceeded."),
+            R(451, "Rate limit exceeded, try later"),
+        ]
+        other = [
+            R(450, "4.2.1 mailbox busy"), R(452, "4.5.3 Too many recipients"),
+            R(454, "4.7.5 TLS with x failed"), R(454, "4.7.8 bad credentials"),
+            R(550, "5.7.1 relaying denied"), R(451, "4.3.0 rate of something"),
+            R(452, "Throttling failure"), R(421, "4.4.2 timeout exceeded"),
+            R(450, "mailbox unavailable"), R(451, "4.7.66 TLS 1.0 not supported"),
+        ]
+        for reply in throttling:
+            self.assertTrue(gsemail._throttling(reply), reply)
+        for reply in other:
+            self.assertFalse(gsemail._throttling(reply), reply)
+
+    def queue_many(self, config, n, tag, rcpts=1):
+        for i in range(n):
+            self.enqueue(config, ["%s%d-%d@example.org" % (tag, i, j) for j in range(rcpts)],
+                         msg=message("rate %s %d" % (tag, i)))
+
+    def test_the_rate_holds_across_processes_and_sessions(self):
+        times = []
+        server = self.server(rules={"MAIL": arrivals(times)})
+        self.ini_file(server.port, "message_rate = 5/s\nsessions = 2\n")
+        config = gsemail.load_config(self.ini_path, "main")
+        n = 20
+        self.queue_many(config, n, "shared")
+        command = [sys.executable, "-m", "gsemail", "-c", self.ini_path, "-i", "main", "--once"]
+        runs = [subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for run in runs:
+            _, err = run.communicate(timeout=60)
+            self.assertEqual(run.returncode, 0, err)
+        self.assertEqual(sorted(server.rcpts), sorted("shared%d-0@example.org" % i
+                                                     for i in range(n)))
+        self.assertEqual(len(times), n)
+        # Both processes sent: each logs its own deliveries.
+        span = max(times) - min(times)
+        # 20 messages at 5/s: the last goes at least 19 intervals after the
+        # first, wherever each was sent from.  The bound allows the first
+        # MAIL a second late (its connection is made after its token);
+        # each process with its own bucket would take about 1.9 s.
+        self.assertGreaterEqual(span, (n - 1) / 5 - 1.0, times)
+        self.assertLess(span, 30)
+        print("\nrate: %d messages, message_rate = 5/s, 2 processes x 2 sessions: "
+              "%.2f s from the first MAIL to the last, %.2f/s" % (n, span, (n - 1) / span),
+              file=sys.stderr)
+
+    def test_mail_beyond_the_limit_waits_without_an_attempt(self):
+        times = []
+        server = self.server(rules={"MAIL": arrivals(times)})
+        config = self.config(server.port, message_rate="4/s", recipient_rate="6/s")
+        self.queue_many(config, 3, "wait", rcpts=3)
+        processor = self.drain(config)
+        self.assertEqual(processor.stats, {"delivered": 3, "deferred": 0, "dead": 0})
+        self.assertEqual(len(server.rcpts), 9)
+        # recipient_rate binds: 3 recipients at 6/s is 0.5 s a message
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertTrue(all(g > 0.4 for g in gaps), gaps)
+        self.assertTrue(os.path.isfile(os.path.join(self.queuepath, "rates")))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.queuepath, "rates")).st_mode),
+                         0o600)
+
+        # A long wait: the second message waits unclaimed, and stop() ends it.
+        config = self.config(server.port, message_rate="1/d", processorthread=False)
+        os.unlink(os.path.join(self.queuepath, "rates"))
+        self.queue_many(config, 2, "day")
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        wait_for(lambda: len(server.rcpts) == 10, what="the first message")
+        time.sleep(0.3)
+        started = time.monotonic()
+        processor.stop(10)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertFalse(processor.alive)
+        self.assertEqual(len(server.rcpts), 10)
+        (left,) = self.listing("new")       # waiting, not deferred, not claimed
+        self.assertFalse(left.startswith("."))
+        self.assertEqual(self.listing("cur"), [])
+        self.assertEqual(self.listing("state"), [])
+
+    def test_the_rate_file_is_never_followed_through_a_link(self):
+        server = self.server()
+        config = self.config(server.port, message_rate="10/s")
+        self.enqueue(config)
+        target = os.path.join(self.tmp, "elsewhere")
+        with open(target, "w") as f:
+            f.write("")
+        os.symlink(target, os.path.join(self.queuepath, "rates"))
+        processor = gsemail.QueueProcessor(config)
+        with self.assertRaises(gsemail.QueueError) as cm:
+            processor.run_once()
+        self.assertIn("symbolic link", str(cm.exception))
+        self.assertEqual(server.rcpts, [])
+        self.assertEqual(read_text(target), "")
+        self.assertEqual(len(self.listing("new")), 1)     # nothing claimed: it waits
+        os.unlink(os.path.join(self.queuepath, "rates"))
+        self.drain(config)
+        self.assertEqual(server.rcpts, ["a@example.org"])
+
+    def test_a_throttling_reply_pauses_the_relay_instead_of_deferring_all(self):
+        times = []
+        replies = ["450 4.7.1 Error: too much mail from 127.0.0.1"]
+
+        def mail(arg):
+            times.append(time.monotonic())
+            return replies.pop(0) if replies else None
+        server = self.server(rules={"MAIL": mail})
+        config = self.config(server.port)
+        self.queue_many(config, 4, "throttle")
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        # refused whole at MAIL: no attempt, sent again after the pause
+        self.assertEqual(processor.stats, {"delivered": 4, "deferred": 0, "dead": 0})
+        self.assertEqual(len(server.transactions), 4)
+        pauses = [line for line in logs.output if "throttles this client" in line]
+        self.assertEqual(len(pauses), 1, logs.output)
+        self.assertIn("127.0.0.1:%d" % server.port, pauses[0])
+        self.assertIn("450 4.7.1 Error: too much mail from 127.0.0.1", pauses[0])
+        self.assertGreaterEqual(times[1] - times[0], 1.9)    # the pause: 2 s
+        self.assertEqual(self.listing("cur") + self.listing("state"), [])
+
+        # SES: no enhanced code, at the dot (refused whole: no attempt); and a
+        # RCPT's 4.7.1 while the other recipient is taken (deferred, as tried)
+        for rules, count in (({"DOT": ["454 Throttling failure: Maximum sending rate "
+                                       "exceeded."]}, 0),
+                             ({"RCPT": lambda a: "450 4.7.1 Error: too many recipients "
+                               "from 127.0.0.1" if "ses0-1" in a else None}, 1)):
+            server = self.server(ehlo=("PIPELINING",), rules=rules)
+            shutil.rmtree(self.queuepath)
+            config = self.config(server.port)
+            self.queue_many(config, 3, "ses", rcpts=2)
+            with self.assertLogs("gsemail", "INFO") as logs:
+                processor = self.drain(config)
+            self.assertEqual(processor.stats["deferred"], count, logs.output)
+            self.assertEqual(len(server.rcpts), 6 - count)
+            self.assertEqual(len([line for line in logs.output
+                                  if "throttles this client" in line]), 1, logs.output)
+
+    def test_a_throttled_greeting_pauses_without_an_attempt(self):
+        server = self.server(rules={"CONNECT": [
+            "421 4.7.0 test Error: too many connections from 127.0.0.1"]})
+        config = self.config(server.port)
+        self.queue_many(config, 2, "greet")
+        started = time.monotonic()
+        with self.assertLogs("gsemail", "INFO") as logs:
+            processor = self.drain(config)
+        self.assertGreaterEqual(time.monotonic() - started, 1.9)
+        self.assertEqual(processor.stats, {"delivered": 2, "deferred": 0, "dead": 0})
+        self.assertEqual(len([line for line in logs.output
+                              if "throttles this client" in line]), 1, logs.output)
+        self.assertEqual(self.listing("state"), [])
+
+
+class RateLimitPostfixTests(Base):
+    """message_rate and recipient_rate against Postfix's anvil."""
+
+    @classmethod
+    def setUpClass(cls):
+        postfix()   # skips without root or Postfix
+        cls.anvil = _AnvilPostfix()
+        cls.addClassCleanup(cls.anvil.stop)
+        cls.anvil.start()
+
+    def send(self, port, n, rcpts, tag, **kw):
+        """Queue n messages of rcpts recipients each and drain them (again
+        while any is deferred, as a running processor would): the seconds
+        from the first attempt to the last delivery."""
+        config = self.config(port, min_backoff_time=1, **kw)
+        self.queue_many(config, n, tag, rcpts)
+        started = time.monotonic()
+        processor = gsemail.QueueProcessor(config)
+        while time.monotonic() - started < 120:
+            processor.drain()
+            if not self.listing("new") + self.listing("cur"):
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        copies = self.anvil.wait_delivered(tag, n * rcpts)
+        delivered = sorted(m["Delivered-To"] for m in copies)
+        self.assertEqual(delivered, sorted("%s%d-%d@gsemail.test" % (tag, i, j)
+                                           for i in range(n) for j in range(rcpts)))
+        self.assertEqual(self.dead_letters(), [])
+        return took, processor
+
+    def queue_many(self, config, n, tag, rcpts):
+        for i in range(n):
+            self.enqueue(config, ["%s%d-%d@gsemail.test" % (tag, i, j) for j in range(rcpts)],
+                         msg=message("anvil %s %d" % (tag, i)))
+
+    def test_under_the_limit_no_refusal_and_over_it_each_message_once(self):
+        a = self.anvil
+        # Under: 0.8 messages and 1.6 recipients a second, against 5 messages
+        # and 10 recipients in each 5 s of anvil's.  anvil counts in whole
+        # seconds and starts again only once start + unit < now, so its
+        # window is up to unit + 1 s long: 5 in 6 s is 0.83/s.
+        tag = "under%d-" % time.monotonic_ns()
+        n = 8
+        took, processor = self.send(a.port, n, 2, tag, message_rate="0.8/s",
+                                    recipient_rate="1.6/s")
+        self.assertEqual(a.refusals(a.port), [])
+        self.assertEqual(processor.stats, {"delivered": n, "deferred": 0, "dead": 0})
+        print("\nanvil under: %d messages (%d recipients) in %.1f s: %.2f messages/s, "
+              "configured 0.8/s, relay's limit %d/%ds = %.1f/s" % (
+                  n, 2 * n, took, (n - 1) / took, a.MESSAGES, a.UNIT, a.MESSAGES / a.UNIT),
+              file=sys.stderr)
+        # Over: three times the limit; anvil refuses, the relay is paused,
+        # and every recipient still gets one copy.
+        tag = "over%d-" % time.monotonic_ns()
+        with self.assertLogs("gsemail", "INFO") as logs:
+            took, processor = self.send(a.noverp_port, 8, 2, tag, message_rate="3/s")
+        self.assertTrue(a.refusals(a.noverp_port))
+        pauses = [line for line in logs.output if "throttles this client" in line]
+        self.assertTrue(pauses)
+        self.assertTrue(all("4.7.1" in line for line in pauses), pauses)
+        # anvil refused them at MAIL (its recipient count stays at two per
+        # message taken): refused whole, no attempt, none deferred
+        self.assertEqual(processor.stats, {"delivered": 8, "deferred": 0, "dead": 0})
+        print("anvil over: 8 messages (16 recipients) at message_rate = 3/s in %.1f s, "
+              "%d refusals by anvil, %d pauses, %d deferrals" % (
+                  took, len(a.refusals(a.noverp_port)), len(pauses),
+                  processor.stats["deferred"]), file=sys.stderr)
