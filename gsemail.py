@@ -61,10 +61,14 @@ user:
 6. The SMTP connection: the redacted transcript (debug = true), then
    _Connection, one socket and its pipelined replies, with a picture of the
    pipelined dot.
-7. The mailer: Mailer connects (TLS, AUTH, failover), delivers one message
-   at a time and returns an Outcome; RelayCheck for ``gsemail check``.
-8. The queue processor: _plan, the pure decision for an outcome, and
-   QueueProcessor, which claims, sends, records and runs the thread.
+7. The mailer: Mailer connects (TLS, pinned or verified, AUTH with a
+   password or an OAuth2 token from password_command, failover), delivers
+   one message at a time (with XVERP, or making the VERP addresses itself)
+   and returns an Outcome; RelayCheck for ``gsemail check``.
+8. The queue processor: the delivery lines, _plan (the pure decision for
+   an outcome), the shared rate limits (_RateLimiter), and QueueProcessor,
+   which waits for the rates, claims, sends, pauses a relay that throttles,
+   records and runs the thread.
 9. send_email: configure, send_email and shutdown, forks and uWSGI.
 10. The command line: main and one _cmd_ function per command.
 
