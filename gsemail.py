@@ -6445,6 +6445,18 @@ def _days_option(text: str) -> float:
     return value
 
 
+def _summary(stats: Dict[str, int], waiting: int, elapsed: float) -> str:
+    """The one line that --once always ends with, so that a cron job's mail
+    (or its log) says what the run did."""
+    done = sum(stats.values())
+    if not done:
+        return "2.0.0 --once: nothing was due; %d wait for a retry" % waiting
+    return ("2.0.0 --once: %d messages in %.1f s (%.1f/s): %d delivered, %d deferred, "
+            "%d dead; %d wait for a retry" % (done, elapsed, done / max(elapsed, 1e-3),
+                                              stats["delivered"], stats["deferred"],
+                                              stats["dead"], waiting))
+
+
 class _Progress:
     """How a --once drain goes, on one self-rewriting terminal line."""
 
@@ -6473,15 +6485,9 @@ class _Progress:
             self.showing = False
 
     def finish(self, stats: Dict[str, int], waiting: int) -> None:
+        """Clear the progress line and write the run's summary (_summary)."""
         self.clear()
-        done = sum(stats.values())
-        if done:
-            elapsed = time.monotonic() - self.started
-            self.stream.write("%d messages in %.1f s (%.1f/s): %d delivered, %d deferred, "
-                              "%d dead; %d wait for a retry\n" % (
-                                  done, elapsed, done / max(elapsed, 1e-3),
-                                  stats["delivered"], stats["deferred"], stats["dead"],
-                                  waiting))
+        self.stream.write(_summary(stats, waiting, time.monotonic() - self.started) + "\n")
         self.stream.flush()
 
 
@@ -6518,6 +6524,12 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if not args.once:
+        if not log.isEnabledFor(logging.INFO):
+            # The one line a newcomer (or a journal) needs to see that it
+            # runs, and on what; -v shows it (logged by run) and every delivery.
+            print("2.0.0 queue processor for %s started (relay %s); -v logs each delivery"
+                  % (processor.queue.path, ", ".join(_where(*r) for r in config.relays)),
+                  file=sys.stderr, flush=True)
         processor.run()
         return os.EX_OK
     progress = None
@@ -6526,10 +6538,13 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
         for h in log.handlers:
             if isinstance(h, _LogHandler):
                 h.progress = progress
+    started = time.monotonic()
     processor.drain(progress)
     waiting = processor.queue.count()
     if progress is not None:
         progress.finish(processor.stats, waiting)
+    else:
+        print(_summary(processor.stats, waiting, time.monotonic() - started), file=sys.stderr)
     if waiting:
         print("4.4.1 %d message(s) in %s wait for a retry"
               % (waiting, config.queuepath), file=sys.stderr)

@@ -23,6 +23,7 @@ import os
 import pwd
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -4326,6 +4327,28 @@ class CLITests(Base):
         self.assertEqual(run.returncode, os.EX_TEMPFAIL)
         self.assertRegex(run.stderr, r"(?m)^4\.4\.1 1 message\(s\) in .* wait for a retry$")
 
+    def test_the_processor_says_it_started_without_v(self):
+        # A newcomer running the processor sees that it runs, and on what.
+        server = self.server()
+        path = self.ini_file(server.port)
+        gsemail.Queue(gsemail.load_config(path, "main").queuepath).close()    # not its first run
+        proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", path, "-i", "main"],
+                                cwd=HERE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait, 30)
+        self.addCleanup(proc.stderr.close)
+        try:
+            ready = select.select([proc.stderr], [], [], 30)[0]
+            first = proc.stderr.readline() if ready else "(nothing in 30 s)"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+        self.assertEqual(first, "2.0.0 queue processor for %s started (relay 127.0.0.1:%d); "
+                                "-v logs each delivery\n"
+                         % (gsemail.load_config(path, "main").queuepath, server.port))
+        self.assertEqual(proc.wait(30), 0)
+        # and -v shows it once, as the processor logs it
+        run = self.gsemail("-c", path, "-i", "main", "--once", "-v")
+        self.assertNotIn("-v logs each delivery", run.stderr)
+
     def test_errors_have_status_codes_and_sysexits(self):
         run = self.gsemail("--config", os.path.join(self.tmp, "missing.ini"))
         self.assertEqual(run.returncode, os.EX_CONFIG)
@@ -4936,11 +4959,17 @@ class CommandLineHelpAndProgressTests(OperatorBase):
         self.assertEqual(out, b"")
 
     def test_no_progress_when_output_is_not_a_terminal(self):
+        # No progress line, but the one summary line --once always ends
+        # with, so that a cron job's mail says what the run did.
         server = self.drain_on(30)
         run = self.gsemail("--once")
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assertEqual(len(server.transactions), 30)
-        self.assertEqual(run.stdout + run.stderr, "")
+        self.assertEqual(run.stdout, "")
+        self.assertRegex(run.stderr, r"\A2\.0\.0 --once: 30 messages in [\d.]+ s \([\d.]+/s\): "
+                                     r"30 delivered, 0 deferred, 0 dead; 0 wait for a retry\n\Z")
+        run = self.gsemail("--once")        # nothing due now
+        self.assertEqual(run.stderr, "2.0.0 --once: nothing was due; 0 wait for a retry\n")
 
 
 def readme_block(after):
