@@ -6435,13 +6435,18 @@ def _count_option(text: str) -> int:
 
 
 def _days_option(text: str) -> float:
+    """An age in days: a duration like every other option's (30d, 12h, 2w),
+    or a bare number, which is days (as the option first took it)."""
     try:
-        value = float(text) if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]*)?\s*", text) else -1.0
+        if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]*)?\s*", text):
+            value = float(text)
+        else:
+            value = _duration(text) / 86400
     except ValueError:
         value = -1.0
     if not 0 <= value <= _MOST_DAYS:
-        raise argparse.ArgumentTypeError("%r is not a number of days from 0 to %d"
-                                         % (text, _MOST_DAYS))
+        raise argparse.ArgumentTypeError("%r is not an age such as 30d, 12h or 2w (a bare "
+                                         "number is days), from 0 to %dd" % (text, _MOST_DAYS))
     return value
 
 
@@ -6836,7 +6841,7 @@ def _cmd_retry(config: SMTPConfig, args: argparse.Namespace) -> int:
 
 def _cmd_purge(config: SMTPConfig, args: argparse.Namespace) -> int:
     if bool(args.ids) == (args.dead_older_than is not None):
-        raise GsEmailError("purge takes queue ids, or --dead-older-than DAYS",
+        raise GsEmailError("purge takes queue ids, or --dead-older-than AGE",
                            status="5.5.4", exit_code=os.EX_USAGE)
     queue = _open_queue(config)
     now = time.time()
@@ -7098,8 +7103,9 @@ def _parser() -> argparse.ArgumentParser:
                 "each before it goes.  Messages being sent are left alone (exit 75).  "
                 "Python: Queue.purge().")
     p.add_argument("ids", nargs="*", metavar="ID", help="the messages to delete")
-    p.add_argument("--dead-older-than", type=_days_option, metavar="DAYS",
-                   help="every dead letter that died more than DAYS days ago")
+    p.add_argument("--dead-older-than", type=_days_option, metavar="AGE",
+                   help="every dead letter that died more than AGE ago (30d, 12h, 2w; "
+                        "a bare number is days)")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="print what would go, and delete nothing")
 

@@ -4729,7 +4729,15 @@ class FlushRetryPurgeTests(OperatorBase):
         when = gsemail._iso(time.time() - 10 * 86400).encode()
         with open(old, "wb") as f:
             f.write(re.sub(rb"(X-Gsemail-Dead-Letter: )\S+;", rb"\g<1>" + when + b";", text))
-        out = self.ok("purge", "--dead-older-than", "7")
+        # an age as every option takes one (a bare number is days)
+        self.assertIn("0 message(s) would be purged",
+                      self.ok("purge", "--dead-older-than", "2w", "--dry-run"))
+        self.assertIn("1 message(s) would be purged",
+                      self.ok("purge", "--dead-older-than", "216h", "--dry-run"))
+        bad = self.gsemail("purge", "--dead-older-than", "7x")
+        self.assertEqual(bad.returncode, os.EX_USAGE)
+        self.assertIn("'7x' is not an age such as 30d", bad.stderr)
+        out = self.ok("purge", "--dead-older-than", "7d")
         self.assertIn("purging %s: dead" % os.path.basename(old)[10:], out)
         self.assertIn("1 message(s) purged", out)
         self.assertEqual(self.dead_letters(), [young])
