@@ -361,6 +361,21 @@ def _age(seconds: float) -> str:
     return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
 
 
+def _span(seconds: float) -> str:
+    """How long something took, in words that fit the span: "4 s", "12 min",
+    "3.5 h", "5.0 days" (a dead letter's "gave up after N attempts in ...")."""
+    s = _whole_seconds(seconds)
+    if s is None:
+        return "? s"
+    if s < 120:
+        return "%d s" % max(0, s)
+    if s < 2 * 3600:
+        return "%d min" % (s // 60)
+    if s < 2 * 86400:
+        return "%.1f h" % (seconds / 3600)
+    return "%.1f days" % (seconds / 86400)
+
+
 def _where(host: str, port: int) -> str:
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
@@ -5428,8 +5443,8 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
             return _Plan("deferred", attempts, new, list(out.deferred), now + delay, fresh,
                          summary, lines, notes)
         for rcpt, reply in out.deferred.items():
-            fresh[rcpt] = "%s (gave up after %d attempts in %.1f days)" % (
-                reply, attempts, age / 86400)
+            fresh[rcpt] = "%s (gave up after %d attempts in %s)" % (
+                reply, attempts, _span(age))
     reply = _first_reason(fresh, out.failed)
     lines.append(_LogLine(logging.ERROR, "%s %s: dead letter .rejected-%s %s",
                           (reply.status, name, name,

@@ -940,6 +940,14 @@ class PureHelperTests(unittest.TestCase):
                 self.assertEqual(reply.as_transient(), transient)
                 self.assertFalse(reply.as_transient().permanent)
 
+    def test_span_fits_the_span(self):
+        for seconds, text in ((0, "0 s"), (4.4, "4 s"), (119, "119 s"), (120, "2 min"),
+                              (7199, "119 min"), (7200, "2.0 h"), (12600, "3.5 h"),
+                              (2 * 86400, "2.0 days"), (5 * 86400, "5.0 days"),
+                              (float("nan"), "? s"), (-3, "0 s")):
+            with self.subTest(seconds=seconds):
+                self.assertEqual(gsemail._span(seconds), text)
+
     def test_reply_str_and_round_trip(self):
         R = gsemail.Reply
         for reply, text in (
@@ -5273,7 +5281,8 @@ class FaultTests(Base):
         text = self.dead_letter_text()
         self.assertIn("X-Zope-To: victim@example.org\n", text)
         self.assertIn("4.4.1 connection refused", text)
-        self.assertRegex(text, r"gave up after \d+ attempts")
+        # in words that fit the span: seconds here, not "0.0 days"
+        self.assertRegex(text, r"gave up after \d+ attempts in \d+ s\)")
         self.assertFalse(os.path.exists(os.path.join(self.queuepath, "cur", name)))
         self.assertTrue(any("gave up" in line for line in logs.output))
         server = self.server(port=port)     # the relay is back
