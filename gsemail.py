@@ -2200,6 +2200,14 @@ class _StatusFacts(TypedDict):
     error_id: Optional[str]
 
 
+# status reads each message's state file by its bytes (Queue._quick_state):
+# the top-level first_queued, and "failed": {} when none was refused, as
+# json.dumps writes them; anything else is parsed.
+_STATE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_QUICK_FIRST = re.compile(rb'"first_queued": (-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)[,}]')
+_QUICK_NONE = b'"failed": {}'
+
+
 def _lock_held(path: str) -> Optional[bool]:
     """Whether a live process holds an flock on the file at path (a claimer
     file: see _Claims); None when it cannot be told (gone, not ours to
@@ -3110,6 +3118,57 @@ class Queue:
                     live += 1
         return live
 
+    def _claim_broken(self, claim_path: str, now: float) -> bool:
+        """Whether the claim at claim_path is one the next processor would
+        break (see _Claims.break_stale), looked at without breaking it: a
+        claim of this host whose flock nobody holds, or any other untouched
+        for claim_timeout.  Its message is due, as far as status is
+        concerned: nobody is sending it."""
+        held = _lock_held(claim_path)
+        if held:
+            return False
+        try:
+            fd = _open_regular(claim_path)
+        except OSError:
+            return False    # gone, or not ours to look at: nobody to blame
+        try:
+            st = os.fstat(fd)
+            owner = self._claims.owner(fd, st)
+        finally:
+            os.close(fd)
+        if owner is not None and owner.here and held is False:
+            return True
+        return now - max(st.st_mtime, st.st_ctime) >= self.claim_timeout
+
+    @staticmethod
+    def _quick_state(state_dir: str, name: str) -> Tuple[Optional[float], int]:
+        """From a message's state file, state_dir + name: its first_queued
+        (None: not there) and how many recipients it has refused so far.
+        status reads one a message, so the usual file (as _write_state
+        writes it) is read by its bytes, and only an unusual one is parsed
+        as JSON."""
+        try:
+            fd = os.open(state_dir + name, _STATE_READ)
+        except OSError:
+            return None, 0      # none (most new mail), or unusable: advice
+        try:
+            raw = os.read(fd, 1 << 20)
+        except OSError:
+            return None, 0
+        finally:
+            os.close(fd)
+        first = _QUICK_FIRST.findall(raw)
+        failed = raw.count(b'"failed"')
+        if raw.count(b'"first_queued"') == len(first) <= 1 and \
+                (failed == 0 or (failed == 1 and _QUICK_NONE in raw)):
+            when = float(first[0]) if first else -1.0
+            return (when if 0.0 <= when <= _TIME_MAX else None), 0    # as _when
+        try:
+            state = _sane_state(json.loads(raw))
+        except (ValueError, RecursionError, MemoryError):
+            return None, 0
+        return _when(state.get("first_queued")), len(state.get("failed") or {})
+
     def status(self) -> _StatusFacts:
         """Facts for monitoring, as ``gsemail status`` shows them.
 
@@ -3122,22 +3181,62 @@ class Queue:
         _processors), and what the processors recorded last:
         ``delivered_at``/``_id``/``_via`` and ``error_at``/``error``/
         ``error_id``.  Times are Unix times.
+
+        It looks as entries() does, and as cheaply as it can (monitoring
+        runs it every minute on a queue that may hold 100,000 messages when
+        the relay has been down): one listing of new/ and cur/, one lstat a
+        message, and a read of its state file, never the message itself.
         """
         now = time.time()
-        entries = self.entries()
-        waiting = [e for e in entries if e.state != "dead"]
-        oldest = min(waiting, key=lambda e: e.queued, default=None)
-        due = [e for e in waiting if e.state != "sending" and (e.next_attempt or 0) <= now]
-        oldest_due = min(due, key=lambda e: e.next_attempt or 0, default=None)
+        counts = dict.fromkeys(_STATES, 0)
+        due = refused = 0
+        oldest: Tuple[float, str] = (math.inf, "")
+        oldest_due: Tuple[float, str] = (math.inf, "")
+        state_dir = os.path.join(self.path, "state", "")
+        for sub in ("new", "cur"):
+            head = os.path.join(self.path, sub)
+            try:
+                listing = os.listdir(head)
+            except FileNotFoundError:
+                raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
+            claims = {n[len(_CLAIM):] for n in listing if n.startswith(_CLAIM)}
+            head += os.sep
+            for name in listing:
+                if name.startswith("."):
+                    counts["dead"] += name.startswith(_DEAD)
+                    continue    # claims and other dot files
+                try:
+                    st = os.lstat(head + name)
+                except FileNotFoundError:
+                    continue    # sent or moved meanwhile
+                if stat.S_ISREG(st.st_mode):
+                    first, failed = self._quick_state(state_dir, name)
+                    queued = first if first is not None else \
+                        _first_queued(name, {}, st.st_mtime)
+                    refused += failed
+                else:
+                    queued = st.st_mtime    # as entries() shows it: not a message
+                oldest = min(oldest, (queued, name))
+                state = "new" if sub == "new" else "deferred"
+                if name in claims:
+                    state = "sending"
+                    if not self._claim_broken(head + _CLAIM + name, now):
+                        counts[state] += 1
+                        continue
+                counts[state] += 1
+                if st.st_mtime <= now:
+                    due += 1
+                    oldest_due = min(oldest_due, (st.st_mtime, name))
         recorded = self._read_status()
         return {
-            "queue": self.path, "counts": _by_state(entries), "waiting": len(waiting),
-            "due": len(due),
-            "oldest_id": oldest.id if oldest else None,
-            "oldest_queued": oldest.queued if oldest else None,
-            "oldest_due_id": oldest_due.id if oldest_due else None,
-            "oldest_due": (oldest_due.next_attempt or now) if oldest_due else None,
-            "refused": sum(len(e.failed) for e in waiting),
+            "queue": self.path, "counts": counts,
+            "waiting": counts["new"] + counts["deferred"] + counts["sending"],
+            "due": due,
+            "oldest_id": _queue_id(oldest[1]) if oldest[1] else None,
+            "oldest_queued": oldest[0] if oldest[1] else None,
+            "oldest_due_id": _queue_id(oldest_due[1]) if oldest_due[1] else None,
+            "oldest_due": oldest_due[0] if oldest_due[1] else None,
+            "refused": refused,
             "processors": self._processors(now),
             "delivered_at": recorded.get("delivered_at"),
             "delivered_id": recorded.get("delivered_id"),

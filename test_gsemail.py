@@ -9644,3 +9644,59 @@ class MonitoringTests(OperatorBase):
         families = self.prometheus(run.stdout)
         self.assertEqual(list(families), ["gsemail_up"])
         self.assertEqual(value("gsemail_up"), 0)
+
+    def test_status_agrees_with_entries(self):
+        """status() reads less than entries() (no message file, state files
+        by their bytes): on a queue with every state, and with state files
+        of every shape, it finds what entries() finds."""
+        server = self.scripted()
+        names = self.fill(server)
+        config = gsemail.load_config(self.ini_path, "main")
+        refusing = self.enqueue(config, rcpts=["gone@example.org", "a.later@example.org"])
+        self.gsemail("--once")
+        names["sending"] = self.enqueue(config, rcpts=["busy@example.org"])
+        self.hold(names["sending"])
+        odd = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(5)]
+        for name, garbage in zip(odd, (
+                {"attempts": "many", "first_queued": "2020-01-01T00:00:00Z"},
+                {"failed": ["not", "a", "dict"], "first_queued": 1e400},
+                {"history": [{"first_queued": 1}], "first_queued": time.time() - 9000},
+                [1, 2, 3], {"failed": {"x@example.org": "550 5.1.1 no", "y@example.org":
+                                       "550 5.1.1 no"}, "first_queued": 12345678901})):
+            with open(os.path.join(self.queuepath, "state", name), "w") as f:
+                json.dump(garbage, f)
+        os.mkfifo(os.path.join(self.queuepath, "cur", "1700000000.fifo.vm"))
+        queue = gsemail.Queue(self.queuepath, readonly=True, create=False)
+        facts, entries = queue.status(), queue.entries()
+        waiting = [e for e in entries if e.state != "dead"]
+        self.assertEqual(facts["counts"], gsemail._by_state(entries))
+        self.assertEqual(facts["waiting"], len(waiting))
+        oldest = min(waiting, key=lambda e: (e.queued, e.id))
+        self.assertEqual((facts["oldest_id"], facts["oldest_queued"]),
+                         (oldest.id, oldest.queued))
+        self.assertEqual(facts["oldest_queued"], gsemail._parse_iso("2020-01-01T00:00:00Z"))
+        self.assertEqual(facts["refused"], sum(len(e.failed) for e in waiting))
+        self.assertEqual(facts["refused"], 3)   # refusing's one, and the two written in
+        self.assertIn("gone@example.org", self.state(refusing)["failed"])
+        due = [e for e in waiting if e.state != "sending" and e.next_attempt <= time.time()]
+        self.assertEqual(facts["due"], len(due))
+
+    def test_a_claim_whose_process_died_is_due(self):
+        """A processor killed while sending leaves its claim: the message is
+        nobody's, and due (the next processor breaks the claim), so the due
+        age sees it; one held by a live process is not due."""
+        config = self.ini(25)
+        held, broken = self.enqueue(config), self.enqueue(config)
+        self.hold(held)
+        claimer = os.path.join(self.queuepath, "tmp",
+                               gsemail._claimer_name(gsemail._HOST, 999999, 1))
+        with open(claimer, "wb") as f:
+            f.write(gsemail._claimer_text(gsemail._HOST, 999999))
+        os.link(claimer, os.path.join(self.queuepath, "new", ".sending-" + broken))
+        self.due_since(held, 20 * 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["counts"]["sending"], facts["due"]), (0, 2, 1), facts)
+        self.assertEqual(facts["processors"], 1)    # the holder's
+        self.due_since(broken, 20 * 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["oldest_due_id"]), (2, broken), facts)
