@@ -3152,7 +3152,14 @@ class Queue:
         except OSError:
             return None, 0      # none (most new mail), or unusable: advice
         try:
-            raw = os.read(fd, 1 << 20)
+            # A small read first: a 1 MB buffer a call would be mmapped and
+            # unmapped by malloc each time, which costs more than the read.
+            raw = os.read(fd, 8192)
+            while len(raw) < 1 << 20 and len(raw) % 8192 == 0 and raw:
+                more = os.read(fd, 65536)
+                if not more:
+                    break
+                raw += more
         except OSError:
             return None, 0
         finally:
@@ -3216,7 +3223,8 @@ class Queue:
                     refused += failed
                 else:
                     queued = st.st_mtime    # as entries() shows it: not a message
-                oldest = min(oldest, (queued, name))
+                if queued <= oldest[0]:     # a tuple for each would cost more
+                    oldest = min(oldest, (queued, name))
                 state = "new" if sub == "new" else "deferred"
                 if name in claims:
                     state = "sending"
@@ -3226,7 +3234,8 @@ class Queue:
                 counts[state] += 1
                 if st.st_mtime <= now:
                     due += 1
-                    oldest_due = min(oldest_due, (st.st_mtime, name))
+                    if st.st_mtime <= oldest_due[0]:
+                        oldest_due = min(oldest_due, (st.st_mtime, name))
         recorded = self._read_status()
         return {
             "queue": self.path, "counts": counts,

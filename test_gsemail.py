@@ -9661,8 +9661,9 @@ class MonitoringTests(OperatorBase):
                 {"attempts": "many", "first_queued": "2020-01-01T00:00:00Z"},
                 {"failed": ["not", "a", "dict"], "first_queued": 1e400},
                 {"history": [{"first_queued": 1}], "first_queued": time.time() - 9000},
-                [1, 2, 3], {"failed": {"x@example.org": "550 5.1.1 no", "y@example.org":
-                                       "550 5.1.1 no"}, "first_queued": 12345678901})):
+                [1, 2, 3],      # and one larger than status's first read (8 KB):
+                {"failed": {"x%d@example.org" % i: "550 5.1.1 no such user here" * 2
+                            for i in range(300)}, "first_queued": 12345678901})):
             with open(os.path.join(self.queuepath, "state", name), "w") as f:
                 json.dump(garbage, f)
         os.mkfifo(os.path.join(self.queuepath, "cur", "1700000000.fifo.vm"))
@@ -9676,7 +9677,7 @@ class MonitoringTests(OperatorBase):
                          (oldest.id, oldest.queued))
         self.assertEqual(facts["oldest_queued"], gsemail._parse_iso("2020-01-01T00:00:00Z"))
         self.assertEqual(facts["refused"], sum(len(e.failed) for e in waiting))
-        self.assertEqual(facts["refused"], 3)   # refusing's one, and the two written in
+        self.assertEqual(facts["refused"], 301)     # refusing's one, and the 300 written in
         self.assertIn("gone@example.org", self.state(refusing)["failed"])
         due = [e for e in waiting if e.state != "sending" and e.next_attempt <= time.time()]
         self.assertEqual(facts["due"], len(due))
