@@ -2203,12 +2203,42 @@ class _StatusFacts(TypedDict):
     due: int
     oldest_id: Optional[str]
     oldest_queued: Optional[float]
+    oldest_due_id: Optional[str]    # of those due now, the one due longest
+    oldest_due: Optional[float]     # and since when (its file's mtime)
+    refused: int                    # recipients refused in messages still waiting
+    processors: Optional[int]       # live processors; None: tmp/ cannot be read
     delivered_at: Optional[float]
     delivered_id: Optional[str]
     delivered_via: Optional[str]
     error_at: Optional[float]
     error: Optional[str]
     error_id: Optional[str]
+
+
+# status reads each message's state file by its bytes (Queue._quick_state):
+# the top-level first_queued, and "failed": {} when none was refused, as
+# json.dumps writes them; anything else is parsed.
+_STATE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_QUICK_FIRST = re.compile(rb'"first_queued": (-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)[,}]')
+_QUICK_NONE = b'"failed": {}'
+
+
+def _lock_held(path: str) -> Optional[bool]:
+    """Whether a live process holds an flock on the file at path (a claimer
+    file: see _Claims); None when it cannot be told (gone, not ours to
+    open, not a regular file).  A shared lock, let go at once: the test
+    never keeps a processor from breaking a stale claim for longer."""
+    try:
+        fd = _open_regular(path)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return True if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+    finally:
+        os.close(fd)
+    return False
 
 
 class Queue:
@@ -2251,6 +2281,7 @@ class Queue:
         self._cur_scan_at = -math.inf   # when cur/ must be read again (monotonic)
         self._cur_scanned = -math.inf   # when it was last read (monotonic)
         self._cur_seen: object = None   # its mtime then
+        self._beat = -math.inf          # monotonic: the last _heartbeat's touch
         self._setup(create)
         if not readonly:
             _claiming.add(self)     # a forked child lets go of our claimer file: _after_fork
@@ -3055,26 +3086,182 @@ class Queue:
                              exit_code=os.EX_TEMPFAIL) from None
         return _crlf(_read_file(raw, os.path.basename(entry.path)).data)
 
+    def _heartbeat(self) -> None:
+        """Show ``status`` that a processor sends from this queue: make this
+        process's claimer file (its flock is held while the process lives)
+        and touch it, at most once a second, for a ``status`` on another
+        host, which cannot test the lock (QueueProcessor.run_once calls
+        this every pass).  Never raises: it is advice, and a full disk must
+        not stop the sending that empties it."""
+        now = time.monotonic()
+        if now - self._beat < 1.0:
+            return
+        self._beat = now
+        try:
+            os.utime(self._claims._claimer().fd)
+        except OSError as e:
+            log.debug("4.3.0 queue %s: cannot show that this processor lives: %s",
+                      self.path, e.strerror)
+
+    def _processors(self, now: float) -> Optional[int]:
+        """How many processes send from this queue now (None when tmp/
+        cannot be read).  Each keeps a claimer file in tmp/ (_heartbeat).
+        One of this host counts while its flock is held, which ends when the
+        process does, however it dies; one of another host (a shared NFS
+        queue), or one we may not open, counts while it was touched within
+        claim_timeout: the rule by which its claims are held too."""
+        live = 0
+        try:
+            listing = os.scandir(os.path.join(self.path, "tmp"))
+        except OSError:
+            return None
+        with listing:
+            for entry in listing:
+                if not entry.name.startswith(_CLAIMER):
+                    continue
+                host = entry.name[len(_CLAIMER):].rsplit("-", 2)[0]
+                if host == _HOST:
+                    held = _lock_held(entry.path)
+                    if held is not None:
+                        live += held
+                        continue
+                try:
+                    touched = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                if now - touched < self.claim_timeout:
+                    live += 1
+        return live
+
+    def _claim_broken(self, claim_path: str, now: float) -> bool:
+        """Whether the claim at claim_path is one the next processor would
+        break (see _Claims.break_stale), looked at without breaking it: a
+        claim of this host whose flock nobody holds, or any other untouched
+        for claim_timeout.  Its message is due, as far as status is
+        concerned: nobody is sending it."""
+        held = _lock_held(claim_path)
+        if held:
+            return False
+        try:
+            fd = _open_regular(claim_path)
+        except OSError:
+            return False    # gone, or not ours to look at: nobody to blame
+        try:
+            st = os.fstat(fd)
+            owner = self._claims.owner(fd, st)
+        finally:
+            os.close(fd)
+        if owner is not None and owner.here and held is False:
+            return True
+        return now - max(st.st_mtime, st.st_ctime) >= self.claim_timeout
+
+    @staticmethod
+    def _quick_state(state_dir: str, name: str) -> Tuple[Optional[float], int]:
+        """From a message's state file, state_dir + name: its first_queued
+        (None: not there) and how many recipients it has refused so far.
+        status reads one a message, so the usual file (as _write_state
+        writes it) is read by its bytes, and only an unusual one is parsed
+        as JSON."""
+        try:
+            fd = os.open(state_dir + name, _STATE_READ)
+        except OSError:
+            return None, 0      # none (most new mail), or unusable: advice
+        try:
+            # A small read first: a 1 MB buffer a call would be mmapped and
+            # unmapped by malloc each time, which costs more than the read.
+            raw = os.read(fd, 8192)
+            while len(raw) < 1 << 20 and len(raw) % 8192 == 0 and raw:
+                more = os.read(fd, 65536)
+                if not more:
+                    break
+                raw += more
+        except OSError:
+            return None, 0
+        finally:
+            os.close(fd)
+        first = _QUICK_FIRST.findall(raw)
+        failed = raw.count(b'"failed"')
+        if raw.count(b'"first_queued"') == len(first) <= 1 and \
+                (failed == 0 or (failed == 1 and _QUICK_NONE in raw)):
+            when = float(first[0]) if first else -1.0
+            return (when if 0.0 <= when <= _TIME_MAX else None), 0    # as _when
+        try:
+            state = _sane_state(json.loads(raw))
+        except (ValueError, RecursionError, MemoryError):
+            return None, 0
+        return _when(state.get("first_queued")), len(state.get("failed") or {})
+
     def status(self) -> _StatusFacts:
         """Facts for monitoring, as ``gsemail status`` shows them.
 
         ``counts`` (messages per state), ``waiting`` (not dead), ``due``
         (waiting and due now, so a processor should be at them),
-        ``oldest_id`` and ``oldest_queued`` (of those waiting), and what the
-        processors recorded last: ``delivered_at``/``_id``/``_via`` and
-        ``error_at``/``error``/``error_id``.  Times are Unix times.
+        ``oldest_id`` and ``oldest_queued`` (of those waiting),
+        ``oldest_due_id`` and ``oldest_due`` (of those due: since when it
+        has been due), ``refused`` (recipients refused so far in messages
+        still waiting for others), ``processors`` (how many live: see
+        _processors), and what the processors recorded last:
+        ``delivered_at``/``_id``/``_via`` and ``error_at``/``error``/
+        ``error_id``.  Times are Unix times.
+
+        It looks as entries() does, and as cheaply as it can (monitoring
+        runs it every minute on a queue that may hold 100,000 messages when
+        the relay has been down): one listing of new/ and cur/, one lstat a
+        message, and a read of its state file, never the message itself.
         """
         now = time.time()
-        entries = self.entries()
-        waiting = [e for e in entries if e.state != "dead"]
-        oldest = min(waiting, key=lambda e: e.queued, default=None)
+        counts = dict.fromkeys(_STATES, 0)
+        due = refused = 0
+        oldest: Tuple[float, str] = (math.inf, "")
+        oldest_due: Tuple[float, str] = (math.inf, "")
+        state_dir = os.path.join(self.path, "state", "")
+        for sub in ("new", "cur"):
+            head = os.path.join(self.path, sub)
+            try:
+                listing = os.listdir(head)
+            except FileNotFoundError:
+                raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
+            claims = {n[len(_CLAIM):] for n in listing if n.startswith(_CLAIM)}
+            head += os.sep
+            for name in listing:
+                if name.startswith("."):
+                    counts["dead"] += name.startswith(_DEAD)
+                    continue    # claims and other dot files
+                try:
+                    st = os.lstat(head + name)
+                except FileNotFoundError:
+                    continue    # sent or moved meanwhile
+                if stat.S_ISREG(st.st_mode):
+                    first, failed = self._quick_state(state_dir, name)
+                    queued = first if first is not None else \
+                        _first_queued(name, {}, st.st_mtime)
+                    refused += failed
+                else:
+                    queued = st.st_mtime    # as entries() shows it: not a message
+                if queued <= oldest[0]:     # a tuple for each would cost more
+                    oldest = min(oldest, (queued, name))
+                state = "new" if sub == "new" else "deferred"
+                if name in claims:
+                    state = "sending"
+                    if not self._claim_broken(head + _CLAIM + name, now):
+                        counts[state] += 1
+                        continue
+                counts[state] += 1
+                if st.st_mtime <= now:
+                    due += 1
+                    if st.st_mtime <= oldest_due[0]:
+                        oldest_due = min(oldest_due, (st.st_mtime, name))
         recorded = self._read_status()
         return {
-            "queue": self.path, "counts": _by_state(entries), "waiting": len(waiting),
-            "due": sum(1 for e in waiting if e.state != "sending" and
-                       (e.next_attempt or 0) <= now),
-            "oldest_id": oldest.id if oldest else None,
-            "oldest_queued": oldest.queued if oldest else None,
+            "queue": self.path, "counts": counts,
+            "waiting": counts["new"] + counts["deferred"] + counts["sending"],
+            "due": due,
+            "oldest_id": _queue_id(oldest[1]) if oldest[1] else None,
+            "oldest_queued": oldest[0] if oldest[1] else None,
+            "oldest_due_id": _queue_id(oldest_due[1]) if oldest_due[1] else None,
+            "oldest_due": oldest_due[0] if oldest_due[1] else None,
+            "refused": refused,
+            "processors": self._processors(now),
             "delivered_at": recorded.get("delivered_at"),
             "delivered_id": recorded.get("delivered_id"),
             "delivered_via": recorded.get("delivered_via"),
@@ -5774,6 +5961,7 @@ class QueueProcessor:
         Raises QueueError, touching nothing, when the queue has been
         replaced or has become unsafe (Queue.check)."""
         self.queue.check()
+        self.queue._heartbeat()     # for status: a processor lives here
         now = time.monotonic()      # every hour of running, whatever the wall clock does
         if now - self._maintained > _MAINTAIN_EVERY:
             self._maintained = now
@@ -6689,7 +6877,8 @@ def _cmd_show(config: SMTPConfig, args: argparse.Namespace) -> int:
     return os.EX_OK
 
 
-_LEVELS = ("ok", "warning", "critical")     # status's verdicts, by exit code
+_LEVELS = ("ok", "warning", "critical", "unknown")    # status's verdicts, by exit code
+_UNKNOWN = 3        # status could not check: Nagios' UNKNOWN
 
 
 class _StatusReport(NamedTuple):
@@ -6698,6 +6887,7 @@ class _StatusReport(NamedTuple):
     now: float
     oldest: Optional[float]             # when the oldest waiting message was queued
     oldest_age: Optional[float]         # and how long ago; None if none waits
+    due_age: Optional[float]            # how long the longest due has been due; None: none
     problems: List[Tuple[int, str]]     # (level, what) for each threshold passed
     level: int                          # the worst: 0 ok, 1 warning, 2 critical; the exit code
 
@@ -6708,6 +6898,8 @@ def _status_report(facts: _StatusFacts, args: argparse.Namespace, now: float
     counts, waiting = facts["counts"], facts["waiting"]
     oldest = _when(facts["oldest_queued"])
     oldest_age = now - oldest if oldest is not None else None
+    due_since = _when(facts["oldest_due"])
+    due_age = max(0.0, now - due_since) if due_since is not None else None
     problems: List[Tuple[int, str]] = []
 
     def judge(value: Optional[float], warning: float, critical: float, what: str,
@@ -6717,6 +6909,12 @@ def _status_report(facts: _StatusFacts, args: argparse.Namespace, now: float
                 problems.append((level, "%s (--%s-%s)" % (shown, option, what)))
                 return
 
+    live = facts["processors"]
+    judge(due_age, args.warning_due_age, args.critical_due_age, "due-age",
+          "a message has been due for %s and %s" % (
+              _age(due_age or 0), "no processor runs on this queue" if live == 0 else
+              "no processor has taken it" if live is None else
+              "%d live processor(s) have not taken it" % live))
     judge(oldest_age, args.warning_age, args.critical_age, "age",
           "a message has waited %s" % _age(oldest_age or 0))
     judge(waiting, args.warning_queue, args.critical_queue, "queue",
@@ -6724,7 +6922,7 @@ def _status_report(facts: _StatusFacts, args: argparse.Namespace, now: float
     judge(counts["dead"], args.warning_dead, args.critical_dead, "dead",
           "%d dead letter(s)" % counts["dead"])
     level = max((p[0] for p in problems), default=0)
-    return _StatusReport(facts, now, oldest, oldest_age, problems, level)
+    return _StatusReport(facts, now, oldest, oldest_age, due_age, problems, level)
 
 
 def _recorded_at(value: Optional[float], now: float) -> Tuple[Optional[str], Optional[int]]:
@@ -6734,6 +6932,10 @@ def _recorded_at(value: Optional[float], now: float) -> Tuple[Optional[str], Opt
     if when is None:
         return None, None
     return _iso(when), _whole_seconds(now - when)
+
+
+_THRESHOLDS = ("warning_due_age", "critical_due_age", "warning_age", "critical_age",
+               "warning_queue", "critical_queue", "warning_dead", "critical_dead")
 
 
 def _print_status_json(report: _StatusReport, args: argparse.Namespace) -> None:
@@ -6746,37 +6948,51 @@ def _print_status_json(report: _StatusReport, args: argparse.Namespace) -> None:
         "problems": [p[1] for p in report.problems],
         "queue": facts["queue"], "counts": counts, "waiting": facts["waiting"],
         "due": facts["due"], "dead": counts["dead"],
+        "refused": facts["refused"], "processors": facts["processors"],
         "oldest_id": facts["oldest_id"],
         "oldest_queued": _iso(oldest) if oldest is not None else None,
         "oldest_age": (_whole_seconds(report.oldest_age) if report.oldest_age is not None
                        else None),
+        "oldest_due_id": facts["oldest_due_id"],
+        "oldest_due_age": (_whole_seconds(report.due_age) if report.due_age is not None
+                           else None),
         "last_delivery": delivered, "last_delivery_age": delivered_age,
         "last_delivery_id": facts["delivered_id"],
         "last_delivery_via": facts["delivered_via"],
         "last_error": facts["error"], "last_error_at": error_at,
         "last_error_age": error_age, "last_error_id": facts["error_id"],
-        "thresholds": {k: getattr(args, k) for k in (
-            "warning_age", "critical_age", "warning_queue", "critical_queue",
-            "warning_dead", "critical_dead")},
+        "thresholds": {k: getattr(args, k) for k in _THRESHOLDS},
     }, indent=1))
 
 
 def _print_status_text(report: _StatusReport, args: argparse.Namespace) -> None:
     """A Nagios plugin's line (verdict | performance data), then the facts."""
     facts, counts, now, oldest = report.facts, report.facts["counts"], report.now, report.oldest
-    waiting, oldest_age = facts["waiting"], report.oldest_age
-    print("GSEMAIL %s: %d waiting (%d new, %d deferred, %d sending), %d dead%s | "
-          "waiting=%d;%s;%s dead=%d;%s;%s oldest=%ds;%d;%d" % (
+    waiting, oldest_age, live = facts["waiting"], report.oldest_age, facts["processors"]
+    print("GSEMAIL %s: %d waiting (%d new, %d deferred, %d sending), %d dead%s%s | "
+          "waiting=%d;%s;%s dead=%d;%s;%s oldest=%ds;%d;%d due_age=%ds;%d;%d due=%d "
+          "refused=%d%s" % (
               _LEVELS[report.level].upper(), waiting, counts["new"], counts["deferred"],
               counts["sending"], counts["dead"],
               "; oldest %s" % _age(oldest_age) if oldest_age is not None else "",
+              "; no processor running" if live == 0 else "",
               waiting, args.warning_queue or "", args.critical_queue or "",
               counts["dead"], args.warning_dead or "", args.critical_dead or "",
-              oldest_age or 0, args.warning_age, args.critical_age))
+              oldest_age or 0, args.warning_age, args.critical_age,
+              report.due_age or 0, args.warning_due_age, args.critical_due_age,
+              facts["due"], facts["refused"],
+              " processors=%d" % live if live is not None else ""))
     for level, text in report.problems:
         print("%s: %s" % (_LEVELS[level], text))
     print("queue          %s" % facts["queue"])
-    print("due now        %d" % facts["due"])
+    print("processors     %s" % (
+        "cannot tell (tmp/ cannot be read by this user)" if live is None else
+        "%d live" % live))
+    print("due now        %d%s" % (facts["due"], ", %s due for %s" % (
+        facts["oldest_due_id"], _age(report.due_age)) if report.due_age is not None else ""))
+    if facts["refused"]:
+        print("refused        %d recipient(s) in messages still waiting for others"
+              % facts["refused"])
     if oldest_age is not None and oldest is not None:
         print("oldest         %s, queued %s (%s ago)" % (facts["oldest_id"], _iso(oldest),
                                                           _age(oldest_age)))
@@ -6790,10 +7006,92 @@ def _print_status_text(report: _StatusReport, args: argparse.Namespace) -> None:
         if error_at else "none recorded"))
 
 
+def _prometheus_label(value: str) -> str:
+    """A label value in Prometheus' text format: backslash, quote and
+    newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _print_prometheus(queue: str, samples: List[Tuple[str, str, str, Optional[float]]]
+                      ) -> None:
+    """Gauges in Prometheus' text exposition format, each with HELP and
+    TYPE and a queue label (several queues' files sit in one textfile
+    directory).  samples: (name, extra labels, help, value); a value of
+    None leaves that sample out (a fact not known is no zero)."""
+    label = 'queue="%s"' % _prometheus_label(queue)
+    lines: List[str] = []
+    described: set[str] = set()
+    for name, extra, text, value in samples:
+        if name not in described:
+            described.add(name)
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name]
+        if value is not None:
+            lines.append("%s{%s%s} %s" % (name, label, "," + extra if extra else "",
+                                          repr(float(value)) if value != int(value)
+                                          else int(value)))
+    print("\n".join(lines))
+
+
+def _print_status_prometheus(report: _StatusReport, args: argparse.Namespace) -> None:
+    """The same facts for node_exporter's textfile collector."""
+    facts, counts = report.facts, report.facts["counts"]
+    samples: List[Tuple[str, str, str, Optional[float]]] = [
+        ("gsemail_up", "", "1 if status could read the queue, 0 if not", 1),
+        ("gsemail_status", "", "the verdict by status's thresholds: 0 ok, 1 warning, "
+         "2 critical", report.level)]
+    samples += [("gsemail_queue_messages", 'state="%s"' % state, "messages waiting, by "
+                 "state (new, deferred, sending)", counts[state])
+                for state in ("new", "deferred", "sending")]
+    samples += [
+        ("gsemail_due_messages", "", "messages due now, not being sent", facts["due"]),
+        ("gsemail_dead_letters", "", "dead letters in the queue", counts["dead"]),
+        ("gsemail_refused_recipients", "", "recipients refused in messages still waiting "
+         "for others", facts["refused"]),
+        ("gsemail_oldest_due_age_seconds", "", "how long the message due longest has "
+         "been due (0: none is due)", _whole_seconds(report.due_age or 0)),
+        ("gsemail_oldest_waiting_age_seconds", "", "how long ago the oldest waiting "
+         "message was queued (0: none waits)", _whole_seconds(report.oldest_age or 0)),
+        ("gsemail_live_processors", "", "processes sending from the queue now",
+         facts["processors"]),
+        ("gsemail_last_delivery_timestamp_seconds", "", "when a processor last delivered "
+         "a message, Unix time", _when(facts["delivered_at"])),
+        ("gsemail_last_error_timestamp_seconds", "", "when a processor last recorded an "
+         "error, Unix time", _when(facts["error_at"]))]
+    _print_prometheus(facts["queue"], samples)
+
+
+def _status_unknown(e: GsEmailError, args: argparse.Namespace, queue: str = "") -> int:
+    """``status`` could not check: exit 3 (UNKNOWN) with the reason on
+    stderr, and on stdout in the form asked for, so a monitor that reads
+    only stdout, or only JSON, learns why."""
+    reason = "%s %s" % (e.status, _one_line(str(e)))
+    print(reason, file=sys.stderr)
+    if getattr(args, "prometheus", False):
+        _print_prometheus(queue, [("gsemail_up", "", "1 if status could read the queue, "
+                                   "0 if not", 0)])
+    elif getattr(args, "json", False):
+        print(json.dumps({"status": "unknown", "exit_code": _UNKNOWN, "reason": reason,
+                          "problems": [reason], "queue": queue or None}, indent=1))
+    else:
+        print("GSEMAIL UNKNOWN: %s" % reason)
+    return _UNKNOWN
+
+
 def _cmd_status(config: SMTPConfig, args: argparse.Namespace) -> int:
-    queue = _open_queue(config, readonly=True)
-    facts = queue.status()
+    try:
+        queue = _open_queue(config, readonly=True)
+        facts = queue.status()
+    except GsEmailError as e:
+        return _status_unknown(e, args, os.path.abspath(config.queuepath))
+    except OSError as e:
+        return _status_unknown(QueueError("queue %s: cannot read it: %s" % (
+            config.queuepath, e.strerror or e)), args, os.path.abspath(config.queuepath))
     report = _status_report(facts, args, time.time())
+    if args.prometheus:
+        # Checked: exit 0 whatever the verdict (gsemail_status has it), so
+        # a cron job that writes the file is quiet; alerting is Prometheus'.
+        _print_status_prometheus(report, args)
+        return os.EX_OK
     (_print_status_json if args.json else _print_status_text)(report, args)
     return report.level
 
@@ -7082,11 +7380,24 @@ def _parser() -> argparse.ArgumentParser:
                    "its headers")
 
     p = command("status", _cmd_status, "queue health, with exit codes for monitoring",
-                "Queue depth by state, the oldest message, the "
-                "last delivery and the last error, for people and for monitoring: exits "
-                "0 (ok), 1 (warning) or 2 (critical) by the thresholds below, as a "
-                "Nagios plugin does.  A threshold of 0 is off.  Python: Queue.status().")
-    p.add_argument("--json", action="store_true", help="a JSON object, for scripts")
+                "Queue depth by state, the oldest message, the message due longest, "
+                "live processors, the last delivery and the last error, for people and "
+                "for monitoring: exits 0 (ok), 1 (warning) or 2 (critical) by the "
+                "thresholds below, as a Nagios plugin does, and 3 (unknown) with the "
+                "reason when it cannot check.  A threshold of 0 is off.  Python: "
+                "Queue.status().")
+    p.set_defaults(cannot_check=_status_unknown)
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="a JSON object, for scripts")
+    shown.add_argument("--prometheus", action="store_true", help="Prometheus' text "
+                       "format, for node_exporter's textfile collector (exits 0 when "
+                       "checked, 3 when not)")
+    p.add_argument("--warning-due-age", type=_duration_option, default=300.0,
+                   metavar="AGE", help="warn when a message has been due this long and "
+                   "no processor has taken it (default: 5m)")
+    p.add_argument("--critical-due-age", type=_duration_option, default=900.0,
+                   metavar="AGE", help="critical when a message has been due this long: "
+                   "no processor for 15 minutes is critical (default: 15m)")
     p.add_argument("--warning-age", type=_duration_option, default=3600.0, metavar="AGE",
                    help="warn when a message has waited this long (default: 1h)")
     p.add_argument("--critical-age", type=_duration_option, default=4 * 3600.0,
@@ -7169,6 +7480,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         run: Callable[[SMTPConfig, argparse.Namespace], int] = args.run
         return run(config, args)
     except GsEmailError as e:
+        cannot_check = getattr(args, "cannot_check", None)    # status: UNKNOWN
+        if cannot_check is not None:
+            return int(cannot_check(e, args))
         print("%s %s" % (e.status, e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

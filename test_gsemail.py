@@ -6,7 +6,8 @@ and a private Postfix instance started from Debian's ``postfix`` package
 (for XVERP, recipient limits, STARTTLS and AUTH).  Postfix needs root.  The
 zope.sendmail compatibility tests need a Python with zope.sendmail installed,
 named by $GSEMAIL_ZOPE_PYTHON; the aiosmtpd tests (a second real server) one
-with aiosmtpd, named by $GSEMAIL_AIOSMTPD_PYTHON.  Without them those tests skip, unless
+with aiosmtpd, named by $GSEMAIL_AIOSMTPD_PYTHON; the Prometheus format test one with
+prometheus_client, named by $GSEMAIL_PROMETHEUS_PYTHON.  Without them those tests skip, unless
 $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
 """
 
@@ -9439,3 +9440,310 @@ class RateLimitPostfixTests(Base):
               "%d refusals by anvil, %d pauses, %d deferrals" % (
                   took, len(a.refusals(a.noverp_port)), len(pauses),
                   processor.stats["deferred"]), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Monitoring: status sees a dead processor (live processors, due age,
+# refusals in waiting mail, UNKNOWN, Prometheus' text format)
+# ---------------------------------------------------------------------------
+
+def prometheus_python():
+    """The Python with prometheus_client, named by $GSEMAIL_PROMETHEUS_PYTHON."""
+    python = os.environ.get("GSEMAIL_PROMETHEUS_PYTHON")
+    need(python and os.access(python, os.X_OK),
+         "set $GSEMAIL_PROMETHEUS_PYTHON to a Python with prometheus_client installed")
+    return python
+
+
+# prometheus_client's own parser over the text on stdin: each family's type
+# and samples, as JSON.
+PROMETHEUS_PARSE = """
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+print(json.dumps({f.name: {"type": f.type, "help": f.documentation,
+                           "samples": [[s.name, s.labels, s.value] for s in f.samples]}
+                  for f in text_string_to_metric_families(sys.stdin.read())}))
+"""
+
+
+class MonitoringTests(OperatorBase):
+    def setUp(self):
+        super().setUp()
+        with self.assertLogs("gsemail", "WARNING"):     # "did not exist: created it"
+            gsemail.Queue(self.queuepath)
+
+    def status(self, *args):
+        """gsemail status --json args: (exit code, the object)."""
+        run = self.gsemail("status", "--json", *args)
+        return run.returncode, json.loads(run.stdout)
+
+    def due_since(self, name, seconds_ago, sub="new"):
+        """Make the message due for seconds_ago: its file's mtime, as the
+        queue keeps it."""
+        when = time.time() - seconds_ago
+        os.utime(os.path.join(self.queuepath, sub, name), (when, when))
+
+    def test_due_mail_and_no_processor_goes_warning_then_critical(self):
+        config = self.ini(self.server().port)
+        name = self.enqueue(config)
+        # deferred for an hour from now: waiting, not due
+        later = self.enqueue(config, rcpts=["later@example.org"])
+        os.rename(os.path.join(self.queuepath, "new", later),
+                  os.path.join(self.queuepath, "cur", later))
+        self.due_since(later, -3600, "cur")
+        self.due_since(name, 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["status"]), (0, "ok"), facts)
+        self.assertEqual((facts["due"], facts["waiting"], facts["processors"]), (1, 2, 0))
+        self.assertEqual(facts["oldest_due_id"], name)
+        self.assertGreaterEqual(facts["oldest_due_age"], 60)
+        self.assertEqual(facts["thresholds"]["warning_due_age"], 300)
+        self.assertEqual(facts["thresholds"]["critical_due_age"], 900)
+        self.due_since(name, 6 * 60)
+        run = self.gsemail("status")
+        self.assertEqual(run.returncode, 1, run.stdout)
+        self.assertTrue(run.stdout.startswith("GSEMAIL WARNING: 2 waiting (1 new, 1 deferred"),
+                        run.stdout)
+        self.assertIn("; no processor running |", run.stdout)
+        self.assertRegex(run.stdout, r" due_age=36\ds;300;900 due=1 refused=0 processors=0\n")
+        self.assertIn("warning: a message has been due for 6m and no processor runs on this "
+                      "queue (--warning-due-age)", run.stdout)
+        self.assertRegex(run.stdout, r"(?m)^processors +0 live$")
+        self.assertRegex(run.stdout, r"(?m)^due now +1, %s due for 6m$" % re.escape(name))
+        self.due_since(name, 16 * 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["status"], facts["exit_code"]), (2, "critical", 2))
+        self.assertIn("(--critical-due-age)", facts["problems"][0])
+        # the thresholds are options; 0 switches them off
+        code, facts = self.status("--critical-due-age", "20m")
+        self.assertEqual(code, 1, facts)
+        code, facts = self.status("--warning-due-age", "0", "--critical-due-age", "0")
+        self.assertEqual((code, facts["problems"]), (0, []))
+        # a processor sends it: nothing is due, all is well
+        self.gsemail("--once")
+        code, facts = self.status()
+        self.assertEqual((code, facts["due"], facts["oldest_due_age"]), (0, 0, None), facts)
+
+    def start_processor(self):
+        """python -m gsemail, the processor as an operator runs it: the Popen."""
+        proc = subprocess.Popen([sys.executable, "-m", "gsemail", "-c", self.ini_path,
+                                 "-i", "main"], cwd=HERE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+        def end():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+            proc.stderr.close()
+        self.addCleanup(end)
+        return proc
+
+    def test_a_running_processor_is_live_and_not_once_killed(self):
+        server = self.server()
+        config = self.ini(server.port)
+        self.assertEqual(self.status()[1]["processors"], 0)
+        proc = self.start_processor()
+        wait_for(lambda: self.status()[1]["processors"] == 1, what="a live processor")
+        self.assertRegex(self.ok("status"), r"(?m)^processors +1 live$")
+        # it delivers, and stays live while idle
+        self.enqueue(config)
+        wait_for(lambda: server.transactions, what="the delivery")
+        self.assertEqual(self.status()[1]["processors"], 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        # its claimer file is left behind, but nobody holds its lock
+        self.assertTrue([n for n in os.listdir(os.path.join(self.queuepath, "tmp"))
+                         if n.startswith(".claimer-")])
+        name = self.enqueue(config)
+        self.due_since(name, 20 * 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["processors"]), (2, 0), facts)
+        self.assertIn("no processor runs on this queue", facts["problems"][0])
+        # started again, it sends the message and is counted again
+        self.start_processor()
+        wait_for(lambda: len(server.transactions) == 2, what="the second delivery")
+
+        def counted_and_ok():
+            code, facts = self.status()
+            return code == 0 and facts["processors"] == 1
+        wait_for(counted_and_ok, what="the new processor, and the mail sent")
+
+    def test_processors_of_another_host_count_by_their_heartbeat(self):
+        self.ini(25)
+        queue = gsemail.Queue(self.queuepath)
+        claimer = os.path.join(self.queuepath, "tmp", gsemail._claimer_name("elsewhere.test",
+                                                                            1234, 1))
+        with open(claimer, "wb") as f:
+            f.write(gsemail._claimer_text("elsewhere.test", 1234))
+        self.assertEqual(self.status()[1]["processors"], 1)
+        # untouched for longer than claim_timeout: gone, as its claims would be
+        stale = time.time() - queue.claim_timeout - 5
+        os.utime(claimer, (stale, stale))
+        self.assertEqual(self.status()[1]["processors"], 0)
+
+    def test_refused_recipients_in_deferred_messages_are_counted(self):
+        server = self.scripted()
+        config = self.ini(server.port)
+        name = self.enqueue(config, rcpts=["gone@example.org", "a.later@example.org",
+                                           "b.later@example.org", "ok@example.org"])
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        code, facts = self.status("--warning-dead", "0")
+        self.assertEqual(code, 0, facts)
+        self.assertEqual((facts["refused"], facts["waiting"], facts["dead"]), (1, 1, 1))
+        self.assertEqual(facts["counts"]["deferred"], 1)
+        self.assertEqual(self.state(name)["failed"].keys(), {"gone@example.org"})
+        out = self.ok("status", "--warning-dead", "0")
+        self.assertIn(" refused=1 ", out.splitlines()[0])
+        self.assertRegex(out, r"(?m)^refused +1 recipient\(s\) in messages still waiting")
+
+    def test_unknown_when_it_cannot_check(self):
+        self.ini(25)
+        shutil.rmtree(self.queuepath)
+        for args in ((), ("--json",), ("--prometheus",)):
+            run = self.gsemail("status", *args)
+            self.assertEqual(run.returncode, 3, run.stdout + run.stderr)
+            self.assertRegex(run.stderr, r"^4\.3\.0 queue .* does not exist[^\n]*\n$")
+        run = self.gsemail("status")
+        self.assertRegex(run.stdout, r"^GSEMAIL UNKNOWN: 4\.3\.0 queue .* does not exist[^\n]*\n$")
+        code, facts = self.status()
+        self.assertEqual((code, facts["status"], facts["exit_code"]), (3, "unknown", 3))
+        self.assertRegex(facts["reason"], r"^4\.3\.0 queue %s does not exist"
+                         % re.escape(self.queuepath))
+        self.assertEqual(facts["queue"], self.queuepath)
+        self.assertFalse(os.path.exists(self.queuepath), "status created the queue")
+        # a queue that is broken, and a config that is missing
+        with self.assertLogs("gsemail", "WARNING"):
+            gsemail.Queue(self.queuepath)
+        os.rmdir(os.path.join(self.queuepath, "cur"))
+        code, facts = self.status()
+        self.assertEqual((code, facts["status"]), (3, "unknown"))
+        self.assertRegex(facts["reason"], r"^4\.3\.0 queue .*cur is not a directory$")
+        run = subprocess.run([sys.executable, "-m", "gsemail", "-c",
+                              os.path.join(self.tmp, "none.ini"), "-i", "main", "status",
+                              "--json"], cwd=HERE, capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, 3, run.stderr)
+        facts = json.loads(run.stdout)
+        self.assertEqual(facts["status"], "unknown")
+        self.assertRegex(facts["reason"], r"^4\.3\.5 .*none\.ini")
+
+    def prometheus(self, text):
+        """text parsed by prometheus_client's parser: {family: {type, help, samples}}."""
+        run = subprocess.run([prometheus_python(), "-c", PROMETHEUS_PARSE], input=text,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return json.loads(run.stdout)
+
+    def test_prometheus_text_format(self):
+        python = prometheus_python()
+        self.assertTrue(python)
+        server = self.scripted()
+        config = self.ini(server.port)
+        self.enqueue(config, rcpts=["one@example.org"])
+        self.ok("--once")       # a delivery, recorded
+        self.enqueue(config, rcpts=["gone@example.org", "a.later@example.org"])
+        self.gsemail("--once")  # an error, a dead letter, a refusal, a deferral
+        due = self.enqueue(config, rcpts=["two@example.org"])
+        self.due_since(due, 400)
+        run = self.gsemail("status", "--prometheus")
+        self.assertEqual(run.returncode, 0, run.stderr)   # a warning is Prometheus' to alert on
+        families = self.prometheus(run.stdout)
+        self.assertEqual(set(families), {
+            "gsemail_up", "gsemail_status", "gsemail_queue_messages",
+            "gsemail_due_messages", "gsemail_dead_letters", "gsemail_refused_recipients",
+            "gsemail_oldest_due_age_seconds", "gsemail_oldest_waiting_age_seconds",
+            "gsemail_live_processors", "gsemail_last_delivery_timestamp_seconds",
+            "gsemail_last_error_timestamp_seconds"})
+        self.assertEqual({f["type"] for f in families.values()}, {"gauge"})
+        self.assertTrue(all(f["help"] for f in families.values()))
+
+        def value(family, **labels):
+            (sample,) = [s for s in families[family]["samples"]
+                         if all(s[1].get(k) == v for k, v in labels.items())]
+            self.assertEqual(sample[1]["queue"], self.queuepath)
+            return sample[2]
+        self.assertEqual(value("gsemail_up"), 1)
+        self.assertEqual(value("gsemail_status"), 1)
+        self.assertEqual([value("gsemail_queue_messages", state=s)
+                          for s in ("new", "deferred", "sending")], [1, 1, 0])
+        self.assertEqual(value("gsemail_due_messages"), 1)
+        self.assertEqual(value("gsemail_dead_letters"), 1)
+        self.assertEqual(value("gsemail_refused_recipients"), 1)
+        self.assertGreaterEqual(value("gsemail_oldest_due_age_seconds"), 400)
+        self.assertLess(value("gsemail_oldest_due_age_seconds"), 460)
+        self.assertLess(value("gsemail_oldest_waiting_age_seconds"), 60)
+        self.assertEqual(value("gsemail_live_processors"), 0)
+        for family in ("gsemail_last_delivery_timestamp_seconds",
+                       "gsemail_last_error_timestamp_seconds"):
+            self.assertLess(abs(value(family) - time.time()), 60)
+        # nothing recorded yet: those samples are left out, not zero
+        shutil.rmtree(self.queuepath)
+        with self.assertLogs("gsemail", "WARNING"):
+            gsemail.Queue(self.queuepath)
+        families = self.prometheus(self.ok("status", "--prometheus"))
+        self.assertEqual(families["gsemail_last_delivery_timestamp_seconds"]["samples"], [])
+        self.assertEqual(value("gsemail_oldest_due_age_seconds"), 0)
+        # cannot check: gsemail_up 0, exit 3
+        shutil.rmtree(self.queuepath)
+        run = self.gsemail("status", "--prometheus")
+        self.assertEqual(run.returncode, 3)
+        families = self.prometheus(run.stdout)
+        self.assertEqual(list(families), ["gsemail_up"])
+        self.assertEqual(value("gsemail_up"), 0)
+
+    def test_status_agrees_with_entries(self):
+        """status() reads less than entries() (no message file, state files
+        by their bytes): on a queue with every state, and with state files
+        of every shape, it finds what entries() finds."""
+        server = self.scripted()
+        names = self.fill(server)
+        config = gsemail.load_config(self.ini_path, "main")
+        refusing = self.enqueue(config, rcpts=["gone@example.org", "a.later@example.org"])
+        self.gsemail("--once")
+        names["sending"] = self.enqueue(config, rcpts=["busy@example.org"])
+        self.hold(names["sending"])
+        odd = [self.enqueue(config, rcpts=["r%d@example.org" % i]) for i in range(5)]
+        for name, garbage in zip(odd, (
+                {"attempts": "many", "first_queued": "2020-01-01T00:00:00Z"},
+                {"failed": ["not", "a", "dict"], "first_queued": 1e400},
+                {"history": [{"first_queued": 1}], "first_queued": time.time() - 9000},
+                [1, 2, 3],      # and one larger than status's first read (8 KB):
+                {"failed": {"x%d@example.org" % i: "550 5.1.1 no such user here" * 2
+                            for i in range(300)}, "first_queued": 12345678901})):
+            with open(os.path.join(self.queuepath, "state", name), "w") as f:
+                json.dump(garbage, f)
+        os.mkfifo(os.path.join(self.queuepath, "cur", "1700000000.fifo.vm"))
+        queue = gsemail.Queue(self.queuepath, readonly=True, create=False)
+        facts, entries = queue.status(), queue.entries()
+        waiting = [e for e in entries if e.state != "dead"]
+        self.assertEqual(facts["counts"], gsemail._by_state(entries))
+        self.assertEqual(facts["waiting"], len(waiting))
+        oldest = min(waiting, key=lambda e: (e.queued, e.id))
+        self.assertEqual((facts["oldest_id"], facts["oldest_queued"]),
+                         (oldest.id, oldest.queued))
+        self.assertEqual(facts["oldest_queued"], gsemail._parse_iso("2020-01-01T00:00:00Z"))
+        self.assertEqual(facts["refused"], sum(len(e.failed) for e in waiting))
+        self.assertEqual(facts["refused"], 301)     # refusing's one, and the 300 written in
+        self.assertIn("gone@example.org", self.state(refusing)["failed"])
+        due = [e for e in waiting if e.state != "sending" and e.next_attempt <= time.time()]
+        self.assertEqual(facts["due"], len(due))
+
+    def test_a_claim_whose_process_died_is_due(self):
+        """A processor killed while sending leaves its claim: the message is
+        nobody's, and due (the next processor breaks the claim), so the due
+        age sees it; one held by a live process is not due."""
+        config = self.ini(25)
+        held, broken = self.enqueue(config), self.enqueue(config)
+        self.hold(held)
+        claimer = os.path.join(self.queuepath, "tmp",
+                               gsemail._claimer_name(gsemail._HOST, 999999, 1))
+        with open(claimer, "wb") as f:
+            f.write(gsemail._claimer_text(gsemail._HOST, 999999))
+        os.link(claimer, os.path.join(self.queuepath, "new", ".sending-" + broken))
+        self.due_since(held, 20 * 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["counts"]["sending"], facts["due"]), (0, 2, 1), facts)
+        self.assertEqual(facts["processors"], 1)    # the holder's
+        self.due_since(broken, 20 * 60)
+        code, facts = self.status()
+        self.assertEqual((code, facts["oldest_due_id"]), (2, broken), facts)
