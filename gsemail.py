@@ -3092,11 +3092,16 @@ class Queue:
         message in 100,000 reads that message."""
         wanted_keys = [(wanted, os.path.basename(wanted.strip())) for wanted in ids]
         keys = tuple(_queue_id(key) for _, key in wanted_keys if _queue_id(key))
-        listing = self._listing(lambda name: _queue_id(name).startswith(keys))
+        scanned: Optional[_Listing] = None
         chosen: Dict[str, QueueEntry] = {}
         for wanted, key in wanted_keys:
             dead_only = key.startswith(_DEAD)
             key = _queue_id(key)
+            listing = self._exact(key, dead_only)
+            if listing is None:     # not a whole id: a beginning of one, or none
+                if scanned is None:
+                    scanned = self._listing(lambda name: _queue_id(name).startswith(keys))
+                listing = scanned
             pool = [(sub, name) for sub, names in listing.names.items() for name in names
                     if (name.startswith(_DEAD) or not dead_only)
                     and key and _queue_id(name).startswith(key)]
@@ -3113,6 +3118,21 @@ class Queue:
             found.sort(key=lambda e: (e.queued, e.id))     # a message, then its dead letter
             chosen.update((e.path, e) for e in found)
         return list(chosen.values())
+
+    def _exact(self, key: str, dead_only: bool) -> Optional[_Listing]:
+        """The files whose queue id is key (the message, its dead letter), as
+        _listing would name them, from a few lstats instead of a scan: None
+        when there is none (key may be a beginning of an id)."""
+        names: Dict[str, List[str]] = {}
+        claimed: Dict[str, set[str]] = {}
+        for sub in ("new", "cur"):
+            names[sub] = [name for name in (key, _DEAD + key)
+                          if key and (name.startswith(_DEAD) or not name.startswith("."))
+                          and (name.startswith(_DEAD) or not dead_only)
+                          and os.path.lexists(os.path.join(self.path, sub, name))]
+            claimed[sub] = {key} if os.path.lexists(
+                os.path.join(self.path, sub, _CLAIM + key)) else set()
+        return _Listing(names, claimed) if any(names.values()) else None
 
     def read_message(self, entry: QueueEntry) -> bytes:
         """The message itself, headers and body with CRLF line ends, as
