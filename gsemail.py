@@ -2968,11 +2968,12 @@ class Queue:
         found.sort(key=lambda e: (e.queued, e.id))
         return found
 
-    def _listing(self, keep: Optional[Callable[[str], bool]] = None) -> _Listing:
+    def _listing(self, keep: Optional[Tuple[str, ...]] = None) -> _Listing:
         """new/ and cur/ as one scan names them, no file opened: what find
         and list start from, so that neither reads 100,000 files to show one
-        message (or before its first line).  With keep, only the names it
-        keeps (find's: so as not to hold 100,000 names to find one)."""
+        message (or before its first line).  With keep, only the names that
+        begin with one of its beginnings (find's: so as not to hold 100,000
+        names to find one)."""
         names: Dict[str, List[str]] = {}
         claimed: Dict[str, set[str]] = {}
         for sub in ("new", "cur"):
@@ -2984,10 +2985,11 @@ class Queue:
             with it:
                 for entry in it:
                     name = entry.name
+                    if keep is not None and not name.startswith(keep):
+                        continue
                     if name.startswith(_CLAIM):
                         claimed[sub].add(name[len(_CLAIM):])
-                    elif (name.startswith(_DEAD) or not name.startswith(".")) and \
-                            (keep is None or keep(name)):
+                    elif name.startswith(_DEAD) or not name.startswith("."):
                         names[sub].append(name)     # a FIFO too: _entry says what it is
         return _Listing(names, claimed)
 
@@ -3100,7 +3102,9 @@ class Queue:
             listing = self._exact(key, dead_only)
             if listing is None:     # not a whole id: a beginning of one, or none
                 if scanned is None:
-                    scanned = self._listing(lambda name: _queue_id(name).startswith(keys))
+                    # the names, dead letters and claims of every id asked for
+                    scanned = self._listing(keys + tuple(_DEAD + k for k in keys)
+                                            + tuple(_CLAIM + k for k in keys))
                 listing = scanned
             pool = [(sub, name) for sub, names in listing.names.items() for name in names
                     if (name.startswith(_DEAD) or not dead_only)
