@@ -2184,6 +2184,30 @@ def _by_state(entries: Iterable[QueueEntry]) -> Dict[str, int]:
     return counts
 
 
+class _Listing(NamedTuple):
+    """new/ and cur/ as Queue._listing's scan found them: no file read."""
+    names: Dict[str, List[str]]     # sub -> its messages' and dead letters' names
+    claimed: Dict[str, set[str]]    # sub -> the names that have a claim (.sending-NAME)
+
+
+# A name that begins with ten digits and a dot: its time, as _first_queued
+# reads it, orders such names as the strings themselves do.
+_TEN_DIGITS = re.compile(r"[0-9]{10}\.")
+
+
+def _plain_run(names: List[str], sub: str) -> Iterator[Tuple[float, str, str, str]]:
+    """Sorted names of _TEN_DIGITS in sub/ as Queue._stream merges them:
+    (time, id, sub, name), made one at a time."""
+    for name in names:
+        yield float(name[:10]), name, sub, name
+
+
+def _named_time(name: str) -> Optional[float]:
+    """The time a queue file's name begins with (see _first_queued), or None."""
+    match = _MAILDIR_TIME.match(name)
+    return _when(float(match.group(1))) if match else None
+
+
 class _Recorded(TypedDict, total=False):
     """What processors noted in status.json (see Queue._note), as checked:
     a group is there with its time, or not at all."""
@@ -2984,27 +3008,86 @@ class Queue:
         A snapshot for ``list``, ``show`` and ``status``: a message that
         comes or goes meanwhile is missed or left out, never an error.
         """
-        found = []
-        for sub in ("new", "cur"):
-            head = os.path.join(self.path, sub)
-            try:
-                listing = set(os.listdir(head))
-            except FileNotFoundError:
-                raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
-            for name in listing:
-                if name.startswith(_DEAD):
-                    state = "dead"
-                elif name.startswith("."):
-                    continue    # claims and other dot files
-                elif _CLAIM + name in listing:
-                    state = "sending"
-                else:
-                    state = "new" if sub == "new" else "deferred"
-                entry = self._entry(os.path.join(head, name), state)
-                if entry is not None:
-                    found.append(entry)
+        found = list(self._stream())
+        # By when each was first queued, which a state file may say
+        # otherwise than the name (a retried message keeps its first time).
         found.sort(key=lambda e: (e.queued, e.id))
         return found
+
+    def _listing(self, keep: Optional[Tuple[str, ...]] = None) -> _Listing:
+        """new/ and cur/ as one scan names them, no file opened: what find
+        and list start from, so that neither reads 100,000 files to show one
+        message (or before its first line).  With keep, only the names that
+        begin with one of its beginnings (find's: so as not to hold 100,000
+        names to find one)."""
+        names: Dict[str, List[str]] = {}
+        claimed: Dict[str, set[str]] = {}
+        for sub in ("new", "cur"):
+            names[sub], claimed[sub] = [], set()
+            try:
+                it = os.scandir(os.path.join(self.path, sub))
+            except FileNotFoundError:
+                raise QueueError("queue %s: %s/ has gone" % (self.path, sub)) from None
+            with it:
+                for entry in it:
+                    name = entry.name
+                    if keep is not None and not name.startswith(keep):
+                        continue
+                    if name.startswith(_CLAIM):
+                        claimed[sub].add(name[len(_CLAIM):])
+                    elif name.startswith(_DEAD) or not name.startswith("."):
+                        names[sub].append(name)     # a FIFO too: _entry says what it is
+        return _Listing(names, claimed)
+
+    def _entry_of(self, listing: _Listing, sub: str, name: str) -> Optional[QueueEntry]:
+        """The entry of sub/name as listing found it; None if it has gone."""
+        if name.startswith(_DEAD):
+            state = "dead"
+        elif name in listing.claimed[sub]:
+            state = "sending"
+        else:
+            state = "new" if sub == "new" else "deferred"
+        return self._entry(os.path.join(self.path, sub, name), state)
+
+    def _stream(self) -> Iterator[QueueEntry]:
+        """Every message, as entries() has them, one at a time and oldest
+        first by the time its name begins with (when it was queued; the
+        file's mtime for a name without one): only the names are held and
+        sorted, and each file is read as its entry is taken, so ``list``
+        prints its first line at once and holds one entry at a time.
+
+        The order is entries()'s but for a message whose state file says it
+        was first queued another time than its name (``retry`` queues a dead
+        letter again under a new name, keeping the first time): that order
+        needs every state file read first."""
+        listing = self._listing()
+        runs: List[Iterable[Tuple[float, str, str, str]]] = []
+        others: List[Tuple[float, str, str, str]] = []
+        for sub, names in listing.names.items():
+            # Names that begin with ten digits and a dot (every gsemail,
+            # zope.sendmail and Maildir name until 2286) sort by their
+            # time and then by id as plain strings do: sorting the names
+            # themselves needs no key per name, which for 100,000 would
+            # cost tens of megabytes.
+            plain = [n for n in names if _TEN_DIGITS.match(n)]
+            plain.sort()
+            runs.append(_plain_run(plain, sub))
+            for name in names:
+                if _TEN_DIGITS.match(name):
+                    continue
+                when = _named_time(name)
+                if when is None:
+                    try:
+                        when = os.lstat(os.path.join(self.path, sub, name)).st_mtime
+                    except FileNotFoundError:
+                        continue
+                others.append((when, _queue_id(name), sub, name))
+        others.sort()
+        runs.append(others)
+        for _, _, sub, name in heapq.merge(*runs, key=lambda r: r[:2]):
+            entry = self._entry_of(listing, sub, name)
+            if entry is not None:
+                yield entry
 
     def _entry(self, path: str, state: str) -> Optional[QueueEntry]:
         """The file at path as an operator sees it; None if it has gone."""
@@ -3050,25 +3133,56 @@ class Queue:
         """The messages named by ids, in that order.  An id is a queue id as
         ``list`` prints it, or a beginning of one that names one message.
         Raises QueueError (5.5.4, EX_USAGE) for an id that names none, or
-        several."""
-        entries = self.entries()
+        several.
+
+        The ids are matched against the names in new/ and cur/ (a scan, no
+        file read), and only the files that match are read: ``show`` of one
+        message in 100,000 reads that message."""
+        wanted_keys = [(wanted, os.path.basename(wanted.strip())) for wanted in ids]
+        keys = tuple(_queue_id(key) for _, key in wanted_keys if _queue_id(key))
+        scanned: Optional[_Listing] = None
         chosen: Dict[str, QueueEntry] = {}
-        for wanted in ids:
-            key = os.path.basename(wanted.strip())
+        for wanted, key in wanted_keys:
             dead_only = key.startswith(_DEAD)
             key = _queue_id(key)
-            pool = [e for e in entries if e.state == "dead" or not dead_only]
-            matches = [e for e in pool if e.id == key] or \
-                [e for e in pool if key and e.id.startswith(key)]
-            if not matches:
-                raise QueueError("no message %s in queue %s (gsemail list shows the ids)"
-                                 % (wanted, self.path), status="5.5.4", exit_code=os.EX_USAGE)
-            if len({e.id for e in matches}) > 1:
+            listing = self._exact(key, dead_only)
+            if listing is None:     # not a whole id: a beginning of one, or none
+                if scanned is None:
+                    # the names, dead letters and claims of every id asked for
+                    scanned = self._listing(keys + tuple(_DEAD + k for k in keys)
+                                            + tuple(_CLAIM + k for k in keys))
+                listing = scanned
+            pool = [(sub, name) for sub, names in listing.names.items() for name in names
+                    if (name.startswith(_DEAD) or not dead_only)
+                    and key and _queue_id(name).startswith(key)]
+            matches = [(sub, name) for sub, name in pool if _queue_id(name) == key] or pool
+            if len({_queue_id(name) for _, name in matches}) > 1:
                 raise QueueError("%s names %d messages in queue %s: give more of the id"
                                  % (wanted, len(matches), self.path), status="5.5.4",
                                  exit_code=os.EX_USAGE)
-            chosen.update((e.path, e) for e in matches)
+            found = [e for e in (self._entry_of(listing, sub, name) for sub, name in matches)
+                     if e is not None]     # None: it left after the scan
+            if not found:
+                raise QueueError("no message %s in queue %s (gsemail list shows the ids)"
+                                 % (wanted, self.path), status="5.5.4", exit_code=os.EX_USAGE)
+            found.sort(key=lambda e: (e.queued, e.id))     # a message, then its dead letter
+            chosen.update((e.path, e) for e in found)
         return list(chosen.values())
+
+    def _exact(self, key: str, dead_only: bool) -> Optional[_Listing]:
+        """The files whose queue id is key (the message, its dead letter), as
+        _listing would name them, from a few lstats instead of a scan: None
+        when there is none (key may be a beginning of an id)."""
+        names: Dict[str, List[str]] = {}
+        claimed: Dict[str, set[str]] = {}
+        for sub in ("new", "cur"):
+            names[sub] = [name for name in (key, _DEAD + key)
+                          if key and (name.startswith(_DEAD) or not name.startswith("."))
+                          and (name.startswith(_DEAD) or not dead_only)
+                          and os.path.lexists(os.path.join(self.path, sub, name))]
+            claimed[sub] = {key} if os.path.lexists(
+                os.path.join(self.path, sub, _CLAIM + key)) else set()
+        return _Listing(names, claimed) if any(names.values()) else None
 
     def read_message(self, entry: QueueEntry) -> bytes:
         """The message itself, headers and body with CRLF line ends, as
@@ -6795,29 +6909,67 @@ def _entry_json(e: QueueEntry, now: float) -> Dict[str, object]:
     }
 
 
+# list's columns are as wide as their widest cell among the first rows: a
+# queue of up to this many is printed as one table; in a longer one a cell
+# wider than its column pushes the rest of its row to the right, as ps does,
+# and the first line is out before the rest of the queue is read.
+_LIST_WINDOW = 1000
+
+
+def _print_list_json(entries: Iterable[QueueEntry], now: float) -> None:
+    """entries as one JSON array, an object each, written as each is read:
+    the bytes json.dumps(list, indent=1) would make, without the list."""
+    out = sys.stdout
+    out.write("[")
+    sep = "\n"
+    for e in entries:
+        # the object as an item of the list prints it: at depth one
+        out.write(sep + json.dumps([_entry_json(e, now)], indent=1)[2:-2])
+        sep = ",\n"
+    out.write("]\n" if sep == "\n" else "\n]\n")
+
+
 def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
     queue = _open_queue(config, readonly=True)
-    entries = queue.entries()
+    entries = queue._stream()
     now = time.time()
     if args.json:
-        print(json.dumps([_entry_json(e, now) for e in entries], indent=1))
+        _print_list_json(entries, now)
         return os.EX_OK
-    if not entries:
-        print("queue %s is empty" % queue.path)
-        return os.EX_OK
+    counts = dict.fromkeys(_STATES, 0)
+    total = size = 0
     rows = [("QUEUE ID", "STATE", "AGE", "SIZE", "SENDER", "RCPTS", "TRIES", "NEXT",
              "LAST ERROR")]
-    for e in entries:
-        rows.append((e.id, e.state, _age(now - e.queued), _size(e.size), e.sender or "<>",
-                     str(len(e.recipients)), str(e.attempts), _next(e, now),
-                     _one_line(e.last_error) or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
+    widths: List[int] = []
+
+    def put(row: Tuple[str, ...]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-    counts = _by_state(entries)
+
+    for e in entries:
+        counts[e.state] += 1
+        total += 1
+        size += e.size
+        row = (e.id, e.state, _age(now - e.queued), _size(e.size), e.sender or "<>",
+               str(len(e.recipients)), str(e.attempts), _next(e, now),
+               _one_line(e.last_error) or "-")
+        if widths:
+            put(row)
+            continue
+        rows.append(row)
+        if len(rows) > _LIST_WINDOW:
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+            for r in rows:
+                put(r)
+            rows = []
+    if not total:
+        print("queue %s is empty" % queue.path)
+        return os.EX_OK
+    if not widths:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            put(r)
     print("-- %d message(s), %s bytes: %s" % (
-        len(entries), format(sum(e.size for e in entries), ","),
-        ", ".join("%d %s" % (n, s) for s, n in counts.items())))
+        total, format(size, ","), ", ".join("%d %s" % (n, s) for s, n in counts.items())))
     return os.EX_OK
 
 

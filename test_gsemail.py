@@ -18,6 +18,7 @@ import email
 import email.message
 import email.policy
 import errno
+import io
 import json
 import hashlib
 import os
@@ -9747,3 +9748,217 @@ class MonitoringTests(OperatorBase):
         self.due_since(broken, 20 * 60)
         code, facts = self.status()
         self.assertEqual((code, facts["oldest_due_id"]), (2, broken), facts)
+
+
+# Operator commands on a big queue: show reads what it shows, list streams
+# ---------------------------------------------------------------------------
+
+def entries_list_output(path, entries, now):
+    """What ``list`` printed when it rendered Queue.entries() as one table
+    (gsemail before list streamed): the reference for its output."""
+    if not entries:
+        return "queue %s is empty\n" % path
+    rows = [("QUEUE ID", "STATE", "AGE", "SIZE", "SENDER", "RCPTS", "TRIES", "NEXT",
+             "LAST ERROR")]
+    for e in entries:
+        rows.append((e.id, e.state, gsemail._age(now - e.queued), gsemail._size(e.size),
+                     e.sender or "<>", str(len(e.recipients)), str(e.attempts),
+                     gsemail._next(e, now), gsemail._one_line(e.last_error) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] + "\n"
+           for row in rows]
+    counts = gsemail._by_state(entries)
+    out.append("-- %d message(s), %s bytes: %s\n" % (
+        len(entries), format(sum(e.size for e in entries), ","),
+        ", ".join("%d %s" % (n, s) for s, n in counts.items())))
+    return "".join(out)
+
+
+def read_syscalls():
+    """read(2) calls this process has made so far (Linux's /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("syscr:"):
+                return int(line.split()[1])
+    raise unittest.SkipTest("no syscr in /proc/self/io")
+
+
+class OperatorScaleTests(OperatorBase):
+    """show, list and list --json on a queue of a few hundred messages, as on
+    one of 100,000 (bench/run.py measures those): show reads only the message
+    it shows, list prints what a table of Queue.entries() printed."""
+
+    N = 300
+    NOW = 1.9e9     # list's clock in these tests, so that ages are the same each run
+
+    def build(self):
+        """A queue of N messages written straight into new/ and cur/ (set-up,
+        not what is tested: no fsync), queued over the last day in shuffled
+        order, two thirds deferred with a state file, and beside them a
+        name without a time, a wide sender, a claimed one and dead letters.
+        Returns the names."""
+        queue = gsemail.Queue(self.queuepath)
+        start = int(self.NOW) - 86400
+        names = []
+        for i in range(self.N):
+            queued = start + (i * 7919) % self.N * 60
+            name = "%d.M%06dP%dQ%d.scale" % (queued, i, os.getpid(), i)
+            sub = "cur" if i % 3 else "new"
+            sender = ("a-much-longer-sender-than-the-others-%d@example.org" % i
+                      if i == 17 else "s%d@example.org" % i)
+            path = os.path.join(self.queuepath, sub, name)
+            with open(path, "wb") as f:
+                f.write(gsemail._envelope(sender, ["r%d@example.org" % i])
+                        + b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i))
+            if sub == "cur":
+                os.utime(path, (self.NOW + 60 * i, self.NOW + 60 * i))
+                with open(os.path.join(self.queuepath, "state", name), "w") as f:
+                    json.dump({"attempts": i % 5, "first_queued": queued,
+                               "last_error": "4.4.1 relay %d: connection refused" % i}, f)
+            names.append(name)
+        # a name that does not begin with a time: its file's mtime orders it
+        odd = os.path.join(self.queuepath, "new", "no-time-in-this-name")
+        with open(odd, "wb") as f:
+            f.write(gsemail._envelope("odd@example.org", ["o@example.org"]) + b"\r\nodd\r\n")
+        os.utime(odd, (start + 3000, start + 3000))
+        names.append("no-time-in-this-name")
+        # zope.sendmail's claim: a hard link beside the message
+        os.link(os.path.join(self.queuepath, "new", names[3]),
+                os.path.join(self.queuepath, "new", ".sending-" + names[3]))
+        for name in (names[6], names[9]):
+            msg = queue.claim(os.path.join(self.queuepath, "new", name))
+            queue.dead_letter(msg, {msg.recipients[0]: "550 5.1.1 no such user"},
+                              "refused by the test")
+        return names
+
+    def run_list(self, *args):
+        """python -m gsemail list args, in this process at the time NOW: stdout."""
+        out = io.StringIO()
+        with unittest.mock.patch.object(gsemail.time, "time", lambda: self.NOW), \
+                contextlib.redirect_stdout(out):
+            code = gsemail.main(["-c", self.ini_path, "-i", "main", "list"] + list(args))
+        self.assertEqual(code, 0)
+        return out.getvalue()
+
+    def entries(self):
+        with unittest.mock.patch.object(gsemail.time, "time", lambda: self.NOW):
+            return gsemail.Queue(self.queuepath, create=False, readonly=True).entries()
+
+    def test_list_prints_what_a_table_of_entries_printed(self):
+        self.ini(25)
+        gsemail.Queue(self.queuepath)
+        self.assertEqual(self.run_list(), "queue %s is empty\n" % self.queuepath)
+        self.assertEqual(self.run_list("--json"), "[]\n")
+        names = self.build()
+        entries = self.entries()
+        self.assertEqual(len(entries), len(names))
+        self.assertEqual({e.state for e in entries}, {"new", "deferred", "sending", "dead"})
+        self.assertEqual(self.run_list(), entries_list_output(self.queuepath, entries, self.NOW))
+        self.assertEqual(self.run_list("--json"), json.dumps(
+            [gsemail._entry_json(e, self.NOW) for e in entries], indent=1) + "\n")
+        # Longer than the window of rows that sets the columns: the same
+        # rows in the same order, the columns those of the first rows.
+        with unittest.mock.patch.object(gsemail, "_LIST_WINDOW", 10):
+            streamed = self.run_list().splitlines()
+        table = entries_list_output(self.queuepath, entries, self.NOW).splitlines()
+        self.assertEqual([line.split() for line in streamed], [line.split() for line in table])
+        self.assertEqual(streamed[-1], table[-1])
+        self.assertNotEqual(streamed, table)    # the wide sender is after the first ten
+        self.assertEqual(streamed[:11], entries_list_output(
+            self.queuepath, entries[:10], self.NOW).splitlines()[:11])
+
+    def test_show_reads_only_the_message_it_shows(self):
+        self.ini(25)
+        names = self.build()
+        queue = gsemail.Queue(self.queuepath, create=False, readonly=True)
+        wanted = names[100]
+        before = read_syscalls()
+        (entry,) = queue.find([wanted[:-3]])     # a unique beginning
+        reads = read_syscalls() - before
+        # the message and its state file; entries() makes two for each of N
+        self.assertLess(reads, 10)
+        self.assertIn(entry, self.entries())    # the entry entries() has
+        self.assertEqual((entry.id, entry.state, entry.sender), (wanted, "deferred",
+                                                                 "s100@example.org"))
+        # As a user who may read that message and no other: show works, as
+        # it could not when it read the whole queue to find one message.
+        for d in [self.tmp, self.queuepath] + [os.path.join(self.queuepath, sub)
+                                               for sub in ("new", "cur", "state")]:
+            os.chmod(d, 0o755)
+        os.chmod(os.path.join(self.queuepath, "cur", wanted), 0o644)
+
+        def show():
+            q = gsemail.Queue(self.queuepath, create=False, readonly=True)
+            (e,) = q.find([wanted[:-3]])
+            return e.id, q.read_message(e)
+        self.assertEqual(in_child_as(show), "returned %r" % (
+            (wanted, b"Subject: 100\r\n\r\nbody 100\r\n"),))
+        # a message and its dead letter share an id: both are shown
+        dead = names[6]
+        self.assertEqual([e.state for e in queue.find([dead])], ["dead"])
+        out = self.ok("show", ".rejected-" + dead)
+        self.assertRegex(out, r"(?m)^state +dead since ")
+
+    def test_ids_that_name_none_or_several_are_errors_as_before(self):
+        self.ini(25)
+        names = self.build()
+        queue = gsemail.Queue(self.queuepath, create=False, readonly=True)
+        for wanted, error in (
+                ("nonesuch", "no message nonesuch in queue %s (gsemail list shows the ids)"
+                 % self.queuepath),
+                ("", "no message  in queue %s (gsemail list shows the ids)" % self.queuepath),
+                (".rejected-" + names[7], "no message .rejected-%s in queue" % names[7]),
+                (names[0][:2], "%s names %d messages in queue %s: give more of the id"
+                 % (names[0][:2], self.N, self.queuepath))):
+            with self.assertRaises(gsemail.QueueError) as cm:
+                queue.find([wanted])
+            self.assertTrue(str(cm.exception).startswith(error), cm.exception)
+            self.assertEqual((cm.exception.status, cm.exception.exit_code),
+                             ("5.5.4", os.EX_USAGE))
+        run = self.gsemail("show", names[0][:2])
+        self.assertEqual(run.returncode, os.EX_USAGE)
+        self.assertIn("names %d messages" % self.N, run.stderr)
+        # several ids, in the order given; a path is taken by its name
+        found = queue.find([names[20], os.path.join(self.queuepath, "cur", names[10])])
+        self.assertEqual([e.id for e in found], [names[20], names[10]])
+        self.assertEqual([e.id for e in queue.find([names[6]])], [names[6]])
+
+    def test_a_message_that_leaves_after_the_scan_is_left_out(self):
+        self.ini(25)
+        names = self.build()
+        gone = [os.path.join(self.queuepath, "cur", names[i]) for i in (1, 2)]
+        entry = gsemail.Queue._entry
+
+        def leaving(queue, path, state):
+            # the first file read: as if a processor sent these meanwhile
+            for p in gone:
+                if os.path.exists(p):
+                    os.unlink(p)
+            return entry(queue, path, state)
+        with unittest.mock.patch.object(gsemail.Queue, "_entry", leaving):
+            out = self.run_list()
+            data = json.loads(self.run_list("--json"))
+            queue = gsemail.Queue(self.queuepath, create=False, readonly=True)
+            with self.assertRaises(gsemail.QueueError) as cm:
+                queue.find([names[2]])
+        self.assertIn("no message %s" % names[2], str(cm.exception))
+        self.assertEqual(len(out.splitlines()), len(names) - 2 + 2)    # header, footer
+        self.assertTrue(out.splitlines()[-1].startswith("-- %d message(s)" % (len(names) - 2)))
+        self.assertNotIn(names[1], out)
+        self.assertEqual(len(data), len(names) - 2)
+        self.assertEqual({m["id"] for m in data}, set(names) - {names[1], names[2]})
+
+    def test_list_into_a_closed_pipe_exits_0(self):
+        self.ini(25)
+        self.build()
+        for args in (["list"], ["list", "--json"]):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gsemail", "-c", self.ini_path, "-i", "main"] + args,
+                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            first = proc.stdout.readline()
+            proc.stdout.close()     # as head -1 does
+            err = proc.stderr.read()
+            proc.stderr.close()
+            self.assertEqual(proc.wait(60), 0, err)
+            self.assertEqual(err, b"")
+            self.assertTrue(first.startswith(b"QUEUE ID" if len(args) == 1 else b"["), first)

@@ -44,6 +44,9 @@ Cases (--only takes these names, or a prefix such as "drain" or "scale"):
   scale-idle     100,000 messages deferred to the future plus a trickle of
                  new ones: CPU of the idle processor
   scale-rss      peak RSS of python -m gsemail --once draining 100,000
+  scale-ops      the operator's commands on 100,000 deferred + 10 dead
+                 letters: show ID (and a beginning of one), list and list
+                 --json (wall, peak RSS)
 """
 
 import argparse
@@ -71,7 +74,7 @@ PROJECT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers.py")
 ZOPE_PINS = ["zope.sendmail==7.3", "transaction==5.1"]
 CASES = ["enqueue", "drain-sink", "drain-postfix", "latency", "group",
-         "scale-idle", "scale-rss"]
+         "scale-idle", "scale-rss", "scale-ops"]
 
 # The anchors in the team's shared bench README (same machine type, same
 # message, N = 2,000, smtp-sink / Postfix; msg/s), shown beside ours so a
@@ -680,6 +683,77 @@ class Bench:
         self.interleave("scale-rss", [
             Peer("gsemail", "python -m gsemail --once, %s due" % fmt(n), peer)])
 
+    # The ten dead letters of scale-ops, made by gsemail itself (in a child:
+    # this process does not import gsemail).
+    DEAD_LETTERS = """if True:
+        import os, sys, gsemail
+        queue = gsemail.Queue(sys.argv[1])
+        for i in range(10):
+            name = queue.add("bench@example.org", ["dead%d@example.org" % i],
+                             b"Subject: dead %d\\r\\n\\r\\nbody\\r\\n" % i)
+            msg = queue.claim(os.path.join(sys.argv[1], "new", name))
+            queue.dead_letter(msg, {msg.recipients[0]: "550 5.1.1 no such user"},
+                              "refused by the bench")
+        """
+
+    # Runs the command in argv, its output to /dev/null, and prints its wall
+    # time and its peak RSS.  A child of this big process would report our
+    # peak instead of its own, if smaller (Linux keeps the larger ru_maxrss
+    # across fork and exec); a child of this small one reports its own.
+    MEASURED = """if True:
+        import os, resource, subprocess, sys, time
+        with open(os.devnull, "wb") as out:
+            t0 = time.perf_counter()
+            code = subprocess.call(sys.argv[1:], stdout=out)
+            wall = time.perf_counter() - t0
+        print("%.6f %d" % (wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
+              file=sys.stderr)
+        sys.exit(code)
+        """
+
+    def case_scale_ops(self) -> None:
+        n = self.args.scale_n
+        queue = os.path.join(self.fresh(self.shm, "scale-ops"), "queue")
+        built: List[str] = []
+
+        def ops(args: List[str]) -> Callable[[], dict]:
+            def peer() -> dict:
+                if not built:     # the queue is written once, for every command and run
+                    self.say("writing %s deferred messages and 10 dead letters into %s"
+                             % (fmt(n), queue))
+                    paths = benchlib.write_queue(queue, n, sub="cur",
+                                                 mtime=time.time() + 7 * 86400)
+                    r = subprocess.run([sys.executable, "-c", self.DEAD_LETTERS, queue],
+                                       env=self.env, capture_output=True, text=True)
+                    if r.returncode:
+                        raise RuntimeError("dead letters: %s" % r.stderr[-800:])
+                    built.append(os.path.basename(paths[n // 2]))
+                ini = self.write_ini(queue, 9)
+                # the whole id, as list prints it; or its first 24 characters,
+                # which only a scan of the names can match
+                shown = [built[0] if a == "ID" else built[0][:24] if a == "PREFIX" else a
+                         for a in args]
+                cmd = [sys.executable, "-S", "-c", self.MEASURED] + \
+                    self.python_gsemail(ini, once=False) + shown
+                r = self.run_peer(cmd, self.timeout(n))
+                if r.returncode:
+                    raise RuntimeError("exit %d: %s" % (r.returncode, r.stderr[-800:]))
+                wall_text, kb = r.stderr.split()[-2:]
+                wall, mb = float(wall_text), int(kb) / 1024
+                return {"value": wall, "peak_rss_mb": mb,
+                        "show": "%.2f s, peak RSS %.1f MB" % (wall, mb)}
+            return peer
+
+        try:
+            self.interleave("scale-ops", [
+                Peer("show", "python -m gsemail show ID", ops(["show", "ID"])),
+                Peer("show-prefix", "python -m gsemail show PREFIX (of ID)",
+                     ops(["show", "PREFIX"])),
+                Peer("list", "python -m gsemail list", ops(["list"])),
+                Peer("list-json", "python -m gsemail list --json", ops(["list", "--json"]))])
+        finally:
+            shutil.rmtree(os.path.dirname(queue), ignore_errors=True)
+
     # -- the whole run -------------------------------------------------------------
 
     def selected(self) -> List[str]:
@@ -911,6 +985,26 @@ class Bench:
                     None if mb is None else mb < 60, "%s MB" % fmt(mb, 1)))
         table("scale-rss", "SCALE, DRAIN: python -m gsemail --once over %s due messages to "
               "smtp-sink (peak RSS, MB)" % fmt(a.scale_n), "MB", 1, rss_extra)
+
+        def ops_extra(key: str) -> str:
+            secs, mb = self.median("scale-ops", key), self.median("scale-ops", key,
+                                                                 "peak_rss_mb")
+            text = "peak RSS %s MB" % fmt(mb, 1)
+            if key == "show-prefix":
+                return text
+            if key == "show":
+                return text + "; < 0.3 s and 40 MB: " + target(
+                    "show ID on %s deferred < 0.3 s and 40 MB" % fmt(a.scale_n), secs,
+                    None if secs is None or mb is None else secs < 0.3 and mb < 40,
+                    "%s s, %s MB" % (fmt(secs, 2), fmt(mb, 1)))
+            limit = 40 if key == "list" else 60
+            return text + "; < %d MB: " % limit + target(
+                "%s on %s deferred: peak RSS < %d MB" % (
+                    "list" if key == "list" else "list --json", fmt(a.scale_n), limit), mb,
+                None if mb is None else mb < limit, "%s MB" % fmt(mb, 1))
+        table("scale-ops", "SCALE, OPERATOR COMMANDS: %s deferred + 10 dead letters on tmpfs, "
+              "each command a whole process (seconds)" % fmt(a.scale_n), "seconds", 2,
+              ops_extra)
 
         if targets:
             w("")
