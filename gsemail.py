@@ -3994,10 +3994,6 @@ class _Transcript:
             self.redacted = []
 
 
-if TYPE_CHECKING:   # what smtplib.SMTP.send takes, in typeshed
-    from _typeshed import ReadableBuffer
-
-
 class _TranscribedSMTP(smtplib.SMTP):
     """smtplib.SMTP writing a _Transcript of what goes through it: the
     greeting, EHLO, STARTTLS, AUTH, QUIT and every reply (the pipelined
@@ -4028,7 +4024,9 @@ class _TranscribedSMTP(smtplib.SMTP):
             self.transcript.event("TLS from the first byte: %s, %s" % (
                 sock.version(), (sock.cipher() or ("?",))[0]))
 
-    def send(self, s: "Union[ReadableBuffer, str]") -> None:
+    # Any: smtplib takes a str or any bytes-like object (typeshed's
+    # ReadableBuffer, which the standard library does not name at run time).
+    def send(self, s: Any) -> None:
         t = self.transcript
         t.sent(s.encode("utf-8", "replace") if isinstance(s, str) else bytes(s))
         try:

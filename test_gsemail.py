@@ -13,6 +13,7 @@ $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
 
 import base64
 import contextlib
+import ast
 import dataclasses
 import email
 import email.message
@@ -905,6 +906,32 @@ def run_gsemail(args, timeout=60, input=None):
 # ---------------------------------------------------------------------------
 # Pure helpers, table-driven: no files, sockets or threads
 # ---------------------------------------------------------------------------
+
+class StandardLibraryOnlyTests(unittest.TestCase):
+    """gsemail.py is vendored as one file: it imports the standard library
+    only, at run time and for type checking alike."""
+
+    def test_every_import_is_the_standard_librarys(self):
+        with open(os.path.join(HERE, "gsemail.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add((node.module or "").split(".")[0])
+        self.assertIn("smtplib", imported)
+        stdlib = getattr(sys, "stdlib_module_names", None)   # Python 3.10 and later
+        if stdlib is not None:
+            self.assertEqual(sorted(imported - set(stdlib)), [])
+        # and it imports without site-packages (-S) or the environment (-I)
+        run = subprocess.run([sys.executable, "-I", "-S", "-c",
+                              "import sys; sys.path.insert(0, %r); import gsemail; "
+                              "print(gsemail.__file__)" % HERE],
+                             cwd=HERE, capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.stdout.strip(), os.path.join(HERE, "gsemail.py"))
+        self.assertEqual(run.returncode, 0, run.stderr)
+
 
 class PureHelperTests(unittest.TestCase):
     """The pure helpers, one table each: no files, no sockets, no threads."""
