@@ -3538,15 +3538,18 @@ asyncio.run(main())
 
 
 class Aiosmtpd:
-    """aiosmtpd running AIOSMTPD_SERVER on 127.0.0.1 and a free port."""
+    """aiosmtpd running SCRIPT (AIOSMTPD_SERVER) on 127.0.0.1 and a free port."""
+
+    SCRIPT = AIOSMTPD_SERVER
+    NAME = "aiosmtpd"       # of the JSON-lines file it writes what it got to
 
     def __init__(self, workdir, **limits):
         python = os.environ.get("GSEMAIL_AIOSMTPD_PYTHON")
         need(python and os.access(python, os.X_OK),
              "set $GSEMAIL_AIOSMTPD_PYTHON to a Python with aiosmtpd installed")
         self.port = free_port()
-        self.out = os.path.join(workdir, "aiosmtpd-%d.jsonl" % self.port)
-        self.proc = subprocess.Popen([python, "-c", AIOSMTPD_SERVER, str(self.port),
+        self.out = os.path.join(workdir, "%s-%d.jsonl" % (self.NAME, self.port))
+        self.proc = subprocess.Popen([python, "-c", self.SCRIPT, str(self.port),
                                       json.dumps(limits), self.out],
                                      stderr=subprocess.DEVNULL)
         try:
@@ -7717,23 +7720,8 @@ print(tokens[min(runs, len(tokens) - 1)])
 class AuthServer(Aiosmtpd):
     """aiosmtpd running AUTH_SERVER on 127.0.0.1 and a free port."""
 
-    def __init__(self, workdir, **conf):   # Aiosmtpd's, with AUTH_SERVER
-        python = os.environ.get("GSEMAIL_AIOSMTPD_PYTHON")
-        need(python and os.access(python, os.X_OK),
-             "set $GSEMAIL_AIOSMTPD_PYTHON to a Python with aiosmtpd installed")
-        self.port = free_port()
-        self.out = os.path.join(workdir, "auth-%d.jsonl" % self.port)
-        self.proc = subprocess.Popen([python, "-c", AUTH_SERVER, str(self.port),
-                                      json.dumps(conf), self.out],
-                                     stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: Postfix._listening(self.port) or self.proc.poll() is not None,
-                     20, "aiosmtpd on port %d" % self.port)
-        except BaseException:
-            self.stop()
-            raise
-        if self.proc.poll() is not None:
-            raise AssertionError("aiosmtpd exited with %s" % self.proc.returncode)
+    SCRIPT = AUTH_SERVER
+    NAME = "auth"
 
     def events(self, key):
         """The JSON lines with key ("auth" or "mail")."""
