@@ -2176,14 +2176,6 @@ def _fill_from_state(entry: QueueEntry, state: _Record, mtime: float) -> None:
     entry.history = _history_of(state)
 
 
-def _by_state(entries: Iterable[QueueEntry]) -> Dict[str, int]:
-    """How many of entries are in each of the states, all four named."""
-    counts = dict.fromkeys(_STATES, 0)
-    for e in entries:
-        counts[e.state] += 1
-    return counts
-
-
 class _Listing(NamedTuple):
     """new/ and cur/ as Queue._listing's scan found them: no file read."""
     names: Dict[str, List[str]]     # sub -> its messages' and dead letters' names

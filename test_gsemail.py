@@ -907,6 +907,14 @@ def run_gsemail(args, timeout=60, input=None):
 # Pure helpers, table-driven: no files, sockets or threads
 # ---------------------------------------------------------------------------
 
+def by_state(entries):
+    """How many of entries are in each of the four states, all named."""
+    counts = dict.fromkeys(gsemail._STATES, 0)
+    for e in entries:
+        counts[e.state] += 1
+    return counts
+
+
 class StandardLibraryOnlyTests(unittest.TestCase):
     """gsemail.py is vendored as one file: it imports the standard library
     only, at run time and for type checking alike."""
@@ -9732,7 +9740,7 @@ class MonitoringTests(OperatorBase):
         queue = gsemail.Queue(self.queuepath, readonly=True, create=False)
         facts, entries = queue.status(), queue.entries()
         waiting = [e for e in entries if e.state != "dead"]
-        self.assertEqual(facts["counts"], gsemail._by_state(entries))
+        self.assertEqual(facts["counts"], by_state(entries))
         self.assertEqual(facts["waiting"], len(waiting))
         oldest = min(waiting, key=lambda e: (e.queued, e.id))
         self.assertEqual((facts["oldest_id"], facts["oldest_queued"]),
@@ -9782,7 +9790,7 @@ def entries_list_output(path, entries, now):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] + "\n"
            for row in rows]
-    counts = gsemail._by_state(entries)
+    counts = by_state(entries)
     out.append("-- %d message(s), %s bytes: %s\n" % (
         len(entries), format(sum(e.size for e in entries), ","),
         ", ".join("%d %s" % (n, s) for s, n in counts.items())))
