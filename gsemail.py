@@ -103,6 +103,7 @@ import dataclasses
 import difflib
 import email.message
 import email.parser
+import email.policy
 import email.utils
 import errno
 import fcntl
@@ -141,7 +142,7 @@ __version__ = "1.0.0"
 __all__ = [
     "send_email", "configure", "shutdown", "load_config", "SMTPConfig",
     "Queue", "QueuedMessage", "QueueEntry", "Mailer", "Outcome", "RelayCheck",
-    "QueueProcessor", "Reply", "main",
+    "QueueProcessor", "Reply", "main", "outbox",
     "GsEmailError", "ConfigError", "QueueError", "MessageError",
     "DeliveryError", "TLSError",
 ]
@@ -2030,30 +2031,36 @@ class _Claims:
 
     def describe(self, claim_path: str) -> str:
         """Who holds a claim, and whether they still live, in words."""
+        return self.holder(claim_path)[0]
+
+    def holder(self, claim_path: str) -> Tuple[str, Optional[bool]]:
+        """describe's words, and whether the holder lives: False for a
+        process on this host that has died (its claimer file's lock is not
+        held), None when that cannot be told (another host, zope.sendmail)."""
         try:
             fd = _open_regular(claim_path)
         except FileNotFoundError:
-            return "nobody now (the claim has just gone)"
+            return "nobody now (the claim has just gone)", None
         except _NotRegular as e:
-            return "no process: %s (remove it)" % e
+            return "no process: %s (remove it)" % e, None
         try:
             st = os.fstat(fd)
             head = os.pread(fd, 200, 0)
             if head.startswith(_FROM):
                 # zope.sendmail claims with a hard link to the message itself
-                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime)
+                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime), None
             owner = self.owner(fd, st)
             if owner is not None and owner.here:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:
-                    return "process %s on this host, running" % owner.pid
+                    return "process %s on this host, running" % owner.pid, True
                 return "process %s on this host, which has died (the claim is broken " \
-                       "at the next look)" % owner.pid
+                       "at a processor's next pass)" % owner.pid, False
             return "%s, touched %d s ago" % (
                 "process %s on %s" % (owner.pid, owner.host) if owner else
                 "an owner that can no longer be named",
-                time.time() - max(st.st_mtime, st.st_ctime))
+                time.time() - max(st.st_mtime, st.st_ctime)), None
         finally:
             os.close(fd)
 
@@ -2147,6 +2154,9 @@ class QueueEntry:
     failed: Dict[str, str] = dataclasses.field(default_factory=dict)
     history: List[Dict[str, object]] = dataclasses.field(default_factory=list)
     dead_since: Optional[float] = None
+    # whether claim's process lives: False when it has died on this host
+    # (the claim is broken at a processor's next pass), None when unknown
+    claim_alive: Optional[bool] = None
 
 
 def _fill_from_dead_letter(entry: QueueEntry, head: _Head, mtime: float) -> None:
@@ -3117,8 +3127,8 @@ class Queue:
             return entry
         _fill_from_state(entry, self._read_state(name) or {}, st.st_mtime)
         if state == "sending":
-            entry.claim = self._claims.describe(os.path.join(os.path.dirname(path),
-                                                             _CLAIM + name))
+            entry.claim, entry.claim_alive = self._claims.holder(
+                os.path.join(os.path.dirname(path), _CLAIM + name))
         return entry
 
     def find(self, ids: Iterable[str]) -> List[QueueEntry]:
@@ -3794,6 +3804,14 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
         return Reply(451, "4.4.2 %s did not answer in time" % where)
     if isinstance(exc, ConnectionRefusedError):
         return Reply(451, "4.4.1 connection refused by %s" % where)
+    if isinstance(exc, socket.gaierror):
+        # getaddrinfo found no address for the relay's name: a typo in
+        # hostname or this host's resolver, not a relay that is down.
+        # 4.4.3, as Postfix's "Host or domain name not found"; decided on
+        # the type, whatever the resolver's words.
+        return Reply(451, "4.4.3 name %s does not resolve (%s): check hostname in the "
+                     "SMTP section of gsconfig.ini, and DNS"
+                     % (where.rsplit(":", 1)[0].strip("[]"), exc.strerror or exc))
     if isinstance(exc, OSError):
         return Reply(451, "4.4.1 cannot talk to %s: %s" % (where, exc.strerror or exc))
     return Reply(451, "4.3.0 %s: %s" % (type(exc).__name__, exc))
@@ -4966,6 +4984,8 @@ class Mailer:
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
                 fix = ("fix AUTH: username and the password (password, password_env, "
                        "password_file or password_command) or auth_mechanism")
+            elif status[1:] == ".4.3":      # its name does not resolve (_reply_for)
+                fix = "the name is at fault, not the relay"
             else:
                 fix = hint.get(status[:3], "see the relay's log")
             return "%s %s cannot be used: %s; %s" % (status, r.relay, r.error, fix)
@@ -6583,6 +6603,8 @@ def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTP
     global _config
     if not isinstance(config, SMTPConfig):
         config = load_config(config, instance)
+    if _outboxes:
+        return config       # inside outbox(): read and checked, nothing set or started
     with _lock:
         _config = config
     _queue_for(config)
@@ -6613,6 +6635,22 @@ def _log_queued(name: str, sender: str, rcpts: List[str], data: bytes, path: str
                  _shown(sender), _message_id(data) or "none", len(data), path)
 
 
+class _OutboxMessage(NamedTuple):
+    """What send_email would have queued, as outbox() keeps it."""
+
+    sender: str
+    recipients: List[str]       # bare, checked, without duplicates
+    message: email.message.EmailMessage     # data parsed with email.policy.default
+    data: bytes                 # the bytes that would go, CRLF, Message-ID and Date added
+    xverp: bool                 # as the caller asked (the config is not read)
+
+
+# The lists of the outbox() blocks now open, innermost last: while there is
+# one, send_email keeps its messages there and never reads the config,
+# opens a queue or starts a thread.
+_outboxes: List[List[_OutboxMessage]] = []
+
+
 def send_email(sender: str, recipients: Union[str, Iterable[str]],
                email: Union[bytes, str, email.message.Message],
                xverp: bool = False) -> None:
@@ -6626,6 +6664,9 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     queued; nothing is queued when it raises.
     """
     rcpts, data = _prepared(sender, recipients, email, xverp)
+    if _outboxes:
+        _to_outboxes(sender, rcpts, data, xverp)
+        return
     config = _current_config()
     queue = _queue_for(config)
     name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
@@ -6633,6 +6674,41 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     processor = _processors.get(config.queuepath)
     if processor is not None:
         processor.wake()
+
+
+def _to_outboxes(sender: str, rcpts: List[str], data: bytes, xverp: bool) -> None:
+    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+    sent = _OutboxMessage(sender, rcpts, parsed, data, bool(xverp))
+    for kept in list(_outboxes):
+        kept.append(sent)
+
+
+@contextlib.contextmanager
+def outbox() -> Iterator[List[_OutboxMessage]]:
+    """For an application's tests: ``with gsemail.outbox() as sent:``
+    send_email keeps each message in the list ``sent`` instead of queuing
+    it, as Django's mail.outbox does, until the block ends.
+
+    Each item has ``sender``, ``recipients``, ``message`` (an
+    email.message.EmailMessage, parsed with email.policy.default), ``data``
+    (the bytes that would be queued) and ``xverp``.  send_email checks and
+    prepares the message as ever (the same errors) but reads no
+    configuration, opens no queue and starts no thread, in every thread of
+    the process; configure() inside the block reads and checks its config
+    and changes nothing.  Whatever was configured before is untouched, and
+    in effect again after the block.  Blocks nest: each open one gets every
+    message.
+    """
+    kept: List[_OutboxMessage] = []
+    _outboxes.append(kept)
+    try:
+        yield kept
+    finally:
+        # not there when _reset_for_tests ran inside the block
+        for i, other in enumerate(_outboxes):
+            if other is kept:
+                del _outboxes[i]
+                break
 
 
 def shutdown(timeout: Optional[float] = None) -> None:
@@ -6660,6 +6736,7 @@ def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
         _config = None
         _queues.clear()
         _processors.clear()
+    del _outboxes[:]
 
 
 # At exit, wait a little for the message in flight.  If it is cut short, the
@@ -6878,6 +6955,8 @@ def _size(n: int) -> str:
 
 
 def _next(e: QueueEntry, now: float) -> str:
+    if e.state == "sending" and e.claim_alive is False:
+        return "now"        # its claim is broken at a processor's next pass
     if e.state in ("dead", "sending"):
         return "never" if e.state == "dead" else "sending"
     if e.next_attempt is None or e.next_attempt <= now:
@@ -6894,6 +6973,7 @@ def _entry_json(e: QueueEntry, now: float) -> Dict[str, object]:
         "next_attempt": (_iso(e.next_attempt) if e.next_attempt is not None
                          and e.state in ("new", "deferred") else None),
         "last_error": e.last_error or None, "xverp": e.xverp, "claim": e.claim or None,
+        "claim_alive": e.claim_alive,
         "failed": e.failed,
         "dead_since": _iso(e.dead_since) if e.dead_since is not None else None,
     }
@@ -6939,9 +7019,11 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
         counts[e.state] += 1
         total += 1
         size += e.size
+        last = _one_line(e.last_error) or "-"
+        if e.claim_alive is False:      # a dead holder: say so where the trouble is said
+            last = "claimed by %s%s" % (e.claim, "" if last == "-" else "; " + last)
         row = (e.id, e.state, _age(now - e.queued), _size(e.size), e.sender or "<>",
-               str(len(e.recipients)), str(e.attempts), _next(e, now),
-               _one_line(e.last_error) or "-")
+               str(len(e.recipients)), str(e.attempts), _next(e, now), last)
         if widths:
             put(row)
             continue
