@@ -127,6 +127,7 @@ import shlex
 import signal
 import smtplib
 import socket
+import socketserver
 import ssl
 import stat
 import subprocess
@@ -6783,8 +6784,9 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                              "option, or [smtp-INSTANCE] (default: $GSEMAIL_INSTANCE "
                              "or default)")
     parser.add_argument("-v", "--verbose", action="count", default=default(0),
-                        help="log each attempt (-vv: debug messages too; -vvv: the "
-                             "SMTP transcript too, redacted, as debug = true)")
+                        help="log each message queued and each attempt, as the "
+                             "processor does without it (-vv: debug messages too; -vvv: "
+                             "the SMTP transcript too, redacted, as debug = true)")
 
 
 # The command line's numbers, bounded as the config's are: a threshold of
@@ -6912,15 +6914,16 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if not args.verbose and not args.quiet:
+        # Without -v the processor still says what it does, as a newcomer (or
+        # a journal) needs: that it started, on which queue and relay, and a
+        # line per delivery and deferral (INFO).  -q: warnings and errors only.
+        log.setLevel(logging.INFO)
     if not args.once:
-        if not log.isEnabledFor(logging.INFO):
-            # The one line a newcomer (or a journal) needs to see that it
-            # runs, and on what; -v shows it (logged by run) and every delivery.
-            print("2.0.0 queue processor for %s started (relay %s); -v logs each delivery"
-                  % (processor.queue.path, ", ".join(_where(*r) for r in config.relays)),
-                  file=sys.stderr, flush=True)
-        processor.run()
+        processor.run()     # which logs its start
         return os.EX_OK
+    log.info("2.0.0 queue processor for %s started (relay %s): --once, until nothing is due",
+             processor.queue.path, ", ".join(_where(*r) for r in config.relays))
     progress = None
     if sys.stderr.isatty():
         progress = _Progress(sys.stderr)
@@ -7489,6 +7492,235 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
     return error.exit_code
 
 
+# The sink: a development tool, no part of delivery.  Python 3.12 removed
+# smtpd, whose DebuggingServer developers ran to see what an application
+# sends; this is that, named after Postfix's smtp-sink.
+
+_SINK_LINE = 4096           # the longest command line (RFC 5321's least is 512)
+_SINK_RCPTS = 1000          # recipients a transaction (RFC 5321's least is 100)
+_SINK_MAIL = re.compile(r"FROM:\s*<([^<>]*)>((?:\s+\S+)*)\s*", re.IGNORECASE)
+_SINK_RCPT = re.compile(r"TO:\s*<([^<>]+)>\s*", re.IGNORECASE)
+
+
+class _Sink(socketserver.ThreadingTCPServer):
+    """``gsemail sink``: an SMTP server that keeps every message it is given
+    and delivers none.  It is not a relay: nothing it accepts goes anywhere
+    but to its standard output and its --maildir."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], maildir: Optional[str],
+                 size: int) -> None:
+        self.address_family = socket.getaddrinfo(address[0], address[1], 0,
+                                                 socket.SOCK_STREAM)[0][0]
+        self.maildir = maildir
+        self.size = size
+        self.kept = 0
+        self._keeping = threading.Lock()
+        super().__init__(address, _SinkSession)
+
+    def keep(self, client: str, sender: str, rcpts: List[str], data: bytes) -> int:
+        """Print the message (and write it to the Maildir); its number."""
+        with self._keeping:
+            self.kept += 1
+            where = ""
+            if self.maildir is not None:
+                where = " file=" + self._write(sender, rcpts, data)
+            out = sys.stdout.buffer
+            out.write(("2.0.0 sink: message %d from=<%s> %s size=%d client=%s%s\n" % (
+                self.kept, sender, _to(rcpts), len(data), client, where)).encode("utf-8"))
+            if self.maildir is None:
+                out.write(data.replace(b"\r\n", b"\n") + b"\n")
+            out.flush()
+            return self.kept
+
+    def _write(self, sender: str, rcpts: List[str], data: bytes) -> str:
+        """The message as a Maildir's new/ file, envelope in its first two
+        headers (as Postfix's local delivery writes it); its path."""
+        assert self.maildir is not None
+        name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.kept, _HOST)
+        tmp = os.path.join(self.maildir, "tmp", name)
+        fd = os.open(tmp, _CREATE, 0o600)
+        with open(fd, "wb") as f:
+            f.write(("Return-Path: <%s>\r\nX-Original-To: %s\r\n"
+                     % (sender, ", ".join(rcpts))).encode("utf-8") + data)
+        path = os.path.join(self.maildir, "new", name)
+        os.rename(tmp, path)
+        return path
+
+
+class _SinkSession(socketserver.StreamRequestHandler):
+    """One SMTP session of the sink: EHLO/HELO, MAIL (SIZE, BODY, SMTPUTF8),
+    RCPT, DATA (dot-unstuffed), RSET, NOOP, VRFY, HELP, QUIT.  Pipelined
+    commands are read from the buffer in turn, as RFC 2920 wants."""
+
+    timeout = 300.0         # RFC 5321's idle timeout
+    server: _Sink
+
+    def reply(self, *lines: str) -> None:
+        self.wfile.write("".join("%s%s%s\r\n" % (line[:3], " " if n == len(lines) - 1
+                                                 else "-", line[4:])
+                                 for n, line in enumerate(lines)).encode("utf-8"))
+
+    def handle(self) -> None:
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reply("220 %s ESMTP gsemail sink: keeps every message, delivers none" % _HOST)
+        hello = ""
+        sender: Optional[str] = None
+        rcpts: List[str] = []
+        try:
+            while True:
+                line = self.rfile.readline(_SINK_LINE + 1)
+                if not line:
+                    return
+                if not line.endswith(b"\n"):
+                    while line and not line.endswith(b"\n"):    # the rest of it
+                        line = self.rfile.readline(_SINK_LINE + 1)
+                    self.reply("500 5.5.2 line too long")
+                    continue
+                verb, _, arg = line.rstrip(b"\r\n").decode("utf-8", "replace").partition(" ")
+                verb = verb.upper()
+                if verb in ("EHLO", "HELO"):
+                    if not arg.strip():
+                        self.reply("501 5.5.4 %s needs your name" % verb)
+                        continue
+                    hello, sender, rcpts = verb, None, []
+                    if verb == "HELO":
+                        self.reply("250 %s" % _HOST)
+                    else:
+                        self.reply("250 %s" % _HOST, "250 PIPELINING", "250 8BITMIME",
+                                   "250 SMTPUTF8", "250 ENHANCEDSTATUSCODES",
+                                   "250 SIZE %d" % self.server.size)
+                elif verb == "MAIL":
+                    mail = _SINK_MAIL.fullmatch(arg)
+                    if not hello:
+                        self.reply("503 5.5.1 EHLO or HELO first")
+                    elif sender is not None:
+                        self.reply("503 5.5.1 one MAIL at a time: RSET first")
+                    elif mail is None:
+                        self.reply("501 5.5.4 the syntax is MAIL FROM:<address>")
+                    else:
+                        refused = self._parameters(hello, mail.group(2).split())
+                        if refused:
+                            self.reply(refused)
+                        else:
+                            sender, rcpts = mail.group(1), []
+                            self.reply("250 2.1.0 ok")
+                elif verb == "RCPT":
+                    rcpt = _SINK_RCPT.fullmatch(arg)
+                    if sender is None:
+                        self.reply("503 5.5.1 MAIL first")
+                    elif rcpt is None:
+                        self.reply("501 5.5.4 the syntax is RCPT TO:<address>")
+                    elif len(rcpts) >= _SINK_RCPTS:
+                        self.reply("452 4.5.3 too many recipients")
+                    else:
+                        rcpts.append(rcpt.group(1))
+                        self.reply("250 2.1.5 ok")
+                elif verb == "DATA":
+                    if sender is None or not rcpts:
+                        self.reply("503 5.5.1 %s first" % ("MAIL" if sender is None
+                                                           else "RCPT"))
+                        continue
+                    self.reply("354 end data with <CR><LF>.<CR><LF>")
+                    data = self._data()
+                    if data is None:
+                        self.reply("552 5.3.4 message larger than SIZE %d"
+                                   % self.server.size)
+                    else:
+                        number = self.server.keep(self.client_address[0], sender, rcpts,
+                                                  data)
+                        self.reply("250 2.0.0 kept as message %d (not delivered)" % number)
+                    sender, rcpts = None, []
+                elif verb == "RSET":
+                    sender, rcpts = None, []
+                    self.reply("250 2.0.0 ok")
+                elif verb == "NOOP":
+                    self.reply("250 2.0.0 ok")
+                elif verb == "VRFY":
+                    self.reply("252 2.5.0 not verified: send it, and it is kept")
+                elif verb == "HELP":
+                    self.reply("214 2.0.0 EHLO HELO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+                elif verb == "QUIT":
+                    self.reply("221 2.0.0 bye")
+                    return
+                else:
+                    self.reply("500 5.5.2 command not recognised")
+        except (OSError, EOFError):     # the client went, or stayed idle too long
+            return
+
+    def _parameters(self, hello: str, params: List[str]) -> str:
+        """The reply refusing MAIL's parameters, or "" for none to refuse."""
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if hello != "EHLO":
+                return "555 5.5.4 parameters need EHLO"
+            if key == "SIZE" and value.isdigit():
+                if int(value) > self.server.size:
+                    return "552 5.3.4 message larger than SIZE %d" % self.server.size
+            elif not ((key == "BODY" and value.upper() in ("7BIT", "8BITMIME"))
+                      or (key == "SMTPUTF8" and not value)):
+                return "555 5.5.4 parameter %s not recognised" % param
+        return ""
+
+    def _data(self) -> Optional[bytes]:
+        """DATA's message up to the lone dot, unstuffed; None when it is
+        larger than SIZE (read to its end all the same).  Raises EOFError
+        if the connection ends first."""
+        chunks: List[bytes] = []
+        size, whole = 0, True
+        at_start = True         # a line begins here: only there are dots special
+        while True:
+            chunk = self.rfile.readline(65536)
+            if not chunk:
+                raise EOFError
+            if at_start:
+                if chunk in (b".\r\n", b".\n"):
+                    break
+                if chunk.startswith(b"."):
+                    chunk = chunk[1:]
+            at_start = chunk.endswith(b"\n")
+            size += len(chunk)
+            if size > self.server.size:
+                whole = False
+                chunks = []
+            elif whole:
+                chunks.append(chunk)
+        return b"".join(chunks) if whole else None
+
+
+def _cmd_sink(config: Optional[SMTPConfig], args: argparse.Namespace) -> int:
+    """``sink``: the development tool; reads no config and no queue."""
+    try:
+        if args.maildir is not None:
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(args.maildir, sub), 0o700, exist_ok=True)
+        sink = _Sink((args.listen, args.port), args.maildir, args.size)
+    except OSError as e:
+        raise GsEmailError("sink cannot listen on %s%s: %s" % (
+            _where(args.listen, args.port), " or write %s" % args.maildir if args.maildir
+            else "", e.strerror or e), status="4.3.0", exit_code=os.EX_OSERR) from None
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+    host, port = sink.server_address[:2]
+    print("2.0.0 gsemail sink listening on %s: not a relay, it keeps each message %s "
+          "and delivers none (Ctrl-C stops it)" % (
+              _where(str(host), int(port)), "in the Maildir " + args.maildir
+              if args.maildir else "by printing it"), file=sys.stderr, flush=True)
+    try:
+        sink.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.server_close()
+    print("2.0.0 gsemail sink stopped: %d message(s) kept" % sink.kept, file=sys.stderr)
+    return os.EX_OK
+
+
 def _split_head(data: bytes) -> Tuple[bytes, bytes]:
     """(header block, rest) of a message as _prepare_message sends it: CRLF
     line ends whatever they were (CR, LF, mixed), leading blank lines gone.
@@ -7576,6 +7808,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="deliver what is due and exit: 0 when the queue is "
                              "empty, 75 when messages wait for a retry; on a "
                              "terminal, shows progress")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="without -v: log only warnings and errors, not the start "
+                             "line and each delivery")
     parser.add_argument("--version", action="version",
                         version="gsemail %s" % __version__)
     parser.set_defaults(run=_cmd_run, command=None)
@@ -7678,6 +7913,25 @@ def _parser() -> argparse.ArgumentParser:
                         "remove Bcc")
     p.add_argument("--xverp", action="store_true", help="send with XVERP")
     p.add_argument("--file", metavar="FILE", help="read the message from FILE")
+
+    p = command("sink", _cmd_sink, "an SMTP server that prints mail and delivers none "
+                "(development)",
+                "A development tool, needing no --config: an SMTP server that keeps "
+                "every message it is given and delivers none (not a relay), as smtpd's "
+                "DebuggingServer did and Postfix's smtp-sink does.  Each message is "
+                "printed to standard output, an envelope line then its bytes; with "
+                "--maildir, written to that Maildir and only its envelope line printed.  "
+                "Point hostname and port at it.  Stops on SIGINT or SIGTERM.")
+    p.set_defaults(no_config=True)
+    p.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address to listen on (default: %(default)s, this host only)")
+    p.add_argument("--port", type=int, default=1025,
+                   help="the port to listen on (default: %(default)s; 0: any free one)")
+    p.add_argument("--maildir", metavar="DIR", help="write each message to the Maildir "
+                   "DIR (made if missing) instead of printing it")
+    p.add_argument("--size", type=_count_option, default=10240000, metavar="BYTES",
+                   help="the SIZE it offers and the largest message it takes "
+                        "(default: %(default)s, as Postfix's message_size_limit)")
     return parser
 
 
@@ -7685,7 +7939,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.config:
+    no_config = getattr(args, "no_config", False)      # sink
+    if not args.config and not no_config:
         parser.error("--config is required (or set $GSEMAIL_CONFIG)")
     if args.once and args.command:
         parser.error("--once is for running the processor, not for %s" % args.command)
@@ -7698,6 +7953,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     log.propagate = False
     try:
+        if no_config:
+            sink: Callable[[Optional[SMTPConfig], argparse.Namespace], int] = args.run
+            return sink(None, args)
         config = load_config(args.config, args.instance)
         if args.verbose >= 3 and not config.debug:
             config = dataclasses.replace(config, debug=True)
