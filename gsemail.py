@@ -6641,7 +6641,7 @@ class _OutboxMessage(NamedTuple):
 
     sender: str
     recipients: List[str]       # bare, checked, without duplicates
-    message: email.message.EmailMessage     # data parsed with email.policy.default
+    message: email.message.EmailMessage     # data parsed with email.policy.default, LF ends
     data: bytes                 # the bytes that would go, CRLF, Message-ID and Date added
     xverp: bool                 # as the caller asked (the config is not read)
 
@@ -6678,7 +6678,9 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
 
 
 def _to_outboxes(sender: str, rcpts: List[str], data: bytes, xverp: bool) -> None:
-    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+    # parsed with LF line ends, so that its text is as Python code writes it
+    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+        data.replace(b"\r\n", b"\n"))
     sent = _OutboxMessage(sender, rcpts, parsed, data, bool(xverp))
     for kept in list(_outboxes):
         kept.append(sent)

@@ -4389,13 +4389,20 @@ class CLITests(Base):
             first = proc.stderr.readline() if ready else "(nothing in 30 s)"
         finally:
             proc.send_signal(signal.SIGTERM)
-        self.assertEqual(first, "2.0.0 queue processor for %s started (relay 127.0.0.1:%d); "
-                                "-v logs each delivery\n"
+        self.assertEqual(first, "2.0.0 queue processor for %s started (relay 127.0.0.1:%d)\n"
                          % (gsemail.load_config(path, "main").queuepath, server.port))
         self.assertEqual(proc.wait(30), 0)
-        # and -v shows it once, as the processor logs it
-        run = self.gsemail("-c", path, "-i", "main", "--once", "-v")
-        self.assertNotIn("-v logs each delivery", run.stderr)
+        # --once says so too, and each delivery, without -v; -q: only trouble
+        self.enqueue(gsemail.load_config(path, "main"))
+        run = self.gsemail("-c", path, "-i", "main", "--once")
+        self.assertRegex(run.stderr, r"(?m)^2\.0\.0 queue processor for \S+ started "
+                                     r"\(relay 127\.0\.0\.1:\d+\): --once")
+        self.assertRegex(run.stderr, r"(?m)^2\.0\.0 \S+: delivered to=<a@example\.org> ")
+        self.enqueue(gsemail.load_config(path, "main"))
+        run = self.gsemail("-c", path, "-i", "main", "--once", "-q")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(run.stderr.count("\n"), 1, run.stderr)     # the summary line
+        self.assertIn("1 delivered", run.stderr)
 
     def test_errors_have_status_codes_and_sysexits(self):
         run = self.gsemail("--config", os.path.join(self.tmp, "missing.ini"))
@@ -9985,3 +9992,427 @@ class OperatorScaleTests(OperatorBase):
             self.assertEqual(proc.wait(60), 0, err)
             self.assertEqual(err, b"")
             self.assertTrue(first.startswith(b"QUEUE ID" if len(args) == 1 else b"["), first)
+
+
+# ---------------------------------------------------------------------------
+# Tests and development: outbox() for an application's tests, the sink, the
+# Quick start run from README.rst, and the hints a newcomer needs
+# ---------------------------------------------------------------------------
+
+class CapturedTests(Base):
+    """gsemail.outbox(): what an application's tests use to see what it sent."""
+
+    def setUp(self):
+        super().setUp()
+        # A configuration that would deliver at once, with its processor
+        # thread, to a server that counts what reaches it: nothing may.
+        self.relay = self.server()
+        self.ini_path = self.ini_file(self.relay.port, "processorthread = true\n")
+
+    def assertNothingQueuedOrSent(self):
+        time.sleep(0.3)     # a processor thread, had one started, polls every 0.1 s
+        self.assertFalse(os.path.exists(self.queuepath), "a queue was made")
+        self.assertEqual(self.relay.connections, 0)
+        self.assertFalse([t for t in threading.enumerate()
+                          if isinstance(t, threading.Thread) and "gsemail" in t.name.lower()])
+
+    def test_what_would_be_sent_in_a_few_lines(self):
+        msg = email.message.EmailMessage()
+        msg["From"] = "Site <noreply@example.org>"
+        msg["To"] = "ann@example.com"
+        msg["Subject"] = "Welcome, Ann"
+        msg.set_content("Thanks for signing up.\n")
+        with unittest.mock.patch.dict(os.environ, {"GSEMAIL_CONFIG": self.ini_path,
+                                                   "GSEMAIL_INSTANCE": "main"}), \
+                gsemail.outbox() as sent:
+            gsemail.send_email("bounces@example.org", [" ann@example.com",
+                                                       "ann@example.com"], msg)
+            gsemail.send_email("", "bob@example.com", message(subject="second"))
+        self.assertEqual(len(sent), 2)
+        first = sent[0]
+        self.assertEqual(first.sender, "bounces@example.org")
+        self.assertEqual(first.recipients, ["ann@example.com"])
+        self.assertIsInstance(first.message, email.message.EmailMessage)
+        self.assertEqual(first.message["Subject"], "Welcome, Ann")
+        self.assertEqual(first.message["From"].addresses[0].display_name, "Site")
+        self.assertEqual(first.message.get_body(("plain",)).get_content(),
+                         "Thanks for signing up.\n")
+        self.assertTrue(first.message["Message-ID"])        # as it would be queued
+        self.assertIn(b"\r\nSubject: Welcome, Ann\r\n", first.data)
+        self.assertFalse(first.xverp)
+        self.assertEqual((sent[1].sender, sent[1].recipients), ("", ["bob@example.com"]))
+        self.assertNothingQueuedOrSent()
+
+    def test_the_same_errors_and_nothing_kept(self):
+        with gsemail.outbox() as sent:
+            with self.assertRaises(ValueError):
+                gsemail.send_email("bounces@example.org", ["not an address"], message())
+            with self.assertRaises(ValueError):
+                gsemail.send_email("", ["a@example.org"], message(), xverp=True)
+        self.assertEqual(sent, [])
+
+    def test_configure_in_the_block_changes_nothing_and_the_old_config_returns(self):
+        gsemail.configure(self.config(self.relay.port))     # processorthread = false
+        other = os.path.join(self.tmp, "other")
+        with open(self.ini_path, "a") as f:
+            f.write("[smtp-other]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    "processorthread = true\n" % (self.relay.port, other))
+        with gsemail.outbox() as sent:
+            config = gsemail.configure(self.ini_path, "other")
+            self.assertEqual(config.queuepath, other)           # read and checked
+            with self.assertRaises(gsemail.ConfigError):
+                gsemail.configure(self.ini_path, "no-such-instance")
+            gsemail.send_email("bounces@example.org", ["a@example.org"], message())
+        self.assertEqual(len(sent), 1)
+        self.assertFalse(os.path.exists(other))
+        self.assertEqual(self.relay.connections, 0)
+        # after the block, send_email queues again, as configured before it
+        gsemail.send_email("bounces@example.org", ["a@example.org"], message())
+        self.assertEqual(len(self.listing("new")), 1)
+        self.assertEqual(len(sent), 1)
+
+    def test_every_thread_nested_blocks_and_reset(self):
+        with gsemail.outbox() as outer:
+            with gsemail.outbox() as inner:
+                t = threading.Thread(target=gsemail.send_email,
+                                     args=("b@example.org", "a@example.org", message()))
+                t.start()
+                t.join(10)
+            gsemail.send_email("b@example.org", "c@example.org", message())
+            self.assertEqual([m.recipients for m in inner], [["a@example.org"]])
+            self.assertEqual([m.recipients for m in outer],
+                             [["a@example.org"], ["c@example.org"]])
+            gsemail._reset_for_tests()      # a fresh import's state: no outbox open
+            with unittest.mock.patch.dict(os.environ, {"GSEMAIL_CONFIG": self.ini_path,
+                                                       "GSEMAIL_INSTANCE": "main"}):
+                gsemail.send_email("b@example.org", "d@example.org", message())
+        self.assertEqual(len(outer), 2)
+        wait_for(lambda: self.relay.rcpts, 20, "delivery after _reset_for_tests")
+        self.assertEqual(self.relay.rcpts, ["d@example.org"])
+
+    def test_the_readme_example(self):
+        # README's "Testing an application that sends mail", as written
+        text = _readme_section("Testing an application that sends mail")
+        example = textwrap.dedent(_literal_blocks(text)[0])
+        self.assertLessEqual(len(example.strip().splitlines()), 7)
+
+        def signup(address):
+            gsemail.send_email("bounces@example.org", [address], message(subject="Welcome"))
+        space = {"unittest": unittest, "gsemail": gsemail, "signup": signup}
+        exec(example, space)
+        result = unittest.TestResult()
+        unittest.defaultTestLoader.loadTestsFromTestCase(space["SignupTests"]).run(result)
+        self.assertEqual((result.testsRun, result.failures, result.errors), (1, [], []))
+
+
+def _readme_section(title):
+    """The text of README.rst's section title, up to the next heading."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    underline = re.compile(r"^([=\-~^])\1{3,}$")
+    for i, line in enumerate(lines[:-1]):
+        if line == title and underline.match(lines[i + 1]):
+            end = next((j for j in range(i + 2, len(lines) - 1)
+                        if lines[j] and underline.match(lines[j + 1])
+                        and len(lines[j + 1]) >= len(lines[j])), len(lines))
+            return "\n".join(lines[i + 2:end])
+    raise AssertionError("README.rst has no section %r" % title)
+
+
+def _literal_blocks(text):
+    """The literal blocks (after a paragraph ending in ::) of reST text,
+    each as written, indented."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        if lines[i].rstrip().endswith("::"):
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            block = []
+            while j < len(lines) and (not lines[j].strip() or lines[j].startswith(" ")):
+                block.append(lines[j])
+                j += 1
+            blocks.append("\n".join(block).rstrip() + "\n")
+            i = j
+        else:
+            i += 1
+    return blocks
+
+
+class Sink:
+    """python -m gsemail sink ARGS, running: its port, and its output once
+    stopped (stop())."""
+
+    def __init__(self, test, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "gsemail", "sink", "--port", "0"]
+                                     + list(args), cwd=HERE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        test.addCleanup(self.stop)
+        ready = select.select([self.proc.stderr], [], [], 30)[0]
+        self.first = self.proc.stderr.readline().decode() if ready else "(nothing in 30 s)"
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+):", self.first)
+        test.assertTrue(found, self.first)
+        self.port = int(found.group(1))
+        self.out = self.err = None
+
+    def stop(self):
+        if self.out is None:
+            self.proc.send_signal(signal.SIGTERM)
+            out, err = self.proc.communicate(timeout=30)
+            self.out, self.err = out, self.first + err.decode()
+        return self.out
+
+    def smtp(self):
+        """An smtplib client of the sink, as an application would use one."""
+        import smtplib
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+
+
+class SinkTests(Base):
+    """gsemail sink: a developer sees every message without a relay."""
+
+    def test_gsemail_delivers_to_it_and_it_prints_envelope_and_bytes(self):
+        sink = Sink(self)
+        config = self.config(sink.port)
+        body = "Gr\u00fc\u00dfe.\n.a line that starts with a dot\n..two\n"
+        self.enqueue(config, rcpts=["b@example.org", "c@example.org"],
+                     msg=message(subject="to the sink", body=body))
+        processor = self.drain(config)
+        self.assertEqual(processor.stats["delivered"], 1)
+        self.assertEqual(os.listdir(os.path.join(self.queuepath, "new")), [])
+        out = sink.stop()
+        self.assertEqual(sink.proc.returncode, 0, sink.err)
+        head, _, rest = out.partition(b"\n")
+        self.assertRegex(head.decode(), r"^2\.0\.0 sink: message 1 from=<bounces@example\.org> "
+                         r"to=<b@example\.org>,<c@example\.org> size=\d+ client=127\.0\.0\.1$")
+        self.assertIn(b"Subject: to the sink\n", rest)
+        self.assertIn(body.encode("utf-8"), rest)      # unstuffed, 8-bit, LF on screen
+        self.assertNotIn(b"\r", rest)
+        self.assertIn("1 message(s) kept", sink.err)
+        self.assertIn("not a relay", sink.first)
+
+    def test_the_smtp_it_speaks(self):
+        sink = Sink(self, "--size", "5000")
+        with sink.smtp() as client:
+            self.assertEqual(client.mail("a@example.org")[0], 503)    # EHLO first
+            code, _ = client.ehlo("client.test")
+            self.assertEqual(code, 250)
+            for ext in ("pipelining", "8bitmime", "smtputf8", "enhancedstatuscodes"):
+                self.assertTrue(client.has_extn(ext), ext)
+            self.assertEqual(client.esmtp_features["size"], "5000")
+            self.assertEqual(client.rcpt("b@example.org")[0], 503)    # MAIL first
+            self.assertEqual(client.docmd("DATA")[0], 503)
+            self.assertEqual(client.mail("a@example.org", ["SIZE=6000"])[0], 552)
+            self.assertEqual(client.mail("a@example.org", ["NOTIFY=NEVER"])[0], 555)
+            self.assertEqual(client.mail("a@example.org", ["SIZE=10", "BODY=8BITMIME",
+                                                           "SMTPUTF8"])[0], 250)
+            self.assertEqual(client.mail("a@example.org")[0], 503)    # nested
+            self.assertEqual(client.rcpt("b@example.org")[0], 250)
+            self.assertEqual(client.rset()[0], 250)
+            self.assertEqual(client.rcpt("b@example.org")[0], 503)    # reset
+            self.assertEqual(client.noop()[0], 250)
+            self.assertEqual(client.docmd("BOGUS")[0], 500)
+            self.assertEqual(client.mail("a@example.org")[0], 250)
+            self.assertEqual(client.rcpt("b@example.org")[0], 250)
+            code, text = client.data(b"Subject: big\r\n\r\n" + b"x" * 6000 + b"\r\n")
+            self.assertEqual((code, text[:5]), (552, b"5.3.4"))
+            self.assertEqual(client.sendmail("", ["d@example.org"], b"Subject: s\r\n\r\nok\r\n"),
+                             {})
+            client.helo("client.test")
+            self.assertEqual(client.mail("a@example.org", ["SIZE=10"])[0], 555)  # no EHLO
+        # pipelined: the whole transaction in one write, each reply in turn
+        with socket.create_connection(("127.0.0.1", sink.port), 10) as s:
+            f = s.makefile("rb")
+            self.assertTrue(f.readline().startswith(b"220 "))
+            s.sendall(b"EHLO c\r\nMAIL FROM:<p@example.org>\r\nRCPT TO:<q@example.org>\r\n"
+                      b"RCPT TO:<r@example.org>\r\nDATA\r\n")
+            replies = []
+            while len(replies) < 5:
+                line = f.readline()
+                if line[3:4] == b" ":
+                    replies.append(line[:3])
+            self.assertEqual(replies, [b"250", b"250", b"250", b"250", b"354"])
+            s.sendall(b"Subject: p\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+            self.assertTrue(f.readline().startswith(b"250 2.0.0 "))
+            self.assertTrue(f.readline().startswith(b"221 "))
+            f.close()
+        out = sink.stop()
+        self.assertEqual(out.count(b"2.0.0 sink: message "), 2)
+        self.assertIn(b"2.0.0 sink: message 2 from=<p@example.org> to=<q@example.org>,"
+                      b"<r@example.org>", out)
+        self.assertIn(b"\n.dot\n", out)
+
+    def test_maildir(self):
+        maildir = os.path.join(self.tmp, "sent")
+        sink = Sink(self, "--maildir", maildir)
+        config = self.config(sink.port)
+        self.enqueue(config, msg=message(subject="kept"))
+        self.drain(config)
+        out = sink.stop().decode()
+        (name,) = os.listdir(os.path.join(maildir, "new"))
+        path = os.path.join(maildir, "new", name)
+        self.assertIn(" file=%s\n" % path, out)
+        self.assertNotIn("Subject: kept", out)      # in the file, not on the screen
+        self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
+        import mailbox
+        (kept,) = list(mailbox.Maildir(maildir, create=False))
+        self.assertEqual(kept["Subject"], "kept")
+        self.assertEqual(kept["Return-Path"], "<bounces@example.org>")
+        self.assertEqual(kept["X-Original-To"], "a@example.org")
+
+    def test_needs_no_config_and_listens_on_loopback(self):
+        env = dict(os.environ)
+        env.pop("GSEMAIL_CONFIG", None)
+        with unittest.mock.patch.dict(os.environ, env, clear=True):
+            sink = Sink(self)
+        self.assertIn("listening on 127.0.0.1:", sink.first)
+        run = self.gsemail_sink("--help")
+        self.assertIn("not a relay", run.stdout)
+        sink.stop()
+        self.assertEqual(sink.proc.returncode, 0)
+
+    RUN_WITH_INI = False
+
+    def gsemail_sink(self, *args):
+        return self.gsemail("sink", *args)
+
+
+class DevHintTests(OperatorBase):
+    """What a newcomer stumbled on: a relay name that does not resolve, a
+    claim whose process has died."""
+
+    def test_a_name_that_does_not_resolve_gets_a_dns_hint(self):
+        # Decided on the exception's type, whatever the resolver says
+        for error in (socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                      socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name "
+                                                        "resolution")):
+            reply = gsemail._reply_for(error, "relay.example.org:25")
+            self.assertEqual((reply.code, reply.status), (451, "4.4.3"))
+            self.assertIn("name relay.example.org does not resolve", reply.text)
+            self.assertIn("check hostname", reply.text)
+        self.assertIn("name ::1 does not resolve",
+                      gsemail._reply_for(socket.gaierror(-2, "x"), "[::1]:25").text)
+        # and as the user sees it: check, then a message deferred with the hint
+        self.ini(25, hostname="no-such-relay.invalid")
+        run = self.gsemail("check")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stdout + run.stderr)
+        self.assertIn("4.4.3 name no-such-relay.invalid does not resolve", run.stdout)
+        self.assertIn("check hostname", run.stdout)
+        self.assertNotIn("is it running", run.stdout)
+        self.enqueue(gsemail.load_config(self.ini_path, "main"))
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL)
+        self.assertIn("4.4.3 name no-such-relay.invalid does not resolve", run.stderr)
+        (entry,) = json.loads(self.ok("list", "--json"))
+        self.assertTrue(entry["last_error"].startswith("451 4.4.3 name no-such-relay.invalid"),
+                        entry)
+
+    def test_list_and_show_say_a_claim_whose_process_died(self):
+        config = self.ini(25)
+        dead, alive = self.enqueue(config), self.enqueue(config)
+        # a processor killed while sending: its claim stays, its lock goes
+        died = subprocess.run([sys.executable, "-c", textwrap.dedent("""\
+            import gsemail, os, sys
+            msg = gsemail.Queue(sys.argv[1]).claim(sys.argv[2])
+            os._exit(0 if msg else 1)
+            """), self.queuepath, os.path.join(self.queuepath, "new", dead)],
+            cwd=HERE, timeout=60)
+        self.assertEqual(died.returncode, 0)
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, self.queuepath,
+                                   os.path.join(self.queuepath, "new", alive)], cwd=HERE,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(holder.wait, 30)
+        self.addCleanup(holder.stdout.close)
+        self.addCleanup(holder.stdin.close)
+        self.assertEqual(holder.stdout.readline(), "held\n")
+        rows = {line.split()[0]: line for line in self.ok("list").splitlines()[1:-1]}
+        self.assertRegex(rows[dead], r"\ssending\s.*\snow\s+claimed by process \d+ on this "
+                         r"host, which has died \(the claim is broken at a processor's next "
+                         r"pass\)")
+        self.assertRegex(rows[alive], r"\ssending\s.*\ssending\s+-$")
+        listed = {e["id"]: e for e in json.loads(self.ok("list", "--json"))}
+        self.assertIs(listed[dead]["claim_alive"], False)
+        self.assertIn("which has died", listed[dead]["claim"])
+        self.assertIs(listed[alive]["claim_alive"], True)
+        self.assertIn("process %d on this host, running" % holder.pid, listed[alive]["claim"])
+        self.assertRegex(self.ok("show", dead), r"(?m)^claimed by  process \d+ on this host, "
+                                                r"which has died")
+        # and the next pass breaks it and sends the message
+        server = self.server()
+        self.ini(server.port)
+        with self.assertLogs("gsemail", "WARNING") as logs:
+            self.drain(gsemail.load_config(self.ini_path, "main"))
+        self.assertIn("its process has died", "\n".join(logs.output))
+        self.assertEqual(len(server.transactions), 1)
+
+
+class QuickStartTests(unittest.TestCase):
+    """README's Quick start, run literally as a newcomer would: in a fresh
+    git clone, with no relay, its first literal block in a shell."""
+
+    PORT = 2525         # the Quick start's
+
+    def test_the_quick_start_shows_a_message_delivered_within_a_minute(self):
+        git, bash = shutil.which("git"), shutil.which("bash")
+        need(git and bash, "git and bash, to run README's Quick start in a clone")
+        script = textwrap.dedent(_literal_blocks(_readme_section("Quick start"))[0])
+        self.assertIn("gsemail sink", script)
+        tmp = tempfile.mkdtemp(prefix="gsemail-quickstart-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        clone = os.path.join(tmp, "gsemail")
+        subprocess.run([git, "clone", "-q", HERE, clone], check=True, timeout=120,
+                       capture_output=True)
+        # What is tested is this working tree's module and README (a test run
+        # before a commit tests them), in a clone's directory: no gsconfig.ini,
+        # no queue, nothing but the repository's files.
+        for name in ("gsemail.py", "README.rst"):
+            shutil.copyfile(os.path.join(HERE, name), os.path.join(clone, name))
+        # "python3" is the Python running these tests; no gsemail settings
+        # from the test run's environment
+        bin_dir = os.path.join(tmp, "bin")
+        os.mkdir(bin_dir)
+        os.symlink(sys.executable, os.path.join(bin_dir, "python3"))
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("GSEMAIL_") and k not in ("PYTHONPATH", "INSTANCE_HOME")}
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "/usr/bin:/bin")
+        deadline = time.monotonic() + 60
+        while not self._port_free():
+            self.assertLess(time.monotonic(), deadline, "port %d is in use: the Quick start "
+                            "needs it" % self.PORT)
+            time.sleep(0.5)
+        started = time.monotonic()
+        run = subprocess.run([bash, "-c", script], cwd=clone, env=env, timeout=120,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        took = time.monotonic() - started
+        self.assertEqual(run.returncode, 0, run.stdout)
+        out = run.stdout
+        # the message's bytes, as the sink printed them
+        self.assertIn("2.0.0 sink: message 1 from=<me@example.org> to=<you@example.org> ",
+                      out)
+        self.assertRegex(out, r"(?m)^Subject: Hello$")
+        self.assertRegex(out, r"(?m)^It works\.$")
+        # and the processor said what it did, without -v
+        self.assertRegex(out, r"(?m)^2\.0\.0 queue processor for %s started \(relay "
+                              r"127\.0\.0\.1:%d\)" % (re.escape(os.path.join(clone, "queue")),
+                                                      self.PORT))
+        self.assertRegex(out, r"(?m)^2\.0\.0 \S+: delivered to=<you@example\.org> ")
+        self.assertIn("1 delivered", out)
+        self.assertLess(took, 60, "the Quick start took %.1f s" % took)
+        self.assertTrue(self._port_free(), "the sink still runs after the Quick start")
+        # what README shows of it, it shows
+        sample = _literal_blocks(_readme_section("Quick start"))[1]
+        for line in sample.splitlines():
+            words = line.split()[:3]
+            if words and words[0] == "2.0.0":
+                self.assertIn(" ".join(words[:2]).replace("1733050000.M1P2Q1.host:", ""),
+                              out)
+
+    def _port_free(self):
+        """Nothing listens on the port (a connection in TIME_WAIT may linger)."""
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", self.PORT))
+            except OSError:
+                return False
+        return True
