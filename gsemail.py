@@ -70,7 +70,9 @@ user:
    which waits for the rates, claims, sends, pauses a relay that throttles,
    records and runs the thread.
 9. send_email: configure, send_email and shutdown, forks and uWSGI.
-10. The command line: main and one _cmd_ function per command.
+10. The command line: main and one _cmd_ function per command; and the
+    sink, an SMTP server for development that keeps what it is given and
+    delivers nothing.
 
 Words that mean one thing throughout:
 
@@ -7631,9 +7633,15 @@ class _SinkSession(socketserver.StreamRequestHandler):
                         self.reply("552 5.3.4 message larger than SIZE %d"
                                    % self.server.size)
                     else:
-                        number = self.server.keep(self.client_address[0], sender, rcpts,
-                                                  data)
-                        self.reply("250 2.0.0 kept as message %d (not delivered)" % number)
+                        try:
+                            number = self.server.keep(self.client_address[0], sender,
+                                                      rcpts, data)
+                        except OSError as e:    # a full disk, a closed stdout: try later
+                            self.reply("451 4.3.0 the sink cannot keep it: %s"
+                                       % _one_line(str(e.strerror or e)))
+                        else:
+                            self.reply("250 2.0.0 kept as message %d (not delivered)"
+                                       % number)
                     sender, rcpts = None, []
                 elif verb == "RSET":
                     sender, rcpts = None, []
