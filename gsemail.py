@@ -7506,6 +7506,13 @@ _SINK_MAIL = re.compile(r"FROM:\s*<([^<>]*)>((?:\s+\S+)*)\s*", re.IGNORECASE)
 _SINK_RCPT = re.compile(r"TO:\s*<([^<>]+)>\s*", re.IGNORECASE)
 
 
+def _port_option(text: str) -> int:
+    value = _count_option(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("%r is not a port, from 0 to 65535" % text)
+    return value
+
+
 class _Sink(socketserver.ThreadingTCPServer):
     """``gsemail sink``: an SMTP server that keeps every message it is given
     and delivers none.  It is not a relay: nothing it accepts goes anywhere
@@ -7935,7 +7942,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(no_config=True)
     p.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS",
                    help="the address to listen on (default: %(default)s, this host only)")
-    p.add_argument("--port", type=int, default=1025,
+    p.add_argument("--port", type=_port_option, default=1025,
                    help="the port to listen on (default: %(default)s; 0: any free one)")
     p.add_argument("--maildir", metavar="DIR", help="write each message to the Maildir "
                    "DIR (made if missing) instead of printing it")

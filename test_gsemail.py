@@ -10363,7 +10363,8 @@ class QuickStartTests(unittest.TestCase):
 
     def test_the_quick_start_shows_a_message_delivered_within_a_minute(self):
         git, bash = shutil.which("git"), shutil.which("bash")
-        need(git and bash, "git and bash, to run README's Quick start in a clone")
+        need(git and bash and os.path.exists(os.path.join(HERE, ".git")),
+             "git, bash and a git working tree, to run README's Quick start in a clone")
         script = textwrap.dedent(_literal_blocks(_readme_section("Quick start"))[0])
         self.assertIn("gsemail sink", script)
         tmp = tempfile.mkdtemp(prefix="gsemail-quickstart-")
