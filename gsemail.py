@@ -6791,9 +6791,14 @@ class _MailDataManager:
     def _forget(self) -> None:
         """Leave the transaction, dropping every message (an abort, or the
         rollback of a savepoint taken before this joined)."""
-        self._joined = False
-        self._mails = []
+        mails, self._mails, self._joined = self._mails, [], False
         self._unstage()
+        if mails and log.isEnabledFor(logging.INFO):
+            # What a ConflictError's retry sends again, or a doomed request
+            # never sent: the log shows it was meant so.
+            log.info("2.0.0 %d message(s) not queued: their transaction was aborted "
+                     "(msgid=%s)", len(mails),
+                     ",".join(_message_id(m.data) or "none" for m in mails))
 
     def _unstage(self) -> None:
         staged, self._staged = self._staged, []
@@ -6825,6 +6830,9 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
         manager = _MailDataManager.joined(_transaction_package(config))
         manager._mails.append(_Mail(queue, sender, rcpts, data,
                                     _with_xverp(xverp, sender, config)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("2.0.0 %s from=<%s> msgid=%s: queued when the current transaction "
+                      "commits", _to(rcpts), _shown(sender), _message_id(data) or "none")
         return
     name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
     _log_queued(name, sender, rcpts, data, queue.path)

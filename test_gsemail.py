@@ -10079,7 +10079,7 @@ class TransactionTests(Base):
                          2, run.stderr)
 
     def test_abort_queues_nothing(self):
-        self.txn("""
+        run = self.txn("""
             send("gone1@example.org")
             send("gone2@example.org")
             transaction.abort()
@@ -10089,6 +10089,8 @@ class TransactionTests(Base):
             """, self.ini_txn())
         self.assertEqual(self.queued(), {"next@example.org": 1})
         self.assertEqual(self.files("tmp"), [])
+        self.assertRegex(run.stderr, r"(?m)^INFO 2\.0\.0 2 message\(s\) not queued: their "
+                         r"transaction was aborted \(msgid=<[^>]+>,<[^>]+>\)$")
 
     def test_doomed_or_never_committed_queues_nothing(self):
         ini = self.ini_txn()
