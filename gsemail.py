@@ -2544,7 +2544,7 @@ class Queue:
         try:
             if state:
                 self._write_state(name, state, sync=True)
-            _write_synced(os.path.join(self._tmp_dir, name),
+            _write_synced(self._tmp_dir + os.sep + name,
                           [_envelope(sender, recipients), data], exclusive=True)
         except OSError as e:
             self._discard(name)
@@ -2560,8 +2560,8 @@ class Queue:
         to move into new/ (README's "GroupServer and Zope").  When new/
         cannot be synced, the message is withdrawn (see _withdraw) and
         QueueError raised, or, committed, left queued and the error logged."""
-        tmp = os.path.join(self._tmp_dir, name)
-        final = os.path.join(self._new_dir, name)
+        # joined by hand, as in _stage: os.path.join costs half a microsecond each
+        tmp, final = self._tmp_dir + os.sep + name, self._new_dir + os.sep + name
         try:
             os.rename(tmp, final)
         except OSError as e:
