@@ -2560,7 +2560,7 @@ class Queue:
         to move into new/ (README's "GroupServer and Zope").  When new/
         cannot be synced, the message is withdrawn (see _withdraw) and
         QueueError raised, or, committed, left queued and the error logged."""
-        # joined by hand, as in _stage: os.path.join costs half a microsecond each
+        # joined by hand, as in _stage: os.path.join costs about half a microsecond each
         tmp, final = self._tmp_dir + os.sep + name, self._new_dir + os.sep + name
         try:
             os.rename(tmp, final)
