@@ -4,8 +4,9 @@ Everything talks SMTP over real sockets on 127.0.0.1: a small scriptable
 SMTP server defined here (for faults a real MTA will not produce on demand)
 and a private Postfix instance started from Debian's ``postfix`` package
 (for XVERP, recipient limits, STARTTLS and AUTH).  Postfix needs root.  The
-zope.sendmail compatibility tests need a Python with zope.sendmail installed,
-named by $GSEMAIL_ZOPE_PYTHON; the aiosmtpd tests (a second real server) one
+zope.sendmail compatibility tests and TransactionTests need a Python with
+zope.sendmail (and so transaction) installed, named by $GSEMAIL_ZOPE_PYTHON;
+the aiosmtpd tests (a second real server) one
 with aiosmtpd, named by $GSEMAIL_AIOSMTPD_PYTHON; the Prometheus format test one with
 prometheus_client, named by $GSEMAIL_PROMETHEUS_PYTHON.  Without them those tests skip, unless
 $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
