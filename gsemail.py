@@ -114,6 +114,7 @@ import grp
 import hashlib
 import heapq
 import hmac
+import importlib
 import io
 import ipaddress
 import itertools
@@ -646,6 +647,9 @@ class SMTPConfig:
     max_queue_lifetime: float = 5 * 86400.0
     poll_interval: float = 1.0
     sessions: int = 1
+    #: send_email joins the current Zope transaction (the ``transaction``
+    #: package): queued at its commit, dropped by its abort
+    transactional: bool = False
     #: a command (split as a shell would, run without one) that prints the
     #: password or OAuth2 token on its first line; run for each connection.
     #: Not in repr: its arguments may hold a secret (a client secret).
@@ -860,6 +864,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "debug": _boolean, "verp_fallback": str, "verp_delimiters": str,
     "tls_fingerprint": str, "tls_servername": str,
     "message_rate": _rate_option, "recipient_rate": _rate_option,
+    "transactional": _boolean,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
@@ -2529,6 +2534,16 @@ class Queue:
              xverp: bool = False, state: Optional[_Record] = None) -> str:
         """add, for addresses already checked (by _prepared: send_email and
         the send command), so that each is checked once."""
+        name = self._stage(sender, recipients, data, xverp, state)
+        self._publish(name)
+        return name
+
+    def _stage(self, sender: str, recipients: List[str], data: bytes,
+               xverp: bool = False, state: Optional[_Record] = None) -> str:
+        """The first half of _add: write the message (its state first, when
+        given) to tmp/, fsynced, and return its name.  Raises QueueError,
+        leaving nothing in tmp/, when it cannot.  A transaction's vote
+        (_MailDataManager) stops here and publishes at its finish."""
         # The identity only (one lstat), not the parents' modes as well:
         # those cost a stat per level per message (60% of add's time), and
         # any replacement of the queue or of a parent changes the identity.
@@ -2539,25 +2554,48 @@ class Queue:
         name = "%d.M%06dP%dQ%d.%s%s" % (now, (now % 1) * 1e6, os.getpid(),
                                         next(_counter), _HOST,
                                         _XVERP_FLAG if xverp else "")
-        tmp = os.path.join(self._tmp_dir, name)
-        final = os.path.join(self._new_dir, name)
         try:
             if state:
                 self._write_state(name, state, sync=True)
-            _write_synced(tmp, [_envelope(sender, recipients), data], exclusive=True)
+            _write_synced(self._tmp_dir + os.sep + name,
+                          [_envelope(sender, recipients), data], exclusive=True)
+        except OSError as e:
+            self._discard(name)
+            raise self._error("cannot write the message", e) from None
+        return name
+
+    def _publish(self, name: str, committed: bool = False) -> None:
+        """The second half of _add: rename tmp/NAME into new/, where a
+        processor finds it, and fsync new/.  Raises QueueError when the
+        message is not queued, and then removes it from tmp/, unless
+        ``committed`` (a transaction's finish, which can no longer take
+        the message back): then it is kept there, whole, for the operator
+        to move into new/ (README's "GroupServer and Zope").  When new/
+        cannot be synced, the message is withdrawn (see _withdraw) and
+        QueueError raised, or, committed, left queued and the error logged."""
+        # joined by hand, as in _stage: os.path.join costs about half a microsecond each
+        tmp, final = self._tmp_dir + os.sep + name, self._new_dir + os.sep + name
+        try:
             os.rename(tmp, final)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if not committed:
+                self._discard(name)
             raise self._error("cannot write the message", e) from None
         try:
             _fsync_dir(self._new_dir)
         except OSError as e:
-            if self._withdraw(final, e):
+            if committed:
+                log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
+                          "(a crash now may lose it): %s", self.path, name, e.strerror)
+            elif self._withdraw(final, e):
                 raise self._error("cannot sync new/ after writing the message", e) from None
-        return name
+
+    def _discard(self, name: str) -> None:
+        """Remove tmp/NAME, a message _stage wrote that is not to be queued."""
+        try:
+            os.unlink(os.path.join(self._tmp_dir, name))
+        except OSError:
+            pass
 
     def _withdraw(self, path: str, e: OSError) -> bool:
         """After new/ could not be synced (e): take back the message just
@@ -6596,16 +6634,39 @@ def _start_after_uwsgi_fork() -> None:
                       config.queuepath, e)
 
 
+_transaction: Any = None     # the transaction package, once transactional = true needed it
+
+
+def _transaction_package(config: SMTPConfig) -> Any:   # transaction has no types
+    """The ``transaction`` package that transactional = true joins,
+    imported when first needed: gsemail itself needs the standard library
+    only, and the processor (python -m gsemail) needs no transactions."""
+    global _transaction
+    if _transaction is None:
+        try:
+            _transaction = importlib.import_module("transaction")
+        except ImportError as e:
+            where = (" in %s" % config.source) if config.source else ""
+            raise ConfigError("option transactional = true%s: the transaction package "
+                              "cannot be imported (%s): install it for this Python (pip "
+                              "install transaction), or set transactional = false"
+                              % (where, e)) from None
+    return _transaction
+
+
 def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTPConfig:
     """Set the configuration send_email uses in this process.
 
     ``config`` is the path of a gsconfig.ini (read with load_config) or an
     SMTPConfig.  With processorthread = true the queue processor thread
-    starts now and delivers any backlog at once.
+    starts now and delivers any backlog at once.  With transactional = true
+    the ``transaction`` package must be importable (else ConfigError).
     """
     global _config
     if not isinstance(config, SMTPConfig):
         config = load_config(config, instance)
+    if config.transactional:
+        _transaction_package(config)    # now, not at the first message
     if _outboxes:
         return config       # inside outbox(): read and checked, nothing set or started
     with _lock:
@@ -6654,6 +6715,138 @@ class _OutboxMessage(NamedTuple):
 _outboxes: List[List[_OutboxMessage]] = []
 
 
+class _Mail(NamedTuple):
+    """A message send_email took in a transaction, checked and prepared."""
+
+    queue: Queue
+    sender: str
+    recipients: List[str]
+    data: bytes
+    xverp: bool
+
+
+class _MailSavepoint(NamedTuple):
+    """_MailDataManager's savepoint (transaction's IDataManagerSavepoint):
+    its rollback keeps the messages taken before it."""
+
+    manager: "_MailDataManager"
+    kept: int       # how many messages the manager had when it was taken
+
+    def rollback(self) -> None:
+        del self.manager._mails[self.kept:]     # before the vote: nothing on disk yet
+
+
+class _MailDataManager:
+    """The messages send_email took in one transaction (transactional =
+    true), queued if it commits: a data manager of the ``transaction``
+    package (IDataManager, ISavepointDataManager), one per transaction, as
+    zope.sendmail's QueuedMailDelivery joined one per message.
+
+    send_email checks and prepares each message at once (its errors are
+    the request's) and this keeps it in memory until the commit.  The vote
+    writes and fsyncs each into tmp/ (Queue._stage); a vote that cannot (a
+    full disk) raises the QueueError, so the transaction aborts, and
+    leaves nothing.  The finish renames them into new/ (Queue._publish)
+    and wakes the processor; it never raises, for the transaction has
+    committed: a message it cannot queue stays whole in tmp/ and is logged.
+    abort and tpc_abort forget every message (and remove what the vote
+    wrote); a savepoint's rollback forgets those taken after it.
+    """
+
+    def __init__(self, package: Any) -> None:
+        self.transaction_manager = package.manager     # IDataManager's attribute
+        self._mails: List[_Mail] = []
+        self._staged: List[Tuple[_Mail, str]] = []     # written by the vote, with names
+        self._joined = True
+
+    @classmethod
+    def joined(cls, package: Any) -> "_MailDataManager":
+        """The current transaction's data manager, joined to it if new (or
+        if the one it had left by an abort: a savepoint's rollback)."""
+        txn = package.get()
+        try:
+            manager: Optional[_MailDataManager] = txn.data(cls)
+        except KeyError:
+            manager = None
+        if manager is None or not manager._joined:
+            manager = cls(package)
+            txn.join(manager)
+            txn.set_data(cls, manager)
+        return manager
+
+    def __repr__(self) -> str:     # as the transaction package logs a failed manager
+        return "<gsemail mail of a transaction: %d message(s)>" % len(self._mails)
+
+    def sortKey(self) -> str:
+        # Last ("~" after the letters, digits and "/" of ZODB's keys), so the
+        # database votes first: a ConflictError there costs no fsyncs here,
+        # and a committed database is not undone by a mail that failed.
+        return "~gsemail"
+
+    def savepoint(self) -> _MailSavepoint:
+        return _MailSavepoint(self, len(self._mails))
+
+    def abort(self, txn: Any) -> None:
+        self._forget()
+
+    def tpc_begin(self, txn: Any) -> None:
+        pass
+
+    def commit(self, txn: Any) -> None:
+        pass
+
+    def tpc_vote(self, txn: Any) -> None:
+        try:
+            for mail in self._mails:
+                name = mail.queue._stage(mail.sender, mail.recipients, mail.data, mail.xverp)
+                self._staged.append((mail, name))
+        except BaseException:
+            self._unstage()     # the transaction aborts: nothing may stay in tmp/
+            raise
+
+    def tpc_finish(self, txn: Any) -> None:
+        staged = self._staged
+        self._staged, self._mails, self._joined = [], [], False
+        woken = set()
+        for mail, name in staged:
+            queue = mail.queue
+            try:
+                queue._publish(name, committed=True)
+            except Exception as e:      # never raise: the transaction has committed
+                status = e.status if isinstance(e, GsEmailError) else "4.3.0"
+                log.error("%s %s: the transaction committed, but the message could not be "
+                          "queued: %s; it is whole in %s: move it into %s to send it",
+                          status, name, e, os.path.join(queue.path, "tmp", name),
+                          os.path.join(queue.path, "new", ""))
+                continue
+            _log_queued(name, mail.sender, mail.recipients, mail.data, queue.path)
+            woken.add(queue.path)
+        for path in woken:
+            processor = _processors.get(path)
+            if processor is not None:
+                processor.wake()
+
+    def tpc_abort(self, txn: Any) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        """Leave the transaction, dropping every message (an abort, or the
+        rollback of a savepoint taken before this joined)."""
+        mails, self._mails, self._joined = self._mails, [], False
+        self._unstage()
+        if mails and log.isEnabledFor(logging.INFO):
+            # What a ConflictError's retry sends again, or a doomed request
+            # never sent: the log shows it was meant so.
+            log.info("2.0.0 %d message(s) not queued: their transaction was aborted "
+                     "(msgid=%s)", len(mails),
+                     ",".join(_message_id(m.data) or "none" for m in mails))
+
+    def _unstage(self) -> None:
+        staged, self._staged = self._staged, []
+        for mail, name in staged:
+            mail.queue._discard(name)
+
+
 def send_email(sender: str, recipients: Union[str, Iterable[str]],
                email: Union[bytes, str, email.message.Message],
                xverp: bool = False) -> None:
@@ -6665,6 +6858,11 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     or the config says xverp = True.  Raises ValueError (MessageError) for a
     bad address or message, ConfigError or QueueError when it cannot be
     queued; nothing is queued when it raises.
+
+    With transactional = true it is checked now but queued only when the
+    current transaction commits (see _MailDataManager), and never if it
+    aborts; errors of the transaction package itself (NoTransaction, a
+    transaction that already failed) are raised as they are.
     """
     rcpts, data = _prepared(sender, recipients, email, xverp)
     if _outboxes:
@@ -6672,6 +6870,14 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
         return
     config = _current_config()
     queue = _queue_for(config)
+    if config.transactional:
+        manager = _MailDataManager.joined(_transaction_package(config))
+        manager._mails.append(_Mail(queue, sender, rcpts, data,
+                                    _with_xverp(xverp, sender, config)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("2.0.0 %s from=<%s> msgid=%s: queued when the current transaction "
+                      "commits", _to(rcpts), _shown(sender), _message_id(data) or "none")
+        return
     name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
     _log_queued(name, sender, rcpts, data, queue.path)
     processor = _processors.get(config.queuepath)

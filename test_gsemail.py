@@ -4,8 +4,9 @@ Everything talks SMTP over real sockets on 127.0.0.1: a small scriptable
 SMTP server defined here (for faults a real MTA will not produce on demand)
 and a private Postfix instance started from Debian's ``postfix`` package
 (for XVERP, recipient limits, STARTTLS and AUTH).  Postfix needs root.  The
-zope.sendmail compatibility tests need a Python with zope.sendmail installed,
-named by $GSEMAIL_ZOPE_PYTHON; the aiosmtpd tests (a second real server) one
+zope.sendmail compatibility tests and TransactionTests need a Python with
+zope.sendmail (and so transaction) installed, named by $GSEMAIL_ZOPE_PYTHON;
+the aiosmtpd tests (a second real server) one
 with aiosmtpd, named by $GSEMAIL_AIOSMTPD_PYTHON; the Prometheus format test one with
 prometheus_client, named by $GSEMAIL_PROMETHEUS_PYTHON.  Without them those tests skip, unless
 $GSEMAIL_REQUIRE_PEERS=1 (as in CI), when they fail instead.
@@ -10426,3 +10427,312 @@ class QuickStartTests(unittest.TestCase):
             except OSError:
                 return False
         return True
+
+
+# transactional = true: send_email in a Zope transaction (real transaction 5.1)
+# ---------------------------------------------------------------------------
+
+# What every TransactionTests script starts with: gsemail from this tree
+# (argv[1]), configured from the ini argv[2], instance "main", and the
+# transaction package of $GSEMAIL_ZOPE_PYTHON.
+TXN_HEAD = """\
+import errno, logging, os, sys
+sys.path.insert(0, sys.argv[1])
+import gsemail
+import transaction
+from transaction.interfaces import TransientError
+logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                    format="%(levelname)s %(message)s")
+gsemail.configure(sys.argv[2], "main")
+Q = gsemail._current_config().queuepath
+MSG = "From: a@example.org\\nTo: b@example.org\\nSubject: %s\\n\\nHello.\\n"
+
+
+class ConflictError(TransientError):
+    \"\"\"As ZODB's: a TransientError, which attempts() retries.\"\"\"
+
+
+def listing(sub):
+    return sorted(n for n in os.listdir(os.path.join(Q, sub)) if not n.startswith("."))
+
+
+def send(rcpt, subject="txn", body=None):
+    gsemail.send_email("bounces@example.org", [rcpt],
+                       MSG % subject if body is None else MSG % subject + body)
+"""
+
+
+class TransactionTests(Base):
+    """transactional = true: send_email joins the current transaction, as
+    zope.sendmail's QueuedMailDelivery did, so a Zope request retried on a
+    ConflictError sends its mail once, and an aborted one sends none."""
+
+    def ini_txn(self, port=25, extra="processorthread = false\n", queuepath=None,
+                transactional="true"):
+        return self.write("[config-main]\nsmtp = out\n\n[smtp-out]\nhostname = 127.0.0.1\n"
+                          "port = %d\nqueuepath = %s\ntimeout = 5\n%s%s" % (
+                              port, queuepath or self.queuepath,
+                              "transactional = %s\n" % transactional if transactional else "",
+                              extra))
+
+    def txn(self, code, ini):
+        """Run TXN_HEAD + code (dedented) in the Python that has transaction."""
+        run = subprocess.run([zope_python(), "-c", TXN_HEAD + textwrap.dedent(code), HERE,
+                              ini], capture_output=True, text=True, timeout=90)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        return run
+
+    def queued(self):
+        """{recipient: number of copies} of the messages in new/."""
+        queue = gsemail.Queue(self.queuepath)
+        found = {}
+        for name in self.listing("new"):
+            msg = self.claim(queue, name)
+            for rcpt in msg.recipients:
+                found[rcpt] = found.get(rcpt, 0) + 1
+            msg.release()
+        return found
+
+    def files(self, sub):
+        return [n for n in self.listing(sub) if not n.startswith(".")]
+
+    def test_commit_queues_exactly_once_and_wakes_the_processor(self):
+        server = self.server()
+        # a poll interval of an hour: only the commit's wake sends it soon
+        ini = self.ini_txn(server.port, "poll_interval = 1h\n")
+        run = self.txn("""
+            send("a@example.org")
+            send("b@example.org")
+            assert listing("new") == listing("tmp") == [], "queued before the commit"
+            transaction.commit()
+            assert len(listing("new")) + len(listing("cur")) <= 2
+            transaction.commit()            # a second, empty, commit queues nothing more
+            import time
+            deadline = time.monotonic() + 30
+            while (listing("new") or listing("cur")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            gsemail.shutdown(10)
+            """, ini)
+        self.assertEqual(sorted(server.rcpts), ["a@example.org", "b@example.org"])
+        self.assertEqual(len(server.transactions), 2)
+        self.assertEqual(self.files("new") + self.files("cur") + self.files("tmp"), [])
+        self.assertEqual(len(re.findall(r"(?m)^INFO 2\.0\.0 \S+: queued to=<", run.stderr)),
+                         2, run.stderr)
+
+    def test_abort_queues_nothing(self):
+        run = self.txn("""
+            send("gone1@example.org")
+            send("gone2@example.org")
+            transaction.abort()
+            assert listing("new") == listing("tmp") == []
+            send("next@example.org")        # the next transaction has its own
+            transaction.commit()
+            """, self.ini_txn())
+        self.assertEqual(self.queued(), {"next@example.org": 1})
+        self.assertEqual(self.files("tmp"), [])
+        self.assertRegex(run.stderr, r"(?m)^INFO 2\.0\.0 2 message\(s\) not queued: their "
+                         r"transaction was aborted \(msgid=<[^>]+>,<[^>]+>\)$")
+
+    def test_doomed_or_never_committed_queues_nothing(self):
+        ini = self.ini_txn()
+        self.txn("""
+            send("doomed@example.org")
+            transaction.doom()
+            try:
+                transaction.commit()
+            except transaction.interfaces.DoomedTransaction:
+                transaction.abort()
+            else:
+                raise AssertionError("a doomed transaction committed")
+            """, ini)
+        # a script that never commits: nothing is sent (README's footgun)
+        self.txn("""
+            send("never@example.org")
+            """, ini)
+        self.assertEqual(self.queued(), {})
+        self.assertEqual(self.files("tmp"), [])
+
+    def test_savepoint_rollback_drops_only_what_came_after_it(self):
+        self.txn("""
+            before = transaction.savepoint()    # before gsemail joined
+            send("a@example.org")
+            point = transaction.savepoint()
+            send("b@example.org")
+            send("c@example.org")
+            point.rollback()
+            send("d@example.org")
+            transaction.commit()
+            # rolled back to a savepoint taken before gsemail joined: all of
+            # it goes, and what is sent after joins again
+            before = transaction.savepoint()
+            send("e@example.org")
+            before.rollback()
+            send("f@example.org")
+            inner = transaction.savepoint()
+            inner.rollback()                    # nothing after it: f stays
+            transaction.commit()
+            """, self.ini_txn())
+        self.assertEqual(self.queued(), {"a@example.org": 1, "d@example.org": 1,
+                                         "f@example.org": 1})
+        self.assertEqual(self.files("tmp"), [])
+
+    def test_a_request_retried_on_conflict_errors_sends_one_copy(self):
+        server = self.server()
+        ini = self.ini_txn(server.port)
+        run = self.txn("""
+            tries = 0
+            for attempt in transaction.manager.attempts(3):
+                with attempt:
+                    tries += 1
+                    send("member@example.org", "group post")
+                    if tries < 3:
+                        raise ConflictError("database conflict error (try %d)" % tries)
+            print(tries)
+
+
+            class VoteConflict:
+                \"\"\"A database whose vote, after ours, conflicts twice.\"\"\"
+                transaction_manager = transaction.manager
+                votes = 0
+                def sortKey(self):
+                    return "~~ after gsemail"
+                def tpc_vote(self, txn):
+                    VoteConflict.votes += 1
+                    if VoteConflict.votes < 3:
+                        raise ConflictError("conflict in the vote")
+                abort = tpc_begin = commit = tpc_finish = tpc_abort = lambda self, txn: None
+
+
+            for attempt in transaction.manager.attempts(3):
+                with attempt:
+                    transaction.get().join(VoteConflict())
+                    send("voted@example.org", "voted post")
+            print(VoteConflict.votes)
+            """, ini)
+        self.assertEqual(run.stdout.split(), ["3", "3"])
+        self.assertEqual(self.queued(), {"member@example.org": 1, "voted@example.org": 1})
+        self.assertEqual(self.files("tmp"), [])
+        self.drain(self.config(server.port))
+        self.assertEqual(sorted(server.rcpts), ["member@example.org", "voted@example.org"])
+        self.assertEqual(len(server.transactions), 2)
+
+    def test_a_vote_on_a_full_disk_aborts_with_the_queue_error(self):
+        self.queuepath = os.path.join(mount_small_tmpfs(self, "1m"), "queue")
+        run = self.txn("""
+            send("first@example.org")
+            transaction.commit()
+            filler = os.path.join(os.path.dirname(Q), "filler")
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                while True:
+                    os.write(fd, b"x" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+            os.close(fd)
+            # room for one message of 80 KB, not two: the first is written
+            # in the vote, then removed again when the second fails
+            os.truncate(filler, os.path.getsize(filler) - 120 * 1024)
+            discarded = []
+            discard = gsemail.Queue._discard
+
+            def discarding(queue, name):
+                discarded.append(os.path.exists(os.path.join(Q, "tmp", name)))
+                discard(queue, name)
+            gsemail.Queue._discard = discarding
+            body = "x" * 76 + "\\n"
+            send("second@example.org", "big", body * 1000)
+            send("third@example.org", "big", body * 1000)
+            try:
+                transaction.commit()
+            except gsemail.QueueError as e:
+                print(e.status, e.exit_code, e)
+            else:
+                raise AssertionError("committed on a full disk")
+            assert listing("tmp") == [], listing("tmp")
+            # the first was written, then taken back with the second
+            assert discarded == [True, True], discarded
+            transaction.abort()
+            os.unlink(filler)
+            send("fourth@example.org")          # room again: the next one commits
+            transaction.commit()
+            """, self.ini_txn(queuepath=self.queuepath))
+        status, code, text = run.stdout.strip().split(" ", 2)
+        self.assertEqual((status, int(code)), ("4.3.1", os.EX_TEMPFAIL))
+        self.assertIn("No space left on device", text)
+        self.assertEqual(self.queued(), {"first@example.org": 1, "fourth@example.org": 1})
+        self.assertEqual(self.files("tmp"), [])
+
+    def test_a_finish_that_cannot_rename_keeps_the_message_for_the_operator(self):
+        server = self.server()
+        run = self.txn("""
+            import unittest.mock
+            rename = os.rename
+
+            def failing(src, dst):
+                if os.sep + "new" + os.sep in dst:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                rename(src, dst)
+            send("kept@example.org")
+            with unittest.mock.patch("os.rename", failing):
+                transaction.commit()        # committed: it does not raise
+            print(listing("tmp")[0])
+            """, self.ini_txn(server.port))
+        name = run.stdout.strip()
+        self.assertEqual(self.files("new"), [])
+        self.assertEqual(self.files("tmp"), [name])
+        tmp = os.path.join(self.queuepath, "tmp", name)
+        self.assertIn("ERROR 4.3.0 %s: the transaction committed, but the message could not "
+                      "be queued: queue %s: cannot write the message: %s; it is whole in %s: "
+                      "move it into %s/new/ to send it" % (
+                          name, self.queuepath, os.strerror(errno.EIO), tmp, self.queuepath),
+                      run.stderr)
+        # what README tells the operator to do
+        subprocess.run(["mv", tmp, os.path.join(self.queuepath, "new") + "/"], check=True)
+        self.drain(self.config(server.port))
+        self.assertEqual(server.rcpts, ["kept@example.org"])
+        self.assertIn(b"Subject: txn\r\n", server.transactions[0]["data"])
+
+    def test_off_by_default_queues_at_once_without_transaction(self):
+        ini = self.ini_txn(transactional=None)
+        self.txn("""
+            assert gsemail._current_config().transactional is False
+            del sys.modules["transaction"]
+            send("now@example.org")
+            assert "transaction" not in sys.modules, "gsemail imported transaction"
+            assert len(listing("new")) == 1, "not queued at once"
+            import transaction
+            send("also@example.org")
+            transaction.abort()                 # nothing to take back
+            """, ini)
+        self.assertEqual(self.queued(), {"now@example.org": 1, "also@example.org": 1})
+        self.assertEqual(self.config(25).transactional, False)
+        self.assertEqual(gsemail.load_config(self.ini_txn(), "main").transactional, True)
+
+    def test_transactional_without_the_package_is_a_config_error(self):
+        ini = self.ini_txn()
+        code = textwrap.dedent("""\
+            import os, sys
+            sys.path.insert(0, sys.argv[1])
+            import gsemail
+            for call in (lambda: gsemail.configure(sys.argv[2], "main"),
+                         lambda: gsemail.send_email("s@example.org", "a@example.org",
+                                                    "Subject: x\\n\\nhi\\n")):
+                try:
+                    call()
+                except gsemail.ConfigError as e:
+                    print(e.status, e)
+                else:
+                    print("no error")
+            """)
+        env = dict(os.environ, GSEMAIL_CONFIG=ini, GSEMAIL_INSTANCE="main")
+        run = subprocess.run([sys.executable, "-S", "-c", code, HERE, ini], env=env,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        wanted = ("4.3.5 option transactional = true in %s [smtp-out]: the transaction package "
+                  "cannot be imported (No module named 'transaction'): install it for this "
+                  "Python (pip install transaction), or set transactional = false" % ini)
+        self.assertEqual(run.stdout.splitlines(), [wanted, wanted])
+        self.assertFalse(os.path.exists(self.queuepath), "a queue made by a failed configure")
+        # the processor needs no transactions
+        self.ini_path = ini
+        self.assertEqual(self.gsemail("--once").returncode, 0)
