@@ -6654,6 +6654,31 @@ def _transaction_package(config: SMTPConfig) -> Any:   # transaction has no type
     return _transaction
 
 
+class _OutboxMessage(NamedTuple):
+    """What send_email would have queued, as outbox() keeps it."""
+
+    sender: str
+    recipients: List[str]       # bare, checked, without duplicates
+    message: email.message.EmailMessage     # data parsed with email.policy.default, LF ends
+    data: bytes                 # the bytes that would go, CRLF, Message-ID and Date added
+    xverp: bool                 # as the caller asked (the config is not read)
+
+
+# The lists of the outbox() blocks now open, innermost last: while there is
+# one, send_email keeps its messages there and never reads the config,
+# opens a queue or starts a thread.
+_outboxes: List[List[_OutboxMessage]] = []
+
+
+def _to_outboxes(sender: str, rcpts: List[str], data: bytes, xverp: bool) -> None:
+    # parsed with LF line ends, so that its text is as Python code writes it
+    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+        data.replace(b"\r\n", b"\n"))
+    sent = _OutboxMessage(sender, rcpts, parsed, data, bool(xverp))
+    for kept in list(_outboxes):
+        kept.append(sent)
+
+
 def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTPConfig:
     """Set the configuration send_email uses in this process.
 
@@ -6697,22 +6722,6 @@ def _log_queued(name: str, sender: str, rcpts: List[str], data: bytes, path: str
     if log.isEnabledFor(logging.INFO):
         log.info("2.0.0 %s: queued %s from=<%s> msgid=%s size=%d queue=%s", name, _to(rcpts),
                  _shown(sender), _message_id(data) or "none", len(data), path)
-
-
-class _OutboxMessage(NamedTuple):
-    """What send_email would have queued, as outbox() keeps it."""
-
-    sender: str
-    recipients: List[str]       # bare, checked, without duplicates
-    message: email.message.EmailMessage     # data parsed with email.policy.default, LF ends
-    data: bytes                 # the bytes that would go, CRLF, Message-ID and Date added
-    xverp: bool                 # as the caller asked (the config is not read)
-
-
-# The lists of the outbox() blocks now open, innermost last: while there is
-# one, send_email keeps its messages there and never reads the config,
-# opens a queue or starts a thread.
-_outboxes: List[List[_OutboxMessage]] = []
 
 
 class _Mail(NamedTuple):
@@ -6883,15 +6892,6 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     processor = _processors.get(config.queuepath)
     if processor is not None:
         processor.wake()
-
-
-def _to_outboxes(sender: str, rcpts: List[str], data: bytes, xverp: bool) -> None:
-    # parsed with LF line ends, so that its text is as Python code writes it
-    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(
-        data.replace(b"\r\n", b"\n"))
-    sent = _OutboxMessage(sender, rcpts, parsed, data, bool(xverp))
-    for kept in list(_outboxes):
-        kept.append(sent)
 
 
 @contextlib.contextmanager
@@ -7719,61 +7719,13 @@ def _port_option(text: str) -> int:
     return value
 
 
-class _Sink(socketserver.ThreadingTCPServer):
-    """``gsemail sink``: an SMTP server that keeps every message it is given
-    and delivers none.  It is not a relay: nothing it accepts goes anywhere
-    but to its standard output and its --maildir."""
-
-    allow_reuse_address = True
-    daemon_threads = True
-
-    def __init__(self, address: Tuple[str, int], maildir: Optional[str],
-                 size: int) -> None:
-        self.address_family = socket.getaddrinfo(address[0], address[1], 0,
-                                                 socket.SOCK_STREAM)[0][0]
-        self.maildir = maildir
-        self.size = size
-        self.kept = 0
-        self._keeping = threading.Lock()
-        super().__init__(address, _SinkSession)
-
-    def keep(self, client: str, sender: str, rcpts: List[str], data: bytes) -> int:
-        """Print the message (and write it to the Maildir); its number."""
-        with self._keeping:
-            self.kept += 1
-            where = ""
-            if self.maildir is not None:
-                where = " file=" + self._write(sender, rcpts, data)
-            out = sys.stdout.buffer
-            out.write(("2.0.0 sink: message %d from=<%s> %s size=%d client=%s%s\n" % (
-                self.kept, sender, _to(rcpts), len(data), client, where)).encode("utf-8"))
-            if self.maildir is None:
-                out.write(data.replace(b"\r\n", b"\n") + b"\n")
-            out.flush()
-            return self.kept
-
-    def _write(self, sender: str, rcpts: List[str], data: bytes) -> str:
-        """The message as a Maildir's new/ file, envelope in its first two
-        headers (as Postfix's local delivery writes it); its path."""
-        assert self.maildir is not None
-        name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.kept, _HOST)
-        tmp = os.path.join(self.maildir, "tmp", name)
-        fd = os.open(tmp, _CREATE, 0o600)
-        with open(fd, "wb") as f:
-            f.write(("Return-Path: <%s>\r\nX-Original-To: %s\r\n"
-                     % (sender, ", ".join(rcpts))).encode("utf-8") + data)
-        path = os.path.join(self.maildir, "new", name)
-        os.rename(tmp, path)
-        return path
-
-
 class _SinkSession(socketserver.StreamRequestHandler):
     """One SMTP session of the sink: EHLO/HELO, MAIL (SIZE, BODY, SMTPUTF8),
     RCPT, DATA (dot-unstuffed), RSET, NOOP, VRFY, HELP, QUIT.  Pipelined
     commands are read from the buffer in turn, as RFC 2920 wants."""
 
     timeout = 300.0         # RFC 5321's idle timeout
-    server: _Sink
+    server: "_Sink"     # defined next: it names this class as its handler
 
     def reply(self, *lines: str) -> None:
         self.wfile.write("".join("%s%s%s\r\n" % (line[:3], " " if n == len(lines) - 1
@@ -7912,6 +7864,54 @@ class _SinkSession(socketserver.StreamRequestHandler):
             elif whole:
                 chunks.append(chunk)
         return b"".join(chunks) if whole else None
+
+
+class _Sink(socketserver.ThreadingTCPServer):
+    """``gsemail sink``: an SMTP server that keeps every message it is given
+    and delivers none.  It is not a relay: nothing it accepts goes anywhere
+    but to its standard output and its --maildir."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], maildir: Optional[str],
+                 size: int) -> None:
+        self.address_family = socket.getaddrinfo(address[0], address[1], 0,
+                                                 socket.SOCK_STREAM)[0][0]
+        self.maildir = maildir
+        self.size = size
+        self.kept = 0
+        self._keeping = threading.Lock()
+        super().__init__(address, _SinkSession)
+
+    def keep(self, client: str, sender: str, rcpts: List[str], data: bytes) -> int:
+        """Print the message (and write it to the Maildir); its number."""
+        with self._keeping:
+            self.kept += 1
+            where = ""
+            if self.maildir is not None:
+                where = " file=" + self._write(sender, rcpts, data)
+            out = sys.stdout.buffer
+            out.write(("2.0.0 sink: message %d from=<%s> %s size=%d client=%s%s\n" % (
+                self.kept, sender, _to(rcpts), len(data), client, where)).encode("utf-8"))
+            if self.maildir is None:
+                out.write(data.replace(b"\r\n", b"\n") + b"\n")
+            out.flush()
+            return self.kept
+
+    def _write(self, sender: str, rcpts: List[str], data: bytes) -> str:
+        """The message as a Maildir's new/ file, envelope in its first two
+        headers (as Postfix's local delivery writes it); its path."""
+        assert self.maildir is not None
+        name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.kept, _HOST)
+        tmp = os.path.join(self.maildir, "tmp", name)
+        fd = os.open(tmp, _CREATE, 0o600)
+        with open(fd, "wb") as f:
+            f.write(("Return-Path: <%s>\r\nX-Original-To: %s\r\n"
+                     % (sender, ", ".join(rcpts))).encode("utf-8") + data)
+        path = os.path.join(self.maildir, "new", name)
+        os.rename(tmp, path)
+        return path
 
 
 def _cmd_sink(config: Optional[SMTPConfig], args: argparse.Namespace) -> int:
