@@ -10144,6 +10144,20 @@ print(json.dumps([type(backend).__module__, threading.active_count(),
                   sorted(gsemail._queues), sorted(gsemail._processors)]))
 '''
 
+# manage.py shell, with processorthread = true: the web process's own thread
+# delivers what it sends (the shell waits for the queue to empty)
+DJANGO_THREADED = '''\
+import os, time
+from django.core import mail
+import gsemail
+assert mail.send_mail("Threaded", "Sent by the thread.", None, ["t@example.org"]) == 1
+queue = gsemail.Queue(os.environ["TEST_QUEUE"])
+deadline = time.monotonic() + 30
+while queue.count() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(queue.count(), sorted(gsemail._processors) == [os.environ["TEST_QUEUE"]])
+'''
+
 
 class DjangoBackendTests(Base):
     """gsemail.EmailBackend as a Django project uses it: a project made
@@ -10175,9 +10189,10 @@ class DjangoBackendTests(Base):
                              TEST_GSEMAIL_BAD_INI=bad_ini)
         return site
 
-    def manage(self, python, site, *args, mailers=False, warnings="error"):
-        """python -W warnings manage.py args in the project: its CompletedProcess."""
-        env = dict(self.site_env, TEST_MAILERS="1" if mailers else "")
+    def manage(self, python, site, *args, mailers=False, warnings="error", **env):
+        """python -W warnings manage.py args in the project, with env added to
+        its environment: its CompletedProcess."""
+        env = dict(self.site_env, TEST_MAILERS="1" if mailers else "", **env)
         run = subprocess.run([python, "-W", warnings, "manage.py"] + list(args), cwd=site,
                              env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
@@ -10308,6 +10323,20 @@ class DjangoBackendTests(Base):
                 self.assertEqual(json.loads(run.stdout.splitlines()[-1]),
                                  ["gsemail", 1, [], []])
                 self.assertFalse(os.path.exists(self.queuepath))
+                # processorthread = true: the thread in the Django process delivers
+                threaded = os.path.join(self.tmp, "threaded.ini")
+                with open(threaded, "w") as f:
+                    f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                            "processorthread = true\npoll_interval = 0.1\n"
+                            % (server.port, self.queuepath))
+                server.transactions.clear()
+                run = self.manage(python, site, "shell", "-c", DJANGO_THREADED,
+                                  mailers=mailers, warnings=warnings_option,
+                                  TEST_GSEMAIL_INI=threaded, TEST_QUEUE=self.queuepath)
+                self.assertEqual(run.stdout.splitlines()[-1], "0 True", run.stderr)
+                self.assertEqual([(t["mail"].split()[0], t["rcpts"])
+                                  for t in server.transactions],
+                                 [("<noreply@example.org>", ["t@example.org"])])
 
     def test_addresses_as_djangos_smtp_backend_puts_them(self):
         for given, bare in (
