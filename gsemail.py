@@ -6843,9 +6843,9 @@ class EmailBackend:
             except (GsEmailError, OSError) as e:
                 if not self.fail_silently:
                     raise
-                log.warning("%s message from %s not queued (fail_silently): %s",
-                            getattr(e, "status", "4.3.0"),
-                            _shown(str(message.from_email)), _one_line(str(e)))
+                log.warning("%s not queued (fail_silently) from=%s %s: %s",
+                            getattr(e, "status", "4.3.0"), _quoted(str(message.from_email)),
+                            _to([str(r) for r in message.recipients()]), _one_line(str(e)))
                 continue
             queued += 1
         return queued
