@@ -6700,10 +6700,11 @@ def _django_address(address: object, what: str) -> str:
     if isinstance(address, tuple) and len(address) == 2:
         address = address[1]    # (name, address), which Django before 6.1 takes
     text = str(address)         # also a lazy translation (gettext_lazy)
+    status = "5.1.7" if what == "sender" else "5.1.3"
     if _CONTROL.search(text):
         # The parser would skip a CR or LF and join what is around it.
         raise MessageError("%s %r contains a control character (CR, LF, NUL, ...)"
-                           % (what, text), status="5.1.7" if what == "sender" else "5.1.3")
+                           % (what, text), status=status)
     parsed = email.headerregistry.AddressHeader.value_parser(text)
     # Django allows a mailbox without a domain ("webmaster"): the check in
     # _prepared says why it cannot go on the envelope.
@@ -6712,8 +6713,7 @@ def _django_address(address: object, what: str) -> str:
     mailboxes = parsed.all_mailboxes
     if defects or len(mailboxes) != 1:
         raise MessageError("%s %r is not one address%s" % (
-            what, text, (": " + "; ".join(defects)) if defects else ""),
-            status="5.1.7" if what == "sender" else "5.1.3")
+            what, text, (": " + "; ".join(defects)) if defects else ""), status=status)
     mailbox = mailboxes[0]
     domain = mailbox.domain or ""
     if domain.isascii():
@@ -6722,7 +6722,7 @@ def _django_address(address: object, what: str) -> str:
         domain = domain.encode("idna").decode("ascii")
     except UnicodeError as e:
         raise MessageError("%s %r has a domain that IDNA cannot encode: %s"
-                           % (what, text, e), status="5.1.2") from None
+                           % (what, text, e), status=status) from None
     return str(email.headerregistry.Address(username=mailbox.local_part, domain=domain))
 
 
