@@ -10003,12 +10003,13 @@ import django
 BASE_DIR = os.path.dirname(os.path.abspath(__file__))
 SECRET_KEY = "gsemail-test"
 DEBUG = False
-ALLOWED_HOSTS = []
 INSTALLED_APPS = ["mailapp"]
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
                          "NAME": os.path.join(BASE_DIR, "db.sqlite3")}}
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+ROOT_URLCONF = "urls"
+ALLOWED_HOSTS = ["testserver"]      # django.test.Client's
 DEFAULT_FROM_EMAIL = "Example Site <noreply@example.org>"
 SERVER_EMAIL = "Server Errors <errors@example.org>"
 # Django 6.0 takes addresses; before, (name, address) pairs.
@@ -10034,6 +10035,18 @@ else:
     GSEMAIL_INSTANCE = "main"
 '''
 
+# /boom fails: Django's AdminEmailHandler mails the admins (DEBUG = False)
+DJANGO_URLS = '''\
+from django.urls import path
+
+
+def boom(request):
+    raise RuntimeError("boom")
+
+
+urlpatterns = [path("boom", boom)]
+'''
+
 DJANGO_MANAGE = '''\
 #!/usr/bin/env python
 import os
@@ -10052,6 +10065,7 @@ import json
 from django.conf import settings
 from django.core import mail
 from django.core.management.base import BaseCommand
+from django.test import Client
 
 import gsemail
 
@@ -10086,6 +10100,7 @@ class Command(BaseCommand):
             ("Mass 2", "two", "Other <other@example.org>", ["m2@example.org", "m3@example.org"]),
             ("Mass 3", "nobody", None, [])])
         out["mail_admins"] = mail.mail_admins("Boom", "Traceback.\\n")
+        out["500"] = Client(raise_request_exception=False).get("/boom").status_code
         try:        # Django 6 refuses a Bcc header; 4.2 and 5.2 put it in the message
             out["bcc header"] = message("Bcc header", ["bh@example.org"],
                                         headers={"Bcc": "leak@example.org"}).send()
@@ -10178,6 +10193,7 @@ class DjangoBackendTests(Base):
         """The small Django project in self.tmp/site: its directory."""
         site = os.path.join(self.tmp, "site")
         files = {"settings.py": DJANGO_SETTINGS, "manage.py": DJANGO_MANAGE,
+                 "urls.py": DJANGO_URLS,
                  "mailapp/__init__.py": "", "mailapp/tests.py": DJANGO_APP_TEST,
                  "mailapp/management/__init__.py": "",
                  "mailapp/management/commands/__init__.py": "",
@@ -10218,11 +10234,20 @@ class DjangoBackendTests(Base):
     def check_queue(self, out, django6):
         self.assertEqual(out, {
             "send_mail": 1, "alternatives": 1, "send_mass_mail": 2, "mail_admins": None,
+            "500": 500,
             "bcc header": "ValueError" if django6 else 1,
             "none": 0, "lists": 1, "envelope_sender": 1, "quiet": 2, "broken": 0,
             "send_mail broken": 0, "loud": ["QueueError", "4.3.0"],
             "bad recipient": "MessageError"})
         found = self.queued()
+        # the error page's mail to the admins, through AdminEmailHandler
+        (error,) = [subject for subject in found if subject.startswith("[Django] ERROR")]
+        self.assertIn("Internal Server Error: /boom", error)
+        entry, msg, data = found.pop(error)
+        self.assertEqual((entry.sender, entry.recipients), ("errors@example.org",
+                                                           ["admin@example.org"]))
+        self.assertTrue("RuntimeError at /boom" in msg.get_body(("plain",)).get_content(),
+                        "no error report in the admins' mail")
         if not django6:
             entry, msg, data = found.pop("Bcc header")
             self.assertEqual(entry.recipients, ["bh@example.org"])
@@ -10279,7 +10304,8 @@ class DjangoBackendTests(Base):
             got.setdefault(msg["Subject"], []).append((t["mail"].split()[0], t["rcpts"]))
             self.assertNotIn(b"hidden", t["data"].lower())
             self.assertNotIn(b"leak", t["data"])
-        self.assertEqual(sorted(set(got) - {"Bcc header"}), sorted(found))
+        self.assertEqual(sorted(s for s in got if not s.startswith("[Django] ERROR")
+                                and s != "Bcc header"), sorted(found))
         self.assertEqual(got["Sübject ✓"], [("<sender@xn--bcher-kva.example>",
                                              ["to@example.org", "cc@example.org",
                                               "hidden@example.org"])])
