@@ -70,7 +70,8 @@ user:
    which waits for the rates, claims, sends, pauses a relay that throttles,
    records and runs the thread.
 9. send_email: configure, send_email and shutdown, forks and uWSGI.
-10. The command line: main and one _cmd_ function per command; and the
+10. Django: EmailBackend, Django's messages queued as send_email queues.
+11. The command line: main and one _cmd_ function per command; and the
     sink, an SMTP server for development that keeps what it is given and
     delivers nothing.
 
@@ -103,6 +104,7 @@ import configparser
 import contextlib
 import dataclasses
 import difflib
+import email.headerregistry
 import email.message
 import email.parser
 import email.policy
@@ -148,7 +150,7 @@ __all__ = [
     "Queue", "QueuedMessage", "QueueEntry", "Mailer", "Outcome", "RelayCheck",
     "QueueProcessor", "Reply", "main", "outbox",
     "GsEmailError", "ConfigError", "QueueError", "MessageError",
-    "DeliveryError", "TLSError",
+    "DeliveryError", "TLSError", "EmailBackend",
 ]
 
 log = logging.getLogger("gsemail")
@@ -6955,6 +6957,208 @@ def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
 atexit.register(shutdown, 10.0)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
+# ---------------------------------------------------------------------------
+# Django: EmailBackend, for EMAIL_BACKEND = "gsemail.EmailBackend" or a
+# MAILERS entry (Django 6.1).  It queues each message as send_email does,
+# from the envelope Django's SMTP backend would give.  Django is never
+# imported here: a backend exists only inside a Django that has imported its
+# settings already, so those are read from sys.modules, and importing or
+# constructing the backend starts and creates nothing (manage.py migrate,
+# shell and test touch no queue).
+# ---------------------------------------------------------------------------
+
+def _django_setting(name: str) -> Any:
+    """settings.NAME of the Django project this process runs, or None (no
+    Django loaded, its settings not configured, or no such setting)."""
+    conf = sys.modules.get("django.conf")
+    settings = getattr(conf, "settings", None)
+    if settings is None or not getattr(settings, "configured", False):
+        return None
+    return getattr(settings, name, None)
+
+
+def _django_address(address: object, what: str) -> str:
+    """The bare address that Django's SMTP backend puts in MAIL FROM or RCPT
+    TO for a from_email, to, cc or bcc: the display name dropped (``Site
+    <noreply@example.org>``, a non-ASCII or RFC 2047 name included) and a
+    non-ASCII domain IDNA-encoded, as sanitize_address (Django 4.2, 5.2) and
+    prep_address (6.1) do.  MessageError when it is not one address."""
+    if isinstance(address, tuple) and len(address) == 2:
+        address = address[1]    # (name, address), which Django before 6.1 takes
+    text = str(address)         # also a lazy translation (gettext_lazy)
+    status = "5.1.7" if what == "sender" else "5.1.3"
+    if _CONTROL.search(text):
+        # The parser would skip a CR or LF and join what is around it.
+        raise MessageError("%s %r contains a control character (CR, LF, NUL, ...)"
+                           % (what, text), status=status)
+    parsed = email.headerregistry.AddressHeader.value_parser(text)
+    # Django allows a mailbox without a domain ("webmaster"): the check in
+    # _prepared says why it cannot go on the envelope.
+    defects = sorted({str(d) for d in parsed.all_defects} -
+                     {"addr-spec local part with no domain"})
+    mailboxes = parsed.all_mailboxes
+    if defects or len(mailboxes) != 1:
+        raise MessageError("%s %r is not one address%s" % (
+            what, text, (": " + "; ".join(defects)) if defects else ""), status=status)
+    mailbox = mailboxes[0]
+    domain = mailbox.domain or ""
+    if domain.isascii():
+        return str(mailbox.addr_spec)
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise MessageError("%s %r has a domain that IDNA cannot encode: %s"
+                           % (what, text, e), status=status) from None
+    return str(email.headerregistry.Address(username=mailbox.local_part, domain=domain))
+
+
+class EmailBackend:
+    """Django's email backend that queues through gsemail.
+
+    ``EMAIL_BACKEND = "gsemail.EmailBackend"`` with the settings
+    ``GSEMAIL_CONFIG`` (a gsconfig.ini's path), ``GSEMAIL_INSTANCE``,
+    ``GSEMAIL_ENVELOPE_SENDER`` and ``GSEMAIL_XVERP``; or, in Django 6.1's
+    ``MAILERS``, ``"BACKEND": "gsemail.EmailBackend"`` with the OPTIONS
+    ``config``, ``instance``, ``envelope_sender``, ``xverp`` and
+    ``fail_silently`` (which also override the settings when given to
+    get_connection).  Without a config, send_email's is used (configure(),
+    ``$GSEMAIL_CONFIG`` or ``$INSTANCE_HOME``).
+
+    Each message is queued as send_email queues it: the envelope sender is
+    the message's ``envelope_sender`` attribute (as django-anymail names
+    it), else the backend's, else from_email's bare address; the recipients
+    are message.recipients() (to, cc and bcc); a Bcc header is removed.
+    send_messages returns how many were queued; a message without
+    recipients is skipped.  With fail_silently, a GsEmailError or an OSError
+    is logged (WARNING) and the next message tried; else it is raised.
+    Nothing is read, created or started before the first message is sent.
+    """
+
+    def __init__(self, fail_silently: bool = False, *, alias: Optional[str] = None,
+                 config: Union[str, "os.PathLike[str]", SMTPConfig, None] = None,
+                 instance: Optional[str] = None, envelope_sender: Optional[str] = None,
+                 xverp: Optional[bool] = None,
+                 _ignore_unknown_kwargs: Optional[Iterable[str]] = None,
+                 **kwargs: Any) -> None:
+        # What Django 6.1's deprecated get_connection(**kwargs) passes on and
+        # says may be dropped when the backend does not know it.
+        for name in _ignore_unknown_kwargs or ():
+            kwargs.pop(name, None)
+        # send_mail and send_mass_mail of Django 4.2 and 5.2 always pass
+        # their auth_user and auth_password, None unless the caller gave them.
+        for name in ("username", "password"):
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
+        where = ("MAILERS[%r]" % alias) if alias is not None else "gsemail.EmailBackend"
+        if kwargs:
+            hint = (" (the relay's credentials are gsconfig.ini's username and password)"
+                    if {"username", "password"} & set(kwargs) else "")
+            raise TypeError("gsemail.EmailBackend does not take %s%s; its options are "
+                            "config, instance, envelope_sender, xverp and fail_silently"
+                            % (", ".join(repr(k) for k in sorted(kwargs)), hint))
+        self.alias = alias
+        self.fail_silently = bool(fail_silently)
+
+        def option(value: Any, setting: str, types: Tuple[type, ...], name: str) -> Any:
+            how = "option %r in %s" % (name, where)
+            if value is None:
+                value, how = _django_setting(setting), "setting " + setting
+            if value is not None and not isinstance(value, types):
+                raise ConfigError("%s = %r: must be %s" % (how, value, " or ".join(
+                    t.__name__ for t in types)))
+            return value
+
+        config = option(config, "GSEMAIL_CONFIG", (str, os.PathLike, SMTPConfig), "config")
+        self._config_given: Union[str, SMTPConfig, None] = (
+            config if config is None or isinstance(config, SMTPConfig) else os.fspath(config))
+        self._instance: Optional[str] = option(instance, "GSEMAIL_INSTANCE", (str,), "instance")
+        if self._instance is not None and self._config_given is None:
+            raise ConfigError("%s: an instance (%r) needs a config too, the path of its "
+                              "gsconfig.ini" % (where, self._instance))
+        self.xverp: bool = bool(option(xverp, "GSEMAIL_XVERP", (bool,), "xverp"))
+        sender = option(envelope_sender, "GSEMAIL_ENVELOPE_SENDER", (str,), "envelope_sender")
+        if sender:
+            try:
+                sender = _django_address(sender, "sender")
+                _check_sender(sender, self.xverp)
+            except MessageError as e:
+                raise ConfigError("%s: envelope_sender: %s" % (where, e)) from None
+        elif sender == "" and self.xverp:
+            raise ConfigError("%s: an empty envelope_sender (<>) cannot be used with "
+                              "xverp: XVERP rewrites the sender" % where)
+        #: the envelope sender of every message (None: its from_email's)
+        self.envelope_sender: Optional[str] = sender
+        self._config: Optional[SMTPConfig] = None
+
+    def _smtp_config(self) -> SMTPConfig:
+        """The configuration, read at the first message (a backend lives
+        for one send_mail, or one ``with`` block)."""
+        if self._config is None:
+            given = self._config_given
+            if isinstance(given, SMTPConfig):
+                self._config = given
+            elif given is not None:
+                self._config = load_config(given, self._instance or "default")
+            else:
+                self._config = _current_config()
+        return self._config
+
+    def open(self) -> None:
+        """Nothing to open: the queue is opened, and its processor started,
+        when the first message is queued."""
+
+    def close(self) -> None:
+        """Nothing to close: the processor serves the whole process, and
+        stops at its exit (shutdown)."""
+
+    def __enter__(self) -> "EmailBackend":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_messages(self, email_messages: Iterable[Any]) -> int:
+        """Queue each of Django's EmailMessages; return how many were queued."""
+        queued = 0
+        for message in email_messages or ():
+            if not message.recipients():
+                continue        # as every Django backend: nothing to send
+            try:
+                self._queue(message)
+            except (GsEmailError, OSError) as e:
+                if not self.fail_silently:
+                    raise
+                log.warning("%s not queued (fail_silently) from=%s %s: %s",
+                            getattr(e, "status", "4.3.0"), _quoted(str(message.from_email)),
+                            _to([str(r) for r in message.recipients()]), _one_line(str(e)))
+                continue
+            queued += 1
+        return queued
+
+    def _queue(self, message: Any) -> str:
+        sender = getattr(message, "envelope_sender", None)
+        if sender is None:
+            sender = self.envelope_sender
+        if sender is None:
+            sender = message.from_email
+        sender = _django_address(sender, "sender") if sender else ""
+        rcpts = [_django_address(r, "recipient") for r in message.recipients()]
+        mime = message.message()
+        # Django puts bcc on the envelope only; a Bcc header given in
+        # headers= (Django 4.2 and 5.2 let one through) must not go out.
+        del mime["Bcc"]
+        rcpts, data = _prepared(sender, rcpts, mime, self.xverp)
+        config = self._smtp_config()
+        queue = _queue_for(config)
+        name = queue._add(sender, rcpts, data, xverp=_with_xverp(self.xverp, sender, config))
+        _log_queued(name, sender, rcpts, data, queue.path)
+        processor = _processors.get(config.queuepath)
+        if processor is not None:
+            processor.wake()
+        return name
 
 
 # ---------------------------------------------------------------------------

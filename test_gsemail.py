@@ -10736,3 +10736,443 @@ class TransactionTests(Base):
         # the processor needs no transactions
         self.ini_path = ini
         self.assertEqual(self.gsemail("--once").returncode, 0)
+
+
+# ---------------------------------------------------------------------------
+# Django: gsemail.EmailBackend in a real Django project (4.2 LTS, 5.2 LTS and
+# the newest release, each in its own venv), made by the test in a temporary
+# directory and run with that venv's Python
+# ---------------------------------------------------------------------------
+
+DJANGO_PYTHONS = (("4.2", "GSEMAIL_DJANGO42_PYTHON"), ("5.2", "GSEMAIL_DJANGO52_PYTHON"),
+                  ("newest", "GSEMAIL_DJANGO_NEWEST_PYTHON"))
+
+DJANGO_SETTINGS = '''\
+import os
+import django
+
+BASE_DIR = os.path.dirname(os.path.abspath(__file__))
+SECRET_KEY = "gsemail-test"
+DEBUG = False
+INSTALLED_APPS = ["mailapp"]
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
+                         "NAME": os.path.join(BASE_DIR, "db.sqlite3")}}
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+ROOT_URLCONF = "urls"
+ALLOWED_HOSTS = ["testserver"]      # django.test.Client's
+DEFAULT_FROM_EMAIL = "Example Site <noreply@example.org>"
+SERVER_EMAIL = "Server Errors <errors@example.org>"
+# Django 6.0 takes addresses; before, (name, address) pairs.
+ADMINS = (["admin@example.org"] if django.VERSION >= (6, 0)
+          else [("Admin", "admin@example.org")])
+
+GOOD = {"config": os.environ["TEST_GSEMAIL_INI"], "instance": "main"}
+# Each connection the mailapp commands use: its backend options.
+CONNECTIONS = {
+    "default": {},
+    "lists": {"envelope_sender": "List Bounces <bounces@lists.example.org>",
+              "xverp": True},
+    "quiet": {"fail_silently": True},
+    "broken": {"config": os.environ["TEST_GSEMAIL_BAD_INI"], "fail_silently": True},
+    "loud": {"config": os.environ["TEST_GSEMAIL_BAD_INI"]},
+}
+if os.environ.get("TEST_MAILERS"):
+    MAILERS = {alias: {"BACKEND": "gsemail.EmailBackend", "OPTIONS": dict(GOOD, **options)}
+               for alias, options in CONNECTIONS.items()}
+else:
+    EMAIL_BACKEND = "gsemail.EmailBackend"
+    GSEMAIL_CONFIG = GOOD["config"]
+    GSEMAIL_INSTANCE = "main"
+'''
+
+# /boom fails: Django's AdminEmailHandler mails the admins (DEBUG = False)
+DJANGO_URLS = '''\
+from django.urls import path
+
+
+def boom(request):
+    raise RuntimeError("boom")
+
+
+urlpatterns = [path("boom", boom)]
+'''
+
+DJANGO_MANAGE = '''\
+#!/usr/bin/env python
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
+    from django.core.management import execute_from_command_line
+    execute_from_command_line(sys.argv)
+'''
+
+# manage.py sendall: every way Django sends mail; prints what each returned.
+DJANGO_SENDALL = '''\
+import json
+
+from django.conf import settings
+from django.core import mail
+from django.core.management.base import BaseCommand
+from django.test import Client
+
+import gsemail
+
+MAILERS = hasattr(settings, "MAILERS")
+
+
+def connection(alias):
+    if MAILERS:
+        return mail.mailers[alias]
+    return mail.get_connection(**settings.CONNECTIONS[alias])
+
+
+def message(subject, to, from_email=None, **kw):
+    return mail.EmailMessage(subject, subject + " body.\\n", from_email, to, **kw)
+
+
+class Command(BaseCommand):
+    def handle(self, *args, **options):
+        out = {}
+        out["send_mail"] = mail.send_mail("Plain", "Plain body.\\n", None,
+                                          ["To Person <to@example.org>"])
+        m = mail.EmailMultiAlternatives(
+            "S\\u00fcbject \\u2713", "Text body.\\n",
+            "\\u00dcn\\u00efcode N\\u00e1me <sender@b\\u00fccher.example>",
+            ["to@example.org"], cc=["Cc Person <cc@example.org>"],
+            bcc=["Hidden <hidden@example.org>"], headers={"X-Test": "alternatives"})
+        m.attach("report.csv", "a,b\\n1,2\\n", "text/csv")
+        m.attach_alternative("<p>HTML body</p>", "text/html")
+        out["alternatives"] = m.send()
+        out["send_mass_mail"] = mail.send_mass_mail([
+            ("Mass 1", "one", None, ["m1@example.org"]),
+            ("Mass 2", "two", "Other <other@example.org>", ["m2@example.org", "m3@example.org"]),
+            ("Mass 3", "nobody", None, [])])
+        out["mail_admins"] = mail.mail_admins("Boom", "Traceback.\\n")
+        out["500"] = Client(raise_request_exception=False).get("/boom").status_code
+        try:        # Django 6 refuses a Bcc header; 4.2 and 5.2 put it in the message
+            out["bcc header"] = message("Bcc header", ["bh@example.org"],
+                                        headers={"Bcc": "leak@example.org"}).send()
+        except ValueError as e:
+            out["bcc header"] = type(e).__name__
+        out["none"] = connection("default").send_messages([])
+        with connection("lists") as c:
+            out["lists"] = c.send_messages([message("List post", ["l1@example.org",
+                                                                  "l2@example.org"],
+                                                    "Poster <poster@example.org>")])
+        bounce = message("Own bounce address", ["own@example.org"])
+        bounce.envelope_sender = "own-bounces@example.org"
+        out["envelope_sender"] = connection("default").send_messages([bounce])
+        out["quiet"] = connection("quiet").send_messages([
+            message("Quiet 1", ["q1@example.org"]), message("Quiet 2", ["not an address"]),
+            message("Quiet 3", ["q3@example.org"])])
+        out["broken"] = connection("broken").send_messages([message("Broken", ["b@example.org"])])
+        if MAILERS:
+            out["send_mail broken"] = mail.send_mail("Broken", "b", None, ["b@example.org"],
+                                                     using="broken")
+        else:
+            out["send_mail broken"] = mail.send_mail("Broken", "b", None, ["b@example.org"],
+                                                     connection=connection("broken"))
+        try:
+            connection("loud").send_messages([message("Loud", ["loud@example.org"])])
+        except gsemail.GsEmailError as e:
+            out["loud"] = [type(e).__name__, e.status]
+        try:
+            connection("default").send_messages([
+                message("Bad", ["Two <a@example.org>, b@example.org"])])
+        except ValueError as e:
+            out["bad recipient"] = type(e).__name__
+        self.stdout.write(json.dumps(out))
+'''
+
+# manage.py test mailapp: an application's own test, which Django's runner
+# gives the locmem backend.
+DJANGO_APP_TEST = '''\
+from django.core import mail
+from django.test import SimpleTestCase
+
+
+class WelcomeTests(SimpleTestCase):
+    def test_welcome_mail(self):
+        self.assertEqual(mail.send_mail("Welcome", "Hello.", None, ["new@example.org"]), 1)
+        self.assertEqual(len(mail.outbox), 1)
+        self.assertEqual(mail.outbox[0].subject, "Welcome")
+        self.assertEqual(mail.outbox[0].to, ["new@example.org"])
+'''
+
+# manage.py shell: what a backend costs before it sends
+DJANGO_CONSTRUCT = '''\
+import json, threading
+from django.conf import settings
+from django.core import mail
+import gsemail
+backend = mail.mailers["default"] if hasattr(settings, "MAILERS") else mail.get_connection()
+with backend:
+    pass
+print(json.dumps([type(backend).__module__, threading.active_count(),
+                  sorted(gsemail._queues), sorted(gsemail._processors)]))
+'''
+
+# manage.py shell, with processorthread = true: the web process's own thread
+# delivers what it sends (the shell waits for the queue to empty)
+DJANGO_THREADED = '''\
+import os, time
+from django.core import mail
+import gsemail
+assert mail.send_mail("Threaded", "Sent by the thread.", None, ["t@example.org"]) == 1
+queue = gsemail.Queue(os.environ["TEST_QUEUE"])
+deadline = time.monotonic() + 30
+while queue.count() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(queue.count(), sorted(gsemail._processors) == [os.environ["TEST_QUEUE"]])
+'''
+
+
+class DjangoBackendTests(Base):
+    """gsemail.EmailBackend as a Django project uses it: a project made
+    here, run by each Django venv's python, with this gsemail.py on its path."""
+
+    def django_python(self, variable):
+        python = os.environ.get(variable)
+        need(python and os.access(python, os.X_OK),
+             "set $%s to a Python with Django installed (see .ci/run)" % variable)
+        return python
+
+    def project(self, ini, bad_ini):
+        """The small Django project in self.tmp/site: its directory."""
+        site = os.path.join(self.tmp, "site")
+        files = {"settings.py": DJANGO_SETTINGS, "manage.py": DJANGO_MANAGE,
+                 "urls.py": DJANGO_URLS,
+                 "mailapp/__init__.py": "", "mailapp/tests.py": DJANGO_APP_TEST,
+                 "mailapp/management/__init__.py": "",
+                 "mailapp/management/commands/__init__.py": "",
+                 "mailapp/management/commands/sendall.py": DJANGO_SENDALL}
+        for name, text in files.items():
+            path = os.path.join(site, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+        self.site_env = {k: v for k, v in os.environ.items()
+                         if k not in ("GSEMAIL_CONFIG", "GSEMAIL_INSTANCE", "INSTANCE_HOME",
+                                      "DJANGO_SETTINGS_MODULE", "PYTHONPATH")}
+        self.site_env.update(PYTHONPATH=HERE, TEST_GSEMAIL_INI=ini,
+                             TEST_GSEMAIL_BAD_INI=bad_ini)
+        return site
+
+    def manage(self, python, site, *args, mailers=False, warnings="error", **env):
+        """python -W warnings manage.py args in the project, with env added to
+        its environment: its CompletedProcess."""
+        env = dict(self.site_env, TEST_MAILERS="1" if mailers else "", **env)
+        run = subprocess.run([python, "-W", warnings, "manage.py"] + list(args), cwd=site,
+                             env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        return run
+
+    def queued(self):
+        """{Subject: (QueueEntry, parsed message, raw bytes)} of self.queuepath."""
+        queue = gsemail.Queue(self.queuepath, create=False, readonly=True)
+        found = {}
+        for entry in queue.entries():
+            data = queue.read_message(entry)
+            msg = email.message_from_bytes(data.replace(b"\r\n", b"\n"),
+                                           policy=email.policy.default)
+            self.assertNotIn(msg["Subject"], found)
+            found[msg["Subject"]] = (entry, msg, data)
+        return found
+
+    def check_queue(self, out, django6):
+        self.assertEqual(out, {
+            "send_mail": 1, "alternatives": 1, "send_mass_mail": 2, "mail_admins": None,
+            "500": 500,
+            "bcc header": "ValueError" if django6 else 1,
+            "none": 0, "lists": 1, "envelope_sender": 1, "quiet": 2, "broken": 0,
+            "send_mail broken": 0, "loud": ["QueueError", "4.3.0"],
+            "bad recipient": "MessageError"})
+        found = self.queued()
+        # the error page's mail to the admins, through AdminEmailHandler
+        (error,) = [subject for subject in found if subject.startswith("[Django] ERROR")]
+        self.assertIn("Internal Server Error: /boom", error)
+        entry, msg, data = found.pop(error)
+        self.assertEqual((entry.sender, entry.recipients), ("errors@example.org",
+                                                           ["admin@example.org"]))
+        self.assertTrue("RuntimeError at /boom" in msg.get_body(("plain",)).get_content(),
+                        "no error report in the admins' mail")
+        if not django6:
+            entry, msg, data = found.pop("Bcc header")
+            self.assertEqual(entry.recipients, ["bh@example.org"])
+            self.assertNotIn("Bcc", msg)
+            self.assertNotIn(b"leak", data)
+        self.assertEqual(sorted(found), sorted([
+            "Plain", "Sübject ✓", "Mass 1", "Mass 2", "[Django] Boom", "List post",
+            "Own bounce address", "Quiet 1", "Quiet 3"]))
+        envelopes = {subject: (e.sender, e.recipients, e.xverp)
+                     for subject, (e, _, _) in found.items()}
+        self.assertEqual(envelopes, {
+            "Plain": ("noreply@example.org", ["to@example.org"], False),
+            "Sübject ✓": ("sender@xn--bcher-kva.example",
+                          ["to@example.org", "cc@example.org", "hidden@example.org"], False),
+            "Mass 1": ("noreply@example.org", ["m1@example.org"], False),
+            "Mass 2": ("other@example.org", ["m2@example.org", "m3@example.org"], False),
+            "[Django] Boom": ("errors@example.org", ["admin@example.org"], False),
+            "List post": ("bounces@lists.example.org", ["l1@example.org", "l2@example.org"],
+                          True),
+            "Own bounce address": ("own-bounces@example.org", ["own@example.org"], False),
+            "Quiet 1": ("noreply@example.org", ["q1@example.org"], False),
+            "Quiet 3": ("noreply@example.org", ["q3@example.org"], False)})
+        _, msg, data = found["Sübject ✓"]
+        self.assertNotIn("Bcc", msg)
+        self.assertNotIn(b"hidden", data.lower())
+        self.assertNotIn(b"\n", data.replace(b"\r\n", b""))     # CRLF throughout
+        self.assertEqual(msg["From"].addresses[0].display_name, "Ünïcode Náme")
+        self.assertEqual(msg["Cc"], "Cc Person <cc@example.org>")
+        self.assertEqual(msg["X-Test"], "alternatives")
+        self.assertEqual(msg.get_content_type(), "multipart/mixed")
+        parts = [(p.get_content_type(), p.get_filename()) for p in msg.walk()]
+        self.assertEqual(parts, [("multipart/mixed", None), ("multipart/alternative", None),
+                                 ("text/plain", None), ("text/html", None),
+                                 ("text/csv", "report.csv")])
+        self.assertEqual(msg.get_body(("plain",)).get_content(), "Text body.\n")
+        self.assertEqual(msg.get_body(("html",)).get_content().strip(), "<p>HTML body</p>")
+        self.assertEqual([p.get_content() for p in msg.iter_attachments()], ["a,b\n1,2\n"])
+        for subject in ("Plain", "[Django] Boom"):
+            self.assertTrue(found[subject][1]["Message-ID"])
+            self.assertTrue(found[subject][1]["Date"])
+        self.assertEqual(found["Plain"][1]["From"], "Example Site <noreply@example.org>")
+        self.assertEqual(found["[Django] Boom"][1]["To"], "admin@example.org")
+        self.assertEqual(found["List post"][1]["From"], "Poster <poster@example.org>")
+        return found
+
+    def check_delivery(self, server, found):
+        """The processor (python -m gsemail --once) delivers all to server."""
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(self.queued(), {})
+        got = {}
+        for t in server.transactions:
+            msg = email.message_from_bytes(t["data"], policy=email.policy.default)
+            got.setdefault(msg["Subject"], []).append((t["mail"].split()[0], t["rcpts"]))
+            self.assertNotIn(b"hidden", t["data"].lower())
+            self.assertNotIn(b"leak", t["data"])
+        self.assertEqual(sorted(s for s in got if not s.startswith("[Django] ERROR")
+                                and s != "Bcc header"), sorted(found))
+        self.assertEqual(got["Sübject ✓"], [("<sender@xn--bcher-kva.example>",
+                                             ["to@example.org", "cc@example.org",
+                                              "hidden@example.org"])])
+        # no XVERP at this server: gsemail makes each recipient's VERP address
+        self.assertEqual(sorted(got["List post"]), [
+            ("<bounces+l1=example.org@lists.example.org>", ["l1@example.org"]),
+            ("<bounces+l2=example.org@lists.example.org>", ["l2@example.org"])])
+        self.assertEqual(got["Plain"], [("<noreply@example.org>", ["to@example.org"])])
+        raw = [t["data"] for t in server.transactions
+               if b"Subject: Plain\r\n" in t["data"]][0]
+        self.assertEqual(raw, found["Plain"][2])     # every byte, as queued
+
+    def run_django(self, variable):
+        python = self.django_python(variable)
+        version = subprocess.run([python, "-c", "import django; print(django.VERSION[0])"],
+                                 capture_output=True, text=True, timeout=60)
+        self.assertEqual(version.returncode, 0, version.stderr)
+        has_mailers = int(version.stdout) >= 6
+        server = self.server()
+        ini = self.ini_file(server.port, "processorthread = false\n")
+        with open(os.path.join(self.tmp, "a-file"), "w"):
+            pass    # a queue inside a regular file cannot be made, even by root
+        bad_ini = os.path.join(self.tmp, "bad.ini")
+        with open(bad_ini, "w") as f:
+            f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                    % (server.port, os.path.join(self.tmp, "a-file", "queue")))
+        site = self.project(ini, bad_ini)
+        # Deprecated settings and arguments warn in Django 6.1 (pending):
+        # the EMAIL_BACKEND project runs there with those warnings shown.
+        modes = [(False, "error" if not has_mailers else "error::DeprecationWarning")]
+        if has_mailers:
+            modes.append((True, "error"))
+        for mailers, warnings_option in modes:
+            with self.subTest(mailers=mailers):
+                shutil.rmtree(self.queuepath, ignore_errors=True)
+                server.transactions.clear()
+                run = self.manage(python, site, "sendall", mailers=mailers,
+                                  warnings=warnings_option)
+                # what fail_silently swallowed is logged: Quiet 2 and both Broken
+                self.assertEqual(run.stderr.count("not queued (fail_silently)"), 3, run.stderr)
+                found = self.check_queue(json.loads(run.stdout), has_mailers)
+                self.check_delivery(server, found)
+                # Nothing made before the first message: an app's tests see
+                # mail.outbox, and test, migrate and shell leave no queue.
+                shutil.rmtree(self.queuepath)
+                run = self.manage(python, site, "test", "mailapp", mailers=mailers,
+                                  warnings=warnings_option)
+                self.assertIn("Ran 1 test", run.stderr)
+                self.manage(python, site, "migrate", mailers=mailers, warnings=warnings_option)
+                run = self.manage(python, site, "shell", "-c", DJANGO_CONSTRUCT,
+                                  mailers=mailers, warnings=warnings_option)
+                # (the last line: Django 5.2's shell first says what it imported)
+                self.assertEqual(json.loads(run.stdout.splitlines()[-1]),
+                                 ["gsemail", 1, [], []])
+                self.assertFalse(os.path.exists(self.queuepath))
+                # processorthread = true: the thread in the Django process delivers
+                threaded = os.path.join(self.tmp, "threaded.ini")
+                with open(threaded, "w") as f:
+                    f.write("[smtp-main]\nhostname = 127.0.0.1\nport = %d\nqueuepath = %s\n"
+                            "processorthread = true\npoll_interval = 0.1\n"
+                            % (server.port, self.queuepath))
+                server.transactions.clear()
+                run = self.manage(python, site, "shell", "-c", DJANGO_THREADED,
+                                  mailers=mailers, warnings=warnings_option,
+                                  TEST_GSEMAIL_INI=threaded, TEST_QUEUE=self.queuepath)
+                self.assertEqual(run.stdout.splitlines()[-1], "0 True", run.stderr)
+                self.assertEqual([(t["mail"].split()[0], t["rcpts"])
+                                  for t in server.transactions],
+                                 [("<noreply@example.org>", ["t@example.org"])])
+
+    def test_addresses_as_djangos_smtp_backend_puts_them(self):
+        for given, bare in (
+                ("noreply@example.org", "noreply@example.org"),
+                ("Site <noreply@example.org>", "noreply@example.org"),
+                ('"Doe, John" <john@example.org>', "john@example.org"),
+                ("=?utf-8?q?J=C3=BCrgen?= <j@example.org>", "j@example.org"),
+                ("Jürgen Müller <j@bücher.example>", "j@xn--bcher-kva.example"),
+                (("Jürgen", "j@example.org"), "j@example.org"),
+                ('"a b"@example.org', '"a b"@example.org')):
+            with self.subTest(given=given):
+                self.assertEqual(gsemail._django_address(given, "sender"), bare)
+        for bad in ("a@example.org, b@example.org", "a@example.org\r\nRCPT TO:<x@evil>",
+                    "Name <a@example.org", "<>", ""):
+            with self.subTest(bad=bad), self.assertRaises(gsemail.MessageError):
+                gsemail._django_address(bad, "recipient")
+
+    def test_constructing_starts_and_creates_nothing(self):
+        ini = self.ini_file(25, "processorthread = true\n")
+        with mock_environ(dict(os.environ, GSEMAIL_CONFIG=ini, GSEMAIL_INSTANCE="main")):
+            for backend in (gsemail.EmailBackend(), gsemail.EmailBackend(True, alias="x"),
+                            gsemail.EmailBackend(config=ini, instance="main", xverp=True,
+                                                 envelope_sender="B <b@example.org>")):
+                with backend as b:
+                    self.assertEqual(b.send_messages([]), 0)
+            self.assertEqual(backend.envelope_sender, "b@example.org")
+            self.assertEqual([t.name for t in threading.enumerate()
+                              if t.name.startswith("gsemail ")], [])
+            self.assertFalse(os.path.exists(self.queuepath))
+            self.assertEqual(gsemail._processors, {})
+        with self.assertRaisesRegex(TypeError, "gsconfig.ini's username"):
+            gsemail.EmailBackend(username="u", password="p")
+        with self.assertRaisesRegex(TypeError, "'hots'"):
+            gsemail.EmailBackend(alias="default", hots="relay")
+        gsemail.EmailBackend(alias="default", hots="relay", _ignore_unknown_kwargs={"hots"})
+        for kw, text in (({"instance": "main"}, "needs a config"),
+                         ({"config": ini, "xverp": "yes"}, "'xverp'.*must be bool"),
+                         ({"config": ini, "envelope_sender": "a@b, c@d"}, "envelope_sender"),
+                         ({"config": ini, "envelope_sender": "", "xverp": True}, "XVERP")):
+            with self.subTest(kw=kw), self.assertRaisesRegex(gsemail.ConfigError, text):
+                gsemail.EmailBackend(**kw)
+
+    def test_django_4_2(self):
+        self.run_django("GSEMAIL_DJANGO42_PYTHON")
+
+    def test_django_5_2(self):
+        self.run_django("GSEMAIL_DJANGO52_PYTHON")
+
+    def test_django_newest(self):
+        self.run_django("GSEMAIL_DJANGO_NEWEST_PYTHON")
