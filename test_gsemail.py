@@ -7053,7 +7053,7 @@ class QueueTakeoverTests(Base):
         gsemail.configure(config)           # send_email's queue, opened now
         gsemail.send_email("s@example.org", ["first@example.org"], message())
         processor.wake()
-        wait_for(lambda: server.rcpts == ["first@example.org"], 20, "the first delivery")
+        wait_for(lambda: server.rcpts == ["first@example.org"], 60, "the first delivery")
         # Mail that waits in the real queue while the processor sleeps.
         self.enqueue(config, rcpts=["waiting@example.org"])
         # The operator's mistake: the spool becomes writable by every user.
@@ -7077,7 +7077,7 @@ class QueueTakeoverTests(Base):
         self.assertEqual(in_child_as(take_over), "returned 'taken'")
         with self.assertLogs("gsemail", "ERROR") as logs:
             processor.wake()
-            wait_for(lambda: [line for line in logs.output if "replaced" in line], 20,
+            wait_for(lambda: [line for line in logs.output if "replaced" in line], 60,
                      "the processor to refuse the replaced queue")
         self.assertIn(queuepath, logs.output[0])
         with self.assertRaises(gsemail.QueueError) as cm:
