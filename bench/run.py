@@ -31,9 +31,14 @@ Cases (--only takes these names, or a prefix such as "drain" or "scale"):
                  + transaction.commit() per message, and the file system's
                  ceiling (create + write + fsync + rename + fsync dir)
   drain-sink     python -m gsemail --once over a queue of N to smtp-sink,
-                 beside zope.sendmail's QueueProcessorThread (one pass over
-                 the same queue), smtplib with one reused connection, and
-                 smtp-source with 1 and 4 sessions
+                 sessions = 1 and 4, beside zope.sendmail's
+                 QueueProcessorThread (one pass over the same queue), smtplib
+                 with one reused connection, and smtp-source -d with 1 and 4
+                 sessions; msg/s and the client's CPU per message (user +
+                 system from wait4, or getrusage around smtplib's loop,
+                 over the messages delivered), and issue 16's targets:
+                 sessions = 1 at most 0.75x smtp-source -s 1's CPU per
+                 message, sessions = 4 at least 0.6x smtp-source -s 4's msg/s
   drain-postfix  the same to the private Postfix, with STARTTLS
   latency        the processor thread running (configure + send_email in one
                  process); send_email at a steady rate; time to arrival at
@@ -45,8 +50,19 @@ Cases (--only takes these names, or a prefix such as "drain" or "scale"):
                  new ones: CPU of the idle processor
   scale-rss      peak RSS of python -m gsemail --once draining 100,000
   scale-ops      the operator's commands on 100,000 deferred + 10 dead
-                 letters: show ID (and a beginning of one), list and list
-                 --json (wall, peak RSS)
+                 letters: show ID (and a beginning of one), status, status
+                 --json, list and list --json (wall, time to the first line
+                 of output, CPU, peak RSS)
+  scale-mailq    gsemail's list and list --json on 100,000 deferred beside
+                 Postfix's mailq (postqueue -p) and postqueue -j on a private
+                 Postfix (root) filled with as many deferred messages: its
+                 relay is 127.0.0.1 on a port nobody listens on; the same
+                 figures, and the CPU and peak RSS of showq, the Postfix
+                 daemon that reads the queue for postqueue
+
+Peak RSS is the command's own, from GNU time (%M), which forks it: a
+child's ru_maxrss, even from wait4 on its own PID, is at least its
+parent's peak RSS (Linux carries it across exec), here the benchmark's.
 """
 
 import argparse
