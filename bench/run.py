@@ -178,6 +178,8 @@ class Bench:
         self.env.pop("GSEMAIL_INSTANCE", None)
         self.zope_python: Optional[str] = None
         self.info: Dict[str, object] = {}
+        # scale-mailq: seconds to write gsemail's queue and to fill Postfix's
+        self.mailq_fill: Dict[str, float] = {}
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -802,7 +804,8 @@ class Bench:
         t0 = time.monotonic()
         self.say("writing %s deferred messages into %s/cur" % (fmt(n), queue))
         benchlib.write_queue(queue, n, sub="cur", mtime=time.time() + 7 * 86400)
-        fill: Dict[str, object] = {"gsemail_write_s": round(time.monotonic() - t0, 1)}
+        fill = self.mailq_fill
+        fill["gsemail_write_s"] = round(time.monotonic() - t0, 1)
         self.info["scale-mailq fill"] = fill
         pf: Optional[benchlib.Postfix] = None
         postqueue = benchlib.find_bin("postqueue")
@@ -874,7 +877,7 @@ class Bench:
                 shutil.rmtree(os.path.dirname(pf.dir), ignore_errors=True)
             shutil.rmtree(base, ignore_errors=True)
 
-    def deferred_postfix(self, n: int, fill: Dict[str, object]) -> benchlib.Postfix:
+    def deferred_postfix(self, n: int, fill: Dict[str, float]) -> benchlib.Postfix:
         """A private Postfix, its relay down, with n deferred messages of
         the bench's 5,060 bytes: smtp-source sends them to its smtpd over 4
         connections; the one smtp(8) attempt each gets "Connection refused"
@@ -886,7 +889,7 @@ class Bench:
                               self.server_cpu, dead_relay=benchlib.free_port())
         try:
             pf.start()
-            self.say("Postfix (relay 127.0.0.1:%d, nothing there) on 127.0.0.1:%d, master "
+            self.say("Postfix (relay 127.0.0.1:%s, nothing there) on 127.0.0.1:%d, master "
                      "PID %s: sending it %s messages" % (pf.dead_relay, pf.port, pf.pid, fmt(n)))
             msgfile = os.path.join(self.work, "smtp-source-message.txt")
             with open(msgfile, "wb") as f:
@@ -1228,12 +1231,12 @@ class Bench:
                                                    "postqueue -j"),
                     vs, None if vs is None else vs >= 1.0 and streams,
                     "%s, first line at %s s" % (rx(vs), fmt(first, 3))))
-        fill = self.info.get("scale-mailq fill") or {}
+        fill = self.mailq_fill
         table("scale-mailq", "SCALE, LISTING BESIDE POSTFIX: %s deferred messages, gsemail's "
               "queue and a private Postfix's (relay down), both on tmpfs; each command a whole "
               "process on the client CPU (seconds)%s" % (
                   fmt(a.scale_n), "; Postfix filled in %s s (%s msg/s)" % (
-                      fill["postfix_deferred_s"], fmt(fill["postfix_msgs_per_s"]))  # type: ignore[index]
+                      fill["postfix_deferred_s"], fmt(fill["postfix_msgs_per_s"]))
                   if "postfix_deferred_s" in fill else ""),
               "seconds", 2, mailq_extra, cmd_cols)
 
