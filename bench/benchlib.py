@@ -244,13 +244,28 @@ def proc_rss_kb(pid: int) -> int:
 
 class Result:
     """How a child process ended: exit code, wall seconds, CPU seconds,
-    peak RSS (KB) and its output."""
+    peak RSS (KB, or None when it cannot be told) and its output.
 
-    def __init__(self, returncode: int, wall: float, maxrss_kb: int,
-                 stdout: str, stderr: str, cpu: float = 0.0) -> None:
+    With ``stream``, the output was read as it came and not kept (only its
+    last 64 KB): ``first_line`` is the seconds from the start to its first
+    complete line (None if there was none), ``out_bytes`` and ``out_lines``
+    how much there was, ``out_matches`` how often the bytes ``count`` of
+    ``Procs.run`` were in it.
+    """
+
+    def __init__(self, returncode: int, wall: float, maxrss_kb: Optional[int],
+                 stdout: str, stderr: str, cpu: float = 0.0,
+                 first_line: Optional[float] = None, out_bytes: int = 0,
+                 out_lines: int = 0, out_matches: int = 0) -> None:
         self.returncode, self.wall, self.maxrss_kb = returncode, wall, maxrss_kb
         self.stdout, self.stderr = stdout, stderr
         self.cpu = cpu      # user + system CPU seconds of the child
+        self.first_line, self.out_bytes, self.out_lines = first_line, out_bytes, out_lines
+        self.out_matches = out_matches
+
+    @property
+    def maxrss_mb(self) -> Optional[float]:
+        return None if self.maxrss_kb is None else self.maxrss_kb / 1024
 
     def json(self) -> dict:
         """The one JSON line a peers.py command ends its output with."""
@@ -262,17 +277,90 @@ class Result:
                            % (self.returncode, self.stderr[-1500:]))
 
 
+def gnu_time() -> Optional[str]:
+    """GNU time (Debian package "time"), which reports the peak RSS of the
+    command it forks; None if there is none (the shell's "time" keyword
+    is not it)."""
+    for path in (shutil.which("time"), "/usr/bin/time"):
+        if path and os.access(path, os.X_OK):
+            try:
+                run = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                     timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if "GNU" in run.stdout + run.stderr:
+                return path
+    return None
+
+
+def own_peak_rss_kb() -> int:
+    """This process's own peak RSS (VmHWM), in KB."""
+    return proc_rss_kb(os.getpid())
+
+
+class _Stream:
+    """Reads a child's output pipe in a thread as it comes: the time of the
+    first complete line, bytes and lines counted, the last 64 KB kept.  The
+    child is never held up by a full pipe, and nothing big is stored."""
+
+    KEEP = 65536
+
+    def __init__(self, fd: int, t0: float, count: bytes = b"") -> None:
+        self.fd, self.t0, self.count = fd, t0, count
+        self.first_line: Optional[float] = None
+        self.bytes = self.lines = self.matches = 0
+        self.tail = b""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                break
+            if self.first_line is None and b"\n" in chunk:
+                self.first_line = time.perf_counter() - self.t0
+            if self.count:      # with the end of the last chunk: none missed at the seam
+                self.matches += (self.tail[1 - len(self.count):] + chunk).count(self.count)
+            self.bytes += len(chunk)
+            self.lines += chunk.count(b"\n")
+            self.tail = (self.tail + chunk)[-self.KEEP:]
+        os.close(self.fd)
+
+    def text(self) -> str:
+        self.thread.join()
+        return self.tail.decode("utf-8", "replace")
+
+
 class Procs:
     """Starts children and remembers them, so that everything started can
     be ended by its PID, whatever happens (errors, Ctrl-C, SIGTERM).
 
     ``cpu`` pins a child to one CPU with taskset (when pinning is on).
+
+    Peak RSS.  A child's ``ru_maxrss``, even from ``wait4`` on its own PID,
+    is at least its parent's peak RSS at the fork: Linux records the peak of
+    the memory it leaves at ``exec`` (the parent's, copied or, with vfork,
+    shared) in the process's own maximum.  Measured: a child ``/bin/true``
+    of a 320 MB Python reports 321,112 KB.  So ``run`` has GNU time, a 1 MB
+    process, fork the command and report its peak RSS (``%M``), which is
+    then the command's own (floor: about 1 MB).  Without GNU time the
+    ``wait4`` figure is used only when it is above this process's own peak,
+    when it can only be the child's; otherwise it is None ("-" in tables).
+    CPU seconds are always ``wait4``'s, the command's own plus, with GNU
+    time, time's (about 1 ms).
     """
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin and shutil.which("taskset") is not None
         self.live: Dict[int, subprocess.Popen] = {}
+        self.groups: set = set()                # children that lead their own group
         self.extra_pids: Dict[int, str] = {}   # daemons we did not fork (Postfix)
+        self.time_bin = gnu_time()
+        self.rss_method = ("GNU time's %%M (%s): the command's own peak RSS" % self.time_bin
+                           if self.time_bin else
+                           "wait4's ru_maxrss, shown only when above the benchmark's own "
+                           "peak (install GNU time for the rest)")
 
     def command(self, cmd: List[str], cpu: Optional[int]) -> List[str]:
         if self.pin and cpu is not None:
@@ -285,43 +373,86 @@ class Procs:
         # taskset execs the command, so the PID we get is the command's own.
         p = subprocess.Popen(self.command(cmd, cpu), **popen)  # type: ignore[call-overload]
         self.live[p.pid] = p
+        if popen.get("start_new_session"):
+            self.groups.add(p.pid)
         return p
 
     def run(self, cmd: List[str], cpu: Optional[int] = None, timeout: float = 1800,
-            env: Optional[dict] = None, cwd: Optional[str] = None) -> Result:
-        """Run a child to the end; measure its wall time and peak RSS.
+            env: Optional[dict] = None, cwd: Optional[str] = None,
+            stream: bool = False, count: bytes = b"") -> Result:
+        """Run a child to the end; measure its wall time, CPU and peak RSS.
 
         Waits with a blocking wait4 (exact end time, and the child's own
-        rusage), with a timer that kills the child if it overruns.
-        Output goes to temporary files, never to a pipe that could fill.
+        rusage: CPU of it and of the children it waited for), with a timer
+        that kills the child if it overruns.  Peak RSS: see the class.
+        Output goes to temporary files, never to a pipe that could fill;
+        with ``stream``, stdout goes to a pipe read as it comes (see
+        ``Result``).  The child leads its own process group, so that a
+        kill reaches the command behind GNU time too.
         """
         import tempfile
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            t0 = time.perf_counter()
-            p = self.start(cmd, cpu, stdout=out, stderr=err, env=env, cwd=cwd)
-            timer = threading.Timer(timeout, self._kill, (p.pid,))
-            timer.daemon = True
-            timer.start()
-            try:
-                _, status, usage = os.wait4(p.pid, 0)
-                wall = time.perf_counter() - t0
-            finally:
-                timer.cancel()
-            p.returncode = os.waitstatus_to_exitcode(status)
-            self.live.pop(p.pid, None)
-            out.seek(0)
-            err.seek(0)
-            stdout = out.read().decode("utf-8", "replace")
-            stderr = err.read().decode("utf-8", "replace")
+        fd, rssfile = tempfile.mkstemp(prefix="gsemail-bench-rss-")
+        os.close(fd)
+        full = ([self.time_bin, "-f", "%M", "-o", rssfile] + cmd) if self.time_bin else cmd
+        reader: Optional[_Stream] = None
+        try:
+            with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+                if stream:
+                    rfd, wfd = os.pipe()
+                t0 = time.perf_counter()
+                try:
+                    p = self.start(full, cpu, stdout=wfd if stream else out, stderr=err,
+                                   env=env, cwd=cwd, start_new_session=True)
+                finally:
+                    if stream:
+                        os.close(wfd)
+                if stream:
+                    reader = _Stream(rfd, t0, count)
+                timer = threading.Timer(timeout, self._kill, (p.pid,))
+                timer.daemon = True
+                timer.start()
+                try:
+                    _, status, usage = os.wait4(p.pid, 0)
+                    wall = time.perf_counter() - t0
+                finally:
+                    timer.cancel()
+                p.returncode = os.waitstatus_to_exitcode(status)
+                self.live.pop(p.pid, None)
+                self.groups.discard(p.pid)
+                out.seek(0)
+                err.seek(0)
+                stdout = reader.text() if reader else out.read().decode("utf-8", "replace")
+                stderr = err.read().decode("utf-8", "replace")
+            maxrss: Optional[int]
+            if self.time_bin:
+                # the last line: GNU time puts "Command exited with non-zero
+                # status N" before it
+                with open(rssfile) as f:
+                    lines = f.read().split()
+                maxrss = int(lines[-1]) if lines and lines[-1].isdigit() else None
+            else:
+                maxrss = usage.ru_maxrss if usage.ru_maxrss > own_peak_rss_kb() else None
+        finally:
+            os.unlink(rssfile)
         if p.returncode < 0 and -p.returncode == signal.SIGKILL:
             stderr += "\n(killed after the %d s time limit)" % timeout
-        return Result(p.returncode, wall, usage.ru_maxrss, stdout, stderr,
-                      usage.ru_utime + usage.ru_stime)
+        return Result(p.returncode, wall, maxrss, stdout, stderr,
+                      usage.ru_utime + usage.ru_stime,
+                      reader.first_line if reader else None,
+                      reader.bytes if reader else 0, reader.lines if reader else 0,
+                      reader.matches if reader else 0)
 
-    @staticmethod
-    def _kill(pid: int) -> None:
+    def _kill(self, pid: int) -> None:
+        self._signal(pid, signal.SIGKILL)
+
+    def _signal(self, pid: int, sig: int) -> None:
+        """sig to a child of ours, by its PID: to its whole process group
+        if it leads one of its own (GNU time and the command it forked)."""
         try:
-            os.kill(pid, signal.SIGKILL)
+            if pid in self.groups:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
@@ -329,14 +460,13 @@ class Procs:
         """SIGTERM, then SIGKILL after grace seconds; reap it."""
         if p.poll() is None:
             try:
-                p.terminate()
+                self._signal(p.pid, signal.SIGTERM)
                 p.wait(grace)
             except subprocess.TimeoutExpired:
-                p.kill()
+                self._signal(p.pid, signal.SIGKILL)
                 p.wait()
-            except ProcessLookupError:
-                pass
         self.live.pop(p.pid, None)
+        self.groups.discard(p.pid)
 
     def stop_all(self) -> None:
         for p in list(self.live.values()):
@@ -469,7 +599,7 @@ class Postfix:
     """
 
     def __init__(self, procs: Procs, base: str, cpu: Optional[int],
-                 recipient_limit: int = 1000) -> None:
+                 recipient_limit: int = 1000, dead_relay: Optional[int] = None) -> None:
         self.procs, self.cpu = procs, cpu
         self.postfix = find_bin("postfix")
         if not self.postfix:
@@ -486,6 +616,10 @@ class Postfix:
         self.log = os.path.join(self.dir, "log", "maillog")
         self.port = free_port()
         self.recipient_limit = recipient_limit
+        # With dead_relay, mail is not discarded but relayed through smtp(8)
+        # to 127.0.0.1:dead_relay, where nothing listens: it is deferred,
+        # as on a relay that is down, and stays so (retries hours apart).
+        self.dead_relay = dead_relay
         self.pid: Optional[int] = None
         self._write_config()
 
@@ -534,6 +668,20 @@ smtpd_tls_key_file = %(etc)s/tls/key.pem
 smtpd_tls_security_level = may
 smtpd_tls_loglevel = 0
 """ % {"d": d, "etc": etc, "limit": self.recipient_limit, "drop": drop}
+        if self.dead_relay is not None:
+            main_cf += """\
+relayhost = [%s]:%d
+default_transport = smtp
+relay_transport = smtp
+# no pause of smtpd for the queue manager: the queue fills at full speed
+in_flow_delay = 0s
+# tried once, then left alone while the benchmark reads the queue
+minimal_backoff_time = 4h
+maximal_backoff_time = 8h
+queue_run_delay = 4h
+maximal_queue_lifetime = 5d
+bounce_queue_lifetime = 5d
+""" % (HOST, self.dead_relay)
         with open(os.path.join(etc, "main.cf"), "w") as f:
             f.write(main_cf)
         services = ["%s:%d inet n - n - - smtpd" % (HOST, self.port)] + [
@@ -577,6 +725,35 @@ smtpd_tls_loglevel = 0
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def queue_counts(self) -> Dict[str, int]:
+        """Files in each of Postfix's queues."""
+        out = {}
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            out[sub] = sum(len(files) for _, _, files in
+                           os.walk(os.path.join(self.dir, "queue", sub)))
+        return out
+
+    def daemons(self, name: str) -> Dict[int, tuple]:
+        """{pid: (CPU seconds, peak RSS KB)} of this master's children that
+        run the daemon name (showq, qmgr, ...), from /proc."""
+        out: Dict[int, tuple] = {}
+        if not self.pid:
+            return out
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    stat = f.read()
+                comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+                if ppid == self.pid and comm == name:
+                    pid = int(entry)
+                    out[pid] = (proc_cpu_seconds(pid), proc_rss_kb(pid))
+            except (OSError, ValueError):
+                continue
+        return out
 
     def queued(self) -> int:
         """Messages in Postfix's queues (not yet discarded)."""
