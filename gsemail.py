@@ -2408,6 +2408,9 @@ class Queue:
         except OSError as e:
             raise self._error("cannot look at the queue directory", e) from None
         self._check_dir(st)
+        if not os.access(self.path, os.R_OK | os.X_OK):     # else new/ looks missing
+            raise QueueError("queue %s cannot be read by this user: run the command as the "
+                             "queue's owner: %s" % (self.path, _as_user(st.st_uid)))
         for sub in ("new", "cur"):
             full = os.path.join(self.path, sub)
             if not os.path.isdir(full) or os.path.islink(full):

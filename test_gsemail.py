@@ -10485,3 +10485,134 @@ class SendmailPostfixTests(SendmailPostfixBase):
                          r"connection refused by 127\.0\.0\.1:\d+\); it stays queued, to be "
                          r"tried again at " % re.escape(name))
         self.assertDeferred(name, ["odi@gsemail.test"])
+
+
+class SendmailPermissionTests(SendmailPostfixBase):
+    """What a user who is not the queue's owner (nobody; the queue is root's)
+    gets from sendmail: the message delivered at once, as msmtp does, with
+    the exit status saying whether it went; and what they cannot do: put
+    anything in the queue, or read or change what is queued there."""
+
+    def setUp(self):
+        super().setUp()
+        nobody_python()     # skips (or fails in CI) without root and setpriv
+
+    def others_mail(self):
+        """The queue, root's, with a message of root's in it: {name: bytes}."""
+        self.queue()
+        config = gsemail.load_config(self.ini_path, "main")
+        self.enqueue(config, rcpts=["secret-rcpt@example.org"], msg=message(
+            subject="root's own", body="a secret body\n"))
+        return self.queued()
+
+    def test_a_non_owner_has_php_mail_delivered_directly(self):
+        self.sendmail_ini(self.postfix.port)
+        before = self.others_mail()
+        tag = self.tag()
+        text = ("To: www-a@gsemail.test\r\nSubject: %s\r\nBcc: www-hidden@gsemail.test\r\n"
+                "\r\nFrom the web.\n" % tag)
+        for via in ("link", "module"):
+            with self.subTest(via):
+                run = self.sendmail("-t", "-i", input=text.replace(tag, tag + via),
+                                    user="nobody", via=via)
+                self.assertQuiet(run)
+                copies = self.arrived(tag + via, 2)
+                self.assertEqual([c[:2] for c in copies], [
+                    ("www-a@gsemail.test", "<nobody@gsemail.test>"),
+                    ("www-hidden@gsemail.test", "<nobody@gsemail.test>")])
+                for _, _, msg, raw in copies:
+                    self.assertIsNone(msg["Bcc"])
+                    self.assertEqual(msg["From"], "nobody@gsemail.test")
+                    self.assertEqual(self.body(raw), b"From the web.\n")
+        # the queue is as it was: nothing added, nothing in tmp/
+        self.assertEqual(self.queued(), before)
+        self.assertEqual([n for n in self.listing("tmp") if not n.startswith(".claimer-")], [])
+
+    def test_a_non_owner_whose_queue_is_out_of_reach_is_delivered_too(self):
+        hidden = os.path.join(self.tmp, "private")
+        os.mkdir(hidden, 0o700)     # nobody cannot even look at the queue
+        self.queuepath = os.path.join(hidden, "queue")
+        self.sendmail_ini(self.postfix.port, queuepath=self.queuepath)
+        self.queue()
+        tag = self.tag()
+        run = self.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "cron-nobody",
+                            input=CRON_MESSAGE.format(tag=tag).replace("root", "nobody"),
+                            user="nobody")
+        self.assertQuiet(run)
+        ((to, path, _, raw),) = self.arrived(tag, 1)
+        self.assertEqual((to, path), ("cron-nobody@gsemail.test", "<nobody@gsemail.test>"))
+        self.assertEqual(self.body(raw), "backup done: 3 files, caf\u00e9 ok\n.\nlast line\n"
+                         .encode("utf-8"))
+        self.assertEqual(self.queued(), {})
+
+    def test_a_non_owner_with_the_relay_down_gets_75_and_nothing_is_kept(self):
+        port = free_port()      # nothing listens there
+        self.sendmail_ini(port)
+        before = self.others_mail()
+        run = self.sendmail("-i", "down@gsemail.test", input="Subject: down\n\nb\n",
+                            user="nobody")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertEqual(run.stderr.decode(), "4.4.1 sendmail: not sent to <down@gsemail.test>: "
+                         "451 4.4.1 connection refused by 127.0.0.1:%d (nothing is kept, as "
+                         "this user may not write the queue: send it again later)\n" % port)
+        self.assertEqual(run.stdout, b"")
+        self.assertEqual(self.queued(), before)
+
+    def test_a_non_owner_refused_gets_69_and_the_others_are_named(self):
+        self.sendmail_ini(self.postfix.port)
+        self.others_mail()
+        tag = self.tag()
+        run = self.sendmail("-i", "reject5xx-%s@gsemail.test" % tag, "ok-%s@gsemail.test" % tag,
+                            input="Subject: %s\n\nb\n" % tag, user="nobody")
+        self.assertEqual(run.returncode, os.EX_UNAVAILABLE, run.stderr)
+        lines = run.stderr.decode().splitlines()
+        self.assertEqual(lines[0], "5.1.1 sendmail: not sent to <reject5xx-%s@gsemail.test>: "
+                         "550 5.1.1 <reject5xx-%s@gsemail.test>: Recipient address rejected: "
+                         "test: recipient rejected (refused)" % (tag, tag))
+        self.assertEqual(lines[1:], ["2.0.0 sendmail: delivered to <ok-%s@gsemail.test>" % tag])
+        self.arrived(tag, 1)
+        # all refused: 69, one line
+        run = self.sendmail("-i", "reject5xx-%s@gsemail.test" % tag, input="Subject: x\n\nb\n",
+                            user="nobody")
+        self.assertEqual(run.returncode, os.EX_UNAVAILABLE, run.stderr)
+        self.assertEqual(len(run.stderr.splitlines()), 1)
+
+    def test_a_non_owner_cannot_read_list_or_change_queued_mail(self):
+        self.sendmail_ini(self.postfix.port)
+        before = self.others_mail()
+        (name,) = before
+        queued = os.path.join(self.queuepath, "new", name)
+        # mailq (and sendmail -bp): refused, and nothing of the message shown
+        for program, args in (("mailq", ()), ("sendmail", ("-bp",))):
+            run = self.sendmail(*args, program=program, user="nobody")
+            self.assertEqual(run.returncode, os.EX_CANTCREAT, run.stderr)
+            self.assertRegex(run.stderr.decode(), r"^4\.3\.0 queue \S+ cannot be read by "
+                             r"this user: run the command as the queue's owner: sudo -u root ")
+            self.assertNotIn(b"secret", run.stdout + run.stderr)
+        # nor by hand: no file read, made, renamed, removed or linked there
+        for what, function in (
+                ("read", lambda: os.open(queued, os.O_RDONLY)),
+                ("list", lambda: os.listdir(os.path.join(self.queuepath, "new"))),
+                ("create", lambda: os.open(os.path.join(self.queuepath, "new", "x"),
+                                           os.O_WRONLY | os.O_CREAT | os.O_EXCL)),
+                ("create in tmp", lambda: os.open(os.path.join(self.queuepath, "tmp", "x"),
+                                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL)),
+                ("plant a link", lambda: os.symlink("/etc/passwd", os.path.join(
+                    self.queuepath, "new", ".sending-" + name))),
+                ("remove", lambda: os.unlink(queued)),
+                ("rename", lambda: os.rename(queued, queued + "x")),
+                ("open as a Queue", lambda: gsemail.Queue(self.queuepath, create=False))):
+            with self.subTest(what):
+                result = in_child_as(function)
+                self.assertTrue(result.startswith(("raised PermissionError",
+                                                   "4.3.0 73 queue")), result)
+        self.assertEqual(self.queued(), before)
+        self.assertEqual(os.listdir(os.path.join(self.queuepath, "new")), [name])
+
+    def test_a_config_a_non_owner_cannot_read_exits_78(self):
+        self.sendmail_ini(self.postfix.port)
+        os.chmod(self.ini_path, 0o600)
+        run = self.sendmail("-i", "root", input="Subject: x\n\nb\n", user="nobody")
+        self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+        self.assertTrue(run.stderr.startswith(b"4.3.5 "), run.stderr)
+        self.assertIn(self.ini_path.encode(), run.stderr)
