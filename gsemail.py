@@ -7833,13 +7833,47 @@ def _until_dot(data: bytes) -> bytes:
     return data if end is None else data[:end.start()]
 
 
+# The headers whose bare names sendmail mode completes, as Postfix does for
+# mail submitted on its host (append_at_myorigin): cron writes "From: root
+# (Cron Daemon)" and "To: root", which a relay elsewhere may refuse and to
+# which nobody can reply.
+_ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "resent-from",
+                    "resent-sender", "resent-reply-to", "resent-to", "resent-cc")
+
+
+def _completed_headers(head: bytes, domain: str) -> bytes:
+    """head (CRLF lines, as _split_head gives it) with the bare names in its
+    address headers completed: "root (Cron Daemon)" -> "Cron Daemon
+    <root@DOMAIN>".  A header with none is left byte for byte."""
+    fields: List[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line      # a continuation
+        else:
+            fields.append(line)
+    kept = []
+    for field in fields:
+        name, _, value = field.partition(b":")
+        if name.strip().lower().decode("ascii", "replace") in _ADDRESS_HEADERS:
+            text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace"))
+            pairs = [(n, a) for n, a in email.utils.getaddresses([text]) if a]
+            if any("@" not in a for _, a in pairs):
+                field = b"%s: %s\r\n" % (name.strip(), ", ".join(
+                    email.utils.formataddr((n, _completed(a, domain)), charset="utf-8")
+                    for n, a in pairs).encode("utf-8"))
+        kept.append(field)
+    return b"".join(kept)
+
+
 def _sendmail_message(data: bytes, sender: str, full_name: Optional[str],
                       domain: str) -> bytes:
-    """The message as sendmail would send it: without Bcc, a message of body
-    only given a head, and a From header when it has none (the full name
-    from -F, else $NAME, as Postfix's sendmail)."""
-    data = _without_bcc(data)
-    head, rest = _split_head(data)
+    """The message as sendmail would send it: without Bcc, the bare names
+    in its address headers completed, a message of body only given a head,
+    and a From header when it has none (the full name from -F, else $NAME,
+    as Postfix's sendmail)."""
+    head, rest = _split_head(_without_bcc(data))
+    head = _completed_headers(head, domain)
+    data = head + rest
     if not head:
         data = b"\r\n" + rest   # all of it is body: the headers below start it
     if not re.search(rb"(?im)^from:", head):

@@ -10242,6 +10242,25 @@ class SendmailModeTests(SendmailBase):
                 self.assertIn(b"\nMessage-ID: <", data)
                 self.assertIn(b"\r\nDate: ", data)
 
+    def test_bare_names_in_address_headers_are_completed_and_others_kept(self):
+        self.sendmail_ini(25)
+        self.queue()
+        text = ("From: root (Cron Daemon)\nTo: root,\n  ops@example.org, Jo <jo>\n"
+                "Cc: whole@example.org (Whole)\nReply-To: =?utf-8?q?Jos=C3=A9?= <jose>\n"
+                "X-Other: root\nSubject: root\n\nTo: root\n")
+        run = self.sendmail("-t", "-i", input=text)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        (data,) = self.queued().values()
+        envelope, _, message = data.partition(b"\nMessage-ID: ")
+        self.assertEqual(envelope.split(b"\n")[1], b"X-Zope-To: root@gsemail.test, "
+                         b"ops@example.org, jo@gsemail.test, whole@example.org")
+        self.assertTrue(message.split(b"\r\n", 2)[2].startswith(
+            b"From: Cron Daemon <root@gsemail.test>\r\n"
+            b"To: root@gsemail.test, ops@example.org, Jo <jo@gsemail.test>\r\n"
+            b"Cc: whole@example.org (Whole)\r\n"
+            b"Reply-To: =?utf-8?q?Jos=C3=A9?= <jose@gsemail.test>\r\n"
+            b"X-Other: root\r\nSubject: root\r\n\r\nTo: root\r\n"), message)
+
     def test_queued_without_a_processor_says_so_and_with_one_is_silent(self):
         server = self.server()
         self.sendmail_ini(server.port)
@@ -10368,7 +10387,10 @@ class SendmailPostfixTests(SendmailPostfixBase):
         self.assertQuiet(run)
         ((to, path, msg, raw),) = self.arrived(tag, 1)
         self.assertEqual((to, path), ("root@gsemail.test", "<root@gsemail.test>"))
-        self.assertIn("(Cron Daemon)", msg["From"])     # its own From, not -F's
+        # its own From, not -F's, completed here (not by Postfix, whose
+        # would be @mx.gsemail.test)
+        self.assertEqual((msg["From"], msg["To"]), ("Cron Daemon <root@gsemail.test>",
+                                                    "root@gsemail.test"))
         self.assertEqual(msg["Content-Transfer-Encoding"], "8bit")
         self.assertEqual(self.body(raw), "backup done: 3 files, caf\u00e9 ok\n.\nlast line\n"
                          .encode("utf-8"))
