@@ -7680,9 +7680,9 @@ def _parser() -> argparse.ArgumentParser:
 # /usr/sbin/sendmail, as Postfix's sendmail(1) reads it: getopt's rules
 # (flags anywhere before "--", bundled, a value attached or next), and
 # exits as sendmail's callers expect (sysexits, RFC 3463 lines, silence on
-# success).  The queue's owner queues; any other user (who may not write
-# the queue) has the message delivered at once, as msmtp does, and learns
-# from the exit status whether it went.
+# success).  The queue's owner queues, and so does root, as the owner; any
+# other user (who may not write the queue) has the message delivered at
+# once, as msmtp does, and learns from the exit status whether it went.
 
 _SENDMAIL_CONFIGS = ("/etc/gsemail/gsconfig.ini",)  # after $GSEMAIL_CONFIG, before
 # $INSTANCE_HOME/etc/gsconfig.ini (GroupServer's own)
@@ -7913,14 +7913,40 @@ def _deliver_directly(config: SMTPConfig, sender: str, rcpts: List[str], data: b
     return os.EX_UNAVAILABLE
 
 
+def _become(uid: int, gid: int) -> None:
+    """Root, in sendmail mode, becomes the queue's owner for the rest of the
+    process (its groups, its gid, then its uid), so that root's mail (cron's,
+    most of all) is queued and retried like any other, in files the owner's
+    processor may remove: root writes no other user's queue with its own
+    rights (Queue._check_dir)."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        os.setgroups([])
+    else:
+        gid = entry.pw_gid
+        os.initgroups(entry.pw_name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 def _queue_of_owner(config: SMTPConfig) -> Tuple[Optional[Queue], str]:
-    """The queue, when this user owns it and so may write it; else None and
-    why not.  A queue that does not exist is not made here: made by whoever
-    calls sendmail first (root's cron), it would lock its processor out."""
+    """The queue, when this user owns it and so may write it (root becomes
+    its owner: _become); else None and why not.  A queue that does not
+    exist is not made here: made by whoever calls sendmail first (root's
+    cron), it would lock its processor out."""
     try:
         st = os.lstat(config.queuepath)
     except OSError as e:
         return None, "queue %s: %s" % (config.queuepath, e.strerror)
+    if st.st_uid != os.geteuid() and os.geteuid() == 0 and stat.S_ISDIR(st.st_mode):
+        log.info("2.0.0 sendmail: queueing as %s, the owner of queue %s",
+                 _user_name(st.st_uid), config.queuepath)
+        try:
+            _become(st.st_uid, st.st_gid)
+        except OSError as e:    # a root without CAP_SETUID (a container)
+            return None, "cannot become %s, the owner of queue %s: %s" % (
+                _user_name(st.st_uid), config.queuepath, e.strerror)
     if st.st_uid != os.geteuid():
         return None, "queue %s is owned by %s, not by %s" % (
             config.queuepath, _user_name(st.st_uid), _user_name(os.geteuid()))

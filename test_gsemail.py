@@ -10638,3 +10638,35 @@ class SendmailPermissionTests(SendmailPostfixBase):
         self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
         self.assertTrue(run.stderr.startswith(b"4.3.5 "), run.stderr)
         self.assertIn(self.ini_path.encode(), run.stderr)
+
+    def test_root_queues_as_the_queue_owner_whose_processor_delivers(self):
+        """A root cron job, with the queue nobody's: root becomes nobody to
+        queue it, so it waits out a relay outage in nobody's queue."""
+        self.sendmail_ini(self.postfix.port)
+        os.mkdir(self.queuepath, 0o700)
+        os.chown(self.queuepath, NOBODY.pw_uid, NOBODY.pw_gid)  # nobody makes the rest
+
+        def make():
+            gsemail.log.disabled = True     # in the child: its "made it a queue" WARNING
+            return gsemail.Queue(self.queuepath).path
+        result = in_child_as(make)
+        self.assertEqual(result, "returned %r" % self.queuepath)
+        tag = self.tag()
+        run = self.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+                            input=CRON_MESSAGE.format(tag=tag))
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertTrue(run.stderr.startswith(b"4.3.0 no queue processor is running on "),
+                        run.stderr)
+        (name,) = self.listing("new")
+        st = os.stat(os.path.join(self.queuepath, "new", name))
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (NOBODY.pw_uid, 0o600))
+        # nobody's processor sends it (and could not, were the file root's)
+        once = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                               "--clear-groups", nobody_python(), "-m", "gsemail", "-c",
+                               self.ini_path, "-i", "main", "--once"], cwd=HERE,
+                              env=self.environ(), capture_output=True, text=True, timeout=90)
+        self.assertEqual(once.returncode, 0, once.stderr)
+        ((to, path, msg, _),) = self.arrived(tag, 1)
+        self.assertEqual((to, path, msg["From"]), ("root@gsemail.test", "<root@gsemail.test>",
+                                                    "Cron Daemon <root@gsemail.test>"))
+        self.assertEqual(self.queued(), {})
