@@ -7488,6 +7488,7 @@ def _deliver_now(config: SMTPConfig, queue: Queue, name: str) -> Tuple[str, str]
     finally:
         processor._close_mailers()
         processor._note(force=True)     # for status: the last delivery or error
+        processor._finish()     # lets go of this process's claimer file
     what = next((w for w, n in processor.stats.items() if n), "")
     line = ""
     if what == "deferred":
@@ -7498,11 +7499,10 @@ def _deliver_now(config: SMTPConfig, queue: Queue, name: str) -> Tuple[str, str]
             reason.status, name, reason,
             ", to be tried again at %s" % _iso(due) if due is not None else "")
     elif what == "dead":
-        line = "5.0.0 %s: refused; the reasons are in its dead letter (gsemail show %s)" % (
-            name, name)
+        line = ("5.0.0 %s: refused (for some or all of its recipients): the reasons are "
+                "in its dead letter (gsemail show %s)" % (name, name))
     elif not what:
         line = "2.0.0 %s: a running processor took it first" % name
-    processor._finish()     # lets go of this process's claimer file
     return what, line
 
 
@@ -7684,8 +7684,9 @@ def _parser() -> argparse.ArgumentParser:
 # other user (who may not write the queue) has the message delivered at
 # once, as msmtp does, and learns from the exit status whether it went.
 
-_SENDMAIL_CONFIGS = ("/etc/gsemail/gsconfig.ini",)  # after $GSEMAIL_CONFIG, before
-# $INSTANCE_HOME/etc/gsconfig.ini (GroupServer's own)
+# Where sendmail mode looks for its config after $GSEMAIL_CONFIG, and
+# before $INSTANCE_HOME/etc/gsconfig.ini (gs.config's own rule).
+_SENDMAIL_CONFIGS = ("/etc/gsemail/gsconfig.ini",)
 _SENDMAIL_FLAGS = "itv"          # flags without a value: -t, -i, -v
 _SENDMAIL_VALUED = "BFNRVbfor"   # options with one, attached (-fADDR) or next (-f ADDR)
 _SENDMAIL_QUIET_O = ("i", "em", "ee", "ep", "eq", "di", "db", "dq")  # -oX taken
@@ -7719,20 +7720,22 @@ def _sendmail_option(args: _SendmailArgs, flag: str, value: str) -> None:
     elif flag == "b":
         if value not in ("m", "p"):
             raise _sendmail_usage("-b%s is not supported: only -bm (send a message, the "
-                                  "default) and -bp (list the queue)" % value)
+                                  "default) and -bp (list the queue)" % _shown(value))
         args.mode = value
     elif flag == "B":
         if value.upper() not in ("8BITMIME", "7BIT"):
-            raise _sendmail_usage("-B %s: the body type must be 8BITMIME or 7BIT" % value)
+            raise _sendmail_usage("-B %s: the body type must be 8BITMIME or 7BIT"
+                                  % _shown(value))
         # Nothing to do: a message with 8-bit data goes with BODY=8BITMIME
         # wherever the relay offers it (Mailer).
     elif flag == "o":
         if value == "i":
             args.ignore_dots = True
-        elif value == "di":
-            args.deliver_now = True
+        elif value in ("di", "db", "dq"):
+            args.deliver_now = value == "di"    # the last one counts
         elif value not in _SENDMAIL_QUIET_O:
-            args.warnings.append("4.3.5 sendmail: option -o%s is not known: ignored" % value)
+            args.warnings.append("4.3.5 sendmail: option -o%s is not known: ignored"
+                                 % _shown(value))
     # -N (DSN NOTIFY), -R (DSN RET) and -V (DSN ENVID) are taken and
     # ignored, as for a relay that offers no DSN.
 
@@ -7858,9 +7861,12 @@ def _completed_headers(head: bytes, domain: str) -> bytes:
             text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace"))
             pairs = [(n, a) for n, a in email.utils.getaddresses([text]) if a]
             if any("@" not in a for _, a in pairs):
-                field = b"%s: %s\r\n" % (name.strip(), ", ".join(
-                    email.utils.formataddr((n, _completed(a, domain)), charset="utf-8")
-                    for n, a in pairs).encode("utf-8"))
+                shown = [email.utils.formataddr((n, _completed(a, domain)), charset="utf-8")
+                         for n, a in pairs]
+                joined = ", ".join(shown)
+                if len(joined) > 70:    # one address a line, never over 998 octets
+                    joined = ",\r\n ".join(shown)
+                field = b"%s: %s\r\n" % (name.strip(), joined.encode("utf-8"))
         kept.append(field)
     return b"".join(kept)
 

@@ -10136,6 +10136,8 @@ class SendmailModeTests(SendmailBase):
                      "-oep", "-oee", "-oeq", "-bm", "a"])
         self.assertEqual((args.recipients, args.warnings, args.deliver_now), (["a"], [], False))
         self.assertEqual(read(["-bp"]).mode, "p")
+        self.assertEqual([read(w).deliver_now for w in (["-odi", "-odq"], ["-odb", "-odi"])],
+                         [False, True])     # the last one counts
         self.assertEqual(read(["-o", "i"]).ignore_dots, True)
         self.assertEqual(read(["-om", "-o8", "a"]).warnings,
                          ["4.3.5 sendmail: option -om is not known: ignored",
