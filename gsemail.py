@@ -70,7 +70,8 @@ user:
    which waits for the rates, claims, sends, pauses a relay that throttles,
    records and runs the thread.
 9. send_email: configure, send_email and shutdown, forks and uWSGI.
-10. The command line: main and one _cmd_ function per command.
+10. The command line: main and one _cmd_ function per command; sendmail
+    mode (main run as sendmail or mailq, for cron, PHP, git and mutt).
 
 Words that mean one thing throughout:
 
