@@ -10012,19 +10012,24 @@ CRON_MESSAGE = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> {
                 "backup done: 3 files, caf\u00e9 ok\n.\nlast line\n")
 
 
+_nobody_python = []
+
+
 def nobody_python():
     """A Python that user nobody can run: the test's own when it can (a
     pyenv one under /root cannot be reached), else the system's."""
     need(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
-    for python in (sys.executable, "/usr/bin/python3"):
-        run = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
-                              "--clear-groups", python, "-c",
-                              "import sys; assert sys.version_info >= (3, 9)"],
-                             capture_output=True)
-        if run.returncode == 0:
-            return python
-    need(False, "no Python that nobody can run")
-    return None
+    if not _nobody_python:
+        for python in (sys.executable, "/usr/bin/python3"):
+            run = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                  "--clear-groups", python, "-c",
+                                  "import sys; assert sys.version_info >= (3, 9)"],
+                                 capture_output=True)
+            if run.returncode == 0:
+                _nobody_python.append(python)
+                break
+    need(_nobody_python, "no Python that nobody can run")
+    return _nobody_python[0]
 
 
 class SendmailBase(Base):
