@@ -70,8 +70,11 @@ user:
    which waits for the rates, claims, sends, pauses a relay that throttles,
    records and runs the thread.
 9. send_email: configure, send_email and shutdown, forks and uWSGI.
-10. The command line: main and one _cmd_ function per command; sendmail
-    mode (main run as sendmail or mailq, for cron, PHP, git and mutt).
+10. Django: EmailBackend, Django's messages queued as send_email queues.
+11. The command line: main and one _cmd_ function per command; the
+    sink, an SMTP server for development that keeps what it is given and
+    delivers nothing; and sendmail mode (main run as sendmail or mailq, for
+    cron, PHP, git and mutt).
 
 Words that mean one thing throughout:
 
@@ -102,8 +105,10 @@ import configparser
 import contextlib
 import dataclasses
 import difflib
+import email.headerregistry
 import email.message
 import email.parser
+import email.policy
 import email.utils
 import errno
 import fcntl
@@ -112,6 +117,7 @@ import grp
 import hashlib
 import heapq
 import hmac
+import importlib
 import io
 import ipaddress
 import itertools
@@ -127,6 +133,7 @@ import shlex
 import signal
 import smtplib
 import socket
+import socketserver
 import ssl
 import stat
 import subprocess
@@ -142,9 +149,9 @@ __version__ = "1.0.0"
 __all__ = [
     "send_email", "configure", "shutdown", "load_config", "SMTPConfig",
     "Queue", "QueuedMessage", "QueueEntry", "Mailer", "Outcome", "RelayCheck",
-    "QueueProcessor", "Reply", "main",
+    "QueueProcessor", "Reply", "main", "outbox",
     "GsEmailError", "ConfigError", "QueueError", "MessageError",
-    "DeliveryError", "TLSError",
+    "DeliveryError", "TLSError", "EmailBackend",
 ]
 
 log = logging.getLogger("gsemail")
@@ -647,6 +654,9 @@ class SMTPConfig:
     #: MAILTO, the invoking user as sender): root -> root@DOMAIN.  None:
     #: this host's fully qualified name (_fqdn), read when it is needed.
     default_domain: Optional[str] = None
+    #: send_email joins the current Zope transaction (the ``transaction``
+    #: package): queued at its commit, dropped by its abort
+    transactional: bool = False
     #: a command (split as a shell would, run without one) that prints the
     #: password or OAuth2 token on its first line; run for each connection.
     #: Not in repr: its arguments may hold a secret (a client secret).
@@ -874,6 +884,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "tls_fingerprint": str, "tls_servername": str,
     "message_rate": _rate_option, "recipient_rate": _rate_option,
     "default_domain": str,
+    "transactional": _boolean,
 }
 # What a value that its parser refuses should have been.
 _WANTED: Dict[Callable[[str], object], str] = {
@@ -2048,30 +2059,36 @@ class _Claims:
 
     def describe(self, claim_path: str) -> str:
         """Who holds a claim, and whether they still live, in words."""
+        return self.holder(claim_path)[0]
+
+    def holder(self, claim_path: str) -> Tuple[str, Optional[bool]]:
+        """describe's words, and whether the holder lives: False for a
+        process on this host that has died (its claimer file's lock is not
+        held), None when that cannot be told (another host, zope.sendmail)."""
         try:
             fd = _open_regular(claim_path)
         except FileNotFoundError:
-            return "nobody now (the claim has just gone)"
+            return "nobody now (the claim has just gone)", None
         except _NotRegular as e:
-            return "no process: %s (remove it)" % e
+            return "no process: %s (remove it)" % e, None
         try:
             st = os.fstat(fd)
             head = os.pread(fd, 200, 0)
             if head.startswith(_FROM):
                 # zope.sendmail claims with a hard link to the message itself
-                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime)
+                return "zope.sendmail, touched %d s ago" % (time.time() - st.st_ctime), None
             owner = self.owner(fd, st)
             if owner is not None and owner.here:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:
-                    return "process %s on this host, running" % owner.pid
+                    return "process %s on this host, running" % owner.pid, True
                 return "process %s on this host, which has died (the claim is broken " \
-                       "at the next look)" % owner.pid
+                       "at a processor's next pass)" % owner.pid, False
             return "%s, touched %d s ago" % (
                 "process %s on %s" % (owner.pid, owner.host) if owner else
                 "an owner that can no longer be named",
-                time.time() - max(st.st_mtime, st.st_ctime))
+                time.time() - max(st.st_mtime, st.st_ctime)), None
         finally:
             os.close(fd)
 
@@ -2165,6 +2182,9 @@ class QueueEntry:
     failed: Dict[str, str] = dataclasses.field(default_factory=dict)
     history: List[Dict[str, object]] = dataclasses.field(default_factory=list)
     dead_since: Optional[float] = None
+    # whether claim's process lives: False when it has died on this host
+    # (the claim is broken at a processor's next pass), None when unknown
+    claim_alive: Optional[bool] = None
 
 
 def _fill_from_dead_letter(entry: QueueEntry, head: _Head, mtime: float) -> None:
@@ -2537,6 +2557,16 @@ class Queue:
              xverp: bool = False, state: Optional[_Record] = None) -> str:
         """add, for addresses already checked (by _prepared: send_email and
         the send command), so that each is checked once."""
+        name = self._stage(sender, recipients, data, xverp, state)
+        self._publish(name)
+        return name
+
+    def _stage(self, sender: str, recipients: List[str], data: bytes,
+               xverp: bool = False, state: Optional[_Record] = None) -> str:
+        """The first half of _add: write the message (its state first, when
+        given) to tmp/, fsynced, and return its name.  Raises QueueError,
+        leaving nothing in tmp/, when it cannot.  A transaction's vote
+        (_MailDataManager) stops here and publishes at its finish."""
         # The identity only (one lstat), not the parents' modes as well:
         # those cost a stat per level per message (60% of add's time), and
         # any replacement of the queue or of a parent changes the identity.
@@ -2547,25 +2577,48 @@ class Queue:
         name = "%d.M%06dP%dQ%d.%s%s" % (now, (now % 1) * 1e6, os.getpid(),
                                         next(_counter), _HOST,
                                         _XVERP_FLAG if xverp else "")
-        tmp = os.path.join(self._tmp_dir, name)
-        final = os.path.join(self._new_dir, name)
         try:
             if state:
                 self._write_state(name, state, sync=True)
-            _write_synced(tmp, [_envelope(sender, recipients), data], exclusive=True)
+            _write_synced(self._tmp_dir + os.sep + name,
+                          [_envelope(sender, recipients), data], exclusive=True)
+        except OSError as e:
+            self._discard(name)
+            raise self._error("cannot write the message", e) from None
+        return name
+
+    def _publish(self, name: str, committed: bool = False) -> None:
+        """The second half of _add: rename tmp/NAME into new/, where a
+        processor finds it, and fsync new/.  Raises QueueError when the
+        message is not queued, and then removes it from tmp/, unless
+        ``committed`` (a transaction's finish, which can no longer take
+        the message back): then it is kept there, whole, for the operator
+        to move into new/ (README's "GroupServer and Zope").  When new/
+        cannot be synced, the message is withdrawn (see _withdraw) and
+        QueueError raised, or, committed, left queued and the error logged."""
+        # joined by hand, as in _stage: os.path.join costs about half a microsecond each
+        tmp, final = self._tmp_dir + os.sep + name, self._new_dir + os.sep + name
+        try:
             os.rename(tmp, final)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if not committed:
+                self._discard(name)
             raise self._error("cannot write the message", e) from None
         try:
             _fsync_dir(self._new_dir)
         except OSError as e:
-            if self._withdraw(final, e):
+            if committed:
+                log.error("4.3.0 queue %s: %s was queued, but new/ could not be synced "
+                          "(a crash now may lose it): %s", self.path, name, e.strerror)
+            elif self._withdraw(final, e):
                 raise self._error("cannot sync new/ after writing the message", e) from None
-        return name
+
+    def _discard(self, name: str) -> None:
+        """Remove tmp/NAME, a message _stage wrote that is not to be queued."""
+        try:
+            os.unlink(os.path.join(self._tmp_dir, name))
+        except OSError:
+            pass
 
     def _withdraw(self, path: str, e: OSError) -> bool:
         """After new/ could not be synced (e): take back the message just
@@ -3138,8 +3191,8 @@ class Queue:
             return entry
         _fill_from_state(entry, self._read_state(name) or {}, st.st_mtime)
         if state == "sending":
-            entry.claim = self._claims.describe(os.path.join(os.path.dirname(path),
-                                                             _CLAIM + name))
+            entry.claim, entry.claim_alive = self._claims.holder(
+                os.path.join(os.path.dirname(path), _CLAIM + name))
         return entry
 
     def find(self, ids: Iterable[str]) -> List[QueueEntry]:
@@ -3815,6 +3868,14 @@ def _reply_for(exc: BaseException, where: str) -> Reply:
         return Reply(451, "4.4.2 %s did not answer in time" % where)
     if isinstance(exc, ConnectionRefusedError):
         return Reply(451, "4.4.1 connection refused by %s" % where)
+    if isinstance(exc, socket.gaierror):
+        # getaddrinfo found no address for the relay's name: a typo in
+        # hostname or this host's resolver, not a relay that is down.
+        # 4.4.3, as Postfix's "Host or domain name not found"; decided on
+        # the type, whatever the resolver's words.
+        return Reply(451, "4.4.3 name %s does not resolve (%s): check hostname in the "
+                     "SMTP section of gsconfig.ini, and DNS"
+                     % (where.rsplit(":", 1)[0].strip("[]"), exc.strerror or exc))
     if isinstance(exc, OSError):
         return Reply(451, "4.4.1 cannot talk to %s: %s" % (where, exc.strerror or exc))
     return Reply(451, "4.3.0 %s: %s" % (type(exc).__name__, exc))
@@ -4987,6 +5048,8 @@ class Mailer:
             if status[1:] in (".7.8", ".7.9", ".7.11"):     # RFC 4954: AUTH refused
                 fix = ("fix AUTH: username and the password (password, password_env, "
                        "password_file or password_command) or auth_mechanism")
+            elif status[1:] == ".4.3":      # its name does not resolve (_reply_for)
+                fix = "the name is at fault, not the relay"
             else:
                 fix = hint.get(status[:3], "see the relay's log")
             return "%s %s cannot be used: %s; %s" % (status, r.relay, r.error, fix)
@@ -6594,16 +6657,66 @@ def _start_after_uwsgi_fork() -> None:
                       config.queuepath, e)
 
 
+_transaction: Any = None     # the transaction package, once transactional = true needed it
+
+
+def _transaction_package(config: SMTPConfig) -> Any:   # transaction has no types
+    """The ``transaction`` package that transactional = true joins,
+    imported when first needed: gsemail itself needs the standard library
+    only, and the processor (python -m gsemail) needs no transactions."""
+    global _transaction
+    if _transaction is None:
+        try:
+            _transaction = importlib.import_module("transaction")
+        except ImportError as e:
+            where = (" in %s" % config.source) if config.source else ""
+            raise ConfigError("option transactional = true%s: the transaction package "
+                              "cannot be imported (%s): install it for this Python (pip "
+                              "install transaction), or set transactional = false"
+                              % (where, e)) from None
+    return _transaction
+
+
+class _OutboxMessage(NamedTuple):
+    """What send_email would have queued, as outbox() keeps it."""
+
+    sender: str
+    recipients: List[str]       # bare, checked, without duplicates
+    message: email.message.EmailMessage     # data parsed with email.policy.default, LF ends
+    data: bytes                 # the bytes that would go, CRLF, Message-ID and Date added
+    xverp: bool                 # as the caller asked (the config is not read)
+
+
+# The lists of the outbox() blocks now open, innermost last: while there is
+# one, send_email keeps its messages there and never reads the config,
+# opens a queue or starts a thread.
+_outboxes: List[List[_OutboxMessage]] = []
+
+
+def _to_outboxes(sender: str, rcpts: List[str], data: bytes, xverp: bool) -> None:
+    # parsed with LF line ends, so that its text is as Python code writes it
+    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+        data.replace(b"\r\n", b"\n"))
+    sent = _OutboxMessage(sender, rcpts, parsed, data, bool(xverp))
+    for kept in list(_outboxes):
+        kept.append(sent)
+
+
 def configure(config: Union[str, SMTPConfig], instance: str = "default") -> SMTPConfig:
     """Set the configuration send_email uses in this process.
 
     ``config`` is the path of a gsconfig.ini (read with load_config) or an
     SMTPConfig.  With processorthread = true the queue processor thread
-    starts now and delivers any backlog at once.
+    starts now and delivers any backlog at once.  With transactional = true
+    the ``transaction`` package must be importable (else ConfigError).
     """
     global _config
     if not isinstance(config, SMTPConfig):
         config = load_config(config, instance)
+    if config.transactional:
+        _transaction_package(config)    # now, not at the first message
+    if _outboxes:
+        return config       # inside outbox(): read and checked, nothing set or started
     with _lock:
         _config = config
     _queue_for(config)
@@ -6634,6 +6747,138 @@ def _log_queued(name: str, sender: str, rcpts: List[str], data: bytes, path: str
                  _shown(sender), _message_id(data) or "none", len(data), path)
 
 
+class _Mail(NamedTuple):
+    """A message send_email took in a transaction, checked and prepared."""
+
+    queue: Queue
+    sender: str
+    recipients: List[str]
+    data: bytes
+    xverp: bool
+
+
+class _MailSavepoint(NamedTuple):
+    """_MailDataManager's savepoint (transaction's IDataManagerSavepoint):
+    its rollback keeps the messages taken before it."""
+
+    manager: "_MailDataManager"
+    kept: int       # how many messages the manager had when it was taken
+
+    def rollback(self) -> None:
+        del self.manager._mails[self.kept:]     # before the vote: nothing on disk yet
+
+
+class _MailDataManager:
+    """The messages send_email took in one transaction (transactional =
+    true), queued if it commits: a data manager of the ``transaction``
+    package (IDataManager, ISavepointDataManager), one per transaction, as
+    zope.sendmail's QueuedMailDelivery joined one per message.
+
+    send_email checks and prepares each message at once (its errors are
+    the request's) and this keeps it in memory until the commit.  The vote
+    writes and fsyncs each into tmp/ (Queue._stage); a vote that cannot (a
+    full disk) raises the QueueError, so the transaction aborts, and
+    leaves nothing.  The finish renames them into new/ (Queue._publish)
+    and wakes the processor; it never raises, for the transaction has
+    committed: a message it cannot queue stays whole in tmp/ and is logged.
+    abort and tpc_abort forget every message (and remove what the vote
+    wrote); a savepoint's rollback forgets those taken after it.
+    """
+
+    def __init__(self, package: Any) -> None:
+        self.transaction_manager = package.manager     # IDataManager's attribute
+        self._mails: List[_Mail] = []
+        self._staged: List[Tuple[_Mail, str]] = []     # written by the vote, with names
+        self._joined = True
+
+    @classmethod
+    def joined(cls, package: Any) -> "_MailDataManager":
+        """The current transaction's data manager, joined to it if new (or
+        if the one it had left by an abort: a savepoint's rollback)."""
+        txn = package.get()
+        try:
+            manager: Optional[_MailDataManager] = txn.data(cls)
+        except KeyError:
+            manager = None
+        if manager is None or not manager._joined:
+            manager = cls(package)
+            txn.join(manager)
+            txn.set_data(cls, manager)
+        return manager
+
+    def __repr__(self) -> str:     # as the transaction package logs a failed manager
+        return "<gsemail mail of a transaction: %d message(s)>" % len(self._mails)
+
+    def sortKey(self) -> str:
+        # Last ("~" after the letters, digits and "/" of ZODB's keys), so the
+        # database votes first: a ConflictError there costs no fsyncs here,
+        # and a committed database is not undone by a mail that failed.
+        return "~gsemail"
+
+    def savepoint(self) -> _MailSavepoint:
+        return _MailSavepoint(self, len(self._mails))
+
+    def abort(self, txn: Any) -> None:
+        self._forget()
+
+    def tpc_begin(self, txn: Any) -> None:
+        pass
+
+    def commit(self, txn: Any) -> None:
+        pass
+
+    def tpc_vote(self, txn: Any) -> None:
+        try:
+            for mail in self._mails:
+                name = mail.queue._stage(mail.sender, mail.recipients, mail.data, mail.xverp)
+                self._staged.append((mail, name))
+        except BaseException:
+            self._unstage()     # the transaction aborts: nothing may stay in tmp/
+            raise
+
+    def tpc_finish(self, txn: Any) -> None:
+        staged = self._staged
+        self._staged, self._mails, self._joined = [], [], False
+        woken = set()
+        for mail, name in staged:
+            queue = mail.queue
+            try:
+                queue._publish(name, committed=True)
+            except Exception as e:      # never raise: the transaction has committed
+                status = e.status if isinstance(e, GsEmailError) else "4.3.0"
+                log.error("%s %s: the transaction committed, but the message could not be "
+                          "queued: %s; it is whole in %s: move it into %s to send it",
+                          status, name, e, os.path.join(queue.path, "tmp", name),
+                          os.path.join(queue.path, "new", ""))
+                continue
+            _log_queued(name, mail.sender, mail.recipients, mail.data, queue.path)
+            woken.add(queue.path)
+        for path in woken:
+            processor = _processors.get(path)
+            if processor is not None:
+                processor.wake()
+
+    def tpc_abort(self, txn: Any) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        """Leave the transaction, dropping every message (an abort, or the
+        rollback of a savepoint taken before this joined)."""
+        mails, self._mails, self._joined = self._mails, [], False
+        self._unstage()
+        if mails and log.isEnabledFor(logging.INFO):
+            # What a ConflictError's retry sends again, or a doomed request
+            # never sent: the log shows it was meant so.
+            log.info("2.0.0 %d message(s) not queued: their transaction was aborted "
+                     "(msgid=%s)", len(mails),
+                     ",".join(_message_id(m.data) or "none" for m in mails))
+
+    def _unstage(self) -> None:
+        staged, self._staged = self._staged, []
+        for mail, name in staged:
+            mail.queue._discard(name)
+
+
 def send_email(sender: str, recipients: Union[str, Iterable[str]],
                email: Union[bytes, str, email.message.Message],
                xverp: bool = False) -> None:
@@ -6645,15 +6890,59 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
     or the config says xverp = True.  Raises ValueError (MessageError) for a
     bad address or message, ConfigError or QueueError when it cannot be
     queued; nothing is queued when it raises.
+
+    With transactional = true it is checked now but queued only when the
+    current transaction commits (see _MailDataManager), and never if it
+    aborts; errors of the transaction package itself (NoTransaction, a
+    transaction that already failed) are raised as they are.
     """
     rcpts, data = _prepared(sender, recipients, email, xverp)
+    if _outboxes:
+        _to_outboxes(sender, rcpts, data, xverp)
+        return
     config = _current_config()
     queue = _queue_for(config)
+    if config.transactional:
+        manager = _MailDataManager.joined(_transaction_package(config))
+        manager._mails.append(_Mail(queue, sender, rcpts, data,
+                                    _with_xverp(xverp, sender, config)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("2.0.0 %s from=<%s> msgid=%s: queued when the current transaction "
+                      "commits", _to(rcpts), _shown(sender), _message_id(data) or "none")
+        return
     name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
     _log_queued(name, sender, rcpts, data, queue.path)
     processor = _processors.get(config.queuepath)
     if processor is not None:
         processor.wake()
+
+
+@contextlib.contextmanager
+def outbox() -> Iterator[List[_OutboxMessage]]:
+    """For an application's tests: ``with gsemail.outbox() as sent:``
+    send_email keeps each message in the list ``sent`` instead of queuing
+    it, as Django's mail.outbox does, until the block ends.
+
+    Each item has ``sender``, ``recipients``, ``message`` (an
+    email.message.EmailMessage, parsed with email.policy.default), ``data``
+    (the bytes that would be queued) and ``xverp``.  send_email checks and
+    prepares the message as ever (the same errors) but reads no
+    configuration, opens no queue and starts no thread, in every thread of
+    the process; configure() inside the block reads and checks its config
+    and changes nothing.  Whatever was configured before is untouched, and
+    in effect again after the block.  Blocks nest: each open one gets every
+    message.
+    """
+    kept: List[_OutboxMessage] = []
+    _outboxes.append(kept)
+    try:
+        yield kept
+    finally:
+        # not there when _reset_for_tests ran inside the block
+        for i, other in enumerate(_outboxes):
+            if other is kept:
+                del _outboxes[i]
+                break
 
 
 def shutdown(timeout: Optional[float] = None) -> None:
@@ -6681,6 +6970,7 @@ def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
         _config = None
         _queues.clear()
         _processors.clear()
+    del _outboxes[:]
 
 
 # At exit, wait a little for the message in flight.  If it is cut short, the
@@ -6688,6 +6978,208 @@ def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
 atexit.register(shutdown, 10.0)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
+# ---------------------------------------------------------------------------
+# Django: EmailBackend, for EMAIL_BACKEND = "gsemail.EmailBackend" or a
+# MAILERS entry (Django 6.1).  It queues each message as send_email does,
+# from the envelope Django's SMTP backend would give.  Django is never
+# imported here: a backend exists only inside a Django that has imported its
+# settings already, so those are read from sys.modules, and importing or
+# constructing the backend starts and creates nothing (manage.py migrate,
+# shell and test touch no queue).
+# ---------------------------------------------------------------------------
+
+def _django_setting(name: str) -> Any:
+    """settings.NAME of the Django project this process runs, or None (no
+    Django loaded, its settings not configured, or no such setting)."""
+    conf = sys.modules.get("django.conf")
+    settings = getattr(conf, "settings", None)
+    if settings is None or not getattr(settings, "configured", False):
+        return None
+    return getattr(settings, name, None)
+
+
+def _django_address(address: object, what: str) -> str:
+    """The bare address that Django's SMTP backend puts in MAIL FROM or RCPT
+    TO for a from_email, to, cc or bcc: the display name dropped (``Site
+    <noreply@example.org>``, a non-ASCII or RFC 2047 name included) and a
+    non-ASCII domain IDNA-encoded, as sanitize_address (Django 4.2, 5.2) and
+    prep_address (6.1) do.  MessageError when it is not one address."""
+    if isinstance(address, tuple) and len(address) == 2:
+        address = address[1]    # (name, address), which Django before 6.1 takes
+    text = str(address)         # also a lazy translation (gettext_lazy)
+    status = "5.1.7" if what == "sender" else "5.1.3"
+    if _CONTROL.search(text):
+        # The parser would skip a CR or LF and join what is around it.
+        raise MessageError("%s %r contains a control character (CR, LF, NUL, ...)"
+                           % (what, text), status=status)
+    parsed = email.headerregistry.AddressHeader.value_parser(text)
+    # Django allows a mailbox without a domain ("webmaster"): the check in
+    # _prepared says why it cannot go on the envelope.
+    defects = sorted({str(d) for d in parsed.all_defects} -
+                     {"addr-spec local part with no domain"})
+    mailboxes = parsed.all_mailboxes
+    if defects or len(mailboxes) != 1:
+        raise MessageError("%s %r is not one address%s" % (
+            what, text, (": " + "; ".join(defects)) if defects else ""), status=status)
+    mailbox = mailboxes[0]
+    domain = mailbox.domain or ""
+    if domain.isascii():
+        return str(mailbox.addr_spec)
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise MessageError("%s %r has a domain that IDNA cannot encode: %s"
+                           % (what, text, e), status=status) from None
+    return str(email.headerregistry.Address(username=mailbox.local_part, domain=domain))
+
+
+class EmailBackend:
+    """Django's email backend that queues through gsemail.
+
+    ``EMAIL_BACKEND = "gsemail.EmailBackend"`` with the settings
+    ``GSEMAIL_CONFIG`` (a gsconfig.ini's path), ``GSEMAIL_INSTANCE``,
+    ``GSEMAIL_ENVELOPE_SENDER`` and ``GSEMAIL_XVERP``; or, in Django 6.1's
+    ``MAILERS``, ``"BACKEND": "gsemail.EmailBackend"`` with the OPTIONS
+    ``config``, ``instance``, ``envelope_sender``, ``xverp`` and
+    ``fail_silently`` (which also override the settings when given to
+    get_connection).  Without a config, send_email's is used (configure(),
+    ``$GSEMAIL_CONFIG`` or ``$INSTANCE_HOME``).
+
+    Each message is queued as send_email queues it: the envelope sender is
+    the message's ``envelope_sender`` attribute (as django-anymail names
+    it), else the backend's, else from_email's bare address; the recipients
+    are message.recipients() (to, cc and bcc); a Bcc header is removed.
+    send_messages returns how many were queued; a message without
+    recipients is skipped.  With fail_silently, a GsEmailError or an OSError
+    is logged (WARNING) and the next message tried; else it is raised.
+    Nothing is read, created or started before the first message is sent.
+    """
+
+    def __init__(self, fail_silently: bool = False, *, alias: Optional[str] = None,
+                 config: Union[str, "os.PathLike[str]", SMTPConfig, None] = None,
+                 instance: Optional[str] = None, envelope_sender: Optional[str] = None,
+                 xverp: Optional[bool] = None,
+                 _ignore_unknown_kwargs: Optional[Iterable[str]] = None,
+                 **kwargs: Any) -> None:
+        # What Django 6.1's deprecated get_connection(**kwargs) passes on and
+        # says may be dropped when the backend does not know it.
+        for name in _ignore_unknown_kwargs or ():
+            kwargs.pop(name, None)
+        # send_mail and send_mass_mail of Django 4.2 and 5.2 always pass
+        # their auth_user and auth_password, None unless the caller gave them.
+        for name in ("username", "password"):
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
+        where = ("MAILERS[%r]" % alias) if alias is not None else "gsemail.EmailBackend"
+        if kwargs:
+            hint = (" (the relay's credentials are gsconfig.ini's username and password)"
+                    if {"username", "password"} & set(kwargs) else "")
+            raise TypeError("gsemail.EmailBackend does not take %s%s; its options are "
+                            "config, instance, envelope_sender, xverp and fail_silently"
+                            % (", ".join(repr(k) for k in sorted(kwargs)), hint))
+        self.alias = alias
+        self.fail_silently = bool(fail_silently)
+
+        def option(value: Any, setting: str, types: Tuple[type, ...], name: str) -> Any:
+            how = "option %r in %s" % (name, where)
+            if value is None:
+                value, how = _django_setting(setting), "setting " + setting
+            if value is not None and not isinstance(value, types):
+                raise ConfigError("%s = %r: must be %s" % (how, value, " or ".join(
+                    t.__name__ for t in types)))
+            return value
+
+        config = option(config, "GSEMAIL_CONFIG", (str, os.PathLike, SMTPConfig), "config")
+        self._config_given: Union[str, SMTPConfig, None] = (
+            config if config is None or isinstance(config, SMTPConfig) else os.fspath(config))
+        self._instance: Optional[str] = option(instance, "GSEMAIL_INSTANCE", (str,), "instance")
+        if self._instance is not None and self._config_given is None:
+            raise ConfigError("%s: an instance (%r) needs a config too, the path of its "
+                              "gsconfig.ini" % (where, self._instance))
+        self.xverp: bool = bool(option(xverp, "GSEMAIL_XVERP", (bool,), "xverp"))
+        sender = option(envelope_sender, "GSEMAIL_ENVELOPE_SENDER", (str,), "envelope_sender")
+        if sender:
+            try:
+                sender = _django_address(sender, "sender")
+                _check_sender(sender, self.xverp)
+            except MessageError as e:
+                raise ConfigError("%s: envelope_sender: %s" % (where, e)) from None
+        elif sender == "" and self.xverp:
+            raise ConfigError("%s: an empty envelope_sender (<>) cannot be used with "
+                              "xverp: XVERP rewrites the sender" % where)
+        #: the envelope sender of every message (None: its from_email's)
+        self.envelope_sender: Optional[str] = sender
+        self._config: Optional[SMTPConfig] = None
+
+    def _smtp_config(self) -> SMTPConfig:
+        """The configuration, read at the first message (a backend lives
+        for one send_mail, or one ``with`` block)."""
+        if self._config is None:
+            given = self._config_given
+            if isinstance(given, SMTPConfig):
+                self._config = given
+            elif given is not None:
+                self._config = load_config(given, self._instance or "default")
+            else:
+                self._config = _current_config()
+        return self._config
+
+    def open(self) -> None:
+        """Nothing to open: the queue is opened, and its processor started,
+        when the first message is queued."""
+
+    def close(self) -> None:
+        """Nothing to close: the processor serves the whole process, and
+        stops at its exit (shutdown)."""
+
+    def __enter__(self) -> "EmailBackend":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_messages(self, email_messages: Iterable[Any]) -> int:
+        """Queue each of Django's EmailMessages; return how many were queued."""
+        queued = 0
+        for message in email_messages or ():
+            if not message.recipients():
+                continue        # as every Django backend: nothing to send
+            try:
+                self._queue(message)
+            except (GsEmailError, OSError) as e:
+                if not self.fail_silently:
+                    raise
+                log.warning("%s not queued (fail_silently) from=%s %s: %s",
+                            getattr(e, "status", "4.3.0"), _quoted(str(message.from_email)),
+                            _to([str(r) for r in message.recipients()]), _one_line(str(e)))
+                continue
+            queued += 1
+        return queued
+
+    def _queue(self, message: Any) -> str:
+        sender = getattr(message, "envelope_sender", None)
+        if sender is None:
+            sender = self.envelope_sender
+        if sender is None:
+            sender = message.from_email
+        sender = _django_address(sender, "sender") if sender else ""
+        rcpts = [_django_address(r, "recipient") for r in message.recipients()]
+        mime = message.message()
+        # Django puts bcc on the envelope only; a Bcc header given in
+        # headers= (Django 4.2 and 5.2 let one through) must not go out.
+        del mime["Bcc"]
+        rcpts, data = _prepared(sender, rcpts, mime, self.xverp)
+        config = self._smtp_config()
+        queue = _queue_for(config)
+        name = queue._add(sender, rcpts, data, xverp=_with_xverp(self.xverp, sender, config))
+        _log_queued(name, sender, rcpts, data, queue.path)
+        processor = _processors.get(config.queuepath)
+        if processor is not None:
+            processor.wake()
+        return name
 
 
 # ---------------------------------------------------------------------------
@@ -6727,8 +7219,9 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                              "option, or [smtp-INSTANCE] (default: $GSEMAIL_INSTANCE "
                              "or default)")
     parser.add_argument("-v", "--verbose", action="count", default=default(0),
-                        help="log each attempt (-vv: debug messages too; -vvv: the "
-                             "SMTP transcript too, redacted, as debug = true)")
+                        help="log each message queued and each attempt, as the "
+                             "processor does without it (-vv: debug messages too; -vvv: "
+                             "the SMTP transcript too, redacted, as debug = true)")
 
 
 # The command line's numbers, bounded as the config's are: a threshold of
@@ -6856,15 +7349,16 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if not args.verbose and not args.quiet:
+        # Without -v the processor still says what it does, as a newcomer (or
+        # a journal) needs: that it started, on which queue and relay, and a
+        # line per delivery and deferral (INFO).  -q: warnings and errors only.
+        log.setLevel(logging.INFO)
     if not args.once:
-        if not log.isEnabledFor(logging.INFO):
-            # The one line a newcomer (or a journal) needs to see that it
-            # runs, and on what; -v shows it (logged by run) and every delivery.
-            print("2.0.0 queue processor for %s started (relay %s); -v logs each delivery"
-                  % (processor.queue.path, ", ".join(_where(*r) for r in config.relays)),
-                  file=sys.stderr, flush=True)
-        processor.run()
+        processor.run()     # which logs its start
         return os.EX_OK
+    log.info("2.0.0 queue processor for %s started (relay %s): --once, until nothing is due",
+             processor.queue.path, ", ".join(_where(*r) for r in config.relays))
     progress = None
     if sys.stderr.isatty():
         progress = _Progress(sys.stderr)
@@ -6899,6 +7393,8 @@ def _size(n: int) -> str:
 
 
 def _next(e: QueueEntry, now: float) -> str:
+    if e.state == "sending" and e.claim_alive is False:
+        return "now"        # its claim is broken at a processor's next pass
     if e.state in ("dead", "sending"):
         return "never" if e.state == "dead" else "sending"
     if e.next_attempt is None or e.next_attempt <= now:
@@ -6915,6 +7411,7 @@ def _entry_json(e: QueueEntry, now: float) -> Dict[str, object]:
         "next_attempt": (_iso(e.next_attempt) if e.next_attempt is not None
                          and e.state in ("new", "deferred") else None),
         "last_error": e.last_error or None, "xverp": e.xverp, "claim": e.claim or None,
+        "claim_alive": e.claim_alive,
         "failed": e.failed,
         "dead_since": _iso(e.dead_since) if e.dead_since is not None else None,
     }
@@ -6960,9 +7457,11 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
         counts[e.state] += 1
         total += 1
         size += e.size
+        last = _one_line(e.last_error) or "-"
+        if e.claim_alive is False:      # a dead holder: say so where the trouble is said
+            last = "claimed by %s%s" % (e.claim, "" if last == "-" else "; " + last)
         row = (e.id, e.state, _age(now - e.queued), _size(e.size), e.sender or "<>",
-               str(len(e.recipients)), str(e.attempts), _next(e, now),
-               _one_line(e.last_error) or "-")
+               str(len(e.recipients)), str(e.attempts), _next(e, now), last)
         if widths:
             put(row)
             continue
@@ -7428,6 +7927,248 @@ def _cmd_check(config: SMTPConfig, args: argparse.Namespace) -> int:
     return error.exit_code
 
 
+# The sink: a development tool, no part of delivery.  Python 3.12 removed
+# smtpd, whose DebuggingServer developers ran to see what an application
+# sends; this is that, named after Postfix's smtp-sink.
+
+_SINK_LINE = 4096           # the longest command line (RFC 5321's least is 512)
+_SINK_RCPTS = 1000          # recipients a transaction (RFC 5321's least is 100)
+_SINK_MAIL = re.compile(r"FROM:\s*<([^<>]*)>((?:\s+\S+)*)\s*", re.IGNORECASE)
+_SINK_RCPT = re.compile(r"TO:\s*<([^<>]+)>\s*", re.IGNORECASE)
+
+
+def _port_option(text: str) -> int:
+    value = _count_option(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("%r is not a port, from 0 to 65535" % text)
+    return value
+
+
+class _SinkSession(socketserver.StreamRequestHandler):
+    """One SMTP session of the sink: EHLO/HELO, MAIL (SIZE, BODY, SMTPUTF8),
+    RCPT, DATA (dot-unstuffed), RSET, NOOP, VRFY, HELP, QUIT.  Pipelined
+    commands are read from the buffer in turn, as RFC 2920 wants."""
+
+    timeout = 300.0         # RFC 5321's idle timeout
+    server: "_Sink"     # defined next: it names this class as its handler
+
+    def reply(self, *lines: str) -> None:
+        self.wfile.write("".join("%s%s%s\r\n" % (line[:3], " " if n == len(lines) - 1
+                                                 else "-", line[4:])
+                                 for n, line in enumerate(lines)).encode("utf-8"))
+
+    def handle(self) -> None:
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reply("220 %s ESMTP gsemail sink: keeps every message, delivers none" % _HOST)
+        hello = ""
+        sender: Optional[str] = None
+        rcpts: List[str] = []
+        try:
+            while True:
+                line = self.rfile.readline(_SINK_LINE + 1)
+                if not line:
+                    return
+                if not line.endswith(b"\n"):
+                    while line and not line.endswith(b"\n"):    # the rest of it
+                        line = self.rfile.readline(_SINK_LINE + 1)
+                    self.reply("500 5.5.2 line too long")
+                    continue
+                verb, _, arg = line.rstrip(b"\r\n").decode("utf-8", "replace").partition(" ")
+                verb = verb.upper()
+                if verb in ("EHLO", "HELO"):
+                    if not arg.strip():
+                        self.reply("501 5.5.4 %s needs your name" % verb)
+                        continue
+                    hello, sender, rcpts = verb, None, []
+                    if verb == "HELO":
+                        self.reply("250 %s" % _HOST)
+                    else:
+                        self.reply("250 %s" % _HOST, "250 PIPELINING", "250 8BITMIME",
+                                   "250 SMTPUTF8", "250 ENHANCEDSTATUSCODES",
+                                   "250 SIZE %d" % self.server.size)
+                elif verb == "MAIL":
+                    mail = _SINK_MAIL.fullmatch(arg)
+                    if not hello:
+                        self.reply("503 5.5.1 EHLO or HELO first")
+                    elif sender is not None:
+                        self.reply("503 5.5.1 one MAIL at a time: RSET first")
+                    elif mail is None:
+                        self.reply("501 5.5.4 the syntax is MAIL FROM:<address>")
+                    else:
+                        refused = self._parameters(hello, mail.group(2).split())
+                        if refused:
+                            self.reply(refused)
+                        else:
+                            sender, rcpts = mail.group(1), []
+                            self.reply("250 2.1.0 ok")
+                elif verb == "RCPT":
+                    rcpt = _SINK_RCPT.fullmatch(arg)
+                    if sender is None:
+                        self.reply("503 5.5.1 MAIL first")
+                    elif rcpt is None:
+                        self.reply("501 5.5.4 the syntax is RCPT TO:<address>")
+                    elif len(rcpts) >= _SINK_RCPTS:
+                        self.reply("452 4.5.3 too many recipients")
+                    else:
+                        rcpts.append(rcpt.group(1))
+                        self.reply("250 2.1.5 ok")
+                elif verb == "DATA":
+                    if sender is None or not rcpts:
+                        self.reply("503 5.5.1 %s first" % ("MAIL" if sender is None
+                                                           else "RCPT"))
+                        continue
+                    self.reply("354 end data with <CR><LF>.<CR><LF>")
+                    data = self._data()
+                    if data is None:
+                        self.reply("552 5.3.4 message larger than SIZE %d"
+                                   % self.server.size)
+                    else:
+                        try:
+                            number = self.server.keep(self.client_address[0], sender,
+                                                      rcpts, data)
+                        except OSError as e:    # a full disk, a closed stdout: try later
+                            self.reply("451 4.3.0 the sink cannot keep it: %s"
+                                       % _one_line(str(e.strerror or e)))
+                        else:
+                            self.reply("250 2.0.0 kept as message %d (not delivered)"
+                                       % number)
+                    sender, rcpts = None, []
+                elif verb == "RSET":
+                    sender, rcpts = None, []
+                    self.reply("250 2.0.0 ok")
+                elif verb == "NOOP":
+                    self.reply("250 2.0.0 ok")
+                elif verb == "VRFY":
+                    self.reply("252 2.5.0 not verified: send it, and it is kept")
+                elif verb == "HELP":
+                    self.reply("214 2.0.0 EHLO HELO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+                elif verb == "QUIT":
+                    self.reply("221 2.0.0 bye")
+                    return
+                else:
+                    self.reply("500 5.5.2 command not recognised")
+        except (OSError, EOFError):     # the client went, or stayed idle too long
+            return
+
+    def _parameters(self, hello: str, params: List[str]) -> str:
+        """The reply refusing MAIL's parameters, or "" for none to refuse."""
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if hello != "EHLO":
+                return "555 5.5.4 parameters need EHLO"
+            if key == "SIZE" and value.isdigit():
+                if int(value) > self.server.size:
+                    return "552 5.3.4 message larger than SIZE %d" % self.server.size
+            elif not ((key == "BODY" and value.upper() in ("7BIT", "8BITMIME"))
+                      or (key == "SMTPUTF8" and not value)):
+                return "555 5.5.4 parameter %s not recognised" % param
+        return ""
+
+    def _data(self) -> Optional[bytes]:
+        """DATA's message up to the lone dot, unstuffed; None when it is
+        larger than SIZE (read to its end all the same).  Raises EOFError
+        if the connection ends first."""
+        chunks: List[bytes] = []
+        size, whole = 0, True
+        at_start = True         # a line begins here: only there are dots special
+        while True:
+            chunk = self.rfile.readline(65536)
+            if not chunk:
+                raise EOFError
+            if at_start:
+                if chunk in (b".\r\n", b".\n"):
+                    break
+                if chunk.startswith(b"."):
+                    chunk = chunk[1:]
+            at_start = chunk.endswith(b"\n")
+            size += len(chunk)
+            if size > self.server.size:
+                whole = False
+                chunks = []
+            elif whole:
+                chunks.append(chunk)
+        return b"".join(chunks) if whole else None
+
+
+class _Sink(socketserver.ThreadingTCPServer):
+    """``gsemail sink``: an SMTP server that keeps every message it is given
+    and delivers none.  It is not a relay: nothing it accepts goes anywhere
+    but to its standard output and its --maildir."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], maildir: Optional[str],
+                 size: int) -> None:
+        self.address_family = socket.getaddrinfo(address[0], address[1], 0,
+                                                 socket.SOCK_STREAM)[0][0]
+        self.maildir = maildir
+        self.size = size
+        self.kept = 0
+        self._keeping = threading.Lock()
+        super().__init__(address, _SinkSession)
+
+    def keep(self, client: str, sender: str, rcpts: List[str], data: bytes) -> int:
+        """Print the message (and write it to the Maildir); its number."""
+        with self._keeping:
+            self.kept += 1
+            where = ""
+            if self.maildir is not None:
+                where = " file=" + self._write(sender, rcpts, data)
+            out = sys.stdout.buffer
+            out.write(("2.0.0 sink: message %d from=<%s> %s size=%d client=%s%s\n" % (
+                self.kept, sender, _to(rcpts), len(data), client, where)).encode("utf-8"))
+            if self.maildir is None:
+                out.write(data.replace(b"\r\n", b"\n") + b"\n")
+            out.flush()
+            return self.kept
+
+    def _write(self, sender: str, rcpts: List[str], data: bytes) -> str:
+        """The message as a Maildir's new/ file, envelope in its first two
+        headers (as Postfix's local delivery writes it); its path."""
+        assert self.maildir is not None
+        name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.kept, _HOST)
+        tmp = os.path.join(self.maildir, "tmp", name)
+        fd = os.open(tmp, _CREATE, 0o600)
+        with open(fd, "wb") as f:
+            f.write(("Return-Path: <%s>\r\nX-Original-To: %s\r\n"
+                     % (sender, ", ".join(rcpts))).encode("utf-8") + data)
+        path = os.path.join(self.maildir, "new", name)
+        os.rename(tmp, path)
+        return path
+
+
+def _cmd_sink(config: Optional[SMTPConfig], args: argparse.Namespace) -> int:
+    """``sink``: the development tool; reads no config and no queue."""
+    try:
+        if args.maildir is not None:
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(args.maildir, sub), 0o700, exist_ok=True)
+        sink = _Sink((args.listen, args.port), args.maildir, args.size)
+    except OSError as e:
+        raise GsEmailError("sink cannot listen on %s%s: %s" % (
+            _where(args.listen, args.port), " or write %s" % args.maildir if args.maildir
+            else "", e.strerror or e), status="4.3.0", exit_code=os.EX_OSERR) from None
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+    host, port = sink.server_address[:2]
+    print("2.0.0 gsemail sink listening on %s: not a relay, it keeps each message %s "
+          "and delivers none (Ctrl-C stops it)" % (
+              _where(str(host), int(port)), "in the Maildir " + args.maildir
+              if args.maildir else "by printing it"), file=sys.stderr, flush=True)
+    try:
+        sink.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.server_close()
+    print("2.0.0 gsemail sink stopped: %d message(s) kept" % sink.kept, file=sys.stderr)
+    return os.EX_OK
+
+
 def _split_head(data: bytes) -> Tuple[bytes, bytes]:
     """(header block, rest) of a message as _prepare_message sends it: CRLF
     line ends whatever they were (CR, LF, mixed), leading blank lines gone.
@@ -7566,6 +8307,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="deliver what is due and exit: 0 when the queue is "
                              "empty, 75 when messages wait for a retry; on a "
                              "terminal, shows progress")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="without -v: log only warnings and errors, not the start "
+                             "line and each delivery")
     parser.add_argument("--version", action="version",
                         version="gsemail %s" % __version__)
     parser.set_defaults(run=_cmd_run, command=None)
@@ -7671,6 +8415,25 @@ def _parser() -> argparse.ArgumentParser:
                         "what is not delivered stays queued, and the exit status is 0")
     p.add_argument("--xverp", action="store_true", help="send with XVERP")
     p.add_argument("--file", metavar="FILE", help="read the message from FILE")
+
+    p = command("sink", _cmd_sink, "an SMTP server that prints mail and delivers none "
+                "(development)",
+                "A development tool, needing no --config: an SMTP server that keeps "
+                "every message it is given and delivers none (not a relay), as smtpd's "
+                "DebuggingServer did and Postfix's smtp-sink does.  Each message is "
+                "printed to standard output, an envelope line then its bytes; with "
+                "--maildir, written to that Maildir and only its envelope line printed.  "
+                "Point hostname and port at it.  Stops on SIGINT or SIGTERM.")
+    p.set_defaults(no_config=True)
+    p.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address to listen on (default: %(default)s, this host only)")
+    p.add_argument("--port", type=_port_option, default=1025,
+                   help="the port to listen on (default: %(default)s; 0: any free one)")
+    p.add_argument("--maildir", metavar="DIR", help="write each message to the Maildir "
+                   "DIR (made if missing) instead of printing it")
+    p.add_argument("--size", type=_count_option, default=10240000, metavar="BYTES",
+                   help="the SIZE it offers and the largest message it takes "
+                        "(default: %(default)s, as Postfix's message_size_limit)")
     return parser
 
 
@@ -8045,7 +8808,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _sendmail(words[0], words[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.config:
+    no_config = getattr(args, "no_config", False)      # sink
+    if not args.config and not no_config:
         parser.error("--config is required (or set $GSEMAIL_CONFIG)")
     if args.once and args.command:
         parser.error("--once is for running the processor, not for %s" % args.command)
@@ -8058,6 +8822,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     log.propagate = False
     try:
+        if no_config:
+            sink: Callable[[Optional[SMTPConfig], argparse.Namespace], int] = args.run
+            return sink(None, args)
         config = load_config(args.config, args.instance)
         if args.verbose >= 3 and not config.debug:
             config = dataclasses.replace(config, debug=True)
