@@ -71,9 +71,10 @@ user:
    records and runs the thread.
 9. send_email: configure, send_email and shutdown, forks and uWSGI.
 10. Django: EmailBackend, Django's messages queued as send_email queues.
-11. The command line: main and one _cmd_ function per command; and the
+11. The command line: main and one _cmd_ function per command; the
     sink, an SMTP server for development that keeps what it is given and
-    delivers nothing.
+    delivers nothing; and sendmail mode (main run as sendmail or mailq, for
+    cron, PHP, git and mutt).
 
 Words that mean one thing throughout:
 
@@ -649,6 +650,10 @@ class SMTPConfig:
     max_queue_lifetime: float = 5 * 86400.0
     poll_interval: float = 1.0
     sessions: int = 1
+    #: the domain that sendmail mode gives a bare name (root, a cron job's
+    #: MAILTO, the invoking user as sender): root -> root@DOMAIN.  None:
+    #: this host's fully qualified name (_fqdn), read when it is needed.
+    default_domain: Optional[str] = None
     #: send_email joins the current Zope transaction (the ``transaction``
     #: package): queued at its commit, dropped by its abort
     transactional: bool = False
@@ -795,6 +800,18 @@ class SMTPConfig:
                 raise bad(name, value, "must be at least 1/d and at most %d/s"
                           % _LIMITS[name])
             object.__setattr__(self, parsed, limit)     # frozen, as _relay_list
+        domain = self.default_domain
+        if domain is not None:
+            if isinstance(domain, str):
+                domain = domain.strip()
+            if domain == "":
+                domain = None       # empty means unset, as for the other options
+            elif not isinstance(domain, str) or "@" in domain or \
+                    _address_problem("postmaster@" + domain):
+                raise bad("default_domain", self.default_domain, "must be a domain such as "
+                          "example.org, which completes a bare name (root -> "
+                          "root@example.org)")
+            object.__setattr__(self, "default_domain", domain)
 
     @property
     def relays(self) -> List[Tuple[str, int]]:
@@ -866,6 +883,7 @@ _OPTIONS: Dict[str, Callable[[str], object]] = {
     "debug": _boolean, "verp_fallback": str, "verp_delimiters": str,
     "tls_fingerprint": str, "tls_servername": str,
     "message_rate": _rate_option, "recipient_rate": _rate_option,
+    "default_domain": str,
     "transactional": _boolean,
 }
 # What a value that its parser refuses should have been.
@@ -2411,6 +2429,9 @@ class Queue:
         except OSError as e:
             raise self._error("cannot look at the queue directory", e) from None
         self._check_dir(st)
+        if not os.access(self.path, os.R_OK | os.X_OK):     # else new/ looks missing
+            raise QueueError("queue %s cannot be read by this user: run the command as the "
+                             "queue's owner: %s" % (self.path, _as_user(st.st_uid)))
         for sub in ("new", "cur"):
             full = os.path.join(self.path, sub)
             if not os.path.isdir(full) or os.path.islink(full):
@@ -8187,6 +8208,46 @@ def _without_bcc(data: bytes) -> bytes:
     return b"".join(kept) + rest
 
 
+def _no_processor_hint(queue: Queue, run: str) -> None:
+    """Say on stderr when no processor is running on the queue (Queue.status
+    counts them the same way): what was just queued would wait there,
+    silently, until one starts.  run is the command that starts one."""
+    if queue._processors(time.time()) == 0:
+        print("4.3.0 no queue processor is running on %s: the message waits there until "
+              "one starts (%s)" % (queue.path, run), file=sys.stderr)
+
+
+def _deliver_now(config: SMTPConfig, queue: Queue, name: str) -> Tuple[str, str]:
+    """send --now, sendmail -odi: try the message just queued as name at
+    once, through the processor's own path (claim, send, record), so the
+    rules for retries, refusals and dead letters are those of any other
+    attempt, and what is not delivered stays queued.  Returns what became
+    of it ("delivered", "deferred", "dead", or "" when a running processor
+    claimed it first) and, unless it was delivered, a line that says so."""
+    processor = QueueProcessor(config, queue=queue)
+    try:
+        processor._deliver([os.path.join(queue.path, "new", name)], processor.mailer, 1)
+    finally:
+        processor._close_mailers()
+        processor._note(force=True)     # for status: the last delivery or error
+        processor._finish()     # lets go of this process's claimer file
+    what = next((w for w, n in processor.stats.items() if n), "")
+    line = ""
+    if what == "deferred":
+        state = queue._read_state(name) or {}
+        reason = Reply.parse(str(state.get("last_error") or "451 4.3.0 deferred"))
+        due = _when(state.get("next_attempt"))
+        line = "%s %s: not delivered yet (%s); it stays queued%s" % (
+            reason.status, name, reason,
+            ", to be tried again at %s" % _iso(due) if due is not None else "")
+    elif what == "dead":
+        line = ("5.0.0 %s: refused (for some or all of its recipients): the reasons are "
+                "in its dead letter (gsemail show %s)" % (name, name))
+    elif not what:
+        line = "2.0.0 %s: a running processor took it first" % name
+    return what, line
+
+
 def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     if args.file:
         try:
@@ -8217,7 +8278,18 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     name = queue._add(sender, rcpts, data,
                      xverp=_with_xverp(args.xverp, sender, config))
     _log_queued(name, sender, rcpts, data, queue.path)
-    print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path))
+    print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path),
+          flush=True)
+    what = ""
+    if args.now:
+        what, line = _deliver_now(config, queue, name)
+        if what == "delivered":
+            print("2.0.0 %s: delivered" % name)
+        else:
+            print(line, file=sys.stderr)
+    if what != "delivered":
+        _no_processor_hint(queue, "gsemail --config %s --instance %s" % (
+            shlex.quote(args.config), shlex.quote(args.instance)))
     return os.EX_OK
 
 
@@ -8338,6 +8410,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", dest="from_headers", action="store_true",
                    help="also send to the addresses in the To, Cc and Bcc headers, and "
                         "remove Bcc")
+    p.add_argument("--now", action="store_true",
+                   help="after queueing, try delivery at once (as sendmail -odi); "
+                        "what is not delivered stays queued, and the exit status is 0")
     p.add_argument("--xverp", action="store_true", help="send with XVERP")
     p.add_argument("--file", metavar="FILE", help="read the message from FILE")
 
@@ -8362,8 +8437,375 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- sendmail mode: /usr/sbin/sendmail and mailq for cron, PHP, git, mutt -----
+#
+# Run as sendmail (a symlink to the gsemail script, or python -m gsemail
+# sendmail ...), gsemail takes the command line that programs give
+# /usr/sbin/sendmail, as Postfix's sendmail(1) reads it: getopt's rules
+# (flags anywhere before "--", bundled, a value attached or next), and
+# exits as sendmail's callers expect (sysexits, RFC 3463 lines, silence on
+# success).  The queue's owner queues, and so does root, as the owner; any
+# other user (who may not write the queue) has the message delivered at
+# once, as msmtp does, and learns from the exit status whether it went.
+
+# Where sendmail mode looks for its config after $GSEMAIL_CONFIG, and
+# before $INSTANCE_HOME/etc/gsconfig.ini (gs.config's own rule).
+_SENDMAIL_CONFIGS = ("/etc/gsemail/gsconfig.ini",)
+_SENDMAIL_FLAGS = "itv"          # flags without a value: -t, -i, -v
+_SENDMAIL_VALUED = "BFNRVbfor"   # options with one, attached (-fADDR) or next (-f ADDR)
+_SENDMAIL_QUIET_O = ("i", "em", "ee", "ep", "eq", "di", "db", "dq")  # -oX taken
+
+
+@dataclasses.dataclass
+class _SendmailArgs:
+    """The sendmail command line, as _sendmail_args reads it."""
+
+    mode: str = "m"                 # -bm: read a message and send it; -bp: the queue
+    from_headers: bool = False      # -t
+    sender: Optional[str] = None    # -f / -r, as given
+    full_name: Optional[str] = None     # -F
+    ignore_dots: bool = False       # -i, -oi: a line of "." does not end the message
+    deliver_now: bool = False       # -odi
+    verbose: int = 0                # -v
+    recipients: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+def _sendmail_usage(text: str) -> MessageError:
+    return MessageError("sendmail: %s" % text, status="5.5.4", exit_code=os.EX_USAGE)
+
+
+def _sendmail_option(args: _SendmailArgs, flag: str, value: str) -> None:
+    """One option with its value (-fADDR, -f ADDR, -oi, -B8BITMIME ...)."""
+    if flag in "fr":
+        args.sender = value
+    elif flag == "F":
+        args.full_name = value
+    elif flag == "b":
+        if value not in ("m", "p"):
+            raise _sendmail_usage("-b%s is not supported: only -bm (send a message, the "
+                                  "default) and -bp (list the queue)" % _shown(value))
+        args.mode = value
+    elif flag == "B":
+        if value.upper() not in ("8BITMIME", "7BIT"):
+            raise _sendmail_usage("-B %s: the body type must be 8BITMIME or 7BIT"
+                                  % _shown(value))
+        # Nothing to do: a message with 8-bit data goes with BODY=8BITMIME
+        # wherever the relay offers it (Mailer).
+    elif flag == "o":
+        if value == "i":
+            args.ignore_dots = True
+        elif value in ("di", "db", "dq"):
+            args.deliver_now = value == "di"    # the last one counts
+        elif value not in _SENDMAIL_QUIET_O:
+            args.warnings.append("4.3.5 sendmail: option -o%s is not known: ignored"
+                                 % _shown(value))
+    # -N (DSN NOTIFY), -R (DSN RET) and -V (DSN ENVID) are taken and
+    # ignored, as for a relay that offers no DSN.
+
+
+def _sendmail_args(words: List[str]) -> _SendmailArgs:
+    """The sendmail command line (without the program name), read with
+    getopt's rules, as Postfix's sendmail reads it: a flag may come before
+    or after the recipients (until "--"), flags may be bundled (-ti), and
+    an option's value is the rest of its word or the next word."""
+    args = _SendmailArgs()
+    at = 0
+    while at < len(words):
+        word = words[at]
+        at += 1
+        if word == "--":
+            args.recipients += words[at:]
+            break
+        if not word.startswith("-") or word == "-":
+            args.recipients.append(word)
+            continue
+        i = 1
+        while i < len(word):
+            flag = word[i]
+            i += 1
+            if flag in _SENDMAIL_FLAGS:
+                if flag == "t":
+                    args.from_headers = True
+                elif flag == "i":
+                    args.ignore_dots = True
+                else:
+                    args.verbose += 1
+                continue
+            if flag not in _SENDMAIL_VALUED:
+                raise _sendmail_usage("option -%s is not supported (flags taken: -t -i "
+                                      "-f -r -F -o -B -b -N -R -V -v)" % _shown(flag))
+            value = word[i:]
+            if not value:
+                if at == len(words):
+                    raise _sendmail_usage("option -%s needs a value" % flag)
+                value = words[at]
+                at += 1
+            _sendmail_option(args, flag, value)
+            break
+    return args
+
+
+def _sendmail_config() -> Tuple[str, str]:
+    """(config file, instance) for sendmail mode: $GSEMAIL_CONFIG, else
+    /etc/gsemail/gsconfig.ini, else $INSTANCE_HOME/etc/gsconfig.ini; the
+    instance $GSEMAIL_INSTANCE or default.  Raises ConfigError (exit 78)
+    naming each path tried."""
+    instance = os.environ.get("GSEMAIL_INSTANCE") or "default"
+    given = os.environ.get("GSEMAIL_CONFIG")
+    if given:
+        return given, instance     # load_config says what is wrong with it
+    tried = list(_SENDMAIL_CONFIGS)
+    home = os.environ.get("INSTANCE_HOME")
+    if home:
+        tried.append(os.path.join(home, "etc", "gsconfig.ini"))
+    for path in tried:
+        if os.path.exists(path):
+            return path, instance
+    raise ConfigError("sendmail: no configuration: tried %s%s; set $GSEMAIL_CONFIG to the "
+                      "gsconfig.ini to use" % (", ".join(tried), "" if home else
+                                              " ($INSTANCE_HOME is not set)"))
+
+
+def _login_name() -> str:
+    """The invoking user's login name (the real uid's, as Postfix's sendmail)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        raise MessageError("sendmail: uid %d has no login name to send as: give -f SENDER"
+                           % os.getuid(), status="5.1.7", exit_code=os.EX_USAGE) from None
+
+
+def _completed(address: str, domain: str) -> str:
+    """A bare name (root) as an address at domain (root@DOMAIN)."""
+    address = address.strip()
+    return "%s@%s" % (address, domain) if address and "@" not in address else address
+
+
+def _sendmail_recipients(words: Iterable[str], domain: str) -> List[str]:
+    """Each word may hold several addresses, with commas and display names
+    (cron gives MAILTO as it is): the addresses, bare names completed."""
+    found = []
+    for word in words:
+        for _, address in email.utils.getaddresses([word]):
+            if address.strip():
+                found.append(_completed(address, domain))
+    return found
+
+
+def _until_dot(data: bytes) -> bytes:
+    """data up to a line of a single ".", which ends the message when
+    sendmail is run without -i (or -oi), as Postfix's does."""
+    end = re.search(rb"(?m)^\.\r?$", data)
+    return data if end is None else data[:end.start()]
+
+
+# The headers whose bare names sendmail mode completes, as Postfix does for
+# mail submitted on its host (append_at_myorigin): cron writes "From: root
+# (Cron Daemon)" and "To: root", which a relay elsewhere may refuse and to
+# which nobody can reply.
+_ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "resent-from",
+                    "resent-sender", "resent-reply-to", "resent-to", "resent-cc")
+
+
+def _completed_headers(head: bytes, domain: str) -> bytes:
+    """head (CRLF lines, as _split_head gives it) with the bare names in its
+    address headers completed: "root (Cron Daemon)" -> "Cron Daemon
+    <root@DOMAIN>".  A header with none is left byte for byte."""
+    fields: List[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line      # a continuation
+        else:
+            fields.append(line)
+    kept = []
+    for field in fields:
+        name, _, value = field.partition(b":")
+        if name.strip().lower().decode("ascii", "replace") in _ADDRESS_HEADERS:
+            text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace"))
+            pairs = [(n, a) for n, a in email.utils.getaddresses([text]) if a]
+            if any("@" not in a for _, a in pairs):
+                shown = [email.utils.formataddr((n, _completed(a, domain)), charset="utf-8")
+                         for n, a in pairs]
+                joined = ", ".join(shown)
+                if len(joined) > 70:    # one address a line, never over 998 octets
+                    joined = ",\r\n ".join(shown)
+                field = b"%s: %s\r\n" % (name.strip(), joined.encode("utf-8"))
+        kept.append(field)
+    return b"".join(kept)
+
+
+def _sendmail_message(data: bytes, sender: str, full_name: Optional[str],
+                      domain: str) -> bytes:
+    """The message as sendmail would send it: without Bcc, the bare names
+    in its address headers completed, a message of body only given a head,
+    and a From header when it has none (the full name from -F, else $NAME,
+    as Postfix's sendmail)."""
+    head, rest = _split_head(_without_bcc(data))
+    head = _completed_headers(head, domain)
+    data = head + rest
+    if not head:
+        data = b"\r\n" + rest   # all of it is body: the headers below start it
+    if not re.search(rb"(?im)^from:", head):
+        name = full_name if full_name is not None else os.environ.get("NAME", "")
+        address = sender or "%s@%s" % (_login_name(), domain)
+        data = b"From: %s\r\n%s" % (email.utils.formataddr(
+            (_CONTROL.sub("", name).strip(), address), charset="utf-8").encode("utf-8"), data)
+    return data
+
+
+def _deliver_directly(config: SMTPConfig, sender: str, rcpts: List[str], data: bytes,
+                      why: str) -> int:
+    """For a user who may not write the queue: send now, as msmtp does, and
+    exit 0 only when every recipient has it; else a line for the others
+    (nothing is kept for them), and 75 when any of them may be tried again
+    (a 4xx, a relay down), 69 when all were refused."""
+    log.info("2.0.0 sendmail: delivering directly, not queueing: %s", why)
+    try:
+        with Mailer(config) as mailer:
+            undelivered = mailer.send(sender, rcpts, data)
+    except DeliveryError as e:
+        undelivered = e.refused or dict.fromkeys(rcpts, e.reply)
+    if not undelivered:
+        return os.EX_OK
+    delivered = [r for r in rcpts if r not in undelivered]
+    for group in _by_reply(undelivered):
+        print("%s sendmail: not sent to %s: %s (%s)" % (
+            group.reply.status, ", ".join("<%s>" % _shown(r) for r in group.recipients),
+            group.reply, "refused" if group.reply.permanent else
+            "nothing is kept, as this user may not write the queue: send it again later"),
+            file=sys.stderr)
+    if delivered:
+        print("2.0.0 sendmail: delivered to %s" % ", ".join(
+            "<%s>" % _shown(r) for r in delivered), file=sys.stderr)
+    if any(not reply.permanent for reply in undelivered.values()):
+        return os.EX_TEMPFAIL
+    return os.EX_UNAVAILABLE
+
+
+def _become(uid: int, gid: int) -> None:
+    """Root, in sendmail mode, becomes the queue's owner for the rest of the
+    process (its groups, its gid, then its uid), so that root's mail (cron's,
+    most of all) is queued and retried like any other, in files the owner's
+    processor may remove: root writes no other user's queue with its own
+    rights (Queue._check_dir)."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        os.setgroups([])
+    else:
+        gid = entry.pw_gid
+        os.initgroups(entry.pw_name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _queue_of_owner(config: SMTPConfig) -> Tuple[Optional[Queue], str]:
+    """The queue, when this user owns it and so may write it (root becomes
+    its owner: _become); else None and why not.  A queue that does not
+    exist is not made here: made by whoever calls sendmail first (root's
+    cron), it would lock its processor out."""
+    try:
+        st = os.lstat(config.queuepath)
+    except OSError as e:
+        return None, "queue %s: %s" % (config.queuepath, e.strerror)
+    if st.st_uid != os.geteuid() and os.geteuid() == 0 and stat.S_ISDIR(st.st_mode):
+        log.info("2.0.0 sendmail: queueing as %s, the owner of queue %s",
+                 _user_name(st.st_uid), config.queuepath)
+        try:
+            _become(st.st_uid, st.st_gid)
+        except OSError as e:    # a root without CAP_SETUID (a container)
+            return None, "cannot become %s, the owner of queue %s: %s" % (
+                _user_name(st.st_uid), config.queuepath, e.strerror)
+    if st.st_uid != os.geteuid():
+        return None, "queue %s is owned by %s, not by %s" % (
+            config.queuepath, _user_name(st.st_uid), _user_name(os.geteuid()))
+    return _queue_from(config, create=False), ""
+
+
+def _sendmail_send(config: SMTPConfig, args: _SendmailArgs, run: str) -> int:
+    """sendmail -bm: read the message, queue it (or, for a user who may not
+    write the queue, deliver it now); quiet on success."""
+    domain = config.default_domain or _fqdn()
+    data = sys.stdin.buffer.read()
+    if not args.ignore_dots:
+        data = _until_dot(data)
+    recipients = _sendmail_recipients(args.recipients, domain)
+    if args.from_headers:   # added to those given, as Postfix does
+        recipients += [_completed(r, domain) for r in
+                       _header_addresses(data, ("To", "Cc", "Bcc"))]
+    if not recipients:
+        raise _sendmail_usage("no recipients: give them after the options, or -t to "
+                              "take them from the To, Cc and Bcc headers")
+    if args.sender is None:
+        sender = "%s@%s" % (_login_name(), domain)
+    else:
+        sender = args.sender.strip()
+        if sender not in ("", "<>"):
+            sender = _completed(email.utils.parseaddr(sender)[1] or sender.strip("<>"),
+                                domain)
+        else:
+            sender = ""     # the empty sender, as a bounce's
+    data = _sendmail_message(data, sender, args.full_name, domain)
+    rcpts, data = _prepared(sender, recipients, data, False)
+    queue, why = _queue_of_owner(config)
+    if queue is None:
+        return _deliver_directly(config, sender, rcpts, data, why)
+    name = queue._add(sender, rcpts, data, xverp=_with_xverp(False, sender, config))
+    _log_queued(name, sender, rcpts, data, queue.path)
+    what = ""
+    if args.deliver_now:
+        what, line = _deliver_now(config, queue, name)
+        if what != "delivered":
+            print("%s" % line, file=sys.stderr)
+    if what != "delivered":
+        _no_processor_hint(queue, run)
+    return os.EX_OK
+
+
+def _sendmail(program: str, words: List[str]) -> int:
+    """sendmail mode (program "sendmail") and mailq: the exit status."""
+    handler = _LogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    try:
+        args = _sendmail_args(words)
+        if program == "mailq":
+            args.mode = "p"
+        log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+        for line in args.warnings:
+            print(line, file=sys.stderr)
+        path, instance = _sendmail_config()
+        config = load_config(path, instance)
+        if args.mode == "p":
+            return _cmd_list(config, _parser().parse_args(["list"]))
+        return _sendmail_send(config, args, "gsemail --config %s --instance %s" % (
+            shlex.quote(path), shlex.quote(instance)))
+    except GsEmailError as e:
+        print("%s %s" % (e.status, e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("4.3.2 sendmail: interrupted", file=sys.stderr)
+        return os.EX_TEMPFAIL
+    except BrokenPipeError:     # mailq | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return os.EX_OK
+    finally:
+        log.removeHandler(handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line; returns the exit status."""
+    """The command line; returns the exit status.  Run as sendmail or mailq
+    (by a link of that name, or as python -m gsemail sendmail ... or
+    python -m gsemail mailq), it takes sendmail's command line instead."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if program in ("sendmail", "mailq"):
+        return _sendmail(program, words)
+    if words[:1] == ["sendmail"] or words == ["mailq"]:
+        return _sendmail(words[0], words[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     no_config = getattr(args, "no_config", False)      # sink

@@ -11176,3 +11176,692 @@ class DjangoBackendTests(Base):
 
     def test_django_newest(self):
         self.run_django("GSEMAIL_DJANGO_NEWEST_PYTHON")
+# sendmail mode: /usr/sbin/sendmail and mailq as cron, PHP, git and mutt call them
+# ---------------------------------------------------------------------------
+
+# What pip writes for the gsemail entry point ([project.scripts]); a
+# sendmail link to it is what README's "ln -s" makes.
+ENTRY_POINT = """#!{python}
+# -*- coding: utf-8 -*-
+import re
+import sys
+from gsemail import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+# Debian cron's message (cron 3.0pl1's do_command.c), for a job whose output
+# has 8-bit UTF-8 and a line of a single dot, which -i keeps.
+CRON_MESSAGE = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> {tag}\n"
+                "MIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\n"
+                "Content-Transfer-Encoding: 8bit\nX-Cron-Env: <SHELL=/bin/sh>\n"
+                "X-Cron-Env: <HOME=/root>\nX-Cron-Env: <LOGNAME=root>\n\n"
+                "backup done: 3 files, caf\u00e9 ok\n.\nlast line\n")
+
+
+_nobody_python = []
+
+
+def nobody_python():
+    """A Python that user nobody can run: the test's own when it can (a
+    pyenv one under /root cannot be reached), else the system's."""
+    need(os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv")
+    if not _nobody_python:
+        for python in (sys.executable, "/usr/bin/python3"):
+            run = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                  "--clear-groups", python, "-c",
+                                  "import sys; assert sys.version_info >= (3, 9)"],
+                                 capture_output=True)
+            if run.returncode == 0:
+                _nobody_python.append(python)
+                break
+    need(_nobody_python, "no Python that nobody can run")
+    return _nobody_python[0]
+
+
+class SendmailBase(Base):
+    """A sendmail link to an entry-point script in the test's directory (which
+    every user may read), a config that $GSEMAIL_CONFIG names, and runs of
+    it as root or as nobody."""
+
+    DOMAIN = "gsemail.test"
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.tmp, 0o755)       # nobody reaches the link and the config
+
+    def sendmail_ini(self, port, extra="", queuepath=None):
+        path = self.ini_file(port, "default_domain = %s\n%s" % (self.DOMAIN, extra),
+                             queuepath=queuepath)
+        os.chmod(path, 0o644)
+        return path
+
+    def link(self, python, name="sendmail"):
+        """bin/NAME, a link to bin/gsemail, the entry point run by python."""
+        bindir = os.path.join(self.tmp, "bin-" + os.path.basename(python))
+        script = os.path.join(bindir, "gsemail")
+        if not os.path.exists(script):
+            os.mkdir(bindir, 0o755)
+            with open(script, "w") as f:
+                f.write(ENTRY_POINT.format(python=python))
+            os.chmod(script, 0o755)
+        path = os.path.join(bindir, name)
+        if not os.path.lexists(path):
+            os.symlink("gsemail", path)
+        return path
+
+    def environ(self, **kw):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": HERE,
+               "PYTHONWARNINGS": "error", "GSEMAIL_CONFIG": getattr(self, "ini_path", None),
+               "GSEMAIL_INSTANCE": "main", "HOME": self.tmp, "LC_ALL": "C.UTF-8"}
+        env.update(kw)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def sendmail(self, *args, input=b"", user=None, via="link", env=None, program="sendmail"):
+        """Run sendmail args (via the link, or via python -m gsemail sendmail),
+        as root or as user nobody: the CompletedProcess (bytes)."""
+        python = sys.executable if user is None else nobody_python()
+        if via == "link":
+            command = [self.link(python, program)] + list(args)
+        else:
+            command = [python, "-m", "gsemail", program] + list(args)
+        if user is not None:
+            command = ["setpriv", "--reuid=%s" % user, "--regid=nogroup",
+                       "--clear-groups"] + command
+        if isinstance(input, str):
+            input = input.encode("utf-8")
+        return subprocess.run(command, input=input, capture_output=True, cwd=HERE,
+                              env=self.environ(**(env or {})), timeout=90)
+
+    def assertQuiet(self, run, code=0):
+        self.assertEqual((run.returncode, run.stderr.decode(), run.stdout.decode()),
+                         (code, "", ""))
+
+    def queued(self):
+        """The messages in new/ and cur/: {name: bytes}."""
+        found = {}
+        for sub in ("new", "cur"):
+            for name in self.listing(sub):
+                with open(os.path.join(self.queuepath, sub, name), "rb") as f:
+                    found[name] = f.read()
+        return found
+
+    def queue(self):
+        with self.assertLogs("gsemail", "WARNING"):     # "did not exist: created it"
+            gsemail.Queue(self.queuepath)   # as its processor's owner (root) makes it
+        return self.queuepath
+
+    def live_processor(self, config):
+        """A processor running in this process (its claimer file's flock is
+        what status and sendmail count)."""
+        processor = gsemail.QueueProcessor(config)
+        processor.start()
+        self.addCleanup(processor.stop, 10)
+        wait_for(lambda: any(n.startswith(".claimer-") for n in self.listing("tmp")), 20,
+                 "the processor's claimer file")
+        return processor
+
+
+class SendmailModeTests(SendmailBase):
+    """The sendmail command line, config lookup, default_domain, the no-processor
+    hint, send --now and -odi; against the scripted server, or none."""
+
+    def test_command_lines_of_real_callers_are_read_as_postfix_reads_them(self):
+        read = gsemail._sendmail_args
+        args = read(["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"])      # Debian cron
+        self.assertEqual((args.full_name, args.ignore_dots, args.recipients, args.mode),
+                         ("CronDaemon", True, ["root"], "m"))
+        args = read(["-t", "-i"])                                               # PHP mail()
+        self.assertEqual((args.from_headers, args.ignore_dots, args.recipients), (True, True, []))
+        args = read(["-f", "me@x.org", "-i", "a@x.org", "b@x.org"])             # git send-email
+        self.assertEqual((args.sender, args.recipients), ("me@x.org", ["a@x.org", "b@x.org"]))
+        args = read(["-oem", "-oi", "--", "-odd@x.org", "b@x.org"])             # mutt
+        self.assertEqual((args.ignore_dots, args.recipients), (True, ["-odd@x.org", "b@x.org"]))
+        self.assertEqual(read(["-fme@x.org"]).sender, "me@x.org")
+        self.assertEqual(read(["-r", "me@x.org"]).sender, "me@x.org")
+        self.assertEqual(read(["-f", ""]).sender, "")
+        self.assertEqual(read(["-F", "A Name", "a"]).full_name, "A Name")
+        args = read(["-ti", "a", "-v", "-odi"])         # bundled; flags after recipients
+        self.assertEqual((args.from_headers, args.ignore_dots, args.verbose, args.deliver_now,
+                          args.recipients), (True, True, 1, True, ["a"]))
+        args = read(["-N", "never", "-Rhdrs", "-V", "envid", "-B", "7BIT", "-odb", "-odq",
+                     "-oep", "-oee", "-oeq", "-bm", "a"])
+        self.assertEqual((args.recipients, args.warnings, args.deliver_now), (["a"], [], False))
+        self.assertEqual(read(["-bp"]).mode, "p")
+        self.assertEqual([read(w).deliver_now for w in (["-odi", "-odq"], ["-odb", "-odi"])],
+                         [False, True])     # the last one counts
+        self.assertEqual(read(["-o", "i"]).ignore_dots, True)
+        self.assertEqual(read(["-om", "-o8", "a"]).warnings,
+                         ["4.3.5 sendmail: option -om is not known: ignored",
+                          "4.3.5 sendmail: option -o8 is not known: ignored"])
+        for words in (["-bs"], ["-bi"], ["-q"], ["-X", "log"], ["-f"], ["-B", "BINARYMIME"],
+                      ["-ti", "-G"]):
+            with self.subTest(words), self.assertRaises(gsemail.MessageError) as cm:
+                read(words)
+            self.assertEqual((cm.exception.status, cm.exception.exit_code),
+                             ("5.5.4", os.EX_USAGE))
+
+    def test_unknown_flag_exits_64_with_an_rfc_3463_line(self):
+        self.sendmail_ini(25)
+        for via in ("link", "module"):
+            run = self.sendmail("-q", "root", via=via)
+            self.assertEqual(run.returncode, os.EX_USAGE, run.stderr)
+            self.assertEqual(run.stderr.decode(), "5.5.4 sendmail: option -q is not supported "
+                             "(flags taken: -t -i -f -r -F -o -B -b -N -R -V -v)\n")
+        self.assertFalse(os.path.exists(self.queuepath))
+
+    def test_no_config_exits_78_naming_each_path_tried(self):
+        need(not os.path.exists("/etc/gsemail/gsconfig.ini"),
+             "/etc/gsemail/gsconfig.ini exists here")
+        home = os.path.join(self.tmp, "instance")
+        for env, tried in (({}, "tried /etc/gsemail/gsconfig.ini ($INSTANCE_HOME is not set)"),
+                           ({"INSTANCE_HOME": home}, "tried /etc/gsemail/gsconfig.ini, %s/etc/"
+                            "gsconfig.ini;" % home)):
+            env["GSEMAIL_CONFIG"] = None
+            run = self.sendmail("root", input="Subject: x\n\nb\n", env=env)
+            self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+            self.assertTrue(run.stderr.startswith(b"4.3.5 sendmail: no configuration: "),
+                            run.stderr)
+            self.assertIn(tried, run.stderr.decode())
+        # $GSEMAIL_CONFIG naming a missing file: that file, nothing else
+        run = self.sendmail("root", input="Subject: x\n\nb\n",
+                            env={"GSEMAIL_CONFIG": os.path.join(self.tmp, "missing.ini")})
+        self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+        self.assertIn(b"missing.ini", run.stderr)
+
+    def test_instance_home_config_and_default_instance(self):
+        need(not os.path.exists("/etc/gsemail/gsconfig.ini"),
+             "/etc/gsemail/gsconfig.ini exists here")
+        home = os.path.join(self.tmp, "instance")
+        os.makedirs(os.path.join(home, "etc"))
+        with open(os.path.join(home, "etc", "gsconfig.ini"), "w") as f:
+            f.write("[smtp-default]\nhostname = 127.0.0.1\nport = 25\nqueuepath = %s\n"
+                    "default_domain = home.test\n" % self.queuepath)
+        self.queue()
+        run = self.sendmail("-i", "root", input="Subject: x\n\nb\n",
+                            env={"GSEMAIL_CONFIG": None, "GSEMAIL_INSTANCE": None,
+                                 "INSTANCE_HOME": home})
+        self.assertEqual(run.returncode, 0, run.stderr)
+        (data,) = self.queued().values()
+        self.assertTrue(data.startswith(b"X-Zope-From: root@home.test\n"
+                                        b"X-Zope-To: root@home.test\n"), data)
+
+    def test_default_domain_is_this_hosts_name_unless_set(self):
+        self.ini_file(25)
+        self.queue()
+        run = self.sendmail("-i", "root", "ops, Admin <admin>", input="Subject: x\n\nb\n")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        (data,) = self.queued().values()
+        fqdn = gsemail._fqdn()
+        self.assertTrue(data.startswith(
+            ("X-Zope-From: root@%s\nX-Zope-To: root@%s, ops@%s, admin@%s\n"
+             % (fqdn, fqdn, fqdn, fqdn)).encode()), data)
+        self.assertIn(("From: root@%s\r\n" % fqdn).encode(), data)
+        with self.assertRaises(gsemail.ConfigError) as cm:
+            self.ini(25, "default_domain = root@example.org\n")
+        self.assertIn("option default_domain = 'root@example.org'", str(cm.exception))
+
+    def test_a_dot_line_ends_the_message_without_i(self):
+        self.sendmail_ini(25)
+        self.queue()
+        text = "Subject: dots\n\nfirst\n.\nafter the dot\n"
+        for flags, body in (((), b"first\r\n"), (("-i",), b"first\r\n.\r\nafter the dot\r\n"),
+                            (("-oi",), b"first\r\n.\r\nafter the dot\r\n")):
+            with self.subTest(flags):
+                run = self.sendmail(*flags, "root", input=text)
+                self.assertEqual(run.returncode, 0, run.stderr)
+                (name, data), = self.queued().items()
+                os.unlink(os.path.join(self.queuepath, "new", name))
+                self.assertTrue(data.endswith(b"\r\n\r\n" + body), data)
+
+    def test_from_header_added_only_when_missing_with_the_full_name(self):
+        self.sendmail_ini(25)
+        self.queue()
+        for flags, text, want in (
+                (("-F", "Jos\u00e9 Admin"), "Subject: x\n\nb\n",
+                 b"From: =?utf-8?q?Jos=C3=A9_Admin?= <root@gsemail.test>\r\n"),
+                (("-FCronDaemon",), "Subject: x\n\nb\n",
+                 b"From: CronDaemon <root@gsemail.test>\r\n"),
+                (("-F", "Ignored", "-f", "ops"), "From: Mine <mine@example.org>\n\nb\n",
+                 b"From: Mine <mine@example.org>\r\n"),
+                (("-f", "ops"), "only a body line, no head\n",
+                 b"From: ops@gsemail.test\r\n\r\nonly a body line, no head\r\n")):
+            with self.subTest(flags):
+                run = self.sendmail("-i", *flags, "root", input=text)
+                self.assertEqual(run.returncode, 0, run.stderr)
+                (name, data), = self.queued().items()
+                os.unlink(os.path.join(self.queuepath, "new", name))
+                self.assertIn(want, data)
+                self.assertEqual(data.count(b"\nFrom: "), 1)
+                self.assertIn(b"\nMessage-ID: <", data)
+                self.assertIn(b"\r\nDate: ", data)
+
+    def test_bare_names_in_address_headers_are_completed_and_others_kept(self):
+        self.sendmail_ini(25)
+        self.queue()
+        text = ("From: root (Cron Daemon)\nTo: root,\n  ops@example.org, Jo <jo>\n"
+                "Cc: whole@example.org (Whole)\nReply-To: =?utf-8?q?Jos=C3=A9?= <jose>\n"
+                "X-Other: root\nSubject: root\n\nTo: root\n")
+        run = self.sendmail("-t", "-i", input=text)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        (data,) = self.queued().values()
+        envelope, _, message = data.partition(b"\nMessage-ID: ")
+        self.assertEqual(envelope.split(b"\n")[1], b"X-Zope-To: root@gsemail.test, "
+                         b"ops@example.org, jo@gsemail.test, whole@example.org")
+        self.assertTrue(message.split(b"\r\n", 2)[2].startswith(
+            b"From: Cron Daemon <root@gsemail.test>\r\n"
+            b"To: root@gsemail.test, ops@example.org, Jo <jo@gsemail.test>\r\n"
+            b"Cc: whole@example.org (Whole)\r\n"
+            b"Reply-To: =?utf-8?q?Jos=C3=A9?= <jose@gsemail.test>\r\n"
+            b"X-Other: root\r\nSubject: root\r\n\r\nTo: root\r\n"), message)
+
+    def test_queued_without_a_processor_says_so_and_with_one_is_silent(self):
+        server = self.server()
+        self.sendmail_ini(server.port)
+        self.queue()
+        run = self.sendmail("-i", "root", input="Subject: x\n\nb\n")
+        self.assertEqual(run.returncode, 0)
+        self.assertEqual(run.stderr.decode(), "4.3.0 no queue processor is running on %s: the "
+                         "message waits there until one starts (gsemail --config %s "
+                         "--instance main)\n" % (self.queuepath, self.ini_path))
+        self.live_processor(gsemail.load_config(self.ini_path, "main"))
+        wait_for(lambda: len(server.transactions) == 1, 20, "the first message")
+        run = self.sendmail("-i", "root", input="Subject: y\n\nb\n")
+        self.assertQuiet(run)
+        wait_for(lambda: len(server.transactions) == 2, 20, "the second message")
+        # gsemail send says it too
+        run = self.gsemail("send", "-f", "s@example.org", "a@example.org",
+                           input="Subject: z\n\nb\n")
+        self.assertEqual((run.returncode, run.stderr), (0, ""))
+
+    def test_send_now_delivers_at_once_and_keeps_what_it_cannot(self):
+        server = self.server(rules={"RCPT": lambda a: "450 4.2.1 mailbox busy"
+                                    if "busy" in a else None})
+        self.sendmail_ini(server.port)
+        self.queue()
+        run = self.gsemail("send", "--now", "-f", "s@example.org", "a@example.org",
+                           input="Subject: now\n\nb\n")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        name = re.match(r"2\.0\.0 queued as (\S+) ", run.stdout).group(1)
+        self.assertEqual(run.stdout.splitlines()[1], "2.0.0 %s: delivered" % name)
+        self.assertEqual(run.stderr, "")
+        self.assertEqual(server.rcpts, ["a@example.org"])
+        self.assertEqual(self.queued(), {})
+        run = self.gsemail("send", "--now", "-f", "s@example.org", "busy@example.org",
+                           input="Subject: later\n\nb\n")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        name = re.match(r"2\.0\.0 queued as (\S+) ", run.stdout).group(1)
+        lines = run.stderr.splitlines()
+        self.assertRegex(lines[0], r"^4\.2\.1 %s: not delivered yet \(450 4\.2\.1 mailbox "
+                         r"busy\); it stays queued, to be tried again at \S+Z$" % re.escape(name))
+        self.assertTrue(lines[1].startswith("4.3.0 no queue processor is running on "))
+        self.assertDeferred(name, ["busy@example.org"])
+        # -odi in sendmail mode: the same, quiet once delivered
+        run = self.sendmail("-odi", "-i", "root", input="Subject: odi\n\nb\n")
+        self.assertQuiet(run)
+        self.assertEqual(server.transactions[-1]["rcpts"], ["root@gsemail.test"])
+        self.assertEqual(list(self.queued()), [name])
+        # status learns of the delivery, as of any processor's
+        status = gsemail.Queue(self.queuepath, create=False, readonly=True).status()
+        self.assertGreater(status["delivered_at"], time.time() - 60)
+
+    def test_a_queue_that_does_not_exist_is_not_made_mail_goes_directly(self):
+        server = self.server()
+        self.sendmail_ini(server.port)
+        run = self.sendmail("-i", "root", input="Subject: direct\n\nb\n")
+        self.assertQuiet(run)
+        self.assertEqual(server.rcpts, ["root@gsemail.test"])
+        self.assertFalse(os.path.exists(self.queuepath))
+
+    def test_mailq_and_bp_list_the_queue(self):
+        self.sendmail_ini(25)
+        self.queue()
+        self.assertEqual(self.sendmail("-i", "root", input="Subject: x\n\nb\n").returncode, 0)
+        (name,) = self.queued()
+        for how in ({"program": "mailq"}, {"program": "mailq", "via": "module"},
+                    {"program": "sendmail", "via": "link"}):
+            with self.subTest(how):
+                args = ("-bp",) if how["program"] == "sendmail" else ()
+                run = self.sendmail(*args, **how)
+                self.assertEqual(run.returncode, 0, run.stderr)
+                out = run.stdout.decode()
+                self.assertTrue(out.startswith("QUEUE ID"), out)
+                self.assertIn(name, out)
+                self.assertIn("root@gsemail.test", out)
+
+
+class SendmailPostfixBase(SendmailBase):
+    @classmethod
+    def setUpClass(cls):
+        cls.postfix = postfix()
+
+    def tag(self):
+        """A word unique to this test, for its Subject headers."""
+        return "%s-%d" % (self._testMethodName.replace("_", ""), time.monotonic_ns())
+
+    def arrived(self, tag, count, timeout=60):
+        """The copies Postfix delivered whose Subject has tag, once there are
+        count of them: [(Delivered-To, Return-Path, message, raw bytes)]."""
+        new = os.path.join(self.postfix.maildir, "new")
+
+        def look():
+            found = []
+            for name in os.listdir(new) if os.path.isdir(new) else ():
+                with open(os.path.join(new, name), "rb") as f:
+                    raw = f.read()
+                msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+                if tag in str(msg["Subject"]):
+                    found.append((msg["Delivered-To"], msg["Return-Path"], msg, raw))
+            return sorted(found, key=lambda c: c[0]) if len(found) >= count else None
+        copies = wait_for(look, timeout, "%d copies with %s (log: %s)" % (
+            count, tag, self.postfix.log()[-2000:]))
+        self.assertEqual(len(copies), count)
+        return copies
+
+    @staticmethod
+    def body(raw):
+        return raw.split(b"\n\n", 1)[1]
+
+    def processor(self):
+        """The queue, and a processor running on it (so sendmail is quiet)."""
+        self.queue()
+        return self.live_processor(gsemail.load_config(self.ini_path, "main"))
+
+
+class SendmailPostfixTests(SendmailPostfixBase):
+    """The exact command lines of real callers, run as root (the queue's owner
+    here), each message delivered at the private Postfix."""
+
+    def test_debian_cron(self):
+        self.sendmail_ini(self.postfix.port)
+        self.processor()
+        tag = self.tag()
+        run = self.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+                            input=CRON_MESSAGE.format(tag=tag))
+        self.assertQuiet(run)
+        ((to, path, msg, raw),) = self.arrived(tag, 1)
+        self.assertEqual((to, path), ("root@gsemail.test", "<root@gsemail.test>"))
+        # its own From, not -F's, completed here (not by Postfix, whose
+        # would be @mx.gsemail.test)
+        self.assertEqual((msg["From"], msg["To"]), ("Cron Daemon <root@gsemail.test>",
+                                                    "root@gsemail.test"))
+        self.assertEqual(msg["Content-Transfer-Encoding"], "8bit")
+        self.assertEqual(self.body(raw), "backup done: 3 files, caf\u00e9 ok\n.\nlast line\n"
+                         .encode("utf-8"))
+        self.assertTrue(msg["Message-ID"] and msg["Date"])
+        self.assertEqual(self.queued(), {})
+
+    def test_php_mail_default_sendmail_t_i(self):
+        self.sendmail_ini(self.postfix.port)
+        self.processor()
+        tag = self.tag()
+        # what PHP's mail($to, $subject, $message, $headers) writes: To and
+        # Subject, the extra headers, CRLF between headers, the body as given
+        text = ("To: php-a@gsemail.test, PHP B <php-b@gsemail.test>\r\nSubject: %s\r\n"
+                "From: Shop <shop@gsemail.test>\r\nCc: php-c@gsemail.test\r\n"
+                "Bcc: php-hidden@gsemail.test\r\nMIME-Version: 1.0\r\n\r\n"
+                "Order 42.\n.\nThanks.\n" % tag)
+        run = self.sendmail("-t", "-i", input=text)
+        self.assertQuiet(run)
+        copies = self.arrived(tag, 4)
+        self.assertEqual([c[0] for c in copies], ["php-a@gsemail.test", "php-b@gsemail.test",
+                                                  "php-c@gsemail.test",
+                                                  "php-hidden@gsemail.test"])
+        for _, path, msg, raw in copies:
+            self.assertEqual(path, "<root@gsemail.test>")    # the invoking user
+            head = [line for line in raw.split(b"\n\n", 1)[0].split(b"\n")   # but Postfix's
+                    if not line.startswith((b"Delivered-To:", b"X-Original-To:"))]
+            self.assertNotIn(b"hidden", b"\n".join(head))
+            self.assertIsNone(msg["Bcc"])
+            self.assertEqual(msg["From"], "Shop <shop@gsemail.test>")
+            self.assertEqual(self.body(raw), b"Order 42.\n.\nThanks.\n")
+
+    def test_git_send_email(self):
+        # git send-email's argv (git-send-email.perl, send_message):
+        # ('-f', $raw_from) when an envelope sender is set, then '-i' and the
+        # recipients; the message goes in with LF line ends.
+        self.sendmail_ini(self.postfix.port)
+        self.processor()
+        tag = self.tag()
+        text = ("From: A U Thor <author@gsemail.test>\nTo: list@gsemail.test\n"
+                "Cc: reviewer@gsemail.test\nSubject: [PATCH] %s\n"
+                "Date: Tue, 1 Dec 2026 12:00:00 +0000\nMessage-ID: <%s@gsemail.test>\n"
+                "X-Mailer: git-send-email 2.39.5\nMIME-Version: 1.0\n"
+                "Content-Transfer-Encoding: 8bit\n\n---\n README | 1 +\n\n"
+                "diff --git a/README b/README\n+.\n-- \n2.39.5\n" % (tag, tag))
+        run = self.sendmail("-f", "bounces@gsemail.test", "-i", "list@gsemail.test",
+                            "reviewer@gsemail.test", input=text)
+        self.assertQuiet(run)
+        copies = self.arrived(tag, 2)
+        self.assertEqual([c[:2] for c in copies], [
+            ("list@gsemail.test", "<bounces@gsemail.test>"),
+            ("reviewer@gsemail.test", "<bounces@gsemail.test>")])
+        for _, _, msg, raw in copies:
+            self.assertEqual(msg["Message-ID"], "<%s@gsemail.test>" % tag)
+            self.assertEqual(msg["Date"], "Tue, 1 Dec 2026 12:00:00 +0000")
+            self.assertEqual(self.body(raw), text.split("\n\n", 1)[1].encode())
+
+    def test_mutt(self):
+        self.sendmail_ini(self.postfix.port)
+        self.processor()
+        tag = self.tag()
+        text = ("Date: Tue, 1 Dec 2026 12:00:00 +0000\nFrom: Me <me@gsemail.test>\n"
+                "To: mutt-a@gsemail.test\nBcc: mutt-b@gsemail.test\nSubject: %s\n"
+                "Message-ID: <%s@gsemail.test>\nMIME-Version: 1.0\n"
+                "Content-Type: text/plain; charset=us-ascii\nContent-Disposition: inline\n"
+                "User-Agent: Mutt/2.2.9\n\nHello.\n.\n-- \nMe\n" % (tag, tag))
+        run = self.sendmail("-oem", "-oi", "--", "mutt-a@gsemail.test", "mutt-b@gsemail.test",
+                            input=text)
+        self.assertQuiet(run)
+        copies = self.arrived(tag, 2)
+        self.assertEqual([c[0] for c in copies], ["mutt-a@gsemail.test", "mutt-b@gsemail.test"])
+        for _, path, msg, raw in copies:
+            self.assertEqual(path, "<root@gsemail.test>")
+            self.assertIsNone(msg["Bcc"])
+            self.assertEqual(self.body(raw), b"Hello.\n.\n-- \nMe\n")
+
+    def test_root_cron_job_to_root_via_python_m(self):
+        """No processor runs: sendmail queues (and says so), and the first
+        processor pass delivers to root, completed with default_domain."""
+        self.sendmail_ini(self.postfix.port)
+        self.queue()
+        tag = self.tag()
+        run = self.sendmail("-i", "root", via="module",
+                            input="Subject: %s\n\ndisk 91%% full\n" % tag)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(run.stderr.decode().splitlines(), [
+            "4.3.0 no queue processor is running on %s: the message waits there until one "
+            "starts (gsemail --config %s --instance main)" % (self.queuepath, self.ini_path)])
+        ((name, data),) = self.queued().items()
+        self.assertTrue(data.startswith(b"X-Zope-From: root@gsemail.test\n"
+                                        b"X-Zope-To: root@gsemail.test\n"))
+        self.ok_once()
+        ((to, path, msg, raw),) = self.arrived(tag, 1)
+        self.assertEqual((to, path, msg["From"]), ("root@gsemail.test", "<root@gsemail.test>",
+                                                    "root@gsemail.test"))
+        self.assertEqual(self.body(raw), b"disk 91% full\n")
+
+    def ok_once(self):
+        run = self.gsemail("--once")
+        self.assertEqual(run.returncode, 0, run.stderr)
+
+    def test_odi_delivers_at_once_and_a_relay_down_leaves_it_queued(self):
+        self.sendmail_ini(self.postfix.port)
+        self.queue()
+        tag = self.tag()
+        run = self.sendmail("-odi", "-i", "odi@gsemail.test", input="Subject: %s\n\nb\n" % tag)
+        self.assertQuiet(run)      # delivered: no processor needed, nothing said
+        self.arrived(tag, 1)
+        self.assertEqual(self.queued(), {})
+        self.sendmail_ini(free_port())      # nothing listens there
+        run = self.sendmail("-odi", "-i", "odi@gsemail.test", input="Subject: down\n\nb\n")
+        self.assertEqual(run.returncode, 0, run.stderr)     # queued: in our hands
+        (name,) = self.queued()
+        self.assertRegex(run.stderr.decode(), r"4\.4\.1 %s: not delivered yet \(451 4\.4\.1 "
+                         r"connection refused by 127\.0\.0\.1:\d+\); it stays queued, to be "
+                         r"tried again at " % re.escape(name))
+        self.assertDeferred(name, ["odi@gsemail.test"])
+
+
+class SendmailPermissionTests(SendmailPostfixBase):
+    """What a user who is not the queue's owner (nobody; the queue is root's)
+    gets from sendmail: the message delivered at once, as msmtp does, with
+    the exit status saying whether it went; and what they cannot do: put
+    anything in the queue, or read or change what is queued there."""
+
+    def setUp(self):
+        super().setUp()
+        nobody_python()     # skips (or fails in CI) without root and setpriv
+
+    def others_mail(self):
+        """The queue, root's, with a message of root's in it: {name: bytes}."""
+        self.queue()
+        config = gsemail.load_config(self.ini_path, "main")
+        self.enqueue(config, rcpts=["secret-rcpt@example.org"], msg=message(
+            subject="root's own", body="a secret body\n"))
+        return self.queued()
+
+    def test_a_non_owner_has_php_mail_delivered_directly(self):
+        self.sendmail_ini(self.postfix.port)
+        before = self.others_mail()
+        tag = self.tag()
+        text = ("To: www-a@gsemail.test\r\nSubject: %s\r\nBcc: www-hidden@gsemail.test\r\n"
+                "\r\nFrom the web.\n" % tag)
+        for via in ("link", "module"):
+            with self.subTest(via):
+                run = self.sendmail("-t", "-i", input=text.replace(tag, tag + via),
+                                    user="nobody", via=via)
+                self.assertQuiet(run)
+                copies = self.arrived(tag + via, 2)
+                self.assertEqual([c[:2] for c in copies], [
+                    ("www-a@gsemail.test", "<nobody@gsemail.test>"),
+                    ("www-hidden@gsemail.test", "<nobody@gsemail.test>")])
+                for _, _, msg, raw in copies:
+                    self.assertIsNone(msg["Bcc"])
+                    self.assertEqual(msg["From"], "nobody@gsemail.test")
+                    self.assertEqual(self.body(raw), b"From the web.\n")
+        # the queue is as it was: nothing added, nothing in tmp/
+        self.assertEqual(self.queued(), before)
+        self.assertEqual([n for n in self.listing("tmp") if not n.startswith(".claimer-")], [])
+
+    def test_a_non_owner_whose_queue_is_out_of_reach_is_delivered_too(self):
+        hidden = os.path.join(self.tmp, "private")
+        os.mkdir(hidden, 0o700)     # nobody cannot even look at the queue
+        self.queuepath = os.path.join(hidden, "queue")
+        self.sendmail_ini(self.postfix.port, queuepath=self.queuepath)
+        self.queue()
+        tag = self.tag()
+        run = self.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "cron-nobody",
+                            input=CRON_MESSAGE.format(tag=tag).replace("root", "nobody"),
+                            user="nobody")
+        self.assertQuiet(run)
+        ((to, path, _, raw),) = self.arrived(tag, 1)
+        self.assertEqual((to, path), ("cron-nobody@gsemail.test", "<nobody@gsemail.test>"))
+        self.assertEqual(self.body(raw), "backup done: 3 files, caf\u00e9 ok\n.\nlast line\n"
+                         .encode("utf-8"))
+        self.assertEqual(self.queued(), {})
+
+    def test_a_non_owner_with_the_relay_down_gets_75_and_nothing_is_kept(self):
+        port = free_port()      # nothing listens there
+        self.sendmail_ini(port)
+        before = self.others_mail()
+        run = self.sendmail("-i", "down@gsemail.test", input="Subject: down\n\nb\n",
+                            user="nobody")
+        self.assertEqual(run.returncode, os.EX_TEMPFAIL, run.stderr)
+        self.assertEqual(run.stderr.decode(), "4.4.1 sendmail: not sent to <down@gsemail.test>: "
+                         "451 4.4.1 connection refused by 127.0.0.1:%d (nothing is kept, as "
+                         "this user may not write the queue: send it again later)\n" % port)
+        self.assertEqual(run.stdout, b"")
+        self.assertEqual(self.queued(), before)
+
+    def test_a_non_owner_refused_gets_69_and_the_others_are_named(self):
+        self.sendmail_ini(self.postfix.port)
+        self.others_mail()
+        tag = self.tag()
+        run = self.sendmail("-i", "reject5xx-%s@gsemail.test" % tag, "ok-%s@gsemail.test" % tag,
+                            input="Subject: %s\n\nb\n" % tag, user="nobody")
+        self.assertEqual(run.returncode, os.EX_UNAVAILABLE, run.stderr)
+        lines = run.stderr.decode().splitlines()
+        self.assertEqual(lines[0], "5.1.1 sendmail: not sent to <reject5xx-%s@gsemail.test>: "
+                         "550 5.1.1 <reject5xx-%s@gsemail.test>: Recipient address rejected: "
+                         "test: recipient rejected (refused)" % (tag, tag))
+        self.assertEqual(lines[1:], ["2.0.0 sendmail: delivered to <ok-%s@gsemail.test>" % tag])
+        self.arrived(tag, 1)
+        # all refused: 69, one line
+        run = self.sendmail("-i", "reject5xx-%s@gsemail.test" % tag, input="Subject: x\n\nb\n",
+                            user="nobody")
+        self.assertEqual(run.returncode, os.EX_UNAVAILABLE, run.stderr)
+        self.assertEqual(len(run.stderr.splitlines()), 1)
+
+    def test_a_non_owner_cannot_read_list_or_change_queued_mail(self):
+        self.sendmail_ini(self.postfix.port)
+        before = self.others_mail()
+        (name,) = before
+        queued = os.path.join(self.queuepath, "new", name)
+        # mailq (and sendmail -bp): refused, and nothing of the message shown
+        for program, args in (("mailq", ()), ("sendmail", ("-bp",))):
+            run = self.sendmail(*args, program=program, user="nobody")
+            self.assertEqual(run.returncode, os.EX_CANTCREAT, run.stderr)
+            self.assertRegex(run.stderr.decode(), r"^4\.3\.0 queue \S+ cannot be read by "
+                             r"this user: run the command as the queue's owner: sudo -u root ")
+            self.assertNotIn(b"secret", run.stdout + run.stderr)
+        # nor by hand: no file read, made, renamed, removed or linked there
+        for what, function in (
+                ("read", lambda: os.open(queued, os.O_RDONLY)),
+                ("list", lambda: os.listdir(os.path.join(self.queuepath, "new"))),
+                ("create", lambda: os.open(os.path.join(self.queuepath, "new", "x"),
+                                           os.O_WRONLY | os.O_CREAT | os.O_EXCL)),
+                ("create in tmp", lambda: os.open(os.path.join(self.queuepath, "tmp", "x"),
+                                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL)),
+                ("plant a link", lambda: os.symlink("/etc/passwd", os.path.join(
+                    self.queuepath, "new", ".sending-" + name))),
+                ("remove", lambda: os.unlink(queued)),
+                ("rename", lambda: os.rename(queued, queued + "x")),
+                ("open as a Queue", lambda: gsemail.Queue(self.queuepath, create=False))):
+            with self.subTest(what):
+                result = in_child_as(function)
+                self.assertTrue(result.startswith(("raised PermissionError",
+                                                   "4.3.0 73 queue")), result)
+        self.assertEqual(self.queued(), before)
+        self.assertEqual(os.listdir(os.path.join(self.queuepath, "new")), [name])
+
+    def test_a_config_a_non_owner_cannot_read_exits_78(self):
+        self.sendmail_ini(self.postfix.port)
+        os.chmod(self.ini_path, 0o600)
+        run = self.sendmail("-i", "root", input="Subject: x\n\nb\n", user="nobody")
+        self.assertEqual(run.returncode, os.EX_CONFIG, run.stderr)
+        self.assertTrue(run.stderr.startswith(b"4.3.5 "), run.stderr)
+        self.assertIn(self.ini_path.encode(), run.stderr)
+
+    def test_root_queues_as_the_queue_owner_whose_processor_delivers(self):
+        """A root cron job, with the queue nobody's: root becomes nobody to
+        queue it, so it waits out a relay outage in nobody's queue."""
+        self.sendmail_ini(self.postfix.port)
+        os.mkdir(self.queuepath, 0o700)
+        os.chown(self.queuepath, NOBODY.pw_uid, NOBODY.pw_gid)  # nobody makes the rest
+
+        def make():
+            gsemail.log.disabled = True     # in the child: its "made it a queue" WARNING
+            return gsemail.Queue(self.queuepath).path
+        result = in_child_as(make)
+        self.assertEqual(result, "returned %r" % self.queuepath)
+        tag = self.tag()
+        run = self.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+                            input=CRON_MESSAGE.format(tag=tag))
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertTrue(run.stderr.startswith(b"4.3.0 no queue processor is running on "),
+                        run.stderr)
+        (name,) = self.listing("new")
+        st = os.stat(os.path.join(self.queuepath, "new", name))
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (NOBODY.pw_uid, 0o600))
+        # nobody's processor sends it (and could not, were the file root's)
+        once = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                               "--clear-groups", nobody_python(), "-m", "gsemail", "-c",
+                               self.ini_path, "-i", "main", "--once"], cwd=HERE,
+                              env=self.environ(), capture_output=True, text=True, timeout=90)
+        self.assertEqual(once.returncode, 0, once.stderr)
+        ((to, path, msg, _),) = self.arrived(tag, 1)
+        self.assertEqual((to, path, msg["From"]), ("root@gsemail.test", "<root@gsemail.test>",
+                                                    "Cron Daemon <root@gsemail.test>"))
+        self.assertEqual(self.queued(), {})
