@@ -143,7 +143,8 @@ import threading
 import time
 import weakref
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    NamedTuple, NoReturn, Optional, TextIO, Tuple, TypedDict, Union, cast)
+                    NamedTuple, NoReturn, Optional, Set, TextIO, Tuple, TypedDict, Union,
+                    cast)
 
 __version__ = "1.0.0"
 __all__ = [
@@ -1828,14 +1829,25 @@ def _sane_state(state: object) -> _Record:
 _MAILDIR_TIME = re.compile(r"(?:%s)?([0-9]{9,})\." % re.escape(_DEAD))
 
 
+def _named_time(name: str) -> Optional[float]:
+    """The time a queue file's name begins with (see _first_queued), or None."""
+    # The usual name ("1733050000.M...") without the regular expression:
+    # status reads one a message, 100,000 of them on a queue whose relay
+    # has been down.  The same answer as _MAILDIR_TIME's, for ASCII digits.
+    head, dot, _ = name.partition(".")
+    if dot and len(head) >= 9 and head.isdigit() and head.isascii():
+        when = float(head)
+        return when if when <= _TIME_MAX else None
+    match = _MAILDIR_TIME.match(name)
+    return _when(float(match.group(1))) if match else None
+
+
 def _first_queued(name: str, state: _Record, mtime: float) -> float:
     """When a message was first queued: its state says, else its name (a
     Maildir name starts with the time), else its file's mtime."""
-    when = _when(state.get("first_queued"))
-    if when is not None:
-        return when
-    match = _MAILDIR_TIME.match(name)
-    when = _when(float(match.group(1))) if match else None
+    when = _when(state["first_queued"]) if "first_queued" in state else None
+    if when is None:
+        when = _named_time(name)
     return mtime if when is None else when
 
 
@@ -2230,12 +2242,6 @@ def _plain_run(names: List[str], sub: str) -> Iterator[Tuple[float, str, str, st
     (time, id, sub, name), made one at a time."""
     for name in names:
         yield float(name[:10]), name, sub, name
-
-
-def _named_time(name: str) -> Optional[float]:
-    """The time a queue file's name begins with (see _first_queued), or None."""
-    match = _MAILDIR_TIME.match(name)
-    return _when(float(match.group(1))) if match else None
 
 
 class _Recorded(TypedDict, total=False):
@@ -3395,6 +3401,17 @@ class Queue:
         oldest: Tuple[float, str] = (math.inf, "")
         oldest_due: Tuple[float, str] = (math.inf, "")
         state_dir = os.path.join(self.path, "state", "")
+        # Which messages have a state file, from one listing: most new mail
+        # has none, and a failed open a message would cost status a third of
+        # its time on a queue of fresh mail.  A state file written after the
+        # listing is missed, as it would be had we looked a moment sooner.
+        stated: Optional[Set[str]]
+        try:
+            stated = set(os.listdir(state_dir))
+        except FileNotFoundError:
+            stated = set()
+        except OSError:
+            stated = None       # unreadable as a directory: try each, as before
         for sub in ("new", "cur"):
             head = os.path.join(self.path, sub)
             try:
@@ -3412,9 +3429,11 @@ class Queue:
                 except FileNotFoundError:
                     continue    # sent or moved meanwhile
                 if stat.S_ISREG(st.st_mode):
-                    first, failed = self._quick_state(state_dir, name)
-                    queued = first if first is not None else \
-                        _first_queued(name, {}, st.st_mtime)
+                    first, failed = self._quick_state(state_dir, name) \
+                        if stated is None or name in stated else (None, 0)
+                    if first is None:
+                        first = _named_time(name)
+                    queued = st.st_mtime if first is None else first
                     refused += failed
                 else:
                     queued = st.st_mtime    # as entries() shows it: not a message
