@@ -2230,6 +2230,7 @@ class _Listing(NamedTuple):
     """new/ and cur/ as Queue._listing's scan found them: no file read."""
     names: Dict[str, List[str]]     # sub -> its messages' and dead letters' names
     claimed: Dict[str, set[str]]    # sub -> the names that have a claim (.sending-NAME)
+    stated: Optional[Set[str]]      # the names that have a state file (None: look at each)
 
 
 # A name that begins with ten digits and a dot: its time, as _first_queued
@@ -3109,7 +3110,17 @@ class Queue:
                         claimed[sub].add(name[len(_CLAIM):])
                     elif name.startswith(_DEAD) or not name.startswith("."):
                         names[sub].append(name)     # a FIFO too: _entry says what it is
-        return _Listing(names, claimed)
+        # Which have a state file, from one listing: most new mail has none,
+        # and list would otherwise try to open one for each message.
+        stated: Optional[Set[str]] = None
+        if keep is None:
+            try:
+                stated = set(os.listdir(os.path.join(self.path, "state")))
+            except FileNotFoundError:
+                stated = set()
+            except OSError:
+                pass            # unreadable as a directory: look at each
+        return _Listing(names, claimed, stated)
 
     def _entry_of(self, listing: _Listing, sub: str, name: str) -> Optional[QueueEntry]:
         """The entry of sub/name as listing found it; None if it has gone."""
@@ -3119,7 +3130,8 @@ class Queue:
             state = "sending"
         else:
             state = "new" if sub == "new" else "deferred"
-        return self._entry(os.path.join(self.path, sub, name), state)
+        return self._entry(os.path.join(self.path, sub, name), state,
+                           listing.stated is None or name in listing.stated)
 
     def _stream(self) -> Iterator[QueueEntry]:
         """Every message, as entries() has them, one at a time and oldest
@@ -3161,8 +3173,9 @@ class Queue:
             if entry is not None:
                 yield entry
 
-    def _entry(self, path: str, state: str) -> Optional[QueueEntry]:
-        """The file at path as an operator sees it; None if it has gone."""
+    def _entry(self, path: str, state: str, stated: bool = True) -> Optional[QueueEntry]:
+        """The file at path as an operator sees it; None if it has gone.
+        stated False: it has no state file (the listing knows), none is read."""
         name = os.path.basename(path)
         try:
             f = _open_file(path)
@@ -3195,7 +3208,8 @@ class Queue:
         if state == "dead":
             _fill_from_dead_letter(entry, head, st.st_mtime)
             return entry
-        _fill_from_state(entry, self._read_state(name) or {}, st.st_mtime)
+        _fill_from_state(entry, (self._read_state(name) if stated else None) or {},
+                         st.st_mtime)
         if state == "sending":
             entry.claim, entry.claim_alive = self._claims.holder(
                 os.path.join(os.path.dirname(path), _CLAIM + name))
@@ -3254,7 +3268,7 @@ class Queue:
                           and os.path.lexists(os.path.join(self.path, sub, name))]
             claimed[sub] = {key} if os.path.lexists(
                 os.path.join(self.path, sub, _CLAIM + key)) else set()
-        return _Listing(names, claimed) if any(names.values()) else None
+        return _Listing(names, claimed, None) if any(names.values()) else None
 
     def read_message(self, entry: QueueEntry) -> bytes:
         """The message itself, headers and body with CRLF line ends, as
@@ -7444,14 +7458,15 @@ _LIST_WINDOW = 1000
 
 
 def _print_list_json(entries: Iterable[QueueEntry], now: float) -> None:
-    """entries as one JSON array, an object each, written as each is read:
-    the bytes json.dumps(list, indent=1) would make, without the list."""
+    """entries as one JSON array written as each is read, one message's
+    object a line (as postqueue -j writes them, and grep finds them): json
+    with an indent is encoded in Python, five times slower than this."""
     out = sys.stdout
     out.write("[")
     sep = "\n"
+    dumps = json.JSONEncoder(separators=(", ", ": ")).encode
     for e in entries:
-        # the object as an item of the list prints it: at depth one
-        out.write(sep + json.dumps([_entry_json(e, now)], indent=1)[2:-2])
+        out.write(sep + dumps(_entry_json(e, now)))
         sep = ",\n"
     out.write("]\n" if sep == "\n" else "\n]\n")
 
@@ -7469,8 +7484,10 @@ def _cmd_list(config: SMTPConfig, args: argparse.Namespace) -> int:
              "LAST ERROR")]
     widths: List[int] = []
 
+    write = sys.stdout.write        # print() a row would cost a fifth of list's time
+
     def put(row: Tuple[str, ...]) -> None:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        write("  ".join([c.ljust(w) for c, w in zip(row, widths)]) + "  " + row[-1] + "\n")
 
     for e in entries:
         counts[e.state] += 1

@@ -9886,8 +9886,15 @@ class OperatorScaleTests(OperatorBase):
         self.assertEqual(len(entries), len(names))
         self.assertEqual({e.state for e in entries}, {"new", "deferred", "sending", "dead"})
         self.assertEqual(self.run_list(), entries_list_output(self.queuepath, entries, self.NOW))
-        self.assertEqual(self.run_list("--json"), json.dumps(
-            [gsemail._entry_json(e, self.NOW) for e in entries], indent=1) + "\n")
+        # the same objects, one message's a line (as postqueue -j), in a
+        # JSON array that json.loads reads whole
+        out = self.run_list("--json")
+        self.assertEqual(json.loads(out), json.loads(json.dumps(
+            [gsemail._entry_json(e, self.NOW) for e in entries])))
+        lines = out.splitlines()
+        self.assertEqual((lines[0], lines[-1], len(lines)), ("[", "]", len(entries) + 2))
+        self.assertEqual([json.loads(line.rstrip(","))["id"] for line in lines[1:-1]],
+                         [e.id for e in entries])
         # Longer than the window of rows that sets the columns: the same
         # rows in the same order, the columns those of the first rows.
         with unittest.mock.patch.object(gsemail, "_LIST_WINDOW", 10):
@@ -9961,12 +9968,12 @@ class OperatorScaleTests(OperatorBase):
         gone = [os.path.join(self.queuepath, "cur", names[i]) for i in (1, 2)]
         entry = gsemail.Queue._entry
 
-        def leaving(queue, path, state):
+        def leaving(queue, path, state, *stated):
             # the first file read: as if a processor sent these meanwhile
             for p in gone:
                 if os.path.exists(p):
                     os.unlink(p)
-            return entry(queue, path, state)
+            return entry(queue, path, state, *stated)
         with unittest.mock.patch.object(gsemail.Queue, "_entry", leaving):
             out = self.run_list()
             data = json.loads(self.run_list("--json"))
