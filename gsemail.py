@@ -1197,6 +1197,13 @@ def _address_problem(address: str) -> Optional[str]:
     return _envelope_problem(address)
 
 
+@functools.lru_cache(maxsize=64)
+def _sender_problem(sender: str) -> Optional[str]:
+    """_address_problem for a sender: a queue's mail comes from a few
+    senders, so each is checked once (Mailer._preflight, every message)."""
+    return _address_problem(sender)
+
+
 def _shown(address: str) -> str:
     """address for a log line or an error, its control characters escaped
     as Python does, so that none can start a forged line."""
@@ -2702,7 +2709,7 @@ class Queue:
         """Claim the message at path, or return None if another process has
         it, it has gone, or it is not due yet."""
         head, name = os.path.split(path)
-        msg = self._claim_unread(path)
+        msg = self._claim_unread(path, head, name)
         if msg is None:
             return None
         try:
@@ -2718,12 +2725,13 @@ class Queue:
             msg.release()
             raise
         msg._mtime = st.st_mtime
-        if os.path.basename(head) == "cur" and st.st_mtime > time.time() + 1:
+        # head in cur/ (os.path.basename(head) == "cur", without the call)
+        if (head.endswith("/cur") or head == "cur") and st.st_mtime > time.time() + 1:
             msg.release()       # deferred again by someone else meanwhile
             return None
         try:
             read = _read_file(raw, name)
-            state = self._read_state(name)
+            state = self._read_state(name, look=True)
         except BaseException:
             msg.release()       # never a claim left behind by a file we misread
             raise
@@ -2739,10 +2747,13 @@ class Queue:
         <>.  Nothing else counts (a state file's "xverp" is not read)."""
         return bool(sender) and (asked or self.xverp)
 
-    def _claim_unread(self, path: str) -> Optional[QueuedMessage]:
-        """The claim on path, its file unread, or None if someone else holds it."""
+    def _claim_unread(self, path: str, head: str = "", name: str = ""
+                      ) -> Optional[QueuedMessage]:
+        """The claim on path (its os.path.split is head and name, if given),
+        its file unread, or None if someone else holds it."""
         self._check_identity()  # one lstat: no claim, so no sending, in a replaced queue
-        head, name = os.path.split(path)
+        if not name:
+            head, name = os.path.split(path)
         claim_path = os.path.join(head, _CLAIM + name)
         fd = self._claims.link(claim_path)
         return None if fd is None else QueuedMessage(path, claim_path, fd)
@@ -2761,11 +2772,20 @@ class Queue:
     def _state_path(self, name: str) -> str:
         return os.path.join(self.path, "state", name)
 
-    def _read_state(self, name: str) -> Optional[_Record]:
+    def _read_state(self, name: str, look: bool = False) -> Optional[_Record]:
         """The message's state; None when it has no state file (and {} when
-        it has one that cannot be read: it is advice)."""
+        it has one that cannot be read: it is advice).  look: for claim(),
+        on every message, most of which have none (see there)."""
+        path = self._state_path(name)
+        # A look that raises nothing costs half a failed open and its
+        # exception; a file that appears or goes between the look and the
+        # open is as one that came or went a moment later.  Only where
+        # state/ is ours to search (a claim): elsewhere a look that fails
+        # for want of permission must not read as "no record".
+        if look and not os.access(path, os.F_OK, follow_symlinks=False):
+            return None
         try:
-            state = json.loads(_read_regular(self._state_path(name))[0])
+            state = json.loads(_read_regular(path)[0])
             return _sane_state(state)
         except FileNotFoundError:
             return None
@@ -4218,7 +4238,7 @@ class _Connection:
         if owed is None:
             return
         out, accepted = owed
-        final = Reply(451, "4.3.0 no reply read from %s" % self.relay)
+        final: Optional[Reply] = None
         try:
             if self.broken:     # a write failed: no reply will come
                 final = Reply(421, "4.4.2 connection to %s lost before the reply"
@@ -4229,6 +4249,8 @@ class _Connection:
             final = e.reply
             raise
         finally:    # whatever happened, the outcome is settled: never "done"
+            if final is None:   # made only then: this runs for every message
+                final = Reply(451, "4.3.0 no reply read from %s" % self.relay)
             out.waiting = False
             out.took = time.monotonic() - out.started
             if final.ok:
@@ -5082,7 +5104,7 @@ class Mailer:
         Each refusal (an address, non-ASCII without SMTPUTF8, 8-bit data
         without 8BITMIME, SIZE) goes in out."""
         offers_utf8 = "smtputf8" in conn.features
-        problem = _address_problem(sender) if sender else None
+        problem = _sender_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
             refusal = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem))
                        if problem else
