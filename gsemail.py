@@ -2337,6 +2337,7 @@ class Queue:
         self.path = os.path.abspath(path)
         # add's directories, joined once: add is on every request's path
         self._tmp_dir, self._new_dir = (os.path.join(self.path, d) for d in ("tmp", "new"))
+        self._state_dir = os.path.join(self.path, "state", "")     # see _state_path
         self._odd: set[str] = set()     # non-regular files reported (once each)
         self._claims = _Claims(self.path, claim_timeout, self._report_odd)
         #: the config's xverp: every message with a sender goes with XVERP,
@@ -2633,6 +2634,16 @@ class Queue:
         ``now`` (a Unix time) asks what is due at another time: cur/'s
         mtimes are compared with it, and the rescan schedule moves as far.
         """
+        return self._due(now)[0]
+
+    def _due(self, now: Optional[float] = None, most: int = 0) -> Tuple[List[str], int]:
+        """due(); with most, only the oldest most of new/ (and every due one
+        of cur/), and how many more of new/ there are, for the next call.
+
+        A path costs some 120 bytes, so new/'s 100,000 would take 12 MB for
+        as long as the pass lasts; taken most at a time (QueueProcessor's
+        _PASS_MOST), a pass over them reads new/ again after each lot.
+        """
         # Wall-clock time only against the stored times (the mtimes); the
         # schedule itself runs on the monotonic clock (``clock``).
         clock = time.monotonic()
@@ -2640,7 +2651,17 @@ class Queue:
             now = time.time()
         else:
             clock += now - time.time()
-        found = sorted(entry.path for entry in self._scan("new"))
+        found: List[str] = []
+        seen = 0
+        for entry in self._scan("new"):
+            found.append(entry.path)
+            seen += 1
+            if most and len(found) >= 2 * most:
+                found.sort()        # keep the oldest most, in at most 2 * most
+                del found[most:]
+        found.sort()
+        del found[most or len(found):]
+        left = seen - len(found)
         due_cur: List[str] = []
         # Reading all of cur/ costs a stat per deferred message (0.3 CPU s
         # for 100,000), so it is read only when the soonest deferred message
@@ -2662,11 +2683,11 @@ class Queue:
                     soonest = min(soonest, mtime)
             self._cur_scan_at = clock + (soonest - now)
         if not due_cur:
-            return found
+            return found, left
         # Each list sorts by name (one directory each); merging them by name
         # needs no list of 100,000 keys, as sort(key=...) would.
         due_cur.sort()
-        return list(heapq.merge(found, due_cur, key=os.path.basename))
+        return list(heapq.merge(found, due_cur, key=os.path.basename)), left
 
     def _cur_stamp(self) -> object:
         try:
@@ -2770,7 +2791,9 @@ class Queue:
     # -- per-message state ------------------------------------------------------
 
     def _state_path(self, name: str) -> str:
-        return os.path.join(self.path, "state", name)
+        # os.path.join(self.path, "state", name), for a name (no "/"), as a
+        # concatenation: claim() asks for one on every message
+        return self._state_dir + name
 
     def _read_state(self, name: str, look: bool = False) -> Optional[_Record]:
         """The message's state; None when it has no state file (and {} when
@@ -5522,6 +5545,7 @@ class Mailer:
 # ---------------------------------------------------------------------------
 
 _MAINTAIN_EVERY = 3600.0    # s of running between two Queue.maintain() passes
+_PASS_MOST = 25000          # paths of new/ a pass holds at once (see _deliver_due)
 _NOTE_EVERY = 5.0           # s between two writes of the facts for ``status``
 # An idle connection is closed after 5 s (or the config's timeout, if
 # shorter), safely below the relays' own idle timeouts (Postfix's
@@ -6156,11 +6180,29 @@ class QueueProcessor:
             self._note(force=True)
 
     def _deliver_due(self) -> int:
-        paths = self.queue.due()
+        """Deliver what is due, _PASS_MOST of new/ at a time (Queue._due):
+        the paths of a backlog of 100,000 would take 12 MB."""
         self._done = 0
+        handled = 0
+        total = -1
+        while True:
+            paths, left = self.queue._due(most=_PASS_MOST)
+            if total < 0:
+                total = len(paths) + left   # for progress: what this pass has to do
+            done = self._deliver_paths(paths, total)
+            handled += done
+            # none handled: the lot is held by others, or no new work may go
+            if not left or not done or self._stopping.is_set():
+                break
+        if self._progress and handled:
+            self._progress(self.stats, 0)
+        return handled
+
+    def _deliver_paths(self, paths: List[str], total: int) -> int:
+        """Deliver paths, over self._mailers' sessions; how many were handled."""
         sessions = min(len(self._mailers), len(paths))
         if sessions <= 1:
-            handled = self._deliver(paths, self.mailer, len(paths))
+            handled = self._deliver(paths, self.mailer, total)
         else:
             # Each session takes every n-th message: no two try to claim the
             # same one, and each keeps its own connection busy.
@@ -6169,8 +6211,7 @@ class QueueProcessor:
 
             def work(i: int) -> None:
                 try:
-                    counts[i] = self._deliver(paths[i::sessions], self._mailers[i],
-                                              len(paths))
+                    counts[i] = self._deliver(paths[i::sessions], self._mailers[i], total)
                 except Exception as e:      # raised again below, as one session would
                     errors.append(e)
             workers = [threading.Thread(target=work, args=(i,), daemon=True,
@@ -6183,8 +6224,6 @@ class QueueProcessor:
             if errors:
                 raise errors[0]
             handled = sum(counts)
-        if self._progress and handled:
-            self._progress(self.stats, 0)
         return handled
 
     def _deliver(self, paths: List[str], mailer: Mailer, total: int) -> int:
