@@ -410,14 +410,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _open_regular(path: str, follow: bool = False) -> int:
-    """A read-only fd on the regular file at path, or _NotRegular.
-
-    O_NONBLOCK, so that opening a FIFO returns at once instead of waiting
-    for a writer (SIGTERM would not end that wait); O_NOFOLLOW unless
-    follow, so that no link in the queue leads outside it.  The check is
-    fstat on what was opened, so a file swapped after a look cannot pass.
-    """
+def _opened(path: str, follow: bool = False) -> Tuple[int, os.stat_result]:
+    """_open_regular's fd, with the fstat that checked it (see there)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -436,12 +430,47 @@ def _open_regular(path: str, follow: bool = False) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise _NotRegular(path, _kind(st.st_mode))
-    return fd
+    return fd, st
+
+
+def _open_regular(path: str, follow: bool = False) -> int:
+    """A read-only fd on the regular file at path, or _NotRegular.
+
+    O_NONBLOCK, so that opening a FIFO returns at once instead of waiting
+    for a writer (SIGTERM would not end that wait); O_NOFOLLOW unless
+    follow, so that no link in the queue leads outside it.  The check is
+    fstat on what was opened, so a file swapped after a look cannot pass.
+    """
+    return _opened(path, follow)[0]
 
 
 def _open_file(path: str) -> io.BufferedReader:
     """The regular file at path, open for reading (see _open_regular)."""
     return os.fdopen(_open_regular(path), "rb")
+
+
+def _read_regular(path: str) -> Tuple[bytes, os.stat_result]:
+    """All of the regular file at path (opened as _open_regular opens it)
+    and its fstat.  For the files read once per message (the message, its
+    state): os.read on the fd, with no file object, costs 5 system calls
+    fewer than _open_file's read (fdopen's fstat, isatty and lseek calls, and
+    the read that finds the end).  A read of the fstat's size and one byte
+    more that returns less has found the end of a regular file; one that
+    fills the buffer (the file grew) or comes short of the size (it shrank
+    meanwhile) goes on to an empty read, as a file object's read() would.
+    """
+    fd, st = _opened(path)
+    try:
+        chunk = os.read(fd, st.st_size + 1)
+        if len(chunk) == st.st_size:
+            return chunk, st
+        chunks = [chunk]
+        while chunk:
+            chunk = os.read(fd, max(st.st_size, 65536))
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -1198,6 +1227,13 @@ def _address_problem(address: str) -> Optional[str]:
     return _envelope_problem(address)
 
 
+@functools.lru_cache(maxsize=64)
+def _sender_problem(sender: str) -> Optional[str]:
+    """_address_problem for a sender: a queue's mail comes from a few
+    senders, so each is checked once (Mailer._preflight, every message)."""
+    return _address_problem(sender)
+
+
 def _shown(address: str) -> str:
     """address for a log line or an error, its control characters escaped
     as Python does, so that none can start a forged line."""
@@ -1207,9 +1243,12 @@ def _shown(address: str) -> str:
 
 def _crlf(data: bytes) -> bytes:
     """data with every line ending in CRLF (bare CR and bare LF included)."""
-    # Most messages have CRLF already: counting is much cheaper than rewriting.
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+    # Most messages have CRLF already: looking is much cheaper than
+    # rewriting.  One pass finds the CRLFs; a CR or LF left between them is
+    # bare (memchr finds none at once).  A third cheaper than counting CR,
+    # LF and CRLF in three passes: every delivery pays it (_wire).
+    rest = b"".join(data.split(b"\r\n"))
+    if b"\r" in rest or b"\n" in rest:
         data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
     return data
 
@@ -2127,9 +2166,22 @@ class QueuedMessage:
         self._stateful = True    # a state file may exist (claim() knows for sure)
         #: why it cannot be sent (a 554 reply: a file we cannot read), or None
         self.problem: Optional[Reply] = None
-        #: its Message-ID header (``<...>``), "" if it has none: for the log
-        self.message_id = ""
+        self._message_id: Optional[str] = None     # see message_id
         self._mtime = 0.0    # its file's, when claimed (first_queued falls back on it)
+
+    @property
+    def message_id(self) -> str:
+        """Its Message-ID header (``<...>``), "" if it has none: for the log.
+        Read from data when first asked for, which is only when a line that
+        names it is logged: a delivery at the CLI's default level logs
+        nothing, and reading the head costs as much as the claim's reads."""
+        if self._message_id is None:
+            self._message_id = _message_id(self.data)
+        return self._message_id
+
+    @message_id.setter
+    def message_id(self, value: str) -> None:
+        self._message_id = value
 
     @property
     def first_queued(self) -> float:
@@ -2330,6 +2382,7 @@ class Queue:
         self.path = os.path.abspath(path)
         # add's directories, joined once: add is on every request's path
         self._tmp_dir, self._new_dir = (os.path.join(self.path, d) for d in ("tmp", "new"))
+        self._state_dir = os.path.join(self.path, "state", "")     # see _state_path
         self._odd: set[str] = set()     # non-regular files reported (once each)
         self._claims = _Claims(self.path, claim_timeout, self._report_odd)
         #: the config's xverp: every message with a sender goes with XVERP,
@@ -2662,6 +2715,16 @@ class Queue:
         ``now`` (a Unix time) asks what is due at another time: cur/'s
         mtimes are compared with it, and the rescan schedule moves as far.
         """
+        return self._due(now)[0]
+
+    def _due(self, now: Optional[float] = None, most: int = 0) -> Tuple[List[str], int]:
+        """due(); with most, only the oldest most of new/ (and every due one
+        of cur/), and how many more of new/ there are, for the next call.
+
+        A path costs some 120 bytes, so new/'s 100,000 would take 12 MB for
+        as long as the pass lasts; taken most at a time (QueueProcessor's
+        _PASS_MOST), a pass over them reads new/ again after each lot.
+        """
         # Wall-clock time only against the stored times (the mtimes); the
         # schedule itself runs on the monotonic clock (``clock``).
         clock = time.monotonic()
@@ -2669,7 +2732,17 @@ class Queue:
             now = time.time()
         else:
             clock += now - time.time()
-        found = sorted(entry.path for entry in self._scan("new"))
+        found: List[str] = []
+        seen = 0
+        for entry in self._scan("new"):
+            found.append(entry.path)
+            seen += 1
+            if most and len(found) >= 2 * most:
+                found.sort()        # keep the oldest most, in at most 2 * most
+                del found[most:]
+        found.sort()
+        del found[most or len(found):]
+        left = seen - len(found)
         due_cur: List[str] = []
         # Reading all of cur/ costs a stat per deferred message (0.3 CPU s
         # for 100,000), so it is read only when the soonest deferred message
@@ -2691,11 +2764,11 @@ class Queue:
                     soonest = min(soonest, mtime)
             self._cur_scan_at = clock + (soonest - now)
         if not due_cur:
-            return found
+            return found, left
         # Each list sorts by name (one directory each); merging them by name
         # needs no list of 100,000 keys, as sort(key=...) would.
         due_cur.sort()
-        return list(heapq.merge(found, due_cur, key=os.path.basename))
+        return list(heapq.merge(found, due_cur, key=os.path.basename)), left
 
     def _cur_stamp(self) -> object:
         try:
@@ -2738,13 +2811,11 @@ class Queue:
         """Claim the message at path, or return None if another process has
         it, it has gone, or it is not due yet."""
         head, name = os.path.split(path)
-        msg = self._claim_unread(path)
+        msg = self._claim_unread(path, head, name)
         if msg is None:
             return None
         try:
-            with _open_file(path) as f:
-                st = os.fstat(f.fileno())
-                raw = f.read()
+            raw, st = _read_regular(path)   # its fstat is the one that checked it
         except FileNotFoundError:
             msg.release()       # delivered by someone else meanwhile
             return None
@@ -2756,18 +2827,18 @@ class Queue:
             msg.release()
             raise
         msg._mtime = st.st_mtime
-        if os.path.basename(head) == "cur" and st.st_mtime > time.time() + 1:
+        # head in cur/ (os.path.basename(head) == "cur", without the call)
+        if (head.endswith("/cur") or head == "cur") and st.st_mtime > time.time() + 1:
             msg.release()       # deferred again by someone else meanwhile
             return None
         try:
             read = _read_file(raw, name)
-            state = self._read_state(name)
+            state = self._read_state(name, look=True)
         except BaseException:
             msg.release()       # never a claim left behind by a file we misread
             raise
         msg.sender, msg.recipients, msg.data = read.sender, read.recipients, read.data
         msg.problem = read.problem
-        msg.message_id = _message_id(read.data)
         msg._stateful, msg.state = state is not None, state or {}
         msg.xverp = self._wants_xverp(_asks_xverp(name, read), msg.sender)
         return msg
@@ -2778,10 +2849,13 @@ class Queue:
         <>.  Nothing else counts (a state file's "xverp" is not read)."""
         return bool(sender) and (asked or self.xverp)
 
-    def _claim_unread(self, path: str) -> Optional[QueuedMessage]:
-        """The claim on path, its file unread, or None if someone else holds it."""
+    def _claim_unread(self, path: str, head: str = "", name: str = ""
+                      ) -> Optional[QueuedMessage]:
+        """The claim on path (its os.path.split is head and name, if given),
+        its file unread, or None if someone else holds it."""
         self._check_identity()  # one lstat: no claim, so no sending, in a replaced queue
-        head, name = os.path.split(path)
+        if not name:
+            head, name = os.path.split(path)
         claim_path = os.path.join(head, _CLAIM + name)
         fd = self._claims.link(claim_path)
         return None if fd is None else QueuedMessage(path, claim_path, fd)
@@ -2798,14 +2872,24 @@ class Queue:
     # -- per-message state ------------------------------------------------------
 
     def _state_path(self, name: str) -> str:
-        return os.path.join(self.path, "state", name)
+        # os.path.join(self.path, "state", name), for a name (no "/"), as a
+        # concatenation: claim() asks for one on every message
+        return self._state_dir + name
 
-    def _read_state(self, name: str) -> Optional[_Record]:
+    def _read_state(self, name: str, look: bool = False) -> Optional[_Record]:
         """The message's state; None when it has no state file (and {} when
-        it has one that cannot be read: it is advice)."""
+        it has one that cannot be read: it is advice).  look: for claim(),
+        on every message, most of which have none (see there)."""
+        path = self._state_path(name)
+        # A look that raises nothing costs half a failed open and its
+        # exception; a file that appears or goes between the look and the
+        # open is as one that came or went a moment later.  Only where
+        # state/ is ours to search (a claim): elsewhere a look that fails
+        # for want of permission must not read as "no record".
+        if look and not os.access(path, os.F_OK, follow_symlinks=False):
+            return None
         try:
-            with _open_file(self._state_path(name)) as f:
-                state = json.loads(f.read())
+            state = json.loads(_read_regular(path)[0])
             return _sane_state(state)
         except FileNotFoundError:
             return None
@@ -3681,22 +3765,23 @@ class Queue:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass
-        names: set[str] = set()
+        # Only the claims are kept of the listings, and a state file's
+        # message is looked for by name: a set of every name would hold 15
+        # MB for 100,000 messages (at the first pass of a drain of them).
         for sub in ("new", "cur"):
             head = os.path.join(self.path, sub)
-            listing = os.listdir(head)
-            names.update(n for n in listing if not n.startswith("."))
-            for n in listing:
-                if n.startswith(_CLAIM) and n[len(_CLAIM):] not in listing:
+            for n in [n for n in os.listdir(head) if n.startswith(_CLAIM)]:
+                if not os.path.lexists(os.path.join(head, n[len(_CLAIM):])):
                     self._claims.break_stale(os.path.join(head, n))
         for entry in os.scandir(os.path.join(self.path, "state")):
             try:
-                if entry.name in names or now - entry.stat().st_mtime <= 3600:
+                if now - entry.stat().st_mtime <= 3600:
                     continue
-                # Look again right before: a message that moved between the
-                # two listings (flush moves cur/ to new/) is in neither.
+                # cur/, new/, then cur/ again: a message that moves between
+                # two looks (flush from cur/ to new/, a deferral from new/ to
+                # cur/) is found by the next one.
                 if any(os.path.lexists(os.path.join(self.path, sub, entry.name))
-                       for sub in ("new", "cur")):
+                       for sub in ("cur", "new", "cur")):
                     continue
                 os.unlink(entry.path)
             except FileNotFoundError:
@@ -3786,7 +3871,7 @@ def _wire(data: bytes) -> Tuple[bytes, int]:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     size = len(data)
-    if data.startswith(b".") or b"\n." in data:
+    if data.startswith(b".") or b"\r\n." in data:   # every LF follows a CR now
         data = re.sub(rb"(?m)^\.", b"..", data)
     return data + b".\r\n", size
 
@@ -4292,7 +4377,7 @@ class _Connection:
         if owed is None:
             return
         out, accepted = owed
-        final = Reply(451, "4.3.0 no reply read from %s" % self.relay)
+        final: Optional[Reply] = None
         try:
             if self.broken:     # a write failed: no reply will come
                 final = Reply(421, "4.4.2 connection to %s lost before the reply"
@@ -4303,6 +4388,8 @@ class _Connection:
             final = e.reply
             raise
         finally:    # whatever happened, the outcome is settled: never "done"
+            if final is None:   # made only then: this runs for every message
+                final = Reply(451, "4.3.0 no reply read from %s" % self.relay)
             out.waiting = False
             out.took = time.monotonic() - out.started
             if final.ok:
@@ -5158,7 +5245,7 @@ class Mailer:
         Each refusal (an address, non-ASCII without SMTPUTF8, 8-bit data
         without 8BITMIME, SIZE) goes in out."""
         offers_utf8 = "smtputf8" in conn.features
-        problem = _address_problem(sender) if sender else None
+        problem = _sender_problem(sender) if sender else None
         if problem or not (sender.isascii() or offers_utf8):
             refusal = (Reply(553, "5.1.7 sender <%s> %s" % (_shown(sender), problem))
                        if problem else
@@ -5576,6 +5663,7 @@ class Mailer:
 # ---------------------------------------------------------------------------
 
 _MAINTAIN_EVERY = 3600.0    # s of running between two Queue.maintain() passes
+_PASS_MOST = 25000          # paths of new/ a pass holds at once (see _deliver_due)
 _NOTE_EVERY = 5.0           # s between two writes of the facts for ``status``
 # An idle connection is closed after 5 s (or the config's timeout, if
 # shorter), safely below the relays' own idle timeouts (Postfix's
@@ -5765,20 +5853,28 @@ def _first_reason(refused: Dict[str, str], replies: Dict[str, Reply]) -> Reply:
 
 def _plan(name: str, state: _Record, first_queued: float, attempts: int,
           out: Outcome, where: str, policy: _Policy, now: float,
-          rng: random.Random, *, msgid: str = "") -> _Plan:
+          rng: random.Random, *, msgid: str = "", info: bool = True) -> _Plan:
     """What to do with message name after an attempt whose outcome is out,
     over relay where, at time now.  state, first_queued and attempts (the
     attempts before this one) are the message's as claimed, msgid its
     Message-ID (for the log lines); rng.uniform spreads the retry's delay.
-    A pure function: it changes nothing, not even state, and raises (for
-    the caller to decide without the state) when the state's content
-    cannot be used."""
+    info=False leaves out the lines of level INFO (delivered, deferred),
+    for a logger that would drop them.  A pure function: it changes
+    nothing, not even state, and raises (for the caller to decide without
+    the state) when the state's content cannot be used."""
     attempts += 1
     lines: List[_LogLine] = []
     notes: Dict[str, object] = {}
     took = out.took
-    sent = _delivered_groups(out) if out.delivered else []
-    for group in sent:
+    earlier = state.get("failed") or {}
+    if not isinstance(earlier, dict):
+        raise TypeError("the state's failed is not a mapping: %r" % (earlier,))
+    # The usual outcome: nothing refused or deferred, now or before.  Its
+    # plan is made below without the dead letter's and the record's work
+    # (this runs for every message).
+    usual = not (out.failed or out.deferred or earlier)
+    sent = _delivered_groups(out) if out.delivered and (info or not usual) else []
+    for group in sent if info else ():
         lines.append(_LogLine(logging.INFO, "%s %s: delivered %s", (
             group.reply.status, name,
             _Fields(group.recipients, msgid, where, attempts, took, group.reply,
@@ -5788,13 +5884,17 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
         lines.append(_LogLine(logging.WARNING, "4.3.3 %s: without VERP %s msgid=%s: the "
                               "VERP address would be longer than RFC 5321's %d-octet path",
                               (name, _to(out.verp_too_long), msgid or "none", _MAX_PATH)))
+    if usual:   # what the general path below returns for it
+        if out.final is not None and not out.final.ok:
+            notes.update(error_at=now, error=str(out.final), error_id=name)
+        if out.delivered:
+            notes.update(delivered_at=now, delivered_id=name, delivered_via=where)
+        return _Plan("delivered", attempts, {}, [], now, {},
+                     "%d delivered" % len(out.delivered), lines, notes)
     for group in _by_reply(out.failed):
         lines.append(_LogLine(logging.WARNING, "%s %s: refused %s", (
             group.reply.status, name,
             _Fields(group.recipients, msgid, where, attempts, took, group.reply))))
-    earlier = state.get("failed") or {}
-    if not isinstance(earlier, dict):
-        raise TypeError("the state's failed is not a mapping: %r" % (earlier,))
     failed: Dict[str, str] = dict(earlier)
     failed.update((r, str(reply)) for r, reply in out.failed.items())
     # What is not yet in the message's dead letter: refusals go in it at
@@ -5836,7 +5936,7 @@ def _plan(name: str, state: _Record, first_queued: float, attempts: int,
                         policy.min_backoff_time * 2.0 ** min(attempts - 1, _DOUBLINGS_MAX))
             delay *= rng.uniform(*_JITTER)
             new.update({"last_error": str(last), "next_attempt": now + delay})
-            for group in _by_reply(out.deferred):
+            for group in _by_reply(out.deferred) if info else ():
                 lines.append(_LogLine(logging.INFO, "%s %s: deferred %s", (
                     group.reply.status, name,
                     _Fields(group.recipients, msgid, where, attempts, took, group.reply,
@@ -6198,11 +6298,29 @@ class QueueProcessor:
             self._note(force=True)
 
     def _deliver_due(self) -> int:
-        paths = self.queue.due()
+        """Deliver what is due, _PASS_MOST of new/ at a time (Queue._due):
+        the paths of a backlog of 100,000 would take 12 MB."""
         self._done = 0
+        handled = 0
+        total = -1
+        while True:
+            paths, left = self.queue._due(most=_PASS_MOST)
+            if total < 0:
+                total = len(paths) + left   # for progress: what this pass has to do
+            done = self._deliver_paths(paths, total)
+            handled += done
+            # none handled: the lot is held by others, or no new work may go
+            if not left or not done or self._stopping.is_set():
+                break
+        if self._progress and handled:
+            self._progress(self.stats, 0)
+        return handled
+
+    def _deliver_paths(self, paths: List[str], total: int) -> int:
+        """Deliver paths, over self._mailers' sessions; how many were handled."""
         sessions = min(len(self._mailers), len(paths))
         if sessions <= 1:
-            handled = self._deliver(paths, self.mailer, len(paths))
+            handled = self._deliver(paths, self.mailer, total)
         else:
             # Each session takes every n-th message: no two try to claim the
             # same one, and each keeps its own connection busy.
@@ -6211,8 +6329,7 @@ class QueueProcessor:
 
             def work(i: int) -> None:
                 try:
-                    counts[i] = self._deliver(paths[i::sessions], self._mailers[i],
-                                              len(paths))
+                    counts[i] = self._deliver(paths[i::sessions], self._mailers[i], total)
                 except Exception as e:      # raised again below, as one session would
                     errors.append(e)
             workers = [threading.Thread(target=work, args=(i,), daemon=True,
@@ -6225,8 +6342,6 @@ class QueueProcessor:
             if errors:
                 raise errors[0]
             handled = sum(counts)
-        if self._progress and handled:
-            self._progress(self.stats, 0)
         return handled
 
     def _deliver(self, paths: List[str], mailer: Mailer, total: int) -> int:
@@ -6481,16 +6596,22 @@ class QueueProcessor:
         relay = out.relay or mailer.where
         # A message delivered to all, with no record, needs no age (_plan
         # returns before it looks): most messages; the age costs a parse.
-        first_queued = msg.first_queued if out.deferred or out.failed or msg.state else now
+        plain = not (out.deferred or out.failed or msg.state)
+        first_queued = now if plain else msg.first_queued
+        # Lines of level INFO are made only for a logger that keeps them
+        # (the CLI's default is WARNING); then a plain delivery logs no line,
+        # and needs no Message-ID (msg.message_id reads the message's head).
+        info = log.isEnabledFor(logging.INFO)
+        msgid = "" if plain and not info and not out.verp_too_long else msg.message_id
         try:
             plan = _plan(msg.name, msg.state, first_queued, msg.attempts, out,
-                         relay, policy, now, self._rng, msgid=msg.message_id)
+                         relay, policy, now, self._rng, msgid=msgid, info=info)
         except Exception:
             log.exception("4.3.0 %s: its state cannot be used: recording this attempt "
                           "without it", msg.name)
             msg.state = {}
             plan = _plan(msg.name, msg.state, msg.first_queued, msg.attempts, out,
-                         relay, policy, now, self._rng, msgid=msg.message_id)
+                         relay, policy, now, self._rng, msgid=msg.message_id, info=info)
         self._record(msg, self._change(msg, plan), out.delivered)
         for line in plan.lines:
             log.log(line.level, line.text, *line.args)

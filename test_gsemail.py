@@ -11872,3 +11872,58 @@ class SendmailPermissionTests(SendmailPostfixBase):
         self.assertEqual((to, path, msg["From"]), ("root@gsemail.test", "<root@gsemail.test>",
                                                     "Cron Daemon <root@gsemail.test>"))
         self.assertEqual(self.queued(), {})
+
+
+# ---------------------------------------------------------------------------
+# What a delivery costs: a backlog taken a lot at a time, no work for a log
+# line nobody prints
+# ---------------------------------------------------------------------------
+
+class DrainCostTests(Base):
+    """What a delivery costs the processor (issue 16): a backlog is held a
+    lot of new/ at a time, and what no log line shows is not worked out."""
+
+    def test_a_backlog_is_taken_a_lot_at_a_time_and_drained_in_one_pass(self):
+        server = self.server()
+        config = self.config(server.port)
+        rcpts = ["r%d@example.org" % i for i in range(7)]
+        for rcpt in rcpts:
+            self.enqueue(config, rcpts=[rcpt])
+            time.sleep(0.002)       # names (and so the order) by the time queued
+        queue = gsemail.Queue(config.queuepath)
+        with unittest.mock.patch.object(gsemail, "_PASS_MOST", 3):
+            paths, left = queue._due(most=3)
+            self.assertEqual((len(paths), left), (3, 4))
+            self.assertEqual(paths, queue.due()[:3])
+            processor = gsemail.QueueProcessor(config, queue)
+            self.assertEqual(processor.run_once(), 7)   # one pass, three lots
+            processor.drain()       # nothing more; closes the connection
+        self.assertEqual(server.rcpts, rcpts)
+        self.assertEqual(os.listdir(os.path.join(self.queuepath, "new")), [])
+
+    def test_the_message_id_is_read_only_for_a_line_that_shows_it(self):
+        server = self.server()
+        config = self.config(server.port)
+        reads = []
+        real = gsemail._message_id
+
+        def counted(data):
+            reads.append(1)
+            return real(data)
+        logging = gsemail.logging
+        logger = logging.getLogger("gsemail")
+        self.addCleanup(logger.setLevel, logger.level)
+        with unittest.mock.patch.object(gsemail, "_message_id", counted):
+            logger.setLevel(logging.WARNING)    # the command line's default
+            self.enqueue(config, rcpts=["quiet@example.org"])
+            gsemail.QueueProcessor(config).drain()
+            self.assertEqual(reads, [])
+            logger.setLevel(logging.INFO)       # -v: each delivery logged
+            name = self.enqueue(config, rcpts=["told@example.org"])
+            with self.assertLogs("gsemail", "INFO") as logs:
+                gsemail.QueueProcessor(config).drain()
+        self.assertEqual(reads, [1])
+        line = [t for t in logs.output if "delivered" in t and name in t]
+        self.assertEqual(len(line), 1, logs.output)
+        self.assertRegex(line[0], r"to=<told@example\.org> msgid=<[^>]+@[^>]+> ")
+        self.assertEqual(server.rcpts, ["quiet@example.org", "told@example.org"])
