@@ -69,7 +69,9 @@ user:
    an outcome), the shared rate limits (_RateLimiter), and QueueProcessor,
    which waits for the rates, claims, sends, pauses a relay that throttles,
    records and runs the thread.
-9. send_email: configure, send_email and shutdown, forks and uWSGI.
+9. send_email: configure, send_email (queued when the Zope transaction
+   commits, with transactional = true: _MailDataManager), outbox() for an
+   application's tests, shutdown, forks and uWSGI.
 10. Django: EmailBackend, Django's messages queued as send_email queues.
 11. The command line: main and one _cmd_ function per command; the
     sink, an SMTP server for development that keeps what it is given and
