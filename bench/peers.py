@@ -53,8 +53,11 @@ def probe(args: argparse.Namespace) -> None:
 
     import gsemail
     fields = {f.name for f in dataclasses.fields(gsemail.SMTPConfig)}
+    # -q (warnings only): the run's own log line a delivery is not printed
+    quiet = any("--quiet" in a.option_strings for a in gsemail._parser()._actions) \
+        if hasattr(gsemail, "_parser") else False
     emit({"file": os.path.abspath(gsemail.__file__), "version": gsemail.__version__,
-          "sessions": "sessions" in fields, "python": sys.version.split()[0]})
+          "sessions": "sessions" in fields, "quiet": quiet, "python": sys.version.split()[0]})
 
 
 def enqueue_gsemail(args: argparse.Namespace) -> None:
