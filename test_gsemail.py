@@ -66,12 +66,17 @@ def need(condition, why):
     raise unittest.SkipTest(why)
 
 
+def peer_program(variable, what):
+    """The program a peer runs with, named by $variable (a Python with
+    what installed, or a binary): skipped, or failed in CI, without it."""
+    program = os.environ.get(variable)
+    need(program and os.access(program, os.X_OK), "set $%s to %s" % (variable, what))
+    return program
+
+
 def zope_python():
     """The Python with zope.sendmail installed, named by $GSEMAIL_ZOPE_PYTHON."""
-    python = os.environ.get("GSEMAIL_ZOPE_PYTHON")
-    need(python and os.access(python, os.X_OK),
-         "set $GSEMAIL_ZOPE_PYTHON to a Python with zope.sendmail installed")
-    return python
+    return peer_program("GSEMAIL_ZOPE_PYTHON", "a Python with zope.sendmail installed")
 
 
 # zope.sendmail's own processor, one pass over the queue in argv[1] to the
@@ -3553,9 +3558,7 @@ class Aiosmtpd:
     NAME = "aiosmtpd"       # of the JSON-lines file it writes what it got to
 
     def __init__(self, workdir, **limits):
-        python = os.environ.get("GSEMAIL_AIOSMTPD_PYTHON")
-        need(python and os.access(python, os.X_OK),
-             "set $GSEMAIL_AIOSMTPD_PYTHON to a Python with aiosmtpd installed")
+        python = peer_program("GSEMAIL_AIOSMTPD_PYTHON", "a Python with aiosmtpd installed")
         self.port = free_port()
         self.out = os.path.join(workdir, "%s-%d.jsonl" % (self.NAME, self.port))
         self.proc = subprocess.Popen([python, "-c", self.SCRIPT, str(self.port),
@@ -4298,9 +4301,7 @@ class ForkWithoutHooksTests(Base):
     def test_real_uwsgi_prefork_workers_deliver_and_stop(self):
         # uwsgi --master --processes 2 without --lazy-apps: the app is
         # imported (and gsemail configured) in the master, which forks.
-        uwsgi = os.environ.get("GSEMAIL_UWSGI")
-        need(uwsgi and os.access(uwsgi, os.X_OK),
-             "set $GSEMAIL_UWSGI to a uwsgi binary (pip install uwsgi in a venv)")
+        uwsgi = peer_program("GSEMAIL_UWSGI", "a uwsgi binary (pip install uwsgi in a venv)")
         server = self.server()
         app = os.path.join(self.tmp, "app.py")
         with open(app, "w") as f:
@@ -9482,10 +9483,8 @@ class RateLimitPostfixTests(Base):
 
 def prometheus_python():
     """The Python with prometheus_client, named by $GSEMAIL_PROMETHEUS_PYTHON."""
-    python = os.environ.get("GSEMAIL_PROMETHEUS_PYTHON")
-    need(python and os.access(python, os.X_OK),
-         "set $GSEMAIL_PROMETHEUS_PYTHON to a Python with prometheus_client installed")
-    return python
+    return peer_program("GSEMAIL_PROMETHEUS_PYTHON",
+                        "a Python with prometheus_client installed")
 
 
 # prometheus_client's own parser over the text on stdin: each family's type
@@ -10942,10 +10941,7 @@ class DjangoBackendTests(Base):
     here, run by each Django venv's python, with this gsemail.py on its path."""
 
     def django_python(self, variable):
-        python = os.environ.get(variable)
-        need(python and os.access(python, os.X_OK),
-             "set $%s to a Python with Django installed (see .ci/run)" % variable)
-        return python
+        return peer_program(variable, "a Python with Django installed (see .ci/run)")
 
     def project(self, ini, bad_ini):
         """The small Django project in self.tmp/site: its directory."""
