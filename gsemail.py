@@ -2119,13 +2119,12 @@ class _Claims:
         process on this host that has died (its claimer file's lock is not
         held), None when that cannot be told (another host, zope.sendmail)."""
         try:
-            fd = _open_regular(claim_path)
+            fd, st = _opened(claim_path)
         except FileNotFoundError:
             return "nobody now (the claim has just gone)", None
         except _NotRegular as e:
             return "no process: %s (remove it)" % e, None
         try:
-            st = os.fstat(fd)
             head = os.pread(fd, 200, 0)
             if head.startswith(_FROM):
                 # zope.sendmail claims with a hard link to the message itself
@@ -2676,11 +2675,13 @@ class Queue:
                 raise self._error("cannot sync new/ after writing the message", e) from None
 
     def _discard(self, name: str) -> None:
-        """Remove tmp/NAME, a message _stage wrote that is not to be queued."""
-        try:
-            os.unlink(os.path.join(self._tmp_dir, name))
-        except OSError:
-            pass
+        """Remove tmp/NAME, a message _stage wrote that is not to be queued,
+        and the state file it may have written first."""
+        for path in (os.path.join(self._tmp_dir, name), self._state_path(name)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _withdraw(self, path: str, e: OSError) -> bool:
         """After new/ could not be synced (e): take back the message just
@@ -2835,7 +2836,7 @@ class Queue:
             return None
         try:
             read = _read_file(raw, name)
-            state = self._read_state(name, look=True)
+            state = self._read_state(name)
         except BaseException:
             msg.release()       # never a claim left behind by a file we misread
             raise
@@ -2878,18 +2879,12 @@ class Queue:
         # concatenation: claim() asks for one on every message
         return self._state_dir + name
 
-    def _read_state(self, name: str, look: bool = False) -> Optional[_Record]:
+    def _read_state(self, name: str) -> Optional[_Record]:
         """The message's state; None when it has no state file (and {} when
-        it has one that cannot be read: it is advice).  look: for claim(),
-        on every message, most of which have none (see there)."""
+        it has one that cannot be read: it is advice)."""
         path = self._state_path(name)
-        # A look that raises nothing costs half a failed open and its
-        # exception; a file that appears or goes between the look and the
-        # open is as one that came or went a moment later.  Only where
-        # state/ is ours to search (a claim): elsewhere a look that fails
-        # for want of permission must not read as "no record".
-        if look and not os.access(path, os.F_OK, follow_symlinks=False):
-            return None
+        # Opened, not looked for first: os.access would read a state/ this
+        # process may not search as "no record", and restart the backoff.
         try:
             state = json.loads(_read_regular(path)[0])
             return _sane_state(state)
@@ -3173,6 +3168,18 @@ class Queue:
         found.sort(key=lambda e: (e.queued, e.id))
         return found
 
+    def _stated(self) -> Optional[Set[str]]:
+        """The names that have a state file, from one listing of state/
+        (None when it cannot be listed: then each is looked for).  A state
+        file written after the listing is missed, as it would be had we
+        looked a moment sooner: what status and list show is advice."""
+        try:
+            return set(os.listdir(os.path.join(self.path, "state")))
+        except FileNotFoundError:
+            return set()
+        except OSError:
+            return None
+
     def _listing(self, keep: Optional[Tuple[str, ...]] = None) -> _Listing:
         """new/ and cur/ as one scan names them, no file opened: what find
         and list start from, so that neither reads 100,000 files to show one
@@ -3196,17 +3203,9 @@ class Queue:
                         claimed[sub].add(name[len(_CLAIM):])
                     elif name.startswith(_DEAD) or not name.startswith("."):
                         names[sub].append(name)     # a FIFO too: _entry says what it is
-        # Which have a state file, from one listing: most new mail has none,
-        # and list would otherwise try to open one for each message.
-        stated: Optional[Set[str]] = None
-        if keep is None:
-            try:
-                stated = set(os.listdir(os.path.join(self.path, "state")))
-            except FileNotFoundError:
-                stated = set()
-            except OSError:
-                pass            # unreadable as a directory: look at each
-        return _Listing(names, claimed, stated)
+        # Which have a state file: list would otherwise try to open one for
+        # each message, and most new mail has none.
+        return _Listing(names, claimed, self._stated() if keep is None else None)
 
     def _entry_of(self, listing: _Listing, sub: str, name: str) -> Optional[QueueEntry]:
         """The entry of sub/name as listing found it; None if it has gone."""
@@ -3501,17 +3500,9 @@ class Queue:
         oldest: Tuple[float, str] = (math.inf, "")
         oldest_due: Tuple[float, str] = (math.inf, "")
         state_dir = os.path.join(self.path, "state", "")
-        # Which messages have a state file, from one listing: most new mail
-        # has none, and a failed open a message would cost status a third of
-        # its time on a queue of fresh mail.  A state file written after the
-        # listing is missed, as it would be had we looked a moment sooner.
-        stated: Optional[Set[str]]
-        try:
-            stated = set(os.listdir(state_dir))
-        except FileNotFoundError:
-            stated = set()
-        except OSError:
-            stated = None       # unreadable as a directory: try each, as before
+        # A failed open a message would cost status a third of its time on
+        # a queue of fresh mail, which has no state files.
+        stated = self._stated()
         for sub in ("new", "cur"):
             head = os.path.join(self.path, sub)
             try:
@@ -3765,8 +3756,18 @@ class Queue:
             try:
                 if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TMP:
                     os.unlink(entry.path)
+                    if not entry.name.startswith("."):
+                        # a whole message a committed transaction left
+                        # (_MailDataManager logged it), or a crash's
+                        # half-written one: it was mail, so say so
+                        log.error("4.3.0 %s: removed from %s after %s unqueued, as "
+                                  "Maildir removes stale tmp/ files", entry.name,
+                                  os.path.dirname(entry.path), _span(_STALE_TMP))
             except FileNotFoundError:
                 pass
+            except OSError as e:    # one odd entry does not stop the rest
+                log.warning("4.3.0 %s: cannot be looked at or removed: %s",
+                            entry.path, e.strerror)
         # Only the claims are kept of the listings, and a state file's
         # message is looked for by name: a set of every name would hold 15
         # MB for 100,000 messages (at the first pass of a drain of them).
@@ -3777,7 +3778,7 @@ class Queue:
                     self._claims.break_stale(os.path.join(head, n))
         for entry in os.scandir(os.path.join(self.path, "state")):
             try:
-                if now - entry.stat().st_mtime <= 3600:
+                if now - entry.stat(follow_symlinks=False).st_mtime <= 3600:
                     continue
                 # cur/, new/, then cur/ again: a message that moves between
                 # two looks (flush from cur/ to new/, a deferral from new/ to
@@ -3788,6 +3789,9 @@ class Queue:
                 os.unlink(entry.path)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                log.warning("4.3.0 %s: cannot be looked at or removed: %s",
+                            entry.path, e.strerror)
 
 
 # ---------------------------------------------------------------------------
@@ -6903,6 +6907,19 @@ def _log_queued(name: str, sender: str, rcpts: List[str], data: bytes, path: str
                  _shown(sender), _message_id(data) or "none", len(data), path)
 
 
+def _queue_now(config: SMTPConfig, queue: Queue, sender: str, rcpts: List[str],
+               data: bytes, xverp: bool) -> str:
+    """Queue a checked, prepared message at once (send_email without a
+    transaction, EmailBackend, send and sendmail mode), log it and wake this
+    process's processor for that queue, if it runs one; its name."""
+    name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
+    _log_queued(name, sender, rcpts, data, queue.path)
+    processor = _processors.get(config.queuepath)
+    if processor is not None:
+        processor.wake()
+    return name
+
+
 class _Mail(NamedTuple):
     """A message send_email took in a transaction, checked and prepared."""
 
@@ -6996,23 +7013,33 @@ class _MailDataManager:
         staged = self._staged
         self._staged, self._mails, self._joined = [], [], False
         woken = set()
-        for mail, name in staged:
+        for i, (mail, name) in enumerate(staged):
             queue = mail.queue
             try:
                 queue._publish(name, committed=True)
             except Exception as e:      # never raise: the transaction has committed
-                status = e.status if isinstance(e, GsEmailError) else "4.3.0"
-                log.error("%s %s: the transaction committed, but the message could not be "
-                          "queued: %s; it is whole in %s: move it into %s to send it",
-                          status, name, e, os.path.join(queue.path, "tmp", name),
-                          os.path.join(queue.path, "new", ""))
+                self._unqueued(e, staged[i:i + 1])
                 continue
+            except BaseException as e:  # Ctrl-C, SystemExit: say what is left, then go
+                self._unqueued(e, staged[i:])
+                raise
             _log_queued(name, mail.sender, mail.recipients, mail.data, queue.path)
             woken.add(queue.path)
         for path in woken:
             processor = _processors.get(path)
             if processor is not None:
                 processor.wake()
+
+    @staticmethod
+    def _unqueued(e: BaseException, left: List[Tuple[_Mail, str]]) -> None:
+        status = e.status if isinstance(e, GsEmailError) else "4.3.0"
+        for mail, name in left:
+            path = mail.queue.path
+            log.error("%s %s: the transaction committed, but the message could not be "
+                      "queued: %s; it is whole in %s: move it into %s within %s to send it "
+                      "(stale tmp/ files are removed)", status, name, e,
+                      os.path.join(path, "tmp", name), os.path.join(path, "new", ""),
+                      _span(_STALE_TMP))
 
     def tpc_abort(self, txn: Any) -> None:
         self._forget()
@@ -7066,11 +7093,7 @@ def send_email(sender: str, recipients: Union[str, Iterable[str]],
             log.debug("2.0.0 %s from=<%s> msgid=%s: queued when the current transaction "
                       "commits", _to(rcpts), _shown(sender), _message_id(data) or "none")
         return
-    name = queue._add(sender, rcpts, data, xverp=_with_xverp(xverp, sender, config))
-    _log_queued(name, sender, rcpts, data, queue.path)
-    processor = _processors.get(config.queuepath)
-    if processor is not None:
-        processor.wake()
+    _queue_now(config, queue, sender, rcpts, data, xverp)
 
 
 @contextlib.contextmanager
@@ -7124,8 +7147,8 @@ def _reset_for_tests(timeout: Optional[float] = 10.0) -> None:
     shutdown(timeout)
     with _lock:
         _config = None
-        _queues.clear()
-        _processors.clear()
+        _queues.clear()     # shutdown() forgot the processors
+        _after_uwsgi_fork.clear()
     del _outboxes[:]
 
 
@@ -7203,7 +7226,9 @@ class EmailBackend:
     get_connection).  Without a config, send_email's is used (configure(),
     ``$GSEMAIL_CONFIG`` or ``$INSTANCE_HOME``).
 
-    Each message is queued as send_email queues it: the envelope sender is
+    Each message is queued as send_email queues it (inside outbox() it is
+    kept there), but always at once: transactional = true, for Zope, is not
+    for Django, where nothing would commit it.  The envelope sender is
     the message's ``envelope_sender`` attribute (as django-anymail names
     it), else the backend's, else from_email's bare address; the recipients
     are message.recipients() (to, cc and bcc); a Bcc header is removed.
@@ -7328,14 +7353,12 @@ class EmailBackend:
         # headers= (Django 4.2 and 5.2 let one through) must not go out.
         del mime["Bcc"]
         rcpts, data = _prepared(sender, rcpts, mime, self.xverp)
+        if _outboxes:       # an application's test: kept as send_email keeps it
+            _to_outboxes(sender, rcpts, data, self.xverp)
+            return ""
+        # At once, whatever transactional says: nothing commits Django's mail.
         config = self._smtp_config()
-        queue = _queue_for(config)
-        name = queue._add(sender, rcpts, data, xverp=_with_xverp(self.xverp, sender, config))
-        _log_queued(name, sender, rcpts, data, queue.path)
-        processor = _processors.get(config.queuepath)
-        if processor is not None:
-            processor.wake()
-        return name
+        return _queue_now(config, _queue_for(config), sender, rcpts, data, self.xverp)
 
 
 # ---------------------------------------------------------------------------
@@ -7523,7 +7546,10 @@ def _cmd_run(config: SMTPConfig, args: argparse.Namespace) -> int:
                 h.progress = progress
     started = time.monotonic()
     processor.drain(progress)
-    waiting = processor.queue.count()
+    # Not those another live process is sending now (two --once runs on
+    # one queue): they wait for nobody, and a 75 would say they did.
+    counts = processor.queue.status()["counts"]
+    waiting = counts["new"] + counts["deferred"]
     if progress is not None:
         progress.finish(processor.stats, waiting)
     else:
@@ -8382,14 +8408,23 @@ def _deliver_now(config: SMTPConfig, queue: Queue, name: str) -> Tuple[str, str]
     rules for retries, refusals and dead letters are those of any other
     attempt, and what is not delivered stays queued.  Returns what became
     of it ("delivered", "deferred", "dead", or "" when a running processor
-    claimed it first) and, unless it was delivered, a line that says so."""
-    processor = QueueProcessor(config, queue=queue)
+    claimed it first) and, unless it was delivered, a line that says so.
+
+    It never raises: the message is queued whatever happens here (a rates
+    file that cannot be used, Ctrl-C), and a caller told of a failure would
+    send it again."""
     try:
-        processor._deliver([os.path.join(queue.path, "new", name)], processor.mailer, 1)
-    finally:
-        processor._close_mailers()
-        processor._note(force=True)     # for status: the last delivery or error
-        processor._finish()     # lets go of this process's claimer file
+        processor = QueueProcessor(config, queue=queue)
+        try:
+            processor._deliver([os.path.join(queue.path, "new", name)], processor.mailer, 1)
+        finally:
+            processor._close_mailers()
+            processor._note(force=True)     # for status: the last delivery or error
+            processor._finish()     # lets go of this process's claimer file
+    except (Exception, KeyboardInterrupt) as e:
+        status = e.status if isinstance(e, GsEmailError) else "4.3.0"
+        return "error", "%s %s: not tried now (%s); it stays queued" % (
+            status, name, _one_line(str(e)) or type(e).__name__)
     what = next((w for w, n in processor.stats.items() if n), "")
     line = ""
     if what == "deferred":
@@ -8434,9 +8469,7 @@ def _cmd_send(config: SMTPConfig, args: argparse.Namespace) -> int:
     sender = sender.strip().strip("<>")
     rcpts, data = _prepared(sender, recipients, data, args.xverp)
     queue = _queue_from(config)
-    name = queue._add(sender, rcpts, data,
-                     xverp=_with_xverp(args.xverp, sender, config))
-    _log_queued(name, sender, rcpts, data, queue.path)
+    name = _queue_now(config, queue, sender, rcpts, data, args.xverp)
     print("2.0.0 queued as %s for %d recipient(s) in %s" % (name, len(rcpts), queue.path),
           flush=True)
     what = ""
@@ -8817,8 +8850,9 @@ def _deliver_directly(config: SMTPConfig, sender: str, rcpts: List[str], data: b
                       why: str) -> int:
     """For a user who may not write the queue: send now, as msmtp does, and
     exit 0 only when every recipient has it; else a line for the others
-    (nothing is kept for them), and 75 when any of them may be tried again
-    (a 4xx, a relay down), 69 when all were refused."""
+    (nothing is kept for them), and 75 when none has it and it may be tried
+    again (a 4xx, a relay down), 69 when all were refused, or when some
+    have it: a caller told 75 would send it again to those too."""
     log.info("2.0.0 sendmail: delivering directly, not queueing: %s", why)
     try:
         with Mailer(config) as mailer:
@@ -8837,7 +8871,7 @@ def _deliver_directly(config: SMTPConfig, sender: str, rcpts: List[str], data: b
     if delivered:
         print("2.0.0 sendmail: delivered to %s" % ", ".join(
             "<%s>" % _shown(r) for r in delivered), file=sys.stderr)
-    if any(not reply.permanent for reply in undelivered.values()):
+    if not delivered and any(not reply.permanent for reply in undelivered.values()):
         return os.EX_TEMPFAIL
     return os.EX_UNAVAILABLE
 
@@ -8910,8 +8944,7 @@ def _sendmail_send(config: SMTPConfig, args: _SendmailArgs, run: str) -> int:
     queue, why = _queue_of_owner(config)
     if queue is None:
         return _deliver_directly(config, sender, rcpts, data, why)
-    name = queue._add(sender, rcpts, data, xverp=_with_xverp(False, sender, config))
-    _log_queued(name, sender, rcpts, data, queue.path)
+    name = _queue_now(config, queue, sender, rcpts, data, False)
     what = ""
     if args.deliver_now:
         what, line = _deliver_now(config, queue, name)
@@ -8929,6 +8962,7 @@ def _sendmail(program: str, words: List[str]) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING)
     log.propagate = False
+    sending = False
     try:
         args = _sendmail_args(words)
         if program == "mailq":
@@ -8939,11 +8973,17 @@ def _sendmail(program: str, words: List[str]) -> int:
         path, instance = _sendmail_config()
         config = load_config(path, instance)
         if args.mode == "p":
-            return _cmd_list(config, _parser().parse_args(["list"]))
+            return _cmd_list(config, argparse.Namespace(json=False))
+        sending = True
         return _sendmail_send(config, args, "gsemail --config %s --instance %s" % (
             shlex.quote(path), shlex.quote(instance)))
     except GsEmailError as e:
         print("%s %s" % (e.status, e), file=sys.stderr)
+        # A queue that cannot take a message now (a full disk, its owner's
+        # rights) is sendmail's temporary failure: 75, which callers try
+        # again; some read 73 as final and drop the mail.
+        if sending and isinstance(e, QueueError) and e.status.startswith("4"):
+            return os.EX_TEMPFAIL
         return e.exit_code
     except KeyboardInterrupt:
         print("4.3.2 sendmail: interrupted", file=sys.stderr)
@@ -8960,7 +9000,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     (by a link of that name, or as python -m gsemail sendmail ... or
     python -m gsemail mailq), it takes sendmail's command line instead."""
     words = list(sys.argv[1:] if argv is None else argv)
-    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    # the program's name counts only for the program's own command line
+    program = os.path.basename(sys.argv[0]) if argv is None and sys.argv else ""
     if program in ("sendmail", "mailq"):
         return _sendmail(program, words)
     if words[:1] == ["sendmail"] or words == ["mailq"]:

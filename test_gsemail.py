@@ -10689,7 +10689,8 @@ class TransactionTests(Base):
         tmp = os.path.join(self.queuepath, "tmp", name)
         self.assertIn("ERROR 4.3.0 %s: the transaction committed, but the message could not "
                       "be queued: queue %s: cannot write the message: %s; it is whole in %s: "
-                      "move it into %s/new/ to send it" % (
+                      "move it into %s/new/ within 36.0 h to send it (stale tmp/ files are "
+                      "removed)" % (
                           name, self.queuepath, os.strerror(errno.EIO), tmp, self.queuepath),
                       run.stderr)
         # what README tells the operator to do
@@ -11777,6 +11778,21 @@ class SendmailPermissionTests(SendmailPostfixBase):
                          "this user may not write the queue: send it again later)\n" % port)
         self.assertEqual(run.stdout, b"")
         self.assertEqual(self.queued(), before)
+
+    def test_a_non_owner_delivered_to_some_gets_69_not_75(self):
+        # 75 would have the caller send it again, to those who have it too
+        self.sendmail_ini(self.postfix.port)
+        self.others_mail()
+        tag = self.tag()
+        run = self.sendmail("-i", "defer4xx-%s@gsemail.test" % tag, "ok-%s@gsemail.test" % tag,
+                            input="Subject: %s\n\nb\n" % tag, user="nobody")
+        self.assertEqual(run.returncode, os.EX_UNAVAILABLE, run.stderr)
+        lines = run.stderr.decode().splitlines()
+        self.assertRegex(lines[0], r"^4\.2\.1 sendmail: not sent to <defer4xx-%s@gsemail\.test>: "
+                         r"450 4\.2\.1 .* \(nothing is kept, as this user may not write the "
+                         r"queue: send it again later\)$" % tag)
+        self.assertEqual(lines[1:], ["2.0.0 sendmail: delivered to <ok-%s@gsemail.test>" % tag])
+        self.arrived(tag, 1)
 
     def test_a_non_owner_refused_gets_69_and_the_others_are_named(self):
         self.sendmail_ini(self.postfix.port)
